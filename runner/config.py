@@ -1,0 +1,105 @@
+"""The config schema (types and ranges) and the one `build` wrapper around Hydra's instantiate.
+
+The schema is registered as `schema` and sits first in conf/config.yaml's defaults, so Hydra
+rejects a wrong type or an unknown key while composing; `validate` adds the range checks.
+Every object is built from config through `build`, before any training starts.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from runner.errors import ConfigError, check
+from runner.evaluate import METRICS
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass
+class TrainerConf:
+    max_epochs: int = 40
+    accelerator: str = "cpu"
+    devices: Any = 1
+    precision: Any = "32-true"
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    gradient_clip_val: Optional[float] = None
+    deterministic: bool = False
+    enable_progress_bar: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
+        check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
+
+
+@dataclass
+class OptimConf:
+    name: str = "adam"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+
+@dataclass
+class EvalConf:
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    ece_bins: int = 15
+    latency_batch_size: int = 256
+    latency_repeats: int = 30
+
+    def __post_init__(self) -> None:
+        for name in self.metrics:
+            check(name in METRICS, "eval.metrics", name, sorted(METRICS))
+        check(self.ece_bins >= 1, "eval.ece_bins", self.ece_bins, "an integer >= 1")
+        check(self.latency_batch_size >= 1, "eval.latency_batch_size", self.latency_batch_size, "an integer >= 1")
+        check(self.latency_repeats >= 1, "eval.latency_repeats", self.latency_repeats, "an integer >= 1")
+
+
+@dataclass
+class TrackingConf:
+    _target_: str = "runner.tracking.MlflowTracker"
+    uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "runner"
+    artifact_location: Optional[str] = "outputs/mlartifacts"
+
+
+@dataclass
+class RunConf:
+    seed: int = 0
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+
+
+ConfigStore.instance().store(name="schema", node=RunConf)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks of the schema (`__post_init__`), on the resolved config."""
+    check(OmegaConf.select(cfg, "seed") is not None, "seed", None, "an integer")
+    OmegaConf.to_object(cfg)
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Instantiate `node` (a config with `_target_`); errors name the config key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        target = OmegaConf.select(node, "_target_")
+        allowed: Any = str(cause or e)
+        if isinstance(cause, TypeError) and target:
+            params = [p for p in inspect.signature(get_class(target)).parameters if p not in ("self", "kwargs")]
+            allowed = f"parameters of {target}: {params} ({cause})"
+        raise ConfigError(key, OmegaConf.to_container(node, resolve=True), allowed) from e

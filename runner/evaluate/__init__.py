@@ -1,0 +1,101 @@
+"""Test-set metrics (torchmetrics), model size and CPU latency.
+
+One forward pass per split and model: `predict_proba` returns the probabilities once and every
+metric is computed from them.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+
+def _nll(probs: torch.Tensor, target: torch.Tensor, num_classes: int, bins: int) -> torch.Tensor:
+    return F.nll_loss(probs.clamp_min(1e-12).log(), target)
+
+
+# name -> fn(probs, target, num_classes, ece_bins); macro averages over classes.
+METRICS: dict[str, Callable[..., torch.Tensor]] = {
+    "acc": lambda p, t, c, b: multiclass_accuracy(p, t, c, average="micro"),
+    "precision": lambda p, t, c, b: multiclass_precision(p, t, c, average="macro"),
+    "recall": lambda p, t, c, b: multiclass_recall(p, t, c, average="macro"),
+    "f1": lambda p, t, c, b: multiclass_f1_score(p, t, c, average="macro"),
+    "nll": _nll,
+    "ece": lambda p, t, c, b: multiclass_calibration_error(p, t, c, n_bins=b, norm="l1"),
+}
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and targets for every batch of (x, y)."""
+    model.eval()
+    probs, targets = [], []
+    for x, y in batches:
+        probs.append(torch.softmax(model(x).float(), dim=1))
+        targets.append(y)
+    return torch.cat(probs), torch.cat(targets)
+
+
+def classification_metrics(probs: torch.Tensor, target: torch.Tensor, num_classes: int,
+                           names: Iterable[str] = tuple(METRICS), ece_bins: int = 15) -> dict[str, float]:
+    return {name: float(METRICS[name](probs, target, num_classes, ece_bins)) for name in names}
+
+
+def confusion_matrix(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return multiclass_confusion_matrix(probs, target, num_classes)
+
+
+def size_metrics(model: nn.Module) -> dict[str, float]:
+    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes."""
+    state = model.state_dict()
+    params = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return {
+        "params": float(sum(p.numel() for p in model.parameters()) or sum(t.numel() for t in params)),
+        "nonzero_params": float(sum(int(torch.count_nonzero(t)) for t in params)),
+        "size_bytes": float(buffer.getbuffer().nbytes),
+    }
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of one forward pass over the batch `x`, in milliseconds."""
+    model.eval()
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metrics: Iterable[str],
+                   ece_bins: int = 15, latency_batch: torch.Tensor | None = None,
+                   latency_repeats: int = 30) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """All metrics of one model on one split from a single forward pass.
+
+    Returns (metrics, probabilities, confusion matrix); the probabilities are kept so fusion and
+    reports reuse them instead of running the model again.
+    """
+    probs, target = predict_proba(model, batches)
+    results = classification_metrics(probs, target, num_classes, metrics, ece_bins)
+    results.update(size_metrics(model))
+    if latency_batch is not None:
+        results["latency_ms"] = latency_ms(model, latency_batch, latency_repeats)
+    return results, probs, confusion_matrix(probs, target, num_classes)

@@ -1,0 +1,69 @@
+"""The LightningModule that trains any Net with cross-entropy."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.errors import check
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class LitClassifier(pl.LightningModule):
+    """Wraps a Net for training; logs epoch means of loss and accuracy for train and val.
+
+    Per-step values are accumulated in tensors and logged once per epoch: `self.log` on every
+    step costs more than the forward pass of a small model.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-2,
+                 weight_decay: float = 0.0, momentum: float = 0.0) -> None:
+        super().__init__()
+        check(optimizer in OPTIMIZERS, "optim.name", optimizer, sorted(OPTIMIZERS))
+        check(lr > 0, "optim.lr", lr, "a float > 0")
+        check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
+        self.net = net
+        self.optimizer, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def _accumulate(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = torch.tensor(float(len(y)))
+        update = torch.stack([loss.detach() * n, (logits.detach().argmax(1) == y).sum().float(), n])
+        self._sums[split] = self._sums.get(split, torch.zeros(3)) + update.cpu()
+
+    def _log_epoch(self, split: str) -> None:
+        total = self._sums.pop(split, None)
+        if total is not None and total[2] > 0:
+            self.log_dict({f"{split}/loss": total[0] / total[2], f"{split}/acc": total[1] / total[2]})
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = self.loss(logits, y, x)
+        self._accumulate("train", loss, logits, y)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self._accumulate("val", F.cross_entropy(logits, y), logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.optimizer == "sgd":
+            kwargs["momentum"] = self.momentum
+        return OPTIMIZERS[self.optimizer](self.net.parameters(), **kwargs)

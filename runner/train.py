@@ -1,0 +1,44 @@
+"""Lightning training of one network; also used by compression steps that fine-tune."""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers.logger import Logger
+from torch import nn
+
+from runner.models import LitClassifier
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
+
+
+def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
+                  callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+    """A Trainer from the `trainer` config group; no checkpoints, summaries or sanity checks."""
+    kwargs = {k: v for k, v in dict(trainer_cfg).items() if v is not None}
+    kwargs.update(overrides)
+    return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
+        logger: Logger | None = None, **overrides: Any) -> pl.LightningModule:
+    build_trainer(trainer_cfg, logger, **overrides).fit(module, datamodule=datamodule)
+    return module
+
+
+def train_classifier(net: nn.Module, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
+                     optim_cfg: Mapping[str, Any], logger: Logger | None = None, **overrides: Any) -> nn.Module:
+    """Train `net` in place with cross-entropy and return it."""
+    optim = dict(optim_cfg)
+    module = LitClassifier(net, optimizer=optim.pop("name", "adam"), **optim)
+    fit(module, datamodule, trainer_cfg, logger, **overrides)
+    return net.eval()
