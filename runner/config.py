@@ -74,6 +74,9 @@ class RunConf:
     seed: int = 0
     data: Any = MISSING
     model: Any = MISSING
+    ensemble: Any = None   # members: {name: model config} x seeds; null -> the `model` group, one seed
+    compress: Any = None   # a recipe from conf/compress/, or null for none
+    fuse: Any = None       # a strategy from conf/fuse/, or null for none
     trainer: TrainerConf = field(default_factory=TrainerConf)
     optim: OptimConf = field(default_factory=OptimConf)
     eval: EvalConf = field(default_factory=EvalConf)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny data and quickly trained tiny models (seconds, offline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import runner.config  # noqa: F401  (registers the schema)
+from runner.data import MNIST1D, SklearnDataset
+from runner.models import CNN1D, MLP
+from runner.train import train_classifier
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None) -> DictConfig:
+    """The real config, shrunk to tiny settings; MLflow and caches under tmp_path."""
+    tiny = ["trainer=fast", "data.num_samples=600", "eval.latency_repeats=2"]
+    if tmp_path is not None:
+        tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"tracking.artifact_location={tmp_path}/mlartifacts",
+                 f"data.cache_dir={tmp_path}/data"]
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        return compose("config", overrides=tiny + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def mnist1d_small(tmp_path_factory) -> MNIST1D:
+    dm = MNIST1D(num_samples=1000, cache_dir=str(tmp_path_factory.mktemp("data")))
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="session")
+def wine() -> SklearnDataset:
+    dm = SklearnDataset("wine", num_features=13, num_classes=3)
+    dm.setup()
+    return dm
+
+
+def _train(net, dm, seed: int, epochs: int = 3):
+    pl.seed_everything(seed, verbose=False)
+    return train_classifier(net, dm, {**FAST_TRAINER, "max_epochs": epochs}, {"name": "adam", "lr": 1e-2})
+
+
+@pytest.fixture(scope="session")
+def trained_mlps(mnist1d_small) -> list[MLP]:
+    """Three MLPs trained for a few epochs on small MNIST-1D with different seeds."""
+    nets = []
+    for seed in range(3):
+        pl.seed_everything(seed, verbose=False)
+        nets.append(_train(MLP(40, 10, hidden=64), mnist1d_small, seed))
+    return nets
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(mnist1d_small) -> CNN1D:
+    pl.seed_everything(0, verbose=False)
+    return _train(CNN1D(40, 10), mnist1d_small, 0)
