@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from runner.errors import ConfigError, check
 from runner.evaluate import METRICS
+from runner.models.lit import OPTIMIZERS
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -24,6 +25,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 @dataclass
 class TrainerConf:
     max_epochs: int = 40
+    max_steps: int = -1  # > 0 stops after that many optimizer steps (the paper's 6000 steps)
     accelerator: str = "cpu"
     devices: Any = 1
     precision: Any = "32-true"
@@ -35,6 +37,7 @@ class TrainerConf:
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
+        check(self.max_steps == -1 or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
         check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
 
 
@@ -44,6 +47,10 @@ class OptimConf:
     lr: float = 1e-2
     weight_decay: float = 0.0
     momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.name in OPTIMIZERS, "optim.name", self.name, sorted(OPTIMIZERS))
+        check(self.lr > 0, "optim.lr", self.lr, "a float > 0")
 
 
 @dataclass

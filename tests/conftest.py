@@ -19,11 +19,12 @@ FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_pro
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None) -> DictConfig:
     """The real config, shrunk to tiny settings; MLflow and caches under tmp_path."""
-    tiny = ["trainer=fast", "data.num_samples=600", "eval.latency_repeats=2"]
+    mnist1d = not any(o.startswith("data=") and o != "data=mnist1d" for o in overrides)
+    tiny = ["trainer=fast", "eval.latency_repeats=2"] + (["data.num_samples=600"] if mnist1d else [])
     if tmp_path is not None:
         tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"tracking.artifact_location={tmp_path}/mlartifacts",
-                 f"data.cache_dir={tmp_path}/data"]
+                 f"tracking.artifact_location={tmp_path}/mlartifacts"]
+        tiny += [f"data.cache_dir={tmp_path}/data"] if mnist1d else []
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         return compose("config", overrides=tiny + list(overrides))
 

@@ -116,6 +116,26 @@ class MlflowTracker:
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
         self.client.log_figure(run_id, figure, path)
 
+    def log_arrays(self, run_id: str, path: str, **arrays: Any) -> None:
+        """Numpy arrays as one .npz artifact at `path` (e.g. predictions/test.npz)."""
+        import tempfile
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(path).name
+            np.savez_compressed(local, **{k: np.asarray(v) for k, v in arrays.items()})
+            self.client.log_artifact(run_id, str(local), str(Path(path).parent) if "/" in path else None)
+
+    def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None) -> str:
+        """A finished nested run for one evaluated model (a member, a compressed member, the fused model)."""
+        with self.run(name, params, tags, parent_id=parent_id) as run_id:
+            self.log_metrics(run_id, metrics)
+            if arrays:
+                self.log_arrays(run_id, "predictions/test.npz", **arrays)
+        return run_id
+
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 

@@ -1,0 +1,157 @@
+"""Recipes: an ordered list of compression steps applied to a copy of a trained member."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from runner.config import build
+from runner.data import ArrayDataModule
+from runner.errors import ConfigError, check
+from runner.models import LitClassifier
+from runner.train import fit
+
+
+@dataclass
+class CompressContext:
+    """What a step may need besides the model: data, the job's trainer/optim config, teachers."""
+
+    datamodule: ArrayDataModule
+    trainer: Mapping[str, Any]
+    optim: Mapping[str, Any]
+    teacher: nn.Module | None = None   # the uncompressed trained member
+    ensemble: nn.Module | None = None  # the fused ensemble (forward returns log-probabilities)
+
+
+class Step:
+    """One compression step. `key` names it in errors (`compress.steps[i]`), set by the Recipe."""
+
+    key: str = "compress.step"
+    needs_ensemble: bool = False
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        """Raise ConfigError if this step cannot handle `model`; runs before any training."""
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        raise NotImplementedError
+
+    def preview(self, model: nn.Module) -> nn.Module:
+        """What `apply` would turn `model` into, cheaply (no training): lets check() chain steps."""
+        return model
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "key" and not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def finetune(net: nn.Module, ctx: CompressContext, epochs: int, lr: float | None,
+             module_cls: type[LitClassifier] = LitClassifier, **module_kwargs: Any) -> nn.Module:
+    """Train `net` in place for `epochs` with the job's trainer/optimizer (lr overridable).
+
+    `module_cls` swaps the loss (distillation); it gets the net, the optimizer and `module_kwargs`.
+    `max_steps` is reset so a job trained for a fixed step budget does not fine-tune that long;
+    validation is skipped (nothing here logs it).
+    """
+    if epochs <= 0:
+        return net
+    overrides = {"max_epochs": epochs, "max_steps": -1, "limit_val_batches": 0}
+    optim = {**dict(ctx.optim), **({"lr": lr} if lr is not None else {})}
+    module = module_cls(net, optimizer=optim.pop("name", "adam"), **optim, **module_kwargs)
+    fit(module, ctx.datamodule, ctx.trainer, **overrides)
+    return net.cpu().eval()
+
+
+def check_epochs(key: str, epochs: int, lr: float | None, name: str = "finetune_epochs") -> None:
+    check(isinstance(epochs, int) and epochs >= 0, f"{key}.{name}", epochs, "an integer >= 0")
+    check(lr is None or lr > 0, key + ".lr", lr, "null (the job's optim.lr) or a float > 0")
+
+
+class Recipe:
+    """Steps applied in order to a deep copy of the model; the input model is never changed."""
+
+    def __init__(self, steps: list[Step] | None = None) -> None:
+        self.steps = list(steps or [])
+        for i, step in enumerate(self.steps):
+            check(isinstance(step, Step), f"compress.steps[{i}]", step, "a compression step (runner.compress.*)")
+            step.key = f"compress.steps[{i}]"
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        return f"Recipe({self.steps})"
+
+    def check(self, model: nn.Module, num_classes: int, ensemble: bool | None = None) -> None:
+        """Raise ConfigError if any step cannot handle `model` (an untrained net is fine).
+
+        `ensemble=False` says no fusion strategy will provide an ensemble teacher.
+        """
+        for step in self.steps:
+            step.check(model, num_classes)
+            if ensemble is False:
+                check(not step.needs_ensemble, step.key + ".teacher", "ensemble",
+                      "member (teacher: ensemble needs a fusion strategy, e.g. fuse=mean, and 2+ members)")
+            model = step.preview(model)
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        model = copy.deepcopy(model).cpu().eval()
+        for step in self.steps:
+            model = step.apply(model, ctx)
+        return model.eval()
+
+
+def build_recipe(node: DictConfig | Mapping | None) -> Recipe:
+    """The recipe of `cfg.compress` (null or no steps -> an empty recipe, which copies the model)."""
+    if node is None:
+        return Recipe([])
+    steps = node.get("steps") if isinstance(node, (DictConfig, Mapping)) else None
+    check(steps is None or isinstance(steps, (ListConfig, list)), "compress.steps", steps, "a list of steps")
+    built = []
+    for i, step in enumerate(steps or []):
+        key = f"compress.steps[{i}]"
+        check(isinstance(step, (DictConfig, Mapping)) and "_target_" in step, key, step,
+              "a node with _target_ (e.g. runner.compress.MagnitudePrune)")
+        if not isinstance(step, DictConfig):
+            step = OmegaConf.create(dict(step))
+        # Non-recursive: a distillation student stays a config and is built per member.
+        try:
+            built.append(build(step, key, _recursive_=False))
+        except ConfigError as e:  # constructors name their keys `compress.steps[].<name>`
+            raise ConfigError(e.key.replace("compress.steps[]", key), e.value, e.allowed) from None
+    return Recipe(built)
+
+
+def _metric(metrics: Mapping[str, float], name: str) -> float | None:
+    for key in (name, f"test/{name}"):
+        if key in metrics:
+            return float(metrics[key])
+    return None
+
+
+def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
+    """delta/<metric> (compressed - base), compression_ratio (size) and speedup (latency).
+
+    Accepts evaluate_model() dicts with plain keys (`acc`) or the pipeline's (`test/acc`).
+    """
+    report: dict[str, float] = {}
+    for name in ("acc", "precision", "recall", "f1", "nll", "ece"):
+        a, b = _metric(base, name), _metric(compressed, name)
+        if a is not None and b is not None:
+            report[f"delta/{name}"] = b - a
+    a, b = _metric(base, "size_bytes"), _metric(compressed, "size_bytes")
+    if a and b:
+        report["compression_ratio"] = a / b
+    a, b = _metric(base, "latency_ms"), _metric(compressed, "latency_ms")
+    if a and b:
+        report["speedup"] = a / b
+    a, b = _metric(compressed, "params"), _metric(compressed, "nonzero_params")
+    if a and b is not None:
+        report["nonzero_fraction"] = b / a
+    return report

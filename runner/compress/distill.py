@@ -1,0 +1,105 @@
+"""Knowledge distillation (Hinton et al. 2015): train a smaller student on the teacher's
+temperature-softened probabilities plus the true labels."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from runner.compress.base import CompressContext, Step, check_epochs, finetune
+from runner.compress.quantize import is_quantized
+from runner.config import build
+from runner.errors import check
+from runner.models import LitClassifier
+
+TEACHERS = ("member", "ensemble")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, target).
+
+    T^2 keeps the soft-target gradients on the scale of the hard-target ones. Teacher outputs may
+    be logits or log-probabilities (an ensemble's): softmax is the same for both.
+    """
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, target)
+
+
+class DistillModule(LitClassifier):
+    """LitClassifier whose training loss is the distillation loss against a frozen teacher."""
+
+    def __init__(self, net: nn.Module, teacher: nn.Module, temperature: float, alpha: float, **optim: Any) -> None:
+        super().__init__(net, **optim)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+
+    def on_train_epoch_start(self) -> None:
+        self.teacher.eval()
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x).float()
+        return distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha)
+
+
+def _num_classes(net: nn.Module) -> int | None:
+    if getattr(net, "num_classes", None) is not None:
+        return int(net.num_classes)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+class Distill(Step):
+    """Replace the model by `student` (a conf/model node, or a module) trained by distillation.
+
+    teacher=member distills the model entering this step (the trained member when the step comes
+    first); teacher=ensemble distills the fused ensemble of all members (ensemble distillation).
+    A student given as config is built per member, under the member's seed.
+    """
+
+    def __init__(self, student: DictConfig | Mapping | nn.Module, teacher: str = "member",
+                 temperature: float = 4.0, alpha: float = 0.9, epochs: int = 20, lr: float | None = None) -> None:
+        check(teacher in TEACHERS, "compress.steps[].teacher", teacher, list(TEACHERS))
+        check(temperature > 0, "compress.steps[].temperature", temperature, "a float > 0")
+        check(0.0 <= alpha <= 1.0, "compress.steps[].alpha", alpha, "a float in [0, 1]")
+        check_epochs("compress.steps[]", epochs, lr, "epochs")
+        check(isinstance(student, (DictConfig, Mapping, nn.Module)), "compress.steps[].student", student,
+              "a model config with _target_ (e.g. from conf/model) or an nn.Module")
+        if isinstance(student, Mapping) and not isinstance(student, DictConfig):
+            student = OmegaConf.create(dict(student))
+        self.student, self.teacher, self.temperature, self.alpha = student, teacher, temperature, alpha
+        self.epochs, self.lr = epochs, lr
+        self.needs_ensemble = teacher == "ensemble"
+
+    def build_student(self) -> nn.Module:
+        if isinstance(self.student, nn.Module):
+            return copy.deepcopy(self.student)
+        return build(self.student, self.key + ".student")
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        student = self.build_student()
+        found = _num_classes(student)
+        check(found == num_classes, self.key + ".student.num_classes", found,
+              f"{num_classes} (the number of classes of the data / teacher)")
+        check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")
+
+    def preview(self, model: nn.Module) -> nn.Module:
+        return self.build_student()
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        if self.teacher == "ensemble":
+            check(ctx.ensemble is not None, self.key + ".teacher", self.teacher,
+                  "member (teacher: ensemble needs a fusion strategy and 2+ members)")
+            teacher = ctx.ensemble
+        else:
+            teacher = model
+        student = self.build_student()
+        return finetune(student, ctx, self.epochs, self.lr, DistillModule, teacher=teacher,
+                        temperature=self.temperature, alpha=self.alpha)

@@ -1,0 +1,217 @@
+"""Pruning: unstructured magnitude pruning (one-shot or gradual) and structured neuron/channel removal.
+
+Unstructured pruning keeps torch.nn.utils.prune masks while fine-tuning (pruned weights get no
+update), then makes them permanent with prune.remove: the result is a plain model with zeros,
+the same size on disk and as fast as before. Structured pruning rebuilds smaller layers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from runner.compress.base import CompressContext, Step, check_epochs, finetune
+from runner.compress.quantize import is_quantized
+from runner.errors import check
+
+SCOPES = ("global", "layer")
+SCHEDULES = ("cubic", "linear")
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout, nn.Flatten)
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The weight of every Linear / Conv layer (biases are too few to matter)."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of zeros among the prunable weights."""
+    weights = [getattr(m, name) for m, name in prunable(model)]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / max(total, 1)
+
+
+def _mask(targets: list[tuple[nn.Module, str]], sparsity: float, scope: str) -> None:
+    """Attach masks zeroing the smallest-magnitude weights. Already-zero weights rank lowest,
+    so a second call with higher sparsity extends the earlier mask."""
+    _unmask(targets)
+    if scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    else:
+        for module, name in targets:
+            prune.l1_unstructured(module, name, amount=sparsity)
+
+
+def _unmask(targets: list[tuple[nn.Module, str]]) -> None:
+    for module, name in targets:
+        if prune.is_pruned(module) and hasattr(module, name + "_orig"):
+            prune.remove(module, name)
+
+
+def _check_prunable(key: str, model: nn.Module) -> None:
+    check(not is_quantized(model), key, type(model).__name__,
+          "a float model (prune before quantizing)")
+    check(bool(prunable(model)), key, type(model).__name__, "a model with Linear or Conv layers")
+
+
+class MagnitudePrune(Step):
+    """Zero the `sparsity` fraction of weights with the smallest |w|, then fine-tune with the mask.
+
+    scope=global ranks all layers' weights together (layers end up with different sparsity);
+    scope=layer prunes every layer to the same sparsity.
+    """
+
+    def __init__(self, sparsity: float, scope: str = "global", finetune_epochs: int = 0,
+                 lr: float | None = None) -> None:
+        check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
+        check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
+        check_epochs("compress.steps[]", finetune_epochs, lr)
+        self.sparsity, self.scope, self.finetune_epochs, self.lr = sparsity, scope, finetune_epochs, lr
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        _check_prunable(self.key, model)
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        targets = prunable(model)
+        _mask(targets, self.sparsity, self.scope)
+        finetune(model, ctx, self.finetune_epochs, self.lr)
+        _unmask(targets)
+        return model
+
+
+class GradualPrune(Step):
+    """Raise sparsity over `rounds` of prune -> fine-tune (Zhu & Gupta 2017's cubic schedule:
+    s_t = s_final * (1 - (1 - t/rounds)^3), front-loaded while there is much redundancy)."""
+
+    def __init__(self, sparsity: float, rounds: int = 5, epochs_per_round: int = 2, scope: str = "global",
+                 schedule: str = "cubic", lr: float | None = None) -> None:
+        check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
+        check(isinstance(rounds, int) and rounds >= 1, "compress.steps[].rounds", rounds, "an integer >= 1")
+        check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
+        check(schedule in SCHEDULES, "compress.steps[].schedule", schedule, list(SCHEDULES))
+        check(isinstance(epochs_per_round, int) and epochs_per_round >= 0,
+              "compress.steps[].epochs_per_round", epochs_per_round, "an integer >= 0")
+        check_epochs("compress.steps[]", 0, lr)
+        self.sparsity, self.rounds, self.epochs_per_round = sparsity, rounds, epochs_per_round
+        self.scope, self.schedule, self.lr = scope, schedule, lr
+
+    def schedule_values(self) -> list[float]:
+        fractions = [t / self.rounds for t in range(1, self.rounds + 1)]
+        if self.schedule == "cubic":
+            return [self.sparsity * (1 - (1 - f) ** 3) for f in fractions]
+        return [self.sparsity * f for f in fractions]
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        _check_prunable(self.key, model)
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        targets = prunable(model)
+        for sparsity in self.schedule_values():
+            _mask(targets, sparsity, self.scope)
+            finetune(model, ctx, self.epochs_per_round, self.lr)
+        _unmask(targets)
+        return model
+
+
+def _hidden_layers(model: nn.Module) -> list[int] | None:
+    """Indices in `model.body` of the Linear/Conv1d layers whose outputs can be removed, or None
+    when the model is not a `body` (Sequential of layers + element-wise modules) -> `head` chain."""
+    body, head = getattr(model, "body", None), getattr(model, "head", None)
+    if not isinstance(body, nn.Sequential) or not isinstance(head, nn.Linear):
+        return None
+    layers = []
+    for i, m in enumerate(body):
+        if isinstance(m, (nn.Linear, nn.Conv1d)) and getattr(m, "groups", 1) == 1:
+            layers.append(i)
+        elif not isinstance(m, ELEMENTWISE):
+            return None
+    return layers or None
+
+
+def _slice_linear(layer: nn.Linear, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Linear:
+    w = layer.weight.detach()
+    w = w[out_idx] if out_idx is not None else w
+    w = w[:, in_idx] if in_idx is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
+    new.weight.data.copy_(w)
+    if layer.bias is not None:
+        new.bias.data.copy_(layer.bias.detach()[out_idx] if out_idx is not None else layer.bias.detach())
+    return new
+
+
+def _slice_conv(layer: nn.Conv1d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Conv1d:
+    w = layer.weight.detach()
+    w = w[out_idx] if out_idx is not None else w
+    w = w[:, in_idx] if in_idx is not None else w
+    new = nn.Conv1d(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                    dilation=layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode)
+    new.weight.data.copy_(w)
+    if layer.bias is not None:
+        new.bias.data.copy_(layer.bias.detach()[out_idx] if out_idx is not None else layer.bias.detach())
+    return new
+
+
+def _slice(layer: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
+    return (_slice_linear if isinstance(layer, nn.Linear) else _slice_conv)(layer, out_idx, in_idx)
+
+
+class StructuredPrune(Step):
+    """Remove the `amount` fraction of neurons (Linear) or channels (Conv1d) with the smallest L1
+    norm of incoming weights (Li et al. 2017) from every hidden layer, rebuilding smaller layers,
+    then fine-tune. Needs a model whose `body` is a Sequential of Linear/Conv1d layers and
+    element-wise modules feeding a Linear `head` (MLP, CNN1D)."""
+
+    def __init__(self, amount: float, finetune_epochs: int = 0, lr: float | None = None) -> None:
+        check(0.0 <= amount < 1.0, "compress.steps[].amount", amount, "a float in [0, 1)")
+        check_epochs("compress.steps[]", finetune_epochs, lr)
+        self.amount, self.finetune_epochs, self.lr = amount, finetune_epochs, lr
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        check(not is_quantized(model), self.key, type(model).__name__, "a float model (prune before quantizing)")
+        check(_hidden_layers(model) is not None, self.key, type(model).__name__,
+              "a model with a Sequential `body` of Linear/Conv1d layers and a Linear `head` (MLP, CNN1D)")
+
+    def preview(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        self.shrink(model)
+        return finetune(model, ctx, self.finetune_epochs, self.lr)
+
+    def shrink(self, model: nn.Module) -> nn.Module:
+        """Rebuild the hidden layers of `model` in place without their weakest units."""
+        body, indices = model.body, _hidden_layers(model)
+        for n, i in enumerate(indices):
+            layer = body[i]
+            out = layer.weight.shape[0]
+            keep = max(1, math.ceil(out * (1.0 - self.amount)))
+            score = layer.weight.detach().abs().flatten(1).sum(1)
+            idx = torch.topk(score, keep).indices.sort().values
+            body[i] = _slice(layer, idx, None)
+            if n + 1 < len(indices):
+                j = indices[n + 1]
+                body[j] = _slice(body[j], None, idx)
+            else:  # the head reads the flattened features: `positions` inputs per channel
+                positions = model.head.in_features // out
+                cols = (idx[:, None] * positions + torch.arange(positions)[None, :]).flatten()
+                model.head = _slice(model.head, None, cols)
+        if hasattr(model, "feature_dim"):
+            model.feature_dim = model.head.in_features
+        return model
+
+
+class FineTune(Step):
+    """Plain fine-tuning with cross-entropy (e.g. between pruning and quantization)."""
+
+    def __init__(self, epochs: int, lr: float | None = None) -> None:
+        check_epochs("compress.steps[]", epochs, lr, "epochs")
+        self.epochs, self.lr = epochs, lr
+
+    def check(self, model: nn.Module, num_classes: int) -> None:
+        check(not is_quantized(model), self.key, type(model).__name__, "a float model (fine-tune before quantizing)")
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        return finetune(model, ctx, self.epochs, self.lr)

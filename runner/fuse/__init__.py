@@ -1,0 +1,16 @@
+"""Fusion strategies: `fit(members, val) -> self`, `predict_proba(x)`, `predict(x)`, `as_module()`.
+
+Output-level strategies (OutputFusion subclasses) also offer `combine(member_probs)` and
+`fit_outputs(member_probs, y)` on precomputed member probabilities of shape (M, N, C).
+Each class has YAMLs in conf/fuse/.
+"""
+from runner.fuse.averaging import HardVoting, ProbabilityMean, SoftVoting, WeightedAverage
+from runner.fuse.base import Fusion, OutputFusion, member_probs
+from runner.fuse.features import FeatureFusion, FeatureNet
+from runner.fuse.selection import CaruanaSelection
+from runner.fuse.soup import GreedySoup, UniformSoup
+from runner.fuse.stacking import Stacking
+
+__all__ = ["Fusion", "OutputFusion", "member_probs", "ProbabilityMean", "SoftVoting", "HardVoting",
+           "WeightedAverage", "Stacking", "CaruanaSelection", "FeatureFusion", "FeatureNet",
+           "UniformSoup", "GreedySoup"]

@@ -1,0 +1,157 @@
+"""The Fusion contract, member compatibility checks and the shared output-level path.
+
+Output-level strategies combine member probabilities through one `combine(member_probs)` call
+(shape (M, N, C) -> (N, C)), so a caller holding already computed member probabilities (the
+pipeline keeps every member's test probabilities) fuses them without running members again.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from sklearn.exceptions import NotFittedError
+from torch import Tensor, nn
+
+from runner.errors import ConfigError, check
+
+
+def describe(members: Sequence[nn.Module], attr: str) -> dict[str, Any]:
+    return {f"{i}:{type(m).__name__}": getattr(m, attr, None) for i, m in enumerate(members)}
+
+
+def collect(batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """All (x, y) batches of a split concatenated (fusion fits on val, which is small)."""
+    pairs = list(batches)
+    check(len(pairs) > 0, "fuse.fit(val)", "no batches", "a non-empty iterable of (x, y) validation batches")
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
+@torch.no_grad()
+def member_probs(members: Sequence[nn.Module], x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Class probabilities of every member: shape (M, N, C)."""
+    out = []
+    for m in members:
+        m.eval()
+        out.append(torch.cat([torch.softmax(m(x[i:i + batch_size]).float(), 1)
+                              for i in range(0, len(x), batch_size)]))
+    widths = {p.shape[1] for p in out}
+    if len(widths) > 1:
+        raise ConfigError("ensemble.members", {f"{i}:{type(m).__name__}": p.shape[1]
+                                               for i, (m, p) in enumerate(zip(members, out))},
+                          "members that output the same number of classes")
+    return torch.stack(out)
+
+
+def check_is_fitted(fusion: "Fusion", attribute: str) -> None:
+    """Raise scikit-learn's NotFittedError (a ValueError and AttributeError) before `fit`."""
+    if not hasattr(fusion, attribute):
+        raise NotFittedError(f"This {type(fusion).__name__} is not fitted yet: call fit(members, val) "
+                             "(or fit_outputs) before predicting.")
+
+
+class Fusion:
+    """Base class of fusion strategies (scikit-learn style).
+
+    `__init__` stores and validates parameters only; `fit(members, val)` returns self and keeps
+    its fitted state in attributes ending in `_`; predicting before `fit` raises
+    sklearn's NotFittedError.
+    """
+
+    def check_members(self, members: Sequence[nn.Module]) -> None:
+        """Raise ConfigError if the members cannot be fused; safe to call on untrained nets."""
+        check(len(members) >= 2, "ensemble", f"{len(members)} member(s)", "2 or more members to fuse")
+        for attr, what in (("num_classes", "number of classes"), ("in_features", "input size")):
+            values = describe(members, attr)
+            if len({v for v in values.values() if v is not None}) > 1:
+                raise ConfigError(f"ensemble.members ({attr})", values,
+                                  f"members with the same {what}: fusion combines predictions "
+                                  "for one input over one label set")
+
+    def fit(self, members: Sequence[nn.Module], val: Iterable[tuple[Tensor, Tensor]]) -> "Fusion":
+        """Fit on the validation batches `val` (never train or test)."""
+        members = list(members)
+        self.check_members(members)
+        x, y = collect(val)
+        self._fit(members, x, y)
+        return self
+
+    def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.predict_proba(x).argmax(1)
+
+    def as_module(self) -> nn.Module:
+        """The fitted fused model as one nn.Module whose forward returns log-probabilities."""
+        raise NotImplementedError
+
+    def _params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
+
+
+class OutputFusion(Fusion):
+    """Strategies that combine member probabilities: subclasses implement `_fit_outputs` and `_combine`."""
+
+    def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
+        self.fit_outputs(member_probs(members, x), y)
+        self.members_ = members
+
+    def fit_outputs(self, member_probs: Tensor, y: Tensor) -> "OutputFusion":
+        """Fit on member validation probabilities (M, N, C) and labels (N,)."""
+        check(member_probs.dim() == 3 and member_probs.shape[1] == len(y), "fuse.fit_outputs",
+              tuple(member_probs.shape), f"member probabilities of shape (M, {len(y)}, C)")
+        self._fit_outputs(member_probs.float(), y.long())
+        self.n_members_, self.num_classes_ = member_probs.shape[0], member_probs.shape[2]
+        return self
+
+    def _fit_outputs(self, member_probs: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    def combine(self, member_probs: Tensor) -> Tensor:
+        """Fused probabilities (N, C) from member probabilities (M, N, C), members in `fit` order."""
+        check_is_fitted(self, "n_members_")
+        check(tuple(member_probs.shape[::2]) == (self.n_members_, self.num_classes_), "fuse.combine",
+              tuple(member_probs.shape), f"shape ({self.n_members_}, N, {self.num_classes_})")
+        return self._combine(member_probs.float())
+
+    def _combine(self, member_probs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        check_is_fitted(self, "members_")
+        return self.combine(member_probs(self.members_, x))
+
+    def as_module(self) -> nn.Module:
+        check_is_fitted(self, "members_")
+        return OutputEnsemble(self)
+
+
+class OutputEnsemble(nn.Module):
+    """Members as submodules (so size metrics count them) + the fitted strategy's `combine`."""
+
+    def __init__(self, fusion: OutputFusion) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(fusion.members_)
+        self.fusion = fusion
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.members])
+        return self.fusion.combine(probs).clamp_min(1e-12).log()
+
+
+class LogSoftmaxNet(nn.Module):
+    """A single fused network whose logits become log-probabilities."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log_softmax(self.net(x).float(), 1)

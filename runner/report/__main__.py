@@ -1,0 +1,22 @@
+"""Command line: `python -m runner.report [report=<preset>] [key=value ...]` (Hydra; conf/report.yaml)."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    from runner.report import ReportError, make_report
+
+    try:
+        make_report(cfg)
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

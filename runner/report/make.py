@@ -1,0 +1,129 @@
+"""make_report(cfg): select runs -> aggregate -> write tables and plots -> log them to MLflow."""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.report import plots
+from runner.report.errors import ReportError
+from runner.report.select import as_list, check_choice, resolve_key, select_runs
+from runner.report.table import Style, Table, aggregate, to_frame, to_latex, to_markdown, value_label
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("md", "tex", "csv")
+PLOTS = ("pareto_size", "pareto_latency", "reliability", "fusion_gain")
+
+
+def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None) -> dict[str, Path]:
+    """Write the report's files under cfg.out_dir; returns {kind: path}. Raises ReportError."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if not isinstance(cfg, DictConfig) else cfg
+    formats, plot_names = as_list(cfg.formats), as_list(cfg.plots)
+    for f in formats:
+        check_choice("formats", f, FORMATS)
+    for p in plot_names:
+        check_choice("plots", p, PLOTS)
+    experiments, roles = as_list(cfg.experiment), as_list(cfg.role)
+    if not experiments:
+        raise ReportError("`experiment` is empty: name one MLflow experiment or a list of them")
+
+    df = select_runs(cfg.tracking_uri, experiments, cfg.filter or "", roles, cfg.status, cfg.keep)
+    log.info("report %s: %d runs from %s", cfg.name, len(df), experiments)
+    rows, cols = as_list(cfg.rows), as_list(cfg.cols)
+    style = Style(labels=dict(cfg.labels or {}), scale=dict(cfg.scale or {}),
+                  digits=cfg.digits if isinstance(cfg.digits, int) else dict(cfg.digits),
+                  reference=OmegaConf.to_container(cfg.reference) if cfg.reference else None)
+    table = aggregate(df, rows, cols, as_list(cfg.metrics), as_list(cfg.aggregate_over),
+                      as_list(cfg.lower_is_better), style.labels)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or "python -m runner.report " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    written: dict[str, Path] = {}
+    markdown = to_markdown(table, style)
+    print(markdown)
+    if "md" in formats:
+        written["md"] = _write(out / f"{cfg.name}.md", _markdown_page(cfg, table, markdown, df, command))
+    if "tex" in formats:
+        written["tex"] = _write(out / f"{cfg.name}.tex",
+                                to_latex(table, style, cfg.title or "", f"tab:{cfg.name}") + "\n")
+    if "csv" in formats:
+        written["csv"] = out / f"{cfg.name}.csv"
+        to_frame(table, style).to_csv(written["csv"], index=False)
+
+    groups = [resolve_key(df, k, "rows") for k in rows + cols]
+    label = lambda value: " ".join(value_label(k, v, style) for k, v in zip(rows + cols, value)) or "all"  # noqa: E731
+    for name in plot_names:
+        written[name] = out / f"{cfg.name}_{name}.png"
+        figure = _plot(name, cfg, df, groups, label)
+        figure.savefig(written[name])
+        plots.plt.close(figure)
+    for kind, path in written.items():
+        log.info("report: wrote %s (%s)", path, kind)
+    if cfg.log_to_mlflow:
+        _log_run(cfg, written, len(df))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: str) -> str:
+    over = ", ".join(as_list(cfg.aggregate_over)) or "runs"
+    commits = sorted({c[:7] for c in df.get("tags.mlflow.source.git.commit", []) if isinstance(c, str)})
+    lines = [f"## {cfg.title or cfg.name}", ""]
+    if cfg.description:
+        lines += [str(cfg.description).strip(), ""]
+    lines += [markdown, "",
+              f"Mean ± std over {over} (n = runs per row); bold: the best mean per column.  ",
+              f"Runs: {len(df)} from MLflow experiment(s) {', '.join(as_list(cfg.experiment))}"
+              + (f", filter `{cfg.filter}`" if cfg.filter else "")
+              + (f", role {', '.join(as_list(cfg.role))}" if cfg.role else ", parent runs")
+              + (f"; code commit(s) {', '.join(commits)}" if commits else "") + ".  ",
+              f"Produced by `{command}`."]
+    for group, keys in table.mixed.items():
+        lines.append(f"Note: group {' '.join(group)} mixes runs that differ in {', '.join(keys)}.")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(name: str, cfg: DictConfig, df, groups: list[str], label) -> Any:
+    p = cfg.plot
+    title = cfg.title or cfg.name
+    if name in ("pareto_size", "pareto_latency"):
+        x = p.size if name == "pareto_size" else p.latency
+        stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}")
+        xlabel = "model size (bytes)" if name == "pareto_size" else "latency (ms per test batch)"
+        return plots.pareto_figure(stats, "x", "y", xlabel, p.accuracy, title)
+    if name == "fusion_gain":
+        gains = as_list(p.gains)
+        stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain")
+        return plots.gain_figure(stats, gains, title)
+    if not as_list(cfg.role):
+        raise ReportError("plots: reliability needs child runs: set `role` (e.g. role=[member,fused])")
+    keys = df[groups].fillna("none").astype(str) if groups else None
+    curves = {}
+    for value, part in (df.groupby([keys[c] for c in groups], sort=False) if groups else [((), df)]):
+        value = value if isinstance(value, tuple) else (value,)
+        curves[label(value)] = plots.load_predictions(cfg.tracking_uri, list(part.run_id))
+    return plots.reliability_figure(curves, int(p.bins), title)
+
+
+def _log_run(cfg: DictConfig, written: dict[str, Path], n_runs: int) -> None:
+    from runner.tracking import MlflowTracker, flatten, source_tags
+
+    tracker = MlflowTracker(cfg.tracking_uri, cfg.mlflow_experiment, cfg.artifact_location)
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    tags = {**source_tags(), "mlflow.source.name": "python -m runner.report", "report": cfg.name,
+            "selected_runs": str(n_runs)}
+    with tracker.run(f"report/{cfg.name}", params, tags) as run_id:
+        for path in written.values():
+            tracker.log_artifact(run_id, path, "report")
+    log.info("report: logged to MLflow experiment %r, run %s", cfg.mlflow_experiment, run_id)

@@ -1,0 +1,83 @@
+"""End to end: the real CLI (single run and multirun) on tiny settings, checked in MLflow."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+import runner.pipeline
+from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/art",
+             f"data.cache_dir={tmp_path}/data", f"hydra.run.dir={tmp_path}/run",
+             f"hydra.sweep.dir={tmp_path}/multirun"]
+    return subprocess.run([sys.executable, "-m", "runner", *args, *store], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def runs(tmp_path: Path, parents_only: bool = True):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    return client, [r for r in found if not parents_only or "mlflow.parentRunId" not in r.data.tags]
+
+
+@pytest.mark.slow
+def test_single_run_logs_everything(tmp_path):
+    done = cli(tmp_path, "trainer=fast", "trainer.max_epochs=2", "data.num_samples=600")
+    assert done.returncode == 0, done.stderr
+    assert "member/cnn1d-s0" in done.stdout and "acc" in done.stdout  # the summary table
+    client, [run] = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model._target_"] == "runner.models.CNN1D"
+    assert run.data.params["trainer.max_epochs"] == "2"
+    assert run.data.tags["overrides"].startswith("trainer=fast trainer.max_epochs=2")
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    for key in ["acc", "precision", "recall", "f1", "nll", "ece"]:
+        assert 0.0 <= run.data.metrics[f"member/cnn1d-s0/test/{key}"] < 10
+    assert run.data.metrics["member/cnn1d-s0/params"] == 5210
+    history = client.get_metric_history(run.info.run_id, "member/cnn1d-s0/train/loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert len(client.get_metric_history(run.info.run_id, "member/cnn1d-s0/val/acc")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "confusion"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "confusion/member")] == \
+        ["confusion/member/cnn1d-s0.png"]
+    [child] = [r for r in runs(tmp_path, parents_only=False)[1] if r.info.run_id != run.info.run_id]
+    assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert child.data.metrics["test/acc"] == run.data.metrics["member/cnn1d-s0/test/acc"]
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs(tmp_path):
+    done = cli(tmp_path, "-m", "trainer=fast", "data.num_samples=600", "seed=0,1")
+    assert done.returncode == 0, done.stderr
+    _, parents = runs(tmp_path)
+    assert sorted(r.data.params["seed"] for r in parents) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in parents)
+
+
+@pytest.mark.slow
+def test_bad_config_on_the_command_line_fails_before_training(tmp_path):
+    done = cli(tmp_path, "trainer.max_epochs=-3")
+    assert done.returncode != 0
+    assert "trainer.max_epochs=-3; allowed: an integer >= 1" in done.stderr
+    assert "member" not in done.stdout
+    done = cli(tmp_path, "model=transformer")
+    assert done.returncode != 0 and "Available options in 'model'" in done.stderr
+
+
+@pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_interrupted_or_failed_run_is_marked(error, status, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(runner.pipeline, "train_classifier", explode)
+    with pytest.raises(type(error)):
+        runner.pipeline.run(compose_config([], tmp_path))
+    _, [run] = runs(tmp_path)
+    assert run.info.status == status

@@ -1,0 +1,110 @@
+"""Every YAML in every config group composes and instantiates; bad configs fail before training."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from runner.config import build, validate
+from runner.errors import ConfigError
+from runner.pipeline import plan_members, run
+from conftest import CONF_DIR, compose_config
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_configs(name, tmp_path):
+    cfg = compose_config([f"data={name}"], tmp_path)
+    validate(cfg)
+    dm = build(cfg.data, "data")
+    dm.setup()
+    assert dm.splits["train"][0].shape[1] == cfg.data.num_features
+
+
+@pytest.mark.parametrize("data", ["mnist1d", "wine"])
+@pytest.mark.parametrize("name", options("model"))
+def test_model_configs(name, data, tmp_path):
+    cfg = compose_config([f"model={name}", f"data={data}"], tmp_path)
+    net = build(cfg.model, "model")
+    assert net.num_classes == cfg.data.num_classes and net.in_features == cfg.data.num_features
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_configs(name, tmp_path):
+    from runner.train import build_trainer
+
+    cfg = compose_config([f"trainer={name}"], tmp_path)
+    validate(cfg)
+    if cfg.trainer.accelerator == "cpu":
+        assert build_trainer(cfg.trainer).max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("name", options("tracking"))
+def test_tracking_configs(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    cfg = compose_config([f"tracking={name}"])
+    tracker = build(cfg.tracking, "tracking")
+    assert tracker.uri == {"local": "sqlite:///outputs/mlflow.db", "remote": "http://127.0.0.1:5999"}[name]
+
+
+def test_remote_uri_is_one_override():
+    cfg = compose_config(["tracking.uri=http://mlflow.example:5000"])
+    assert build(cfg.tracking, "tracking").uri == "http://mlflow.example:5000"
+
+
+@pytest.mark.parametrize("name", options("ensemble"))
+def test_ensemble_configs(name, tmp_path):
+    cfg = compose_config([f"ensemble={name}"], tmp_path)
+    members = plan_members(cfg)
+    assert len(members) >= 2 and len({m.name for m in members}) == len(members)
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_configs(name, tmp_path):
+    cfg = compose_config([f"experiment={name}"], tmp_path)
+    validate(cfg)
+    build(cfg.data, "data")
+    plan_members(cfg)
+
+
+# --- bad input: a clear message naming the key, the value and what is allowed -------------------
+
+def test_unknown_group_option_lists_the_available_ones():
+    with pytest.raises(ConfigCompositionException, match=r"(?s)model/transformer.*cnn1d.*gru.*logreg.*mlp"):
+        compose_config(["model=transformer"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epochs=abc") as info:
+        compose_config(["trainer.max_epochs=abc"])
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "could not be converted to Integer" in str(info.value.__cause__)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        compose_config(["trainer.max_epoch=3"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_epochs=-1", r"trainer.max_epochs=-1; allowed: an integer >= 1"),
+    ("eval.metrics=[acc,auroc]", r"eval.metrics='auroc'; allowed: \['acc', 'ece', 'f1', 'nll', 'precision', 'recall'\]"),
+    ("optim.name=rmsprop", r"optim.name='rmsprop'; allowed: \['adam', 'adamw', 'sgd'\]"),
+    ("model.channels=0", r"model.channels=0"),
+    ("+model.width=3", r"model=.*parameters of runner.models.CNN1D"),
+    ("data.num_features=41", r"data.num_features=41"),
+])
+def test_bad_values_fail_before_training(override, message, tmp_path, monkeypatch):
+    import runner.pipeline
+
+    trained = []
+    monkeypatch.setattr(runner.pipeline, "train_classifier", lambda *a, **k: trained.append(a))
+    cfg = compose_config([override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not trained
