@@ -1,18 +1,30 @@
 """Command line: `python -m runner [group=option ...] [key=value ...]` (Hydra; -m for multirun)."""
 from __future__ import annotations
 
+import signal
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import runner.config  # noqa: F401  (registers the schema before Hydra composes)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # so a terminated job's MLflow run ends as KILLED
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from runner.pipeline import run
+    from runner.tracking.sweep import read_sweep
 
-    results = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+    signal.signal(signal.SIGTERM, _interrupt)
+    hydra_cfg = HydraConfig.get()
+    sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    results = run(cfg, overrides=list(hydra_cfg.overrides.task),
+                  parent_id=sweep and sweep["run_id"], tags=sweep and {"sweep_id": sweep["sweep_id"]})
     accuracies = [v for k, v in results.items() if k.endswith("/test/acc")]
     return max(accuracies) if accuracies else float("nan")
 

@@ -77,6 +77,12 @@ class TrackingConf:
 
 
 @dataclass
+class CacheConf:
+    dir: Optional[str] = "outputs/cache"  # trained members and checkpoints; null disables both
+    skip_finished: bool = True           # a job whose config already FINISHED in MLflow is skipped
+
+
+@dataclass
 class RunConf:
     seed: int = 0
     data: Any = MISSING
@@ -88,6 +94,7 @@ class RunConf:
     optim: OptimConf = field(default_factory=OptimConf)
     eval: EvalConf = field(default_factory=EvalConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
+    cache: CacheConf = field(default_factory=CacheConf)
 
 
 ConfigStore.instance().store(name="schema", node=RunConf)

@@ -1,7 +1,6 @@
 """run(cfg): the whole experiment, top to bottom. Details live in the packages it calls."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import logging
@@ -12,10 +11,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from runner.cache import MemberCache, digest
 from runner.config import build, validate
 from runner.errors import check
-from runner.evaluate import evaluate_model
-from runner.evaluate.plots import confusion_matrix_figure
+from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
 from runner.tracking import EpochMetricsLogger, flatten, source_tags
 from runner.train import train_classifier
@@ -53,8 +52,7 @@ def plan_members(cfg: DictConfig) -> list[Member]:
         for seed in seeds:
             pl.seed_everything(seed, verbose=False)
             net = build(node, f"ensemble.members.{key}" if key else "model")
-            name = f"{key or type(net).__name__.lower()}-s{seed}"
-            members.append(Member(name, seed, net))
+            members.append(Member(f"{key or type(net).__name__.lower()}-s{seed}", seed, net))
     if ens.get("shared_init"):
         check(len(specs) == 1, "ensemble.shared_init", True, "false when members differ in architecture")
         for m in members[1:]:
@@ -64,44 +62,53 @@ def plan_members(cfg: DictConfig) -> list[Member]:
     return members
 
 
-def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+def train_member(member: Member, cfg: DictConfig, datamodule, cache: MemberCache, logger) -> bool:
+    """Train (or load from the cache) one member; True on a cache hit."""
+    spec = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["data", "trainer", "optim"]), resolve=True)
+    key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed})
+    if cache.load(key, member.net):
+        log.info("member %s: cache hit %s", member.name, key)
+        member.net.eval()
+        return True
+    log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
+    checkpoint, resume_from = cache.checkpoint(key)
+    pl.seed_everything(member.seed, verbose=False)
+    train_classifier(member.net, datamodule, cfg.trainer, cfg.optim, logger,
+                     callbacks=[checkpoint] if checkpoint else [], ckpt_path=resume_from)
+    cache.save(key, member.net, {"member": member.name, "spec": spec})
+    cache.drop_checkpoint(key)
+    return False
+
+
+def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
+        tags: dict[str, str] | None = None) -> dict[str, float]:
     """Train, evaluate and log one job; returns the flat dict of logged test metrics."""
     validate(cfg)
     datamodule = build(cfg.data, "data")
     members = plan_members(cfg)
     tracker = build(cfg.tracking, "tracking")
     datamodule.setup()  # shape checks against the config, still before any training
-    log.info("data: %s  train/val/test = %s", type(datamodule).__name__,
-             "/".join(str(len(datamodule.splits[s][1])) for s in ("train", "val", "test")))
 
+    job = {"job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
+        cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True))}
+    if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
+        log.info("skipping: this config already finished as MLflow run %s", done[0].info.run_id)
+        return dict(done[0].data.metrics)
+    for stale in tracker.find_runs(job, "RUNNING"):  # a killed job (SIGKILL) never said goodbye
+        tracker.end_run(stale.info.run_id, "FAILED")
+
+    cache = MemberCache(cfg.cache.dir)
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    test_x, test_y = datamodule.splits["test"]
-    latency_x = test_x[: cfg.eval.latency_batch_size]
-    results: dict[str, float] = {}
-    table: dict[str, dict[str, float]] = {}
-
-    def evaluate(role: str, name: str, model: nn.Module, extra: dict[str, float] | None = None):
-        metrics, probs, confusion = evaluate_model(
-            model, datamodule.test_dataloader(), datamodule.num_classes, cfg.eval.metrics,
-            cfg.eval.ece_bins, latency_x, cfg.eval.latency_repeats)
-        metrics = {**{f"test/{k}" if k in cfg.eval.metrics else k: v for k, v in metrics.items()}, **(extra or {})}
-        prefix = f"{role}/{name}" if name else role
-        results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
-        table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
-        tracker.log_child(run_id, prefix, {**params, "role": role, "member": name},
-                          {"role": role, "member": name or role}, metrics,
-                          {"probs": probs.numpy(), "targets": test_y.numpy()})
-        tracker.log_figure(run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
-        return metrics, probs
-
-    with tracker.run(" ".join(overrides) or "default", params, source_tags(overrides)) as run_id:
+    run_tags = {**source_tags(overrides), **job, **(tags or {})}
+    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
+    with tracker.run(name, params, run_tags, parent_id) as run_id:
         tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)), "config.yaml")
+        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params)
         for member in members:
-            log.info("member %s: training %s", member.name, type(member.net).__name__)
-            pl.seed_everything(member.seed, verbose=False)
-            train_classifier(member.net, datamodule, cfg.trainer, cfg.optim,
-                             logger=EpochMetricsLogger(tracker, run_id, prefix=f"member/{member.name}/"))
-            member.metrics, member.probs = evaluate("member", member.name, member.net)
-        tracker.log_metrics(run_id, results)
-    print(format_table(table))
-    return results
+            hit = train_member(member, cfg, datamodule, cache,
+                               EpochMetricsLogger(tracker, run_id, prefix=f"member/{member.name}/"))
+            member.metrics, member.probs = recorder.evaluate(
+                "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"})
+        tracker.log_metrics(run_id, recorder.results)
+    print(format_table(recorder.table))
+    return recorder.results

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 
@@ -25,20 +26,24 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
     """A Trainer from the `trainer` config group; no checkpoints, summaries or sanity checks."""
     kwargs = {k: v for k, v in dict(trainer_cfg).items() if v is not None}
     kwargs.update(overrides)
-    return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=checkpointing,
                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
-        logger: Logger | None = None, **overrides: Any) -> pl.LightningModule:
-    build_trainer(trainer_cfg, logger, **overrides).fit(module, datamodule=datamodule)
+        logger: Logger | None = None, callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
+        **overrides: Any) -> pl.LightningModule:
+    build_trainer(trainer_cfg, logger, callbacks, **overrides).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module
 
 
 def train_classifier(net: nn.Module, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
-                     optim_cfg: Mapping[str, Any], logger: Logger | None = None, **overrides: Any) -> nn.Module:
-    """Train `net` in place with cross-entropy and return it."""
+                     optim_cfg: Mapping[str, Any], logger: Logger | None = None,
+                     callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
+                     **overrides: Any) -> nn.Module:
+    """Train `net` in place with cross-entropy and return it (resuming from `ckpt_path` if given)."""
     optim = dict(optim_cfg)
     module = LitClassifier(net, optimizer=optim.pop("name", "adam"), **optim)
-    fit(module, datamodule, trainer_cfg, logger, **overrides)
+    fit(module, datamodule, trainer_cfg, logger, callbacks, ckpt_path, **overrides)
     return net.eval()

@@ -23,7 +23,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path |
     tiny = ["trainer=fast", "eval.latency_repeats=2"] + (["data.num_samples=600"] if mnist1d else [])
     if tmp_path is not None:
         tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"tracking.artifact_location={tmp_path}/mlartifacts"]
+                 f"tracking.artifact_location={tmp_path}/mlartifacts", f"cache.dir={tmp_path}/cache"]
         tiny += [f"data.cache_dir={tmp_path}/data"] if mnist1d else []
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         return compose("config", overrides=tiny + list(overrides))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/art",
-             f"data.cache_dir={tmp_path}/data", f"hydra.run.dir={tmp_path}/run",
+             f"data.cache_dir={tmp_path}/data", f"cache.dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run",
              f"hydra.sweep.dir={tmp_path}/multirun"]
     return subprocess.run([sys.executable, "-m", "runner", *args, *store], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

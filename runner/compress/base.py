@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ from runner.data import ArrayDataModule
 from runner.errors import ConfigError, check
 from runner.models import LitClassifier
 from runner.train import fit
+
+warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Step:
         return model
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "key" and not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("key", "needs_ensemble") and not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 

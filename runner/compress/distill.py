@@ -37,15 +37,21 @@ class DistillModule(LitClassifier):
 
     def __init__(self, net: nn.Module, teacher: nn.Module, temperature: float, alpha: float, **optim: Any) -> None:
         super().__init__(net, **optim)
-        self.teacher = teacher.eval().requires_grad_(False)
+        # Not a submodule: Lightning must neither train it, switch its mode nor save it; the
+        # teacher may be the caller's ensemble, which has to come back untouched.
+        self._teacher = [teacher]
         self.temperature, self.alpha = temperature, alpha
 
-    def on_train_epoch_start(self) -> None:
-        self.teacher.eval()
+    def on_fit_start(self) -> None:
+        teacher = self._teacher[0]
+        device = next(iter(teacher.parameters()), torch.empty(0)).device
+        if device != self.device:
+            self._teacher[0] = copy.deepcopy(teacher).to(self.device)
+        self._teacher[0].eval()
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = self.teacher(x).float()
+            teacher_logits = self._teacher[0](x).float()
         return distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha)
 
 

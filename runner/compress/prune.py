@@ -204,14 +204,23 @@ class StructuredPrune(Step):
 
 
 class FineTune(Step):
-    """Plain fine-tuning with cross-entropy (e.g. between pruning and quantization)."""
+    """Plain fine-tuning with cross-entropy (e.g. between pruning and quantization).
 
-    def __init__(self, epochs: int, lr: float | None = None) -> None:
+    With keep_sparsity (default), weights that are exactly zero stay zero (masked while training),
+    so a FineTune after a prune step does not undo the pruning.
+    """
+
+    def __init__(self, epochs: int, lr: float | None = None, keep_sparsity: bool = True) -> None:
         check_epochs("compress.steps[]", epochs, lr, "epochs")
-        self.epochs, self.lr = epochs, lr
+        self.epochs, self.lr, self.keep_sparsity = epochs, lr, keep_sparsity
 
     def check(self, model: nn.Module, num_classes: int) -> None:
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (fine-tune before quantizing)")
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        return finetune(model, ctx, self.epochs, self.lr)
+        targets = [(m, n) for m, n in prunable(model) if bool((getattr(m, n) == 0).any())] if self.keep_sparsity else []
+        for module, name in targets:
+            prune.custom_from_mask(module, name, getattr(module, name).detach() != 0)
+        finetune(model, ctx, self.epochs, self.lr)
+        _unmask(targets)
+        return model

@@ -24,6 +24,8 @@ from runner.errors import check
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*torch.ao.quantization is deprecated.*")
+warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*are deprecated.*")
+warnings.filterwarnings("ignore", ".*reduce_range will be deprecated.*")
 warnings.filterwarnings("ignore", ".*must run observer before calling calculate_qparams.*")
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")

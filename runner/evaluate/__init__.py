@@ -6,6 +6,7 @@ metric is computed from them.
 from __future__ import annotations
 
 import io
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -58,15 +59,34 @@ def confusion_matrix(probs: torch.Tensor, target: torch.Tensor, num_classes: int
     return multiclass_confusion_matrix(probs, target, num_classes)
 
 
+def _tensors(value: object) -> Iterable[torch.Tensor]:
+    """Tensors inside a state_dict value: quantized layers keep theirs in tuples / packed objects."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, torch.ScriptObject) and value._has_method("__getstate__"):
+        yield from _tensors(value.__getstate__())
+
+
 def size_metrics(model: nn.Module) -> dict[str, float]:
-    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes."""
+    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes.
+
+    Quantized (int8) models keep their weights outside `parameters()`, as quantized tensors in
+    packed params: they are counted from the state_dict, without the scale / zero-point scalars.
+    """
     state = model.state_dict()
-    params = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    params = [t for k, v in state.items() if not re.search(r"(scale|zero_point)(_\d+)?$", k)
+              for t in _tensors(v) if t.is_quantized or t.is_floating_point()]
+    quantized = any(t.is_quantized for t in params)
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    count = sum(t.numel() for t in params)
     return {
-        "params": float(sum(p.numel() for p in model.parameters()) or sum(t.numel() for t in params)),
-        "nonzero_params": float(sum(int(torch.count_nonzero(t)) for t in params)),
+        "params": float(count if quantized else sum(p.numel() for p in model.parameters()) or count),
+        "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t))
+                                    for t in params)),
         "size_bytes": float(buffer.getbuffer().nbytes),
     }
 

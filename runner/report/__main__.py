@@ -1,4 +1,4 @@
-"""Command line: `python -m runner.report [report=<preset>] [key=value ...]` (Hydra; conf/report.yaml)."""
+"""Command line: `python -m runner.report [preset=<name>] [key=value ...]` (Hydra; conf/report/config.yaml)."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="../../conf/report", config_name="config")
 def main(cfg: DictConfig) -> None:
     from runner.report import ReportError, make_report
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 
 import matplotlib
@@ -16,6 +17,10 @@ from runner.report.select import resolve_metric  # noqa: E402
 from runner.tracking import RunQueryError, download_artifact  # noqa: E402
 
 PREDICTIONS = "predictions/test.npz"
+
+
+def _title(ax: plt.Axes, title: str) -> None:
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
 
 
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
@@ -40,7 +45,8 @@ def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
             label="Pareto front")
     if (groups.x_mean > 0).all() and groups.x_mean.max() / max(groups.x_mean.min(), 1e-12) > 20:
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    _title(ax, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -68,7 +74,8 @@ def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: i
         conf, acc, count, ece = reliability_curve(probs, targets, bins)
         keep = count > 0
         ax.plot(conf[keep], acc[keep], marker="o", ms=3, label=f"{label} (ECE {ece:.3f})")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    _title(ax, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -85,7 +92,8 @@ def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str) -> plt
                yerr=np.nan_to_num(groups[f"{metric}_std"]), capsize=3, label=metric)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, groups.label, rotation=20, ha="right")
-    ax.set(ylabel="gain over the best member (positive = better)", title=title)
+    ax.set(ylabel="gain over the best member (positive = better)")
+    _title(ax, title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -135,7 +135,7 @@ def format_cell(cell: Cell | None, metric: str, style: Style) -> str:
         return "-"
     factor, d = float(style.scale.get(metric, 1.0)), _digits(metric, style)
     mean = f"{cell.mean * factor:.{d}f}"
-    return mean if math.isnan(cell.std) else f"{mean} ± {cell.std * factor:.{d}f}"
+    return mean if math.isnan(cell.std) or cell.std == 0 else f"{mean} ± {cell.std * factor:.{d}f}"
 
 
 def grid(table: Table, style: Style) -> tuple[list[str], list[list[tuple[str, bool]]]]:

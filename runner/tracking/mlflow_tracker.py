@@ -95,6 +95,13 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
+    def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[Any]:
+        """Runs of this experiment whose tags all match (and whose status is `status`, if given)."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        return list(self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000))
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):

@@ -1,6 +1,7 @@
 """Reading runs back out of MLflow (for the report): plain dicts in, no mlflow types out."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def search_runs(uri: str, experiments: list[str], filter_string: str = "") -> li
 
 def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | Path) -> Path:
     """Copy one artifact of a run to `dst_dir` and return its local path."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(_client(uri).download_artifacts(run_id, path, str(dst_dir)))
     except (MlflowException, OSError) as e:

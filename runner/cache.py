@@ -1,0 +1,95 @@
+"""A content-addressed cache of trained members, and Lightning checkpoints to resume a long member.
+
+Key: sha256 of the member's data, model, trainer and optimizer config, its seed and the hash of
+its initial weights. An entry is a folder `<dir>/members/<key>/` with `model.pt` and `meta.json`
+(which records model.pt's sha256); it is written to a temporary folder and renamed, so a killed
+job never leaves a half-written entry, and an entry whose checksum does not match is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Keys that change how a member is trained; everything else (progress bars, eval batch size,
+# data cache folder) does not change the trained weights.
+IGNORED = {"cache_dir", "eval_batch_size", "enable_progress_bar"}
+
+
+def digest(spec: Any) -> str:
+    def strip(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: strip(v) for k, v in node.items() if k not in IGNORED}
+        if isinstance(node, (list, tuple)):
+            return [strip(v) for v in node]
+        return node
+
+    return hashlib.sha256(json.dumps(strip(spec), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class MemberCache:
+    """Trained member weights by content key; `root=None` disables caching (always a miss)."""
+
+    def __init__(self, root: str | None) -> None:
+        self.root = Path(root) if root else None
+
+    def entry(self, key: str) -> Path | None:
+        return self.root / "members" / key if self.root else None
+
+    def load(self, key: str, net: nn.Module) -> bool:
+        """Load the entry into `net`; False on a miss. A corrupt or partial entry is removed."""
+        entry = self.entry(key)
+        if entry is None or not entry.exists():
+            return False
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+            if file_sha256(entry / "model.pt") != meta["sha256"]:
+                raise ValueError("checksum mismatch")
+            net.load_state_dict(torch.load(entry / "model.pt", map_location="cpu", weights_only=True))
+            return True
+        except Exception as e:  # noqa: BLE001 - any damage means: rebuild
+            log.warning("member cache entry %s is corrupt (%s); retraining", key, e)
+            shutil.rmtree(entry, ignore_errors=True)
+            return False
+
+    def save(self, key: str, net: nn.Module, meta: Mapping[str, Any]) -> None:
+        entry = self.entry(key)
+        if entry is None:
+            return
+        tmp = entry.parent / f".{key}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir(parents=True)
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": file_sha256(tmp / "model.pt")},
+                                                  indent=1, default=str))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another job stored the same member first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def checkpoint(self, key: str) -> tuple[ModelCheckpoint | None, str | None]:
+        """A callback saving `last.ckpt` every epoch, and the checkpoint to resume from, if any."""
+        if self.root is None:
+            return None, None
+        folder = self.root / "checkpoints" / key
+        last = folder / "last.ckpt"
+        callback = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1)
+        return callback, str(last) if last.exists() else None
+
+    def drop_checkpoint(self, key: str) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root / "checkpoints" / key, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""Evaluate each model once on the test split, log it as a nested MLflow run, keep the summary rows."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from runner.evaluate import evaluate_model
+from runner.evaluate.plots import confusion_matrix_figure
+
+
+class Recorder:
+    def __init__(self, tracker: Any, run_id: str, datamodule: Any, eval_cfg: Any,
+                 params: Mapping[str, Any]) -> None:
+        self.tracker, self.run_id, self.datamodule, self.cfg = tracker, run_id, datamodule, eval_cfg
+        self.params = params
+        self.results: dict[str, float] = {}   # flat, namespaced: member/cnn1d-s0/test/acc
+        self.table: dict[str, dict[str, float]] = {}
+
+    def evaluate(self, role: str, name: str, model: nn.Module, extra: Mapping[str, float] | None = None,
+                 tags: Mapping[str, str] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`."""
+        test_x, test_y = self.datamodule.splits["test"]
+        metrics, probs, confusion = evaluate_model(
+            model, self.datamodule.test_dataloader(), self.datamodule.num_classes, self.cfg.metrics,
+            self.cfg.ece_bins, test_x[: self.cfg.latency_batch_size], self.cfg.latency_repeats)
+        metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
+        metrics.update(extra or {})
+        prefix = f"{role}/{name}" if name else role
+        self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+        self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
+        self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
+                               {"role": role, "member": name or role, **(tags or {})}, metrics,
+                               {"probs": probs.numpy(), "targets": test_y.numpy()})
+        self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
+        return metrics, probs

@@ -1,0 +1,259 @@
+"""Contract tests for every recipe in conf/compress, plus the steps' own guarantees and errors."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import CONF_DIR, compose_config
+from runner.compress import (
+    CompressContext, Distill, DynamicQuantize, MagnitudePrune, Recipe, StaticQuantize, StructuredPrune,
+    build_recipe, compression_report, is_quantized,
+)
+from runner.compress.distill import distillation_loss
+from runner.compress.prune import prunable, weight_sparsity
+from runner.errors import ConfigError
+from runner.evaluate import evaluate_model, size_metrics
+from runner.models import CNN1D, GRU, MLP, LogReg
+
+RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml"))
+TINY_TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                "limit_train_batches": 2}
+OPTIM = {"name": "adam", "lr": 1e-2}
+
+
+class LogProbEnsemble(nn.Module):
+    """The fused-ensemble stand-in: mean probabilities of the members, as log-probabilities."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).softmax(1) for m in self.members]).mean(0).log()
+
+
+def recipe(name: str, *overrides: str) -> Recipe:
+    return build_recipe(compose_config([f"compress={name}", *overrides]).compress)
+
+
+def context(dm, members) -> CompressContext:
+    return CompressContext(dm, TINY_TRAINER, OPTIM, teacher=members[0], ensemble=LogProbEnsemble(members))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(before: dict[str, torch.Tensor], model: nn.Module) -> None:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def accepts(r: Recipe, model: nn.Module) -> bool:
+    try:
+        r.check(model, 10)
+        return True
+    except ConfigError:
+        return False
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_contract(name, mnist1d_small, trained_mlps, trained_cnn):
+    r = recipe(name)
+    assert len(r) >= 1
+    checked = [m for m in (trained_mlps[0], trained_cnn) if accepts(r, m)]
+    assert checked, f"{name} accepts neither an MLP nor a CNN"
+    x, y = mnist1d_small.splits["test"]
+    for model in checked:
+        before, mode = snapshot(model), model.training
+        pl.seed_everything(0, verbose=False)
+        out = r.apply(model, context(mnist1d_small, trained_mlps))
+        assert_same_state(before, model)
+        assert model.training == mode and out is not model
+        logits = out(x[:50])
+        assert logits.shape == (50, 10) and torch.isfinite(logits).all()
+        metrics, probs, _ = evaluate_model(out, mnist1d_small.test_dataloader(), 10, ["acc", "f1"],
+                                           latency_batch=x[:64], latency_repeats=2)
+        assert metrics["acc"] > 0.15  # better than chance (0.1) even after 2-batch fine-tuning
+        assert torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-4)
+        assert not any("_orig" in k or "_mask" in k for k in out.state_dict())  # masks made permanent
+        base = size_metrics(model)
+        if name.startswith("prune_") and name != "prune_structured":
+            assert type(out) is type(model)
+            assert weight_sparsity(out) == pytest.approx(0.9, abs=0.01)
+            assert metrics["nonzero_params"] / metrics["params"] < 0.15
+        if name == "prune_structured":
+            assert metrics["params"] < 0.6 * base["params"]
+            assert metrics["size_bytes"] < base["size_bytes"]
+            widths = [m.weight.shape[0] for m in prunable(out)][:-1]
+            assert widths == [(m.weight.shape[0] + 1) // 2 for m in prunable(model)][:-1]
+        if "quant" in name or name in ("qat", "deep_compression"):
+            assert is_quantized(out)
+            assert metrics["size_bytes"] < base["size_bytes"]
+        if name == "deep_compression":
+            assert metrics["nonzero_params"] / metrics["params"] < 0.15
+        if name.startswith("distill"):
+            assert metrics["params"] < base["params"] or isinstance(model, CNN1D)
+
+
+def test_every_recipe_checks_the_gru_clearly():
+    gru = GRU(40, 10)
+    for name in RECIPES:
+        r = recipe(name)
+        try:
+            r.check(gru, 10)
+        except ConfigError as e:
+            assert e.key.startswith("compress.steps[") and "GRU" in str(e)
+
+
+def test_int8_dynamic_is_over_3x_smaller_for_linear_heavy_models(mnist1d_small):
+    model = MLP(40, 10, hidden=256)
+    out = recipe("quant_dynamic").apply(model, context(mnist1d_small, [model]))
+    ratio = compression_report(size_metrics(model), size_metrics(out))["compression_ratio"]
+    assert ratio > 3.5
+    x = mnist1d_small.splits["test"][0][:100]
+    assert (out(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.9
+
+
+def test_static_quantization_keeps_predictions(mnist1d_small, trained_cnn):
+    out = StaticQuantize(calibration_batches=5).apply(copy.deepcopy(trained_cnn), context(mnist1d_small, [trained_cnn]))
+    x = mnist1d_small.splits["test"][0]
+    with torch.no_grad():
+        agree = (out(x).argmax(1) == trained_cnn(x).argmax(1)).float().mean()
+    assert agree > 0.9
+
+
+@pytest.mark.parametrize("net", [MLP(40, 10, hidden=16), CNN1D(40, 10, channels=8)])
+def test_structured_prune_equals_zeroing_the_removed_units(net):
+    """Removing a unit == zeroing its incoming weights and bias (ReLU(0) = 0 feeds nothing)."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 40)
+    small = StructuredPrune(amount=0.5).shrink(copy.deepcopy(net))
+    masked = copy.deepcopy(net)
+    layers = [m for m, _ in prunable(masked)]
+    with torch.no_grad():
+        for layer, after in zip(layers[:-1], layers[1:]):
+            score = layer.weight.abs().flatten(1).sum(1)
+            drop = torch.topk(score, layer.weight.shape[0] // 2, largest=False).indices
+            layer.weight[drop] = 0
+            layer.bias[drop] = 0
+            if after is not layers[-1]:  # removed inputs no longer count in the next layer's norms
+                after.weight[:, drop] = 0
+    assert torch.allclose(small(x), masked(x), atol=1e-5)
+    assert [m.weight.shape[0] for m, _ in prunable(small)][:-1] == [m.weight.shape[0] // 2 for m in layers[:-1]]
+    assert StructuredPrune(amount=0.0).shrink(copy.deepcopy(net))(x).allclose(net(x), atol=1e-6)
+    assert small.feature_dim == small.head.in_features
+
+
+def test_gradual_schedule_is_cubic_and_ends_at_target():
+    from runner.compress import GradualPrune
+    values = GradualPrune(sparsity=0.8, rounds=4).schedule_values()
+    assert values[-1] == pytest.approx(0.8) and values == sorted(values)
+    assert values[0] > 0.8 / 4  # front-loaded
+
+
+def test_finetune_keeps_pruned_weights_at_zero(mnist1d_small, trained_mlps):
+    r = Recipe([MagnitudePrune(sparsity=0.7), build_recipe(OmegaConf.create(
+        {"steps": [{"_target_": "runner.compress.FineTune", "epochs": 1}]})).steps[0]])
+    out = r.apply(trained_mlps[0], context(mnist1d_small, trained_mlps))
+    assert weight_sparsity(out) == pytest.approx(0.7, abs=0.01)
+
+
+def test_distillation_loss():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert distillation_loss(s, t, y, 3.0, 0.0) == pytest.approx(float(nn.functional.cross_entropy(s, y)))
+    assert float(distillation_loss(t, t, y, 3.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(s, t.log_softmax(1), y, 2.0, 1.0)) == pytest.approx(
+        float(distillation_loss(s, t, y, 2.0, 1.0)), rel=1e-5)
+
+
+def test_compression_report():
+    base = {"test/acc": 0.9, "test/f1": 0.8, "size_bytes": 400.0, "latency_ms": 2.0, "params": 10.0}
+    comp = {"test/acc": 0.85, "test/f1": 0.8, "size_bytes": 100.0, "latency_ms": 0.5, "params": 10.0,
+            "nonzero_params": 2.0}
+    report = compression_report(base, comp)
+    assert report["delta/acc"] == pytest.approx(-0.05) and report["delta/f1"] == 0.0
+    assert report["compression_ratio"] == 4.0 and report["speedup"] == 4.0
+    assert report["nonzero_fraction"] == 0.2
+
+
+def test_empty_recipe_copies(trained_cnn, mnist1d_small):
+    r = build_recipe(None)
+    assert not r
+    out = r.apply(trained_cnn, context(mnist1d_small, [trained_cnn]))
+    assert out is not trained_cnn
+    assert_same_state(snapshot(trained_cnn), out)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["compress=prune_global", "compress.steps.0.sparsity=1.0"], "compress.steps[0].sparsity"),
+    (["compress=prune_global", "compress.steps.0.sparsity=-0.1"], "compress.steps[0].sparsity"),
+    (["compress=prune_layerwise", "compress.steps.0.scope=row"], "compress.steps[0].scope"),
+    (["compress=prune_gradual", "compress.steps.0.rounds=0"], "compress.steps[0].rounds"),
+    (["compress=prune_structured", "compress.steps.0.amount=1.5"], "compress.steps[0].amount"),
+    (["compress=distill", "compress.steps.0.teacher=oracle"], "compress.steps[0].teacher"),
+    (["compress=distill", "compress.steps.0.alpha=2"], "compress.steps[0].alpha"),
+    (["compress=deep_compression", "compress.steps.2.dtype=int4"], "compress.steps[2].dtype"),
+    (["compress=quant_static", "compress.steps.0.backend=tpu"], "compress.steps[0].backend"),
+])
+def test_bad_values_fail_when_the_recipe_is_built(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        build_recipe(compose_config(overrides).compress)
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize("name, model, key", [
+    ("quant_static", GRU(40, 10), "compress.steps[0]"),
+    ("qat", GRU(40, 10), "compress.steps[0]"),
+    ("quant_dynamic", CNN1D(40, 10), "compress.steps[0]"),
+    ("deep_compression", CNN1D(40, 10), "compress.steps[2]"),
+    ("prune_structured", GRU(40, 10), "compress.steps[0]"),
+    ("prune_structured", LogReg(40, 10), "compress.steps[0]"),
+])
+def test_models_a_step_cannot_handle_fail_in_check(name, model, key):
+    with pytest.raises(ConfigError) as e:
+        recipe(name).check(model, 10)
+    assert e.value.key == key
+
+
+def test_student_with_other_classes_fails_in_check():
+    with pytest.raises(ConfigError) as e:
+        recipe("distill", "compress.steps.0.student.num_classes=3").check(MLP(40, 10), 10)
+    assert e.value.key == "compress.steps[0].student.num_classes"
+
+
+def test_chains_are_checked_in_order():
+    # quantizing the distilled MLP student of a CNN member is fine ...
+    recipe("distill_then_quantize").check(CNN1D(40, 10), 10)
+    # ... pruning or quantizing an already quantized model is not
+    for steps in ([DynamicQuantize(), MagnitudePrune(0.5)], [DynamicQuantize(), DynamicQuantize()]):
+        with pytest.raises(ConfigError) as e:
+            Recipe(steps).check(MLP(40, 10), 10)
+        assert e.value.key == "compress.steps[1]"
+
+
+def test_ensemble_teacher_needs_an_ensemble(mnist1d_small):
+    r = recipe("distill_ensemble")
+    r.check(MLP(40, 10), 10)
+    with pytest.raises(ConfigError) as e:
+        r.check(MLP(40, 10), 10, ensemble=False)
+    assert e.value.key == "compress.steps[0].teacher"
+    with pytest.raises(ConfigError):
+        r.apply(MLP(40, 10), CompressContext(mnist1d_small, TINY_TRAINER, OPTIM))
+
+
+def test_student_module_is_copied_per_member(mnist1d_small, trained_mlps):
+    student = MLP(40, 10, hidden=8)
+    before = snapshot(student)
+    step = Recipe([Distill(student=student, epochs=1)])
+    out = step.apply(trained_mlps[0], context(mnist1d_small, trained_mlps))
+    assert out is not student
+    assert_same_state(before, student)
