@@ -87,7 +87,8 @@ class MemberCache:
             return None, None
         folder = self.root / "checkpoints" / key
         last = folder / "last.ckpt"
-        callback = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1)
+        callback = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, every_n_epochs=1,
+                                   enable_version_counter=False)
         return callback, str(last) if last.exists() else None
 
     def drop_checkpoint(self, key: str) -> None:

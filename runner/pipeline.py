@@ -72,6 +72,8 @@ def train_member(member: Member, cfg: DictConfig, datamodule, cache: MemberCache
         return True
     log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
     checkpoint, resume_from = cache.checkpoint(key)
+    if resume_from:
+        log.info("member %s: resuming from checkpoint %s", member.name, resume_from)
     pl.seed_everything(member.seed, verbose=False)
     train_classifier(member.net, datamodule, cfg.trainer, cfg.optim, logger,
                      callbacks=[checkpoint] if checkpoint else [], ckpt_path=resume_from)

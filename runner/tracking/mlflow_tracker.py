@@ -80,11 +80,11 @@ class MlflowTracker:
     @contextlib.contextmanager
     def run(self, name: str, params: Mapping[str, Any] | None = None,
             tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
-        """A run that always ends with a status: FINISHED, KILLED (interrupt) or FAILED."""
+        """A run that always ends with a status: FINISHED, KILLED (interrupt, SIGTERM) or FAILED."""
         run_id = self.start_run(name, params, tags, parent_id)
         try:
             yield run_id
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl+C and SIGTERM into SystemExit
             self.end_run(run_id, "KILLED")
             raise
         except BaseException:

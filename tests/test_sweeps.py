@@ -1,0 +1,170 @@
+"""Sweeps: member cache, skipping finished jobs, interruption, parallel launchers, concurrent logging."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+import runner.pipeline
+from conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def client_for(uri: str) -> tuple[MlflowClient, str]:
+    client = MlflowClient(uri)
+    return client, client.get_experiment_by_name("runner").experiment_id
+
+
+def job_runs(uri: str, status: str | None = None):
+    client, exp = client_for(uri)
+    runs = client.search_runs([exp])
+    return [r for r in runs if "job_hash" in r.data.tags and (status is None or r.info.status == status)]
+
+
+def member_runs(uri: str):
+    client, exp = client_for(uri)
+    return client.search_runs([exp], "tags.role = 'member'")
+
+
+def test_member_cache_hit_and_corrupt_entry_rebuilt(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runner.pipeline.run(compose_config([], tmp_path))
+    # A different job (other eval settings) with the same member: the member comes from the cache.
+    runner.pipeline.run(compose_config(["eval.ece_bins=10"], tmp_path))
+    tags = sorted(r.data.tags["cache"] for r in member_runs(uri))
+    assert tags == ["hit", "miss"]
+    [entry] = (tmp_path / "cache" / "members").iterdir()
+    (entry / "model.pt").write_bytes(b"truncated")
+    runner.pipeline.run(compose_config(["eval.ece_bins=5"], tmp_path))
+    assert "is corrupt" in caplog.text
+    assert sorted(r.data.tags["cache"] for r in member_runs(uri)) == ["hit", "miss", "miss"]
+    runner.pipeline.run(compose_config(["eval.ece_bins=6"], tmp_path))
+    assert sorted(r.data.tags["cache"] for r in member_runs(uri)) == ["hit", "hit", "miss", "miss"]
+
+
+def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = runner.pipeline.run(compose_config(["seed=3"], tmp_path))
+    again = runner.pipeline.run(compose_config(["seed=3"], tmp_path))
+    assert {k: again[k] for k in first} == pytest.approx(first)  # the logged results, not a new run
+    assert len(job_runs(uri)) == 1
+
+    real = runner.pipeline.train_classifier
+    monkeypatch.setattr(runner.pipeline, "train_classifier", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        runner.pipeline.run(compose_config(["seed=4"], tmp_path))
+    monkeypatch.setattr(runner.pipeline, "train_classifier", real)
+    runner.pipeline.run(compose_config(["seed=4"], tmp_path))
+    assert sorted(r.info.status for r in job_runs(uri)) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+def cli(tmp_path: Path, *args: str, uri: str | None = None, background: bool = False):
+    store = [f"tracking.uri={uri or f'sqlite:///{tmp_path}/mlflow.db'}",
+             f"tracking.artifact_location={tmp_path}/art", f"data.cache_dir={tmp_path}/data",
+             f"cache.dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
+    command = [sys.executable, "-m", "runner", *args, *store]
+    if background:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.glob(pattern)):
+        assert time.time() < deadline, f"nothing matched {pattern} in {path_glob}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, "KILLED"), (signal.SIGKILL, "RUNNING")])
+def test_killed_job_is_marked_and_resumes_from_checkpoint(sig, status, tmp_path):
+    args = ("trainer.max_epochs=60", "data.num_samples=600", "model=mlp")
+    job = cli(tmp_path, *args, background=True)
+    wait_for(tmp_path / "cache", "checkpoints/*/last.ckpt")
+    job.send_signal(sig)
+    job.wait(timeout=60)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [killed] = job_runs(uri)
+    assert killed.info.status == status
+    # Re-launch: the member resumes from its checkpoint, a SIGKILLed run is closed as FAILED.
+    done = cli(tmp_path, *args)
+    assert "resuming from checkpoint" in done.stdout + done.stderr
+    statuses = {r.info.run_id: r.info.status for r in job_runs(uri)}
+    assert statuses[killed.info.run_id] == ("KILLED" if sig == signal.SIGTERM else "FAILED")
+    assert sorted(statuses.values()).count("FINISHED") == 1
+    assert not list((tmp_path / "cache").glob("checkpoints/*/last.ckpt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv-art"),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            import urllib.request
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_parallel_jobs_lose_nothing(store, tmp_path, request):
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
+    cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer=fast",
+        "trainer.max_epochs=3", "data.num_samples=600", "seed=0,1,2,3", uri=uri)
+    client, exp = client_for(uri)
+    jobs = job_runs(uri)
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    [sweep] = client.search_runs([exp], "tags.role = 'sweep'")
+    assert sweep.info.status == "FINISHED"
+    for r in jobs:
+        assert r.data.tags["sweep_id"] == sweep.data.tags["sweep_id"]
+        assert r.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+        seed = r.data.params["seed"]
+        assert len(client.get_metric_history(r.info.run_id, f"member/cnn1d-s{seed}/train/loss")) == 3
+        assert f"member/cnn1d-s{seed}/test/f1" in r.data.metrics
+    assert len(member_runs(uri)) == 4
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path):
+    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+        "trainer=fast", "data.num_samples=600", "seed=0,1")
+    jobs = job_runs(f"sqlite:///{tmp_path}/mlflow.db", "FINISHED")
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert len({r.data.tags["sweep_id"] for r in jobs}) == 1
+
+
+@pytest.mark.slow
+def test_optuna_sweep(tmp_path):
+    cli(tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
+        "optim.lr=interval(0.001,0.05)", "trainer=fast", "data.num_samples=600")
+    jobs = job_runs(f"sqlite:///{tmp_path}/mlflow.db", "FINISHED")
+    assert len(jobs) == 2 and len({r.data.params["optim.lr"] for r in jobs}) == 2
+    assert "best_value" in (tmp_path / "sweep" / "optimization_results.yaml").read_text()
