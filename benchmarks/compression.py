@@ -1,0 +1,191 @@
+"""Every recipe in conf/compress on MNIST-1D's MLP and CNN, measured side by side in one run.
+
+    .venv/bin/python benchmarks/compression.py            # the table + the distillation study (~5-10 min, 2 cores)
+    .venv/bin/python benchmarks/compression.py --quick    # a smoke run
+    python benchmarks/compression.py --library-only       # fp32 vs torch.ao vs torchao int8 latency (needs torchao)
+
+Members: MLP 40-256-256-10 (hidden 256: the width whose published accuracy is 68%, and wide enough
+for sparsity and int8 to matter) and the paper's CNN, Adam lr 1e-2, batch 100. Latency: median of
+`--repeats` forward passes of one 256-sample batch with torch.set_num_threads fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from torch import nn  # noqa: E402
+
+import runner.config  # noqa: E402,F401
+from runner.compress import CompressContext, Recipe, StaticQuantize, build_recipe, compression_report  # noqa: E402
+from runner.compress.prune import weight_sparsity  # noqa: E402
+from runner.data import MNIST1D  # noqa: E402
+from runner.errors import ConfigError  # noqa: E402
+from runner.evaluate import evaluate_model, latency_ms  # noqa: E402
+from runner.models import CNN1D, MLP  # noqa: E402
+from runner.train import train_classifier  # noqa: E402
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+OPTIM = {"name": "adam", "lr": 1e-2}
+
+
+class MeanEnsemble(nn.Module):
+    """Probability averaging of members; forward returns log-probabilities (like a fused model)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).softmax(1) for m in self.members]).mean(0).clamp_min(1e-12).log()
+
+
+def recipes() -> dict[str, Recipe]:
+    names = sorted(p.stem for p in (ROOT / "conf" / "compress").glob("*.yaml"))
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return {n: build_recipe(compose("config", overrides=[f"compress={n}"]).compress) for n in names}
+
+
+def train(net: nn.Module, dm, seed: int, epochs: int) -> nn.Module:
+    pl.seed_everything(seed, verbose=False)
+    return train_classifier(net, dm, {"max_epochs": epochs, "accelerator": "cpu", "devices": 1,
+                                      "enable_progress_bar": False, "limit_val_batches": 0}, OPTIM)
+
+
+def evaluate(model: nn.Module, dm, x_lat: torch.Tensor, repeats: int) -> dict[str, float]:
+    metrics, _, _ = evaluate_model(model, dm.test_dataloader(), dm.num_classes, ["acc", "f1"],
+                                   latency_batch=x_lat, latency_repeats=repeats)
+    return metrics
+
+
+def compression_table(dm, args) -> None:
+    x_lat = dm.splits["test"][0][:256]
+    trainer = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    all_recipes = recipes()
+    print(f"\n{'model':6} {'recipe':24} {'acc':>6} {'d_acc':>6} {'d_f1':>6} {'size_x':>6} {'speedup':>7} "
+          f"{'lat_ms':>7} {'nonzero':>7} {'params':>7} {'time_s':>6}")
+    for kind, make in (("mlp", lambda: MLP(40, 10, hidden=args.hidden)), ("cnn", lambda: CNN1D(40, 10))):
+        t0 = time.time()
+        members = [train(make(), dm, seed, args.epochs) for seed in range(args.ensemble)]
+        member = members[0]
+        ctx = CompressContext(dm, trainer, OPTIM, teacher=member, ensemble=MeanEnsemble(members))
+        base = evaluate(member, dm, x_lat, args.repeats)
+        print(f"{kind:6} {'(uncompressed)':24} {base['acc']:6.3f} {'':6} {'':6} {1:6.2f} {1:7.2f} "
+              f"{base['latency_ms']:7.3f} {1:7.3f} {base['params']:7.0f} {time.time() - t0:6.1f}")
+        todo = dict(all_recipes)
+        if kind == "cnn":  # deep compression for conv nets: the same chain ending in static int8
+            todo["deep_compression_static"] = Recipe(all_recipes["deep_compression"].steps[:2] + [StaticQuantize()])
+        for name, recipe in todo.items():
+            try:
+                recipe.check(member, 10)
+            except ConfigError as e:
+                print(f"{kind:6} {name:24} n/a: {e.allowed[:60]}")
+                continue
+            pl.seed_everything(0, verbose=False)
+            t0 = time.time()
+            out = recipe.apply(member, ctx)
+            spent = time.time() - t0
+            got = evaluate(out, dm, x_lat, args.repeats)
+            rep = compression_report(base, got)
+            print(f"{kind:6} {name:24} {got['acc']:6.3f} {100 * rep['delta/acc']:+6.1f} {100 * rep['delta/f1']:+6.1f} "
+                  f"{rep['compression_ratio']:6.2f} {rep['speedup']:7.2f} {got['latency_ms']:7.3f} "
+                  f"{rep['nonzero_fraction']:7.3f} {got['params']:7.0f} {spent:6.1f}", flush=True)
+
+
+def distillation_study(dm, args) -> None:
+    """Student alone vs distilled from a member, same student architecture, seeds and epochs."""
+    trainer = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        step = build_recipe(compose("config", overrides=["compress=distill"]).compress).steps[0]
+    step.epochs = args.student_epochs
+    print(f"\ndistillation: student MLP hidden 32 x2, {args.student_epochs} epochs, T={step.temperature}, "
+          f"alpha={step.alpha}; test acc over seeds {list(range(args.seeds))}")
+    alone = []
+    for seed in range(args.seeds):
+        student = train(MLP(40, 10, hidden=32), dm, 100 + seed, args.student_epochs)
+        alone.append(evaluate(student, dm, dm.splits["test"][0][:8], 1)["acc"])
+    print(f"  student alone            {statistics.mean(alone):.3f} +- {statistics.stdev(alone):.3f}  {alone}")
+    for kind, make in (("mlp", lambda: MLP(40, 10, hidden=args.hidden)), ("cnn", lambda: CNN1D(40, 10))):
+        teacher = train(make(), dm, 0, args.epochs)
+        t_acc = evaluate(teacher, dm, dm.splits["test"][0][:8], 1)["acc"]
+        ctx = CompressContext(dm, trainer, OPTIM, teacher=teacher)
+        accs = []
+        for seed in range(args.seeds):
+            pl.seed_everything(100 + seed, verbose=False)
+            accs.append(evaluate(Recipe([step]).apply(teacher, ctx), dm, dm.splits["test"][0][:8], 1)["acc"])
+        print(f"  distilled from {kind} ({t_acc:.3f}) {statistics.mean(accs):.3f} +- {statistics.stdev(accs):.3f}  "
+              f"{[round(a, 3) for a in accs]}", flush=True)
+
+
+def library_comparison(args) -> None:
+    """fp32 vs int8 dynamic from torch.ao and from torchao (eager, no torch.compile)."""
+    torch.manual_seed(0)
+    print(f"\nint8 library latency, batch 256, median of {args.repeats}, threads={torch.get_num_threads()}")
+    for hidden in (256, 1024):
+        model = MLP(40, 10, hidden=hidden).eval()
+        x = torch.randn(256, 40)
+        rows = {"fp32": model}
+        from torch.ao.quantization import quantize_dynamic
+        rows["torch.ao dynamic int8"] = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        try:
+            import torchao
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+            for label, config in (("torchao int8 dyn-act", Int8DynamicActivationInt8WeightConfig()),
+                                  ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+                q = copy.deepcopy(model)
+                quantize_(q, config)
+                rows[f"{label} ({torchao.__version__})"] = q
+        except ImportError:
+            rows["torchao"] = None
+        for label, m in rows.items():
+            if m is None:
+                print(f"  MLP-{hidden:<5} {label:34} not installed")
+                continue
+            with torch.no_grad():
+                err = (m(x) - model(x)).abs().max().item()
+            print(f"  MLP-{hidden:<5} {label:34} {latency_ms(m, x, args.repeats):8.3f} ms  max|diff| {err:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=60, help="member training epochs (36 steps each)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ensemble", type=int, default=3, help="members in the distill_ensemble teacher")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--student-epochs", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--library-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.epochs, args.student_epochs, args.repeats, args.ensemble, args.seeds = 3, 2, 5, 2, 2
+    if args.library_only:
+        return library_comparison(args)
+    start = time.time()
+    dm = MNIST1D(cache_dir=str(ROOT / "outputs" / "data"))
+    dm.setup()
+    print(f"MNIST-1D train/val/test {[len(dm.splits[s][1]) for s in ('train', 'val', 'test')]}, "
+          f"members {args.epochs} epochs, threads {args.threads}, torch {torch.__version__}")
+    compression_table(dm, args)
+    distillation_study(dm, args)
+    library_comparison(args)
+    print(f"\ntotal {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
