@@ -31,13 +31,14 @@ class TrainerConf:
     precision: Any = "32-true"
     limit_train_batches: Any = None
     limit_val_batches: Any = None
-    gradient_clip_val: Optional[float] = None
+    steps_per_call: int = 0  # optimizer steps per Lightning step on in-memory data; 0 = a whole epoch
     deterministic: bool = False
     enable_progress_bar: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
         check(self.max_steps == -1 or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
+        check(self.steps_per_call >= 0, "trainer.steps_per_call", self.steps_per_call, "0 (a whole epoch) or an integer >= 1")
         check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from runner.cache import MemberCache, digest
+from runner.compress import CompressContext, build_recipe, compression_report
 from runner.config import build, validate
 from runner.errors import check
 from runner.evaluate.recorder import Recorder
@@ -88,8 +89,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     validate(cfg)
     datamodule = build(cfg.data, "data")
     members = plan_members(cfg)
+    recipe = build_recipe(cfg.compress)
     tracker = build(cfg.tracking, "tracking")
     datamodule.setup()  # shape checks against the config, still before any training
+    for member in members:
+        recipe.check(member.net, datamodule.num_classes, ensemble=False)
 
     job = {"job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
         cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True))}
@@ -111,6 +115,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
                                EpochMetricsLogger(tracker, run_id, prefix=f"member/{member.name}/"))
             member.metrics, member.probs = recorder.evaluate(
                 "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"})
+        for member in members if recipe else []:
+            log.info("member %s: compressing with %s", member.name, recipe)
+            small = recipe.apply(member.net, CompressContext(datamodule, cfg.trainer, cfg.optim, teacher=member.net))
+            recorder.evaluate("compressed", member.name, small,
+                              derive=lambda metrics, base=member.metrics: compression_report(base, metrics))
         tracker.log_metrics(run_id, recorder.results)
     print(format_table(recorder.table))
     return recorder.results

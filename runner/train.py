@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 
+from runner.data import ArrayDataModule
 from runner.models import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNIN
 def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
                   callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
     """A Trainer from the `trainer` config group; no checkpoints, summaries or sanity checks."""
-    kwargs = {k: v for k, v in dict(trainer_cfg).items() if v is not None}
-    kwargs.update(overrides)
+    kwargs = {k: v for k, v in {**dict(trainer_cfg), **overrides}.items() if v is not None}
+    kwargs.pop("steps_per_call", None)
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=checkpointing,
                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
@@ -35,7 +36,15 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
         logger: Logger | None = None, callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
         **overrides: Any) -> pl.LightningModule:
-    build_trainer(trainer_cfg, logger, callbacks, **overrides).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    """Fit `module`; in-memory data goes in chunks of `trainer.steps_per_call` optimizer steps."""
+    settings = {**dict(trainer_cfg), **overrides}
+    trainer = build_trainer(settings, logger, callbacks)
+    chunk = settings.get("steps_per_call", 1)
+    if isinstance(datamodule, ArrayDataModule) and chunk != 1 and settings.get("limit_train_batches") is None:
+        trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
+                    val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)
+    else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return module
 
 

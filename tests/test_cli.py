@@ -23,7 +23,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def runs(tmp_path: Path, parents_only: bool = True):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     found = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-    return client, [r for r in found if not parents_only or "mlflow.parentRunId" not in r.data.tags]
+    return client, [r for r in found if not parents_only or "job_hash" in r.data.tags]
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_single_run_logs_everything(tmp_path):
     assert {"config.yaml", "confusion"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "confusion/member")] == \
         ["confusion/member/cnn1d-s0.png"]
-    [child] = [r for r in runs(tmp_path, parents_only=False)[1] if r.info.run_id != run.info.run_id]
+    [child] = [r for r in runs(tmp_path, parents_only=False)[1] if r.data.tags.get("role") == "member"]
     assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert child.data.metrics["test/acc"] == run.data.metrics["member/cnn1d-s0/test/acc"]
 
@@ -56,9 +56,10 @@ def test_single_run_logs_everything(tmp_path):
 def test_multirun_two_jobs(tmp_path):
     done = cli(tmp_path, "-m", "trainer=fast", "data.num_samples=600", "seed=0,1")
     assert done.returncode == 0, done.stderr
-    _, parents = runs(tmp_path)
-    assert sorted(r.data.params["seed"] for r in parents) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" for r in parents)
+    _, jobs = runs(tmp_path)
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    assert len({r.data.tags["sweep_id"] for r in jobs}) == 1
 
 
 @pytest.mark.slow

@@ -16,23 +16,47 @@ from runner.errors import check
 
 
 class TensorBatches:
-    """An iterable of (x, y) batches sliced from in-memory tensors; reshuffled each epoch."""
+    """An iterable of (x, y) batches sliced from in-memory tensors; reshuffled each epoch.
+
+    With `chunk=k` it yields lists of k consecutive batches instead (the last list may be
+    shorter): the training module takes k optimizer steps per Lightning step, which divides
+    Lightning's per-step overhead by k. `chunk=0` puts a whole epoch in one list.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, seed: int = 0) -> None:
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+                 shuffle: bool = False, seed: int = 0, chunk: int | None = None) -> None:
+        self.x, self.y, self.batch_size, self.shuffle, self.chunk = x, y, batch_size, shuffle, chunk
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
+    def num_batches(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __len__(self) -> int:
+        if self.chunk is None:
+            return self.num_batches()
+        return 1 if self.chunk == 0 else (self.num_batches() + self.chunk - 1) // self.chunk
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x, y = self.x, self.y
         if self.shuffle:
             order = torch.randperm(len(y), generator=self.generator)
             x, y = x[order], y[order]
         for start in range(0, len(y), self.batch_size):
             yield x[start:start + self.batch_size], y[start:start + self.batch_size]
+
+    def __iter__(self) -> Iterator:
+        if self.chunk is None:
+            yield from self.batches()
+            return
+        size = self.chunk or self.num_batches()
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in self.batches():
+            chunk.append(batch)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 class ArrayDataModule(pl.LightningDataModule):
@@ -80,13 +104,13 @@ class ArrayDataModule(pl.LightningDataModule):
         check(found[1] <= self.num_classes, "data.num_classes", self.num_classes,
               f">= {found[1]} (labels found in the data)")
 
-    def loader(self, split: str, shuffle: bool = False) -> TensorBatches:
+    def loader(self, split: str, shuffle: bool = False, chunk: int | None = None) -> TensorBatches:
         self.setup()
         x, y = self.splits[split]
         size = self.batch_size if split == "train" else self.eval_batch_size
         # The shuffle order follows torch's global RNG, i.e. the seed of the member being trained.
         seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
-        return TensorBatches(x, y, size, shuffle=shuffle, seed=seed)
+        return TensorBatches(x, y, size, shuffle=shuffle, seed=seed, chunk=chunk)
 
     def train_dataloader(self) -> TensorBatches:
         return self.loader("train", shuffle=True)

@@ -1,7 +1,7 @@
 """Evaluate each model once on the test split, log it as a nested MLflow run, keep the summary rows."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,15 +19,20 @@ class Recorder:
         self.results: dict[str, float] = {}   # flat, namespaced: member/cnn1d-s0/test/acc
         self.table: dict[str, dict[str, float]] = {}
 
-    def evaluate(self, role: str, name: str, model: nn.Module, extra: Mapping[str, float] | None = None,
+    def evaluate(self, role: str, name: str, model: nn.Module,
+                 derive: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
                  tags: Mapping[str, str] | None = None) -> tuple[dict[str, float], torch.Tensor]:
-        """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`."""
+        """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`.
+
+        `derive(metrics)` adds metrics computed from these, e.g. the compression ratio against the
+        uncompressed member or the gain of the fused model over the best member.
+        """
         test_x, test_y = self.datamodule.splits["test"]
         metrics, probs, confusion = evaluate_model(
             model, self.datamodule.test_dataloader(), self.datamodule.num_classes, self.cfg.metrics,
             self.cfg.ece_bins, test_x[: self.cfg.latency_batch_size], self.cfg.latency_repeats)
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
-        metrics.update(extra or {})
+        metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}

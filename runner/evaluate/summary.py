@@ -4,11 +4,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 COLUMNS = {"acc": "acc", "f1": "f1", "nll": "nll", "ece": "ece", "params": "params",
-           "size_bytes": "size_kB", "latency_ms": "latency_ms"}
+           "nonzero_params": "nonzero", "size_bytes": "size_kB", "latency_ms": "latency_ms",
+           "delta/acc": "d_acc", "compression_ratio": "ratio", "speedup": "speedup",
+           "gain/acc": "gain_acc", "gain/nll": "gain_nll"}
 
 
 def _fmt(column: str, value: float) -> str:
-    if column == "params":
+    if column in ("params", "nonzero_params"):
         return f"{int(value):,}"
     if column == "size_bytes":
         return f"{value / 1000:.1f}"

@@ -14,8 +14,10 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 class LitClassifier(pl.LightningModule):
     """Wraps a Net for training; logs epoch means of loss and accuracy for train and val.
 
-    Per-step values are accumulated in tensors and logged once per epoch: `self.log` on every
-    step costs more than the forward pass of a small model.
+    Optimization is manual so one Lightning step can take several optimizer steps: a training
+    batch is either (x, y) or a list of (x, y) batches (see TensorBatches' `chunk`). For small
+    models Lightning's per-step bookkeeping costs more than the math; chunking amortizes it.
+    Per-step values are accumulated in tensors and logged once per epoch for the same reason.
     """
 
     def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-2,
@@ -27,6 +29,7 @@ class LitClassifier(pl.LightningModule):
         self.net = net
         self.optimizer, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self._sums: dict[str, torch.Tensor] = {}
+        self.automatic_optimization = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -44,12 +47,18 @@ class LitClassifier(pl.LightningModule):
         if total is not None and total[2] > 0:
             self.log_dict({f"{split}/loss": total[0] / total[2], f"{split}/acc": total[1] / total[2]})
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self.net(x)
-        loss = self.loss(logits, y, x)
-        self._accumulate("train", loss, logits, y)
-        return loss
+    def training_step(self, batch: tuple | list[tuple], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        max_steps = self.trainer.max_steps
+        for x, y in batch if isinstance(batch, list) else [batch]:
+            if 0 < max_steps <= self.trainer.global_step:
+                break
+            logits = self.net(x)
+            loss = self.loss(logits, y, x)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self._accumulate("train", loss, logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
