@@ -84,6 +84,8 @@ def test_select_children_by_role_and_parents(store):
     parents = select_runs(store, ["fake"])
     assert len(parents) == 6 and "tags.role" not in parents or parents["tags.role"].isna().all()
     assert len(select_runs(store, ["fake"], "params.seed = '1'", roles=["member"])) == 2
+    by_parent_tag = select_runs(store, ["fake"], "tags.overrides = 'seed=1'", roles=["member", "fused"])
+    assert len(by_parent_tag) == 3 and set(by_parent_tag["tags.overrides"]) == {"seed=1"}
 
 
 def test_mean_std_over_seeds_and_best_per_column(store):
@@ -101,6 +103,15 @@ def test_mean_std_over_seeds_and_best_per_column(store):
     assert not table.mixed
 
 
+def test_lower_is_better_matches_whole_names_and_suffixes():
+    from runner.report.table import lower_is_better
+
+    names = ["test/nll", "size_bytes"]
+    assert lower_is_better("test/nll", names) and lower_is_better("member/cnn1d-s0/test/nll", names)
+    assert lower_is_better("size_bytes", names) and not lower_is_better("gain/nll", names)
+    assert not lower_is_better("test/acc", names) and not lower_is_better("compression_ratio", names)
+
+
 def test_markdown_and_latex_bold_the_best(store):
     df = select_runs(store, ["fake"], roles=["member"])
     style = Style(labels={LOGREG: "LogReg", CNN: "CNN", "test/acc": "acc (%)"}, scale={"test/acc": 100},
@@ -113,6 +124,14 @@ def test_markdown_and_latex_bold_the_best(store):
     tex = to_latex(table, style, "A caption", "tab:x")
     assert r"CNN & \textbf{92.0 $\pm$ 2.0} & \textbf{0.40 $\pm$ 0.10} & 3 \\" in tex
     assert r"model.\_target\_ & acc (\%)" in tex and r"\toprule" in tex
+
+
+def test_override_keys_come_from_the_overrides_tag(store):
+    df = select_runs(store, ["fake"], roles=["member"])
+    table = aggregate(df, ["override.seed"], [], ["test/acc"])
+    assert table.row_values == [("0",), ("1",), ("2",)]
+    assert table.cells[("1",)][((), "test/acc")].mean == pytest.approx((0.32 + 0.92) / 2)
+    assert aggregate(df, ["override.compress"], [], ["test/acc"]).row_values == [("default",)]
 
 
 def test_rows_by_role_cols_by_model(store):
@@ -174,6 +193,16 @@ def test_plots_are_png_and_logged_to_mlflow(store, tmp_path, overrides, plots):
         assert download_artifact(store, report_run["run_id"], f"report/{path.name}", tmp_path / "dl").exists()
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(CONF_DIR) / "preset").glob("*.yaml")))
+def test_every_preset_composes_with_valid_options(preset):
+    from runner.report.make import FORMATS, PLOTS
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose("config", overrides=[f"preset={preset}"])
+    assert cfg.name == preset and cfg.rows and cfg.metrics
+    assert set(cfg.plots) <= set(PLOTS) and set(cfg.formats) <= set(FORMATS)
+
+
 def test_pareto_front():
     size = [10, 20, 30, 40, 5]
     acc = [0.8, 0.7, 0.9, 0.85, 0.5]
@@ -195,7 +224,7 @@ def test_reliability_ece_matches_torchmetrics():
 def test_missing_metric_and_experiment_are_named(store, tmp_path):
     with pytest.raises(ReportError, match=r"(?s)'test/bogus'.*Available metrics: .*test/acc"):
         make_report(report_cfg(store, tmp_path, "metrics=[test/bogus]"))
-    with pytest.raises(ReportError, match=r"No experiment named \['nope'\].*available: \['fake'"):
+    with pytest.raises(ReportError, match=r"No experiment named \['nope'\].*available: .*'fake'"):
         make_report(report_cfg(store, tmp_path, "experiment=nope"))
     with pytest.raises(ReportError, match="plots='bar' is not one of"):
         make_report(report_cfg(store, tmp_path, "plots=[bar]"))
@@ -208,7 +237,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_cli_empty_selection_is_a_message_not_a_traceback(store, tmp_path):
     result = _cli("-m", "runner.report", f"tracking_uri={store}", "experiment=fake", f"out_dir={tmp_path}",
-                  "filter=params.seed = '99'")
+                  "filter=\"params.seed = '99'\"")
     assert result.returncode == 2
     assert "No runs selected" in result.stderr and "params.seed = '99'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

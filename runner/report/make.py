@@ -61,7 +61,7 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     label = lambda value: " ".join(value_label(k, v, style) for k, v in zip(rows + cols, value)) or "all"  # noqa: E731
     for name in plot_names:
         written[name] = out / f"{cfg.name}_{name}.png"
-        figure = _plot(name, cfg, df, groups, label)
+        figure = _plot(name, cfg, df, groups, label, style.labels)
         figure.savefig(written[name])
         plots.plt.close(figure)
     for kind, path in written.items():
@@ -78,12 +78,14 @@ def _write(path: Path, text: str) -> Path:
 
 def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: str) -> str:
     over = ", ".join(as_list(cfg.aggregate_over)) or "runs"
-    commits = sorted({c[:7] for c in df.get("tags.mlflow.source.git.commit", []) if isinstance(c, str)})
+    commits = sorted({c[:7] for column in ("tags.git_commit", "tags.mlflow.source.git.commit")
+                      for c in df.get(column, []) if isinstance(c, str)})
     lines = [f"## {cfg.title or cfg.name}", ""]
     if cfg.description:
         lines += [str(cfg.description).strip(), ""]
     lines += [markdown, "",
-              f"Mean ± std over {over} (n = runs per row); bold: the best mean per column.  ",
+              f"Mean ± std over {over} (n = runs per row; no ± where n = 1 or all runs agree); "
+              "bold: the best mean per column.  ",
               f"Runs: {len(df)} from MLflow experiment(s) {', '.join(as_list(cfg.experiment))}"
               + (f", filter `{cfg.filter}`" if cfg.filter else "")
               + (f", role {', '.join(as_list(cfg.role))}" if cfg.role else ", parent runs")
@@ -94,24 +96,22 @@ def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: st
     return "\n".join(lines) + "\n"
 
 
-def _plot(name: str, cfg: DictConfig, df, groups: list[str], label) -> Any:
+def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, labels: Mapping[str, str]) -> Any:
     p = cfg.plot
     title = cfg.title or cfg.name
     if name in ("pareto_size", "pareto_latency"):
         x = p.size if name == "pareto_size" else p.latency
-        stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}")
+        stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}", labels)
         xlabel = "model size (bytes)" if name == "pareto_size" else "latency (ms per test batch)"
         return plots.pareto_figure(stats, "x", "y", xlabel, p.accuracy, title)
     if name == "fusion_gain":
         gains = as_list(p.gains)
-        stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain")
+        stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain", labels)
         return plots.gain_figure(stats, gains, title)
     if not as_list(cfg.role):
         raise ReportError("plots: reliability needs child runs: set `role` (e.g. role=[member,fused])")
-    keys = df[groups].fillna("none").astype(str) if groups else None
     curves = {}
-    for value, part in (df.groupby([keys[c] for c in groups], sort=False) if groups else [((), df)]):
-        value = value if isinstance(value, tuple) else (value,)
+    for value, part in plots.groups_of(df, groups, labels):
         curves[label(value)] = plots.load_predictions(cfg.tracking_uri, list(part.run_id))
     return plots.reliability_figure(curves, int(p.bins), title)
 

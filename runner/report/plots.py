@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from runner.report.errors import ReportError  # noqa: E402
 from runner.report.select import resolve_metric  # noqa: E402
+from runner.report.table import order_values  # noqa: E402
 from runner.tracking import RunQueryError, download_artifact  # noqa: E402
 
 PREDICTIONS = "predictions/test.npz"
@@ -83,7 +84,11 @@ def reliability_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], bins: i
 
 
 def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str) -> plt.Figure:
-    """`groups`: one line per group with label and `<metric>_mean` / `<metric>_std` columns."""
+    """`groups`: one line per group with label and `<metric>_mean` / `<metric>_std` columns.
+
+    Groups without any gain (e.g. the members beside the fused models) are left out.
+    """
+    groups = groups[groups[[f"{m}_mean" for m in metrics]].notna().any(axis=1)].reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) * len(metrics) / 2 + 2), 4), dpi=120)
     width = 0.8 / len(metrics)
     x = np.arange(len(groups))
@@ -100,14 +105,22 @@ def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str) -> plt
     return fig
 
 
+def groups_of(df: pd.DataFrame, group: Sequence[str], labels: Mapping[str, str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """(key values, runs) per group, in the tables' order."""
+    if not group:
+        return [((), df)]
+    keys = df[list(group)].fillna("none").astype(str)
+    parts = {(v if isinstance(v, tuple) else (v,)): part
+             for v, part in df.groupby([keys[c] for c in group], sort=False)}
+    return [(v, parts[v]) for v in order_values(list(parts), labels)]
+
+
 def group_stats(df: pd.DataFrame, group: Sequence[str], label: Callable[[tuple], str],
-                metrics: dict[str, str], option: str) -> pd.DataFrame:
+                metrics: dict[str, str], option: str, labels: Mapping[str, str]) -> pd.DataFrame:
     """Mean and std of each metric (name -> metric key) per group of runs."""
     columns = {name: resolve_metric(df, m, option) for name, m in metrics.items()}
-    keys = df[list(group)].fillna("none").astype(str) if group else pd.DataFrame(index=df.index)
     records = []
-    for value, part in df.groupby([keys[c] for c in group], sort=False) if group else [((), df)]:
-        value = value if isinstance(value, tuple) else (value,)
+    for value, part in groups_of(df, group, labels):
         rec = {"label": label(value)}
         for name, column in columns.items():
             rec[f"{name}_mean"] = part[column].astype(float).mean()

@@ -30,24 +30,32 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str = "", r
     `params.<key>`, `tags.<key>`, `metrics.<key>`.
 
     With `roles`, only child runs whose tag `role` is one of them; without, only parent runs.
-    With keep="latest", runs that repeat another's params and name (a re-run) count once: the newest.
+    A child run also carries its parent's tags (e.g. `overrides`, `sweep_id`) where it has none of
+    its own, and the filter selects a child run when it matches either the child or its parent.
+    With keep="latest", runs with identical params (a re-run of the same config) count once: the newest.
     """
     check_choice("keep", keep, ("latest", "all"))
     try:
-        runs = search_runs(uri, list(experiments), filter_string)
+        runs = search_runs(uri, list(experiments))
+        matched = {r["run_id"] for r in search_runs(uri, list(experiments), filter_string)} \
+            if filter_string else {r["run_id"] for r in runs}
     except RunQueryError as e:
         raise ReportError(str(e)) from None
-    total = len(runs)
+    total, by_id = len(runs), {r["run_id"]: r for r in runs}
+    if roles:
+        runs = [r for r in runs if PARENT_TAG in r["tags"] and r["tags"].get("role") in roles
+                and (r["run_id"] in matched or r["tags"][PARENT_TAG] in matched)]
+        for r in runs:
+            parent = by_id.get(r["tags"][PARENT_TAG], {"tags": {}})
+            r["tags"] = {**{k: v for k, v in parent["tags"].items() if not k.startswith("mlflow.")}, **r["tags"]}
+    else:
+        runs = [r for r in runs if PARENT_TAG not in r["tags"] and r["run_id"] in matched]
     if status:
         runs = [r for r in runs if r["status"] == status]
-    if roles:
-        runs = [r for r in runs if PARENT_TAG in r["tags"] and r["tags"].get("role") in roles]
-    else:
-        runs = [r for r in runs if PARENT_TAG not in r["tags"]]
     if keep == "latest":
         newest: dict[tuple, dict] = {}
         for r in sorted(runs, key=lambda r: r["start_time"]):
-            newest[(r["experiment"], r["run_name"], tuple(sorted(r["params"].items())))] = r
+            newest[(r["experiment"], tuple(sorted(r["params"].items())))] = r
         if len(newest) < len(runs):
             log.info("report: %d re-runs left out (keep=latest)", len(runs) - len(newest))
         runs = list(newest.values())
@@ -73,8 +81,26 @@ def available(df: pd.DataFrame, sources: Sequence[str]) -> dict[str, list[str]]:
             for src in sources}
 
 
+def override_value(overrides: Any, name: str) -> str:
+    """The value of `name=...` in a job's override string ("compress=prune_global seed=1"), or "default"."""
+    for item in str(overrides or "").split():
+        key, _, value = item.lstrip("+~").partition("=")
+        if key == name:
+            return value
+    return "default"
+
+
 def resolve_key(df: pd.DataFrame, key: str, option: str) -> str:
-    """The column of a grouping key: `params.x`/`tags.x` as written, else param x, else tag x."""
+    """The column of a grouping key: `params.x`/`tags.x` as written, else param x, else tag x.
+
+    `override.<group>` is the option picked on the command line (e.g. override.compress ->
+    prune_global), read from the run's `overrides` tag; "default" where it was not overridden.
+    """
+    if key.startswith("override."):
+        if "tags.overrides" not in df.columns:
+            raise ReportError(f"Key {key!r} in `{option}` needs the `overrides` tag, which the selected runs lack")
+        df[key] = [override_value(o, key.removeprefix("override.")) for o in df["tags.overrides"]]
+        return key
     candidates = [key] if key.startswith(("params.", "tags.")) or key in ("run_name", "experiment") \
         else [f"params.{key}", f"tags.{key}"]
     for column in candidates:
@@ -82,7 +108,8 @@ def resolve_key(df: pd.DataFrame, key: str, option: str) -> str:
             return column
     found = available(df, ("params", "tags"))
     raise ReportError(f"Unknown key {key!r} in `{option}`: neither a param nor a tag of the selected runs.\n"
-                      f"Available params: {found['params']}\nAvailable tags: {found['tags']}")
+                      f"Available params: {found['params']}\nAvailable tags: {found['tags']}\n"
+                      "(or override.<group>: the option each job picked on its command line)")
 
 
 def resolve_metric(df: pd.DataFrame, metric: str, option: str) -> str:

@@ -28,7 +28,7 @@ class Cell:
 
 @dataclass
 class Table:
-    """Aggregated results: `cells[row][col]`, with rows/cols keyed by tuples of raw key values."""
+    """Aggregated results: `cells[row][(col, metric)]`; rows and cols are tuples of raw key values."""
 
     row_keys: list[str]
     col_keys: list[str]
@@ -54,7 +54,7 @@ def _natural(value: Any) -> tuple:
         return (1, 0.0, str(value))
 
 
-def _order(values: list[tuple], labels: Mapping[str, str]) -> list[tuple]:
+def order_values(values: list[tuple], labels: Mapping[str, str]) -> list[tuple]:
     """Values named in `labels` first, in its order; the rest in natural order."""
     rank = {k: i for i, k in enumerate(labels)}
     return sorted(values, key=lambda v: ([rank.get(str(x), len(rank)) for x in v], [_natural(x) for x in v]))
@@ -92,8 +92,8 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
             log.warning("report: group %s mixes runs that differ in %s; add them to rows/cols or filter",
                         row + col, varying)
 
-    table = Table(list(rows), list(cols), list(metrics), _order(list(cells), labels),
-                  _order(list({c for r in cells.values() for c, _ in r}), labels), cells, mixed)
+    table = Table(list(rows), list(cols), list(metrics), order_values(list(cells), labels),
+                  order_values(list({c for r in cells.values() for c, _ in r}), labels), cells, mixed)
     for col, metric in table.columns:
         means = [cells[r][(col, metric)].mean for r in table.row_values
                  if (col, metric) in cells[r] and not math.isnan(cells[r][(col, metric)].mean)]
