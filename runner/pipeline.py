@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
@@ -15,6 +16,8 @@ from runner.cache import MemberCache, digest
 from runner.compress import CompressContext, build_recipe, compression_report
 from runner.config import build, validate
 from runner.errors import check
+from runner.models import lit
+from runner.timing import process_start_time
 from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
 from runner.tracking import EpochMetricsLogger, flatten, source_tags
@@ -95,7 +98,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     for member in members:
         recipe.check(member.net, datamodule.num_classes, ensemble=False)
 
-    job = {"job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
+    job = {"role": "job", "job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
         cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True))}
     if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
         log.info("skipping: this config already finished as MLflow run %s", done[0].info.run_id)
@@ -109,17 +112,26 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
     with tracker.run(name, params, run_tags, parent_id) as run_id:
         tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)), "config.yaml")
-        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params)
+        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags)
         for member in members:
+            start = time.perf_counter()
             hit = train_member(member, cfg, datamodule, cache,
                                EpochMetricsLogger(tracker, run_id, prefix=f"member/{member.name}/"))
+            train_s = time.perf_counter() - start
             member.metrics, member.probs = recorder.evaluate(
-                "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"})
+                "member", member.name, member.net, derive=lambda _, t=train_s: {"train_s": t},
+                tags={"cache": "hit" if hit else "miss"})
         for member in members if recipe else []:
             log.info("member %s: compressing with %s", member.name, recipe)
             small = recipe.apply(member.net, CompressContext(datamodule, cfg.trainer, cfg.optim, teacher=member.net))
             recorder.evaluate("compressed", member.name, small,
                               derive=lambda metrics, base=member.metrics: compression_report(base, metrics))
-        tracker.log_metrics(run_id, recorder.results)
+        timing = {"timing/total_s": time.time() - process_start_time(),
+                  "timing/mlflow_setup_s": tracker.setup_s, "timing/mlflow_log_s": tracker.busy_s - tracker.setup_s}
+        if lit.first_step_at:
+            timing["timing/startup_s"] = lit.first_step_at - process_start_time()
+        tracker.log_metrics(run_id, {**recorder.results, **timing})
     print(format_table(recorder.table))
+    log.info("wall time %.1f s; MLflow: %.2f s opening the store, %.2f s logging; first training step after %.1f s",
+             *(timing.get(f"timing/{k}", float("nan")) for k in ("total_s", "mlflow_setup_s", "mlflow_log_s", "startup_s")))
     return recorder.results

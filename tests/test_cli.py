@@ -23,7 +23,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def runs(tmp_path: Path, parents_only: bool = True):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     found = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-    return client, [r for r in found if not parents_only or "job_hash" in r.data.tags]
+    return client, [r for r in found if not parents_only or r.data.tags.get("role") == "job"]
 
 
 @pytest.mark.slow

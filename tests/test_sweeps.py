@@ -24,7 +24,7 @@ def client_for(uri: str) -> tuple[MlflowClient, str]:
 def job_runs(uri: str, status: str | None = None):
     client, exp = client_for(uri)
     runs = client.search_runs([exp])
-    return [r for r in runs if "job_hash" in r.data.tags and (status is None or r.info.status == status)]
+    return [r for r in runs if r.data.tags.get("role") == "job" and (status is None or r.info.status == status)]
 
 
 def member_runs(uri: str):

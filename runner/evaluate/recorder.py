@@ -13,9 +13,11 @@ from runner.evaluate.plots import confusion_matrix_figure
 
 class Recorder:
     def __init__(self, tracker: Any, run_id: str, datamodule: Any, eval_cfg: Any,
-                 params: Mapping[str, Any]) -> None:
+                 params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
         self.tracker, self.run_id, self.datamodule, self.cfg = tracker, run_id, datamodule, eval_cfg
         self.params = params
+        # the job's own tags (overrides, sweep_id, job_hash) go on every child so filters see them
+        self.tags = {k: v for k, v in (tags or {}).items() if not k.startswith("mlflow.")}
         self.results: dict[str, float] = {}   # flat, namespaced: member/cnn1d-s0/test/acc
         self.table: dict[str, dict[str, float]] = {}
 
@@ -37,7 +39,7 @@ class Recorder:
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
-                               {"role": role, "member": name or role, **(tags or {})}, metrics,
+                               {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
                                {"probs": probs.numpy(), "targets": test_y.numpy()})
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs

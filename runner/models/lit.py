@@ -1,12 +1,17 @@
 """The LightningModule that trains any Net with cross-entropy."""
 from __future__ import annotations
 
+import time
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import check
+
+# Unix time of this process's first training step (for the timing/startup_s figure).
+first_step_at: float | None = None
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -46,6 +51,10 @@ class LitClassifier(pl.LightningModule):
         total = self._sums.pop(split, None)
         if total is not None and total[2] > 0:
             self.log_dict({f"{split}/loss": total[0] / total[2], f"{split}/acc": total[1] / total[2]})
+
+    def on_train_start(self) -> None:
+        global first_step_at
+        first_step_at = first_step_at or time.time()
 
     def training_step(self, batch: tuple | list[tuple], batch_idx: int) -> None:
         optimizer = self.optimizers()

@@ -29,7 +29,7 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str = "", r
     """One row per selected run: columns run_id, run_name, experiment, start_time and
     `params.<key>`, `tags.<key>`, `metrics.<key>`.
 
-    With `roles`, only child runs whose tag `role` is one of them; without, only parent runs.
+    With `roles`, only child runs whose tag `role` is one of them; without, only job runs.
     A child run also carries its parent's tags (e.g. `overrides`, `sweep_id`) where it has none of
     its own, and the filter selects a child run when it matches either the child or its parent.
     With keep="latest", runs with identical params (a re-run of the same config) count once: the newest.
@@ -49,7 +49,9 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str = "", r
             parent = by_id.get(r["tags"][PARENT_TAG], {"tags": {}})
             r["tags"] = {**{k: v for k, v in parent["tags"].items() if not k.startswith("mlflow.")}, **r["tags"]}
     else:
-        runs = [r for r in runs if PARENT_TAG not in r["tags"] and r["run_id"] in matched]
+        # job runs: tagged role=job (they may sit under a sweep's run); older runs: no parent, no role
+        runs = [r for r in runs if r["run_id"] in matched and (r["tags"].get("role") == "job" or (
+            "role" not in r["tags"] and PARENT_TAG not in r["tags"]))]
     if status:
         runs = [r for r in runs if r["status"] == status]
     if keep == "latest":

@@ -1,6 +1,7 @@
 """A Lightning logger that sends metrics to MLflow in one batched call per epoch."""
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,17 +12,19 @@ from runner.tracking.mlflow_tracker import MlflowTracker
 
 
 class EpochMetricsLogger(Logger):
-    """Buffers what Lightning logs and flushes it when the epoch changes and at the end.
+    """Buffers the epoch metrics Lightning logs and writes them to MLflow in batches.
 
-    Train and val epoch means arrive in separate calls; batching them into one `log_batch` per
-    epoch keeps MLflow's cost per run to a handful of writes. The step is the epoch number.
+    Each write is one `log_batch` holding every epoch since the last one (the step is the epoch
+    number); writes happen at most every `flush_every_s` seconds and when training ends, so a
+    run costs MLflow a handful of writes instead of one per epoch (~5-10 ms each with SQLite)
+    while the UI still shows live curves.
     """
 
-    def __init__(self, tracker: MlflowTracker, run_id: str, prefix: str = "") -> None:
+    def __init__(self, tracker: MlflowTracker, run_id: str, prefix: str = "", flush_every_s: float = 10.0) -> None:
         super().__init__()
-        self.tracker, self.run_id, self.prefix = tracker, run_id, prefix
-        self._buffer: dict[str, float] = {}
-        self._epoch: int | None = None
+        self.tracker, self.run_id, self.prefix, self.flush_every_s = tracker, run_id, prefix, flush_every_s
+        self._buffer: list[tuple[dict[str, float], int]] = []
+        self._last_flush = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -39,15 +42,15 @@ class EpochMetricsLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
         epoch = int(metrics.pop("epoch", step or 0))
-        if self._epoch is not None and epoch != self._epoch:
+        self._buffer.append(({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, epoch))
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
             self._flush()
-        self._epoch = epoch
-        self._buffer.update({f"{self.prefix}{k}": float(v) for k, v in metrics.items()})
 
     def _flush(self) -> None:
         if self._buffer:
-            self.tracker.log_metrics(self.run_id, self._buffer, step=self._epoch or 0)
-        self._buffer = {}
+            self.tracker.log_metric_steps(self.run_id, self._buffer)
+        self._buffer = []
+        self._last_flush = time.monotonic()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

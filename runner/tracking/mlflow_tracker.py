@@ -13,6 +13,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from runner.timing import timed
+
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -41,6 +43,8 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self._client: MlflowClient | None = None
+        self.busy_s = 0.0   # wall time spent in tracking calls, setup included
+        self.setup_s = 0.0  # of which: opening the store and finding the experiment
         self._experiment_id: str | None = None
 
     @property
@@ -48,13 +52,18 @@ class MlflowTracker:
         if self._client is None:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # Opening the store (SQLAlchemy engine, schema check) is a one-off cost per process.
+            start = time.perf_counter()
             self._client = MlflowClient(tracking_uri=self.uri)
+            self.setup_s += time.perf_counter() - start
         return self._client
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
+            client = self.client
+            start = time.perf_counter()
+            found = client.get_experiment_by_name(self.experiment)
             if found is None:
                 location = self.artifact_location
                 if location and "://" not in location:
@@ -65,8 +74,10 @@ class MlflowTracker:
                     self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
             else:
                 self._experiment_id = found.experiment_id
+            self.setup_s += time.perf_counter() - start
         return self._experiment_id
 
+    @timed
     def start_run(self, name: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
         all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
@@ -92,9 +103,11 @@ class MlflowTracker:
             raise
         self.end_run(run_id, "FINISHED")
 
+    @timed
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
+    @timed
     def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[Any]:
         """Runs of this experiment whose tags all match (and whose status is `status`, if given)."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
@@ -102,27 +115,37 @@ class MlflowTracker:
             clauses.append(f"attributes.status = '{status}'")
         return list(self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000))
 
+    @timed
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_metric_steps(run_id, [(metrics, step)])
+
+    @timed
+    def log_metric_steps(self, run_id: str, entries: list[tuple[Mapping[str, float], int]]) -> None:
+        """Metrics of several steps in as few `log_batch` calls as possible: [(metrics, step), ...]."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step) for metrics, step in entries for k, v in metrics.items()]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
+    @timed
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
+    @timed
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)
 
+    @timed
     def log_figure(self, run_id: str, figure: Any, path: str) -> None:
         self.client.log_figure(run_id, figure, path)
 
+    @timed
     def log_arrays(self, run_id: str, path: str, **arrays: Any) -> None:
         """Numpy arrays as one .npz artifact at `path` (e.g. predictions/test.npz)."""
         import tempfile
@@ -134,6 +157,7 @@ class MlflowTracker:
             np.savez_compressed(local, **{k: np.asarray(v) for k, v in arrays.items()})
             self.client.log_artifact(run_id, str(local), str(Path(path).parent) if "/" in path else None)
 
+    @timed
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
                   metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None) -> str:
         """A finished nested run for one evaluated model (a member, a compressed member, the fused model)."""
@@ -143,6 +167,7 @@ class MlflowTracker:
                 self.log_arrays(run_id, "predictions/test.npz", **arrays)
         return run_id
 
+    @timed
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
