@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+import runner.members
 import runner.pipeline
 from conftest import compose_config
 
@@ -77,7 +78,7 @@ def test_interrupted_or_failed_run_is_marked(error, status, tmp_path, monkeypatc
     def explode(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(runner.pipeline, "train_classifier", explode)
+    monkeypatch.setattr(runner.members, "train_classifier", explode)
     with pytest.raises(type(error)):
         runner.pipeline.run(compose_config([], tmp_path))
     _, [run] = runs(tmp_path)

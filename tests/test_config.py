@@ -7,7 +7,8 @@ from omegaconf.errors import ValidationError
 
 from runner.config import build, validate
 from runner.errors import ConfigError
-from runner.pipeline import plan_members, run
+from runner.members import plan_members
+from runner.pipeline import run
 from conftest import CONF_DIR, compose_config
 
 CONF = Path(CONF_DIR)
@@ -64,6 +65,22 @@ def test_ensemble_configs(name, tmp_path):
     assert len(members) >= 2 and len({m.name for m in members}) == len(members)
 
 
+@pytest.mark.parametrize("name", options("fuse"))
+def test_fuse_configs(name, tmp_path):
+    from runner.fuse import Fusion
+
+    cfg = compose_config([f"fuse={name}"], tmp_path)
+    assert isinstance(build(cfg.fuse, "fuse"), Fusion)
+
+
+@pytest.mark.parametrize("name", options("compress"))
+def test_compress_configs(name, tmp_path):
+    from runner.compress import build_recipe
+
+    cfg = compose_config([f"compress={name}"], tmp_path)
+    assert len(build_recipe(cfg.compress)) >= 1
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_configs(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
@@ -100,10 +117,10 @@ def test_unknown_key_is_rejected():
     ("data.num_features=41", r"data.num_features=41"),
 ])
 def test_bad_values_fail_before_training(override, message, tmp_path, monkeypatch):
-    import runner.pipeline
+    import runner.members
 
     trained = []
-    monkeypatch.setattr(runner.pipeline, "train_classifier", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: trained.append(a))
     cfg = compose_config([override], tmp_path)
     with pytest.raises(ConfigError, match=message):
         run(cfg)

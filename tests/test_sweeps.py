@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+import runner.members
 import runner.pipeline
 from conftest import compose_config
 
@@ -55,11 +56,11 @@ def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch):
     assert {k: again[k] for k in first} == pytest.approx(first)  # the logged results, not a new run
     assert len(job_runs(uri)) == 1
 
-    real = runner.pipeline.train_classifier
-    monkeypatch.setattr(runner.pipeline, "train_classifier", lambda *a, **k: 1 / 0)
+    real = runner.members.train_classifier
+    monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         runner.pipeline.run(compose_config(["seed=4"], tmp_path))
-    monkeypatch.setattr(runner.pipeline, "train_classifier", real)
+    monkeypatch.setattr(runner.members, "train_classifier", real)
     runner.pipeline.run(compose_config(["seed=4"], tmp_path))
     assert sorted(r.info.status for r in job_runs(uri)) == ["FAILED", "FINISHED", "FINISHED"]
 

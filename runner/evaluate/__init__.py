@@ -107,13 +107,18 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30, warmup: int
 
 def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metrics: Iterable[str],
                    ece_bins: int = 15, latency_batch: torch.Tensor | None = None,
-                   latency_repeats: int = 30) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+                   latency_repeats: int = 30, probs: torch.Tensor | None = None,
+                   ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """All metrics of one model on one split from a single forward pass.
 
     Returns (metrics, probabilities, confusion matrix); the probabilities are kept so fusion and
-    reports reuse them instead of running the model again.
+    reports reuse them instead of running the model again. Pass `probs` when they are already
+    known (e.g. an output-level fusion of the members' test probabilities): no forward pass then.
     """
-    probs, target = predict_proba(model, batches)
+    if probs is None:
+        probs, target = predict_proba(model, batches)
+    else:
+        target = torch.cat([y for _, y in batches])
     results = classification_metrics(probs, target, num_classes, metrics, ece_bins)
     results.update(size_metrics(model))
     if latency_batch is not None:

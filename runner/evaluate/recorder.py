@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from runner.evaluate import evaluate_model
-from runner.evaluate.plots import confusion_matrix_figure
+from runner.evaluate.plots import confusion_matrix_figure, plt
 
 
 class Recorder:
@@ -23,7 +23,8 @@ class Recorder:
 
     def evaluate(self, role: str, name: str, model: nn.Module,
                  derive: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
-                 tags: Mapping[str, str] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+                 tags: Mapping[str, str] | None = None,
+                 probs: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`.
 
         `derive(metrics)` adds metrics computed from these, e.g. the compression ratio against the
@@ -32,7 +33,7 @@ class Recorder:
         test_x, test_y = self.datamodule.splits["test"]
         metrics, probs, confusion = evaluate_model(
             model, self.datamodule.test_dataloader(), self.datamodule.num_classes, self.cfg.metrics,
-            self.cfg.ece_bins, test_x[: self.cfg.latency_batch_size], self.cfg.latency_repeats)
+            self.cfg.ece_bins, test_x[: self.cfg.latency_batch_size], self.cfg.latency_repeats, probs)
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
         metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role
@@ -41,5 +42,7 @@ class Recorder:
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
                                {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
                                {"probs": probs.numpy(), "targets": test_y.numpy()})
-        self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
+        figure = confusion_matrix_figure(confusion, prefix)
+        self.tracker.log_figure(self.run_id, figure, f"confusion/{prefix}.png")
+        plt.close(figure)
         return metrics, probs

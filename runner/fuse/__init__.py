@@ -5,12 +5,12 @@ Output-level strategies (OutputFusion subclasses) also offer `combine(member_pro
 Each class has YAMLs in conf/fuse/.
 """
 from runner.fuse.averaging import HardVoting, ProbabilityMean, SoftVoting, WeightedAverage
-from runner.fuse.base import Fusion, OutputFusion, member_probs
+from runner.fuse.base import Fusion, OutputFusion, gain_over_best, member_probs
 from runner.fuse.features import FeatureFusion, FeatureNet
 from runner.fuse.selection import CaruanaSelection
 from runner.fuse.soup import GreedySoup, UniformSoup
 from runner.fuse.stacking import Stacking
 
-__all__ = ["Fusion", "OutputFusion", "member_probs", "ProbabilityMean", "SoftVoting", "HardVoting",
+__all__ = ["Fusion", "OutputFusion", "gain_over_best", "member_probs", "ProbabilityMean", "SoftVoting", "HardVoting",
            "WeightedAverage", "Stacking", "CaruanaSelection", "FeatureFusion", "FeatureNet",
            "UniformSoup", "GreedySoup"]

@@ -97,7 +97,8 @@ class WeightedAverage(OutputFusion):
         if self.source == "acc":
             score = (member_probs.argmax(2) == y).double().mean(1).clamp_min(1e-12)
         elif self.source == "nll":
-            score = 1.0 / -p_true.clamp_min(1e-12).log().mean(1).clamp_min(1e-12)
+            nll = -p_true.clamp_min(1e-12).log().mean(1)
+            score = 1.0 / nll.clamp_min(1e-12)
         else:
             score = torch.from_numpy(self._optimize(p_true.T.numpy()))
             self.val_nll_ = float(-(p_true.T @ score).clamp_min(1e-12).log().mean())

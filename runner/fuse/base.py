@@ -155,3 +155,17 @@ class LogSoftmaxNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.log_softmax(self.net(x).float(), 1)
+
+
+def gain_over_best(fused: dict[str, float], members: Sequence[dict[str, float]]) -> dict[str, float]:
+    """`gain/<metric>`: the fused model against the best single member, positive = better.
+
+    acc and f1: fused minus the highest member value; nll and ece: the lowest member value minus fused.
+    """
+    gains = {}
+    for name, higher_is_better in (("acc", True), ("f1", True), ("nll", False), ("ece", False)):
+        key = f"test/{name}"
+        if key in fused and members and all(key in m for m in members):
+            values = [m[key] for m in members]
+            gains[f"gain/{name}"] = fused[key] - max(values) if higher_is_better else min(values) - fused[key]
+    return gains

@@ -4,13 +4,13 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runner.data import TensorBatches
 from runner.errors import check
 from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet
-from runner.models import LitClassifier, Net
-from runner.train import build_trainer
+from runner.models import Net
 
 HEADS = ("linear", "mlp")
 
@@ -39,7 +39,7 @@ class FeatureFusion(Fusion):
     def __init__(self, head: str = "linear", hidden: int = 128, epochs: int = 50, lr: float = 1e-3,
                  weight_decay: float = 1e-4, batch_size: int = 100, init_from_members: bool = True,
                  finetune_members: bool = False, finetune_epochs: int = 10, finetune_lr: float = 1e-4,
-                 accelerator: str = "cpu", seed: int = 0) -> None:
+                 seed: int = 0) -> None:
         check(head in HEADS, "fuse.head", head, list(HEADS))
         for key, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size),
                            ("finetune_epochs", finetune_epochs)):
@@ -49,7 +49,7 @@ class FeatureFusion(Fusion):
         self.head, self.hidden, self.epochs, self.lr = head, hidden, epochs, lr
         self.weight_decay, self.batch_size, self.init_from_members = weight_decay, batch_size, init_from_members
         self.finetune_members, self.finetune_epochs, self.finetune_lr = finetune_members, finetune_epochs, finetune_lr
-        self.accelerator, self.seed = accelerator, seed
+        self.seed = seed
 
     def check_members(self, members) -> None:
         super().check_members(members)
@@ -69,11 +69,17 @@ class FeatureFusion(Fusion):
         return head
 
     def _train(self, net: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float) -> None:
-        module = LitClassifier(net, optimizer="adam", lr=lr, weight_decay=self.weight_decay)
+        # A plain loop: on a few hundred val rows a Lightning Trainer added ~25 ms of overhead
+        # per step here (5.7 s for 50 epochs of a linear head on 400 rows).
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=self.weight_decay)
         batches = TensorBatches(x, y, self.batch_size, shuffle=True, seed=self.seed)
-        trainer = build_trainer({"max_epochs": epochs, "accelerator": self.accelerator, "devices": 1,
-                                 "enable_progress_bar": False})
-        trainer.fit(module, train_dataloaders=batches)
+        net.train()
+        for _ in range(epochs):
+            for xb, yb in batches:
+                loss = F.cross_entropy(net(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
         net.eval()
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
@@ -82,6 +88,9 @@ class FeatureFusion(Fusion):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = FeatureNet([m.eval() for m in members], self._build_head(members))
+            device = next(net.parameters()).device
+            net.head.to(device)
+            x, y = x.to(device), y.to(device)
             with torch.no_grad():
                 features = net.forward_features(x)
             self._train(net.head, features, y, self.epochs, self.lr)

@@ -17,7 +17,7 @@ from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet, describe
 
 SOUP_REQUIREMENT = (
     "weight averaging (model soups) needs members of one architecture fine-tuned from one shared "
-    "initial checkpoint (equal `init_id`); use a single model config with `ensemble.shared_init: true` "
+    "initial checkpoint (equal `init_id`); use ensemble=soup5 (a shared, pre-trained start) or `ensemble.shared_init: true` "
     "(every seed then starts from the same weights), or an output-level strategy such as fuse=mean")
 
 

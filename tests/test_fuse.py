@@ -1,0 +1,273 @@
+"""Fusion strategies: the contract over every conf/fuse YAML, scikit-learn oracles, member checks, soups."""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import StackingClassifier, VotingClassifier
+from sklearn.exceptions import NotFittedError
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression
+
+from runner.config import build
+from runner.errors import ConfigError
+from runner.fuse import (CaruanaSelection, FeatureFusion, FeatureNet, GreedySoup, HardVoting, OutputFusion,
+                         ProbabilityMean, SoftVoting, Stacking, UniformSoup, WeightedAverage, member_probs)
+from runner.models import CNN1D, MLP
+from runner.train import train_classifier
+from conftest import CONF_DIR, FAST_TRAINER, compose_config
+
+FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def fuse_config(name: str):
+    """The composed real config for `fuse=<name>` (composing costs ~1 s, so once per name)."""
+    return compose_config([f"fuse={name}"])
+
+
+def build_strategy(name: str):
+    return build(fuse_config(name).fuse, "fuse")
+
+
+@pytest.fixture(scope="module")
+def shared_init_mlps(mnist1d_small) -> list[MLP]:
+    """Three MLPs fine-tuned (different data orders) from one pretrained checkpoint: soups apply."""
+    pl.seed_everything(0, verbose=False)
+    base = train_classifier(MLP(40, 10, hidden=64), mnist1d_small, FAST_TRAINER, {"name": "adam", "lr": 1e-2})
+    nets = []
+    for seed in (1, 2, 3):
+        pl.seed_everything(seed, verbose=False)
+        net = train_classifier(copy.deepcopy(base).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 2},
+                               {"name": "adam", "lr": 1e-3})
+        net.init_id = "pretrained-s0"
+        nets.append(net)
+    return nets
+
+
+@pytest.fixture(scope="module")
+def four_members(trained_mlps, trained_cnn) -> list:
+    return [*trained_mlps, trained_cnn]
+
+
+def split(dm, name):
+    return dm.splits[name]
+
+
+class FixedOutputs(ClassifierMixin, BaseEstimator):
+    """A stand-in member for scikit-learn: X holds row indices into precomputed probabilities."""
+
+    def __init__(self, probs=None):
+        self.probs = probs
+
+    def fit(self, X, y):
+        self.classes_ = np.arange(self.probs.shape[1])
+        return self
+
+    def predict_proba(self, X):
+        return self.probs[np.asarray(X)[:, 0].astype(int)]
+
+    def predict(self, X):
+        return self.predict_proba(X).argmax(1)
+
+
+def sklearn_members(members, x) -> list:
+    probs = member_probs(members, x).double().numpy()
+    return [(f"m{i}", FixedOutputs(p).fit(None, None)) for i, p in enumerate(probs)]
+
+
+def rows(n: int, offset: int = 0) -> np.ndarray:
+    return np.arange(offset, offset + n)[:, None]
+
+
+# --- the contract, for every YAML in conf/fuse ----------------------------------------------------
+
+@pytest.mark.parametrize("name", FUSE_CONFIGS)
+def test_fuse_config_contract(name, shared_init_mlps, mnist1d_small):
+    strategy = build_strategy(name)
+    x, y = split(mnist1d_small, "test")
+    with pytest.raises(NotFittedError):
+        strategy.predict_proba(x)
+    with pytest.raises(NotFittedError):
+        strategy.as_module()
+    strategy.check_members(shared_init_mlps)
+    assert strategy.fit(shared_init_mlps, mnist1d_small.val_dataloader()) is strategy
+    probs = strategy.predict_proba(x)
+    assert probs.shape == (len(y), 10)
+    assert torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-5) and (probs >= 0).all()
+    assert torch.equal(strategy.predict(x), probs.argmax(1))
+    with torch.no_grad():
+        log_probs = strategy.as_module()(x)
+    assert torch.allclose(log_probs.exp(), probs, atol=1e-5)
+    if isinstance(strategy, OutputFusion):  # the pipeline's path: reuse member probabilities
+        assert torch.allclose(strategy.combine(member_probs(shared_init_mlps, x)), probs)
+    assert (probs.argmax(1) == y).float().mean() > 0.15  # far above chance (0.1) for 10 classes
+
+
+def test_bad_parameters_fail_at_build():
+    with pytest.raises(ConfigError, match="fuse.source"):
+        build(compose_config(["fuse=weighted_acc", "fuse.source=median"]).fuse, "fuse")
+    with pytest.raises(ConfigError, match="fuse.cv"):
+        build(compose_config(["fuse=stacking", "fuse.cv=1"]).fuse, "fuse")
+    with pytest.raises(ConfigError, match="fuse.head"):
+        FeatureFusion(head="transformer")
+    with pytest.raises(ConfigError, match="fuse.weights"):
+        SoftVoting(weights=[1.0, -1.0])
+
+
+# --- oracles: scikit-learn on the same member outputs ---------------------------------------------
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 1.0, 0.5]])
+def test_soft_voting_matches_sklearn(weights, four_members, mnist1d_small):
+    x, y = split(mnist1d_small, "test")
+    ours = SoftVoting(weights).fit(four_members, mnist1d_small.val_dataloader())
+    oracle = VotingClassifier(sklearn_members(four_members, x), voting="soft", weights=weights)
+    oracle.fit(rows(len(y)), y.numpy())
+    np.testing.assert_allclose(ours.predict_proba(x).numpy(), oracle.predict_proba(rows(len(y))), atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(x).numpy(), oracle.predict(rows(len(y))))
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 1.0, 0.5]])
+def test_hard_voting_matches_sklearn(weights, four_members, mnist1d_small):
+    x, y = split(mnist1d_small, "test")
+    ours = HardVoting(weights).fit(four_members, mnist1d_small.val_dataloader())
+    oracle = VotingClassifier(sklearn_members(four_members, x), voting="hard", weights=weights)
+    oracle.fit(rows(len(y)), y.numpy())
+    np.testing.assert_array_equal(ours.predict(x).numpy(), oracle.predict(rows(len(y))))
+
+
+def test_stacking_matches_sklearn(four_members, mnist1d_small):
+    (xv, yv), (xt, yt) = split(mnist1d_small, "val"), split(mnist1d_small, "test")
+    meta = LogisticRegression(C=0.5, max_iter=1000)
+    ours = Stacking(meta).fit(four_members, mnist1d_small.val_dataloader())
+    both = sklearn_members(four_members, torch.cat([xv, xt]))  # rows: val first, then test
+    oracle = StackingClassifier([(n, FrozenEstimator(e)) for n, e in both], final_estimator=meta)
+    oracle.fit(rows(len(yv)), yv.numpy())
+    test_rows = rows(len(yt), offset=len(yv))
+    np.testing.assert_allclose(ours.predict_proba(xt).numpy(), oracle.predict_proba(test_rows), atol=1e-5)
+    np.testing.assert_array_equal(ours.predict(xt).numpy(), oracle.predict(test_rows))
+
+
+def test_stacking_cross_fitting(four_members, mnist1d_small):
+    ours = Stacking(cv=4).fit(four_members, mnist1d_small.val_dataloader())
+    assert len(ours.meta_learners_) == 4
+    assert ours.oof_proba_.shape == (len(split(mnist1d_small, "val")[1]), 10)
+    assert 0.0 <= ours.oof_score_["acc"] <= 1.0 and ours.oof_score_["nll"] > 0
+
+
+# --- learnt weights never lose on what they optimise ----------------------------------------------
+
+def val_nll(probs, y):
+    return float(-probs[torch.arange(len(y)), y].clamp_min(1e-12).log().mean())
+
+
+def test_optimized_weights_and_caruana_beat_uniform_and_best_member_on_val(four_members, mnist1d_small):
+    xv, yv = split(mnist1d_small, "val")
+    probs = member_probs(four_members, xv)
+    optimized = WeightedAverage("optimize").fit_outputs(probs, yv)
+    assert torch.isclose(optimized.weights_.sum(), torch.tensor(1.0)) and (optimized.weights_ >= 0).all()
+    uniform = val_nll(probs.mean(0), yv)
+    assert val_nll(optimized.combine(probs), yv) <= uniform + 1e-6
+    caruana = CaruanaSelection("nll", rounds=10).fit_outputs(probs, yv)
+    assert val_nll(caruana.combine(probs), yv) <= min(val_nll(p, yv) for p in probs) + 1e-6
+    assert int(caruana.counts_.sum()) >= 1
+
+
+def test_feature_head_starts_as_mean_of_member_logits(trained_mlps, mnist1d_small):
+    x, _ = split(mnist1d_small, "test")
+    head = FeatureFusion()._build_head(trained_mlps)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in trained_mlps]).mean(0)
+        assert torch.allclose(FeatureNet(trained_mlps, head)(x), expected, atol=1e-5)
+
+
+def test_feature_finetune_leaves_members_unchanged(trained_mlps, mnist1d_small):
+    before = [copy.deepcopy(m.state_dict()) for m in trained_mlps]
+    FeatureFusion(epochs=1, finetune_members=True, finetune_epochs=1, finetune_lr=1e-2).fit(
+        trained_mlps, mnist1d_small.val_dataloader())
+    for m, state in zip(trained_mlps, before):
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
+
+
+# --- incompatible members fail with ConfigError, before any training -------------------------------
+
+@pytest.mark.parametrize("name", FUSE_CONFIGS)
+@pytest.mark.parametrize("other, what", [(MLP(40, 3), "num_classes"), (MLP(13, 10), "in_features")])
+def test_incompatible_members_raise(name, other, what):
+    strategy = build_strategy(name)
+    first = MLP(40, 10)
+    first.init_id = other.init_id = "same"
+    with pytest.raises(ConfigError, match=what):
+        strategy.check_members([first, other])
+
+
+def test_single_member_is_refused():
+    with pytest.raises(ConfigError, match="2 or more"):
+        ProbabilityMean().check_members([MLP(40, 10)])
+
+
+@pytest.mark.parametrize("soup", [UniformSoup, GreedySoup])
+def test_soups_need_one_architecture_and_one_init(soup):
+    a, b, c = MLP(40, 10), MLP(40, 10, hidden=32), CNN1D(40, 10)
+    for net in (a, b, c):
+        net.init_id = "same"
+    for pair in ([a, b], [a, c]):
+        with pytest.raises(ConfigError, match="shared initial checkpoint") as info:
+            soup().check_members(pair)
+        assert "architecture" in str(info.value) and "ensemble.shared_init: true" in str(info.value)
+    d = copy.deepcopy(a)
+    d.init_id = "other"
+    with pytest.raises(ConfigError, match="init_id"):
+        soup().check_members([a, d])
+    e = MLP(40, 10)  # no init_id at all
+    with pytest.raises(ConfigError, match="shared_init"):
+        soup().check_members([a, e])
+    ProbabilityMean().check_members([a, b, c])  # output-level strategies accept mixed architectures
+
+
+def test_soup_of_identical_members_is_the_member(shared_init_mlps, mnist1d_small):
+    x, _ = split(mnist1d_small, "test")
+    member = shared_init_mlps[0]
+    copies = [copy.deepcopy(member) for _ in range(3)]
+    for soup in (UniformSoup(), GreedySoup()):
+        soup.fit(copies, mnist1d_small.val_dataloader())
+        with torch.no_grad():
+            assert torch.allclose(soup.predict_proba(x), torch.softmax(member(x), 1), atol=1e-6)
+
+
+def test_greedy_soup_never_worse_than_best_member_on_val(shared_init_mlps, mnist1d_small):
+    xv, yv = split(mnist1d_small, "val")
+    soup = GreedySoup().fit(shared_init_mlps, mnist1d_small.val_dataloader())
+    accs = soup.member_val_acc_
+    assert soup.val_acc_ >= max(accs)
+    assert float((soup.predict(xv) == yv).float().mean()) == pytest.approx(soup.val_acc_)
+    assert soup.ingredients_[0] == int(np.argmax(accs))
+    uniform = UniformSoup().fit(shared_init_mlps, mnist1d_small.val_dataloader())
+    assert uniform.ingredients_ == [0, 1, 2]
+
+
+def test_metric_weights_follow_validation_scores():
+    y = torch.tensor([0, 1, 0, 1])
+    good = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.3, 0.7]])
+    poor = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.4, 0.6], [0.3, 0.7]])
+    probs = torch.stack([good, poor])
+    for source in ("acc", "nll"):
+        weights = WeightedAverage(source).fit_outputs(probs, y).weights_
+        assert torch.isclose(weights.sum(), torch.tensor(1.0)) and weights[0] > weights[1]
+    assert torch.allclose(WeightedAverage("acc").fit_outputs(probs, y).weights_, torch.tensor([1.0, 0.5]) / 1.5)
+
+
+def test_combine_checks_member_count_and_classes():
+    probs = torch.softmax(torch.randn(3, 5, 4), 2)
+    fitted = ProbabilityMean().fit_outputs(probs, torch.tensor([0, 1, 2, 3, 0]))
+    assert torch.allclose(fitted.combine(probs), probs.mean(0))
+    with pytest.raises(ConfigError, match="fuse.combine"):
+        fitted.combine(probs[:2])
+    with pytest.raises(ConfigError, match="fuse.weights"):
+        SoftVoting([1.0, 2.0]).fit_outputs(probs, torch.tensor([0, 1, 2, 3, 0]))

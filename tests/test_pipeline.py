@@ -1,0 +1,68 @@
+"""The whole pipeline in-process on tiny settings: ensembles, fusion, compression, nested MLflow runs."""
+import pytest
+from mlflow import MlflowClient
+
+import runner.members
+import runner.pipeline
+from runner.errors import ConfigError
+from conftest import compose_config
+
+TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
+
+
+def child_runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("runner").experiment_id
+    return {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+
+
+def test_fused_and_compressed_ensemble(tmp_path):
+    results = runner.pipeline.run(compose_config([*TWO_MLPS, "fuse=mean", "compress=quant_dynamic"], tmp_path))
+    for name in ("mlp-s0", "mlp-s1"):
+        assert 0 <= results[f"member/{name}/test/acc"] <= 1
+        assert results[f"compressed/{name}/compression_ratio"] > 2.5
+        assert f"compressed/{name}/speedup" in results and f"compressed/{name}/delta/acc" in results
+    best = max(results["member/mlp-s0/test/acc"], results["member/mlp-s1/test/acc"])
+    assert results["fused/gain/acc"] == pytest.approx(results["fused/test/acc"] - best)
+    best_nll = min(results["member/mlp-s0/test/nll"], results["member/mlp-s1/test/nll"])
+    assert results["fused/gain/nll"] == pytest.approx(best_nll - results["fused/test/nll"])
+    assert "fused_compressed/test/acc" in results
+    runs = child_runs(tmp_path)
+    assert set(runs) == {"member/mlp-s0", "member/mlp-s1", "fused", "compressed/mlp-s0", "compressed/mlp-s1",
+                         "fused_compressed"}
+    assert runs["fused"].data.metrics["gain/acc"] == pytest.approx(results["fused/gain/acc"])
+    assert runs["compressed/mlp-s1"].data.tags["role"] == "compressed"
+
+
+@pytest.mark.parametrize("fuse", ["feature", "stacking"])
+def test_strategies_that_need_members_or_val(fuse, tmp_path):
+    results = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}"], tmp_path))
+    assert 0 <= results["fused/test/acc"] <= 1 and "fused/gain/f1" in results
+
+
+def test_soup_members_share_a_pretrained_start(tmp_path):
+    cfg = compose_config(["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1",
+                          "fuse=soup_greedy"], tmp_path)
+    results = runner.pipeline.run(cfg)
+    assert "fused/test/acc" in results
+
+
+def test_ensemble_distillation_uses_the_fused_teacher(tmp_path):
+    cfg = compose_config([*TWO_MLPS, "fuse=mean", "compress=distill_ensemble", "compress.steps.0.epochs=1"], tmp_path)
+    results = runner.pipeline.run(cfg)
+    assert results["compressed/mlp-s0/params"] < results["member/mlp-s0/params"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["ensemble=mixed", "fuse=soup_uniform"], "one shared initial checkpoint"),
+    (["compress=distill_ensemble"], r"compress.steps\[0\].teacher"),
+    (["model=gru", "compress=quant_static"], r"compress.steps\[0\]"),
+    (["compress=prune_global", "compress.steps.0.sparsity=1.5"], r"sparsity=1.5"),
+    (["fuse=mean"], "2 or more members"),
+])
+def test_incompatible_choices_fail_before_training(overrides, message, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: trained.append(a))
+    with pytest.raises(ConfigError, match=message):
+        runner.pipeline.run(compose_config(overrides, tmp_path))
+    assert not trained
