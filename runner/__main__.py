@@ -25,8 +25,7 @@ def main(cfg: DictConfig) -> float:
     sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     results = run(cfg, overrides=list(hydra_cfg.overrides.task),
                   parent_id=sweep and sweep["run_id"], tags=sweep and {"sweep_id": sweep["sweep_id"]})
-    accuracies = [v for k, v in results.items() if k.endswith("/test/acc")]
-    return max(accuracies) if accuracies else float("nan")
+    return results.get("objective/val_acc", float("nan"))  # what sweepers such as Optuna maximize
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             recorder.evaluate("fused_compressed", "", strategy.as_module(), derive=lambda m: gain_over_best(m, singles),
                               probs=strategy.combine(torch.stack([p for _, p in compressed])))
 
+        # The value a sweeper (Optuna) maximizes: validation accuracy, never a test number.
+        val_x, val_y = datamodule.splits["val"]
+        with torch.no_grad():
+            recorder.results["objective/val_acc"] = max(float((net.eval()(val_x).argmax(1) == val_y).float().mean())
+                                                        for net in ([fused] if fused else [m.net for m in members]))
+
         timing = {"timing/total_s": time.time() - process_start_time(),
                   "timing/mlflow_setup_s": tracker.setup_s, "timing/mlflow_log_s": tracker.busy_s - tracker.setup_s}
         if lit.first_step_at:

@@ -89,7 +89,7 @@ def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str) -> plt
     Groups without any gain (e.g. the members beside the fused models) are left out.
     """
     groups = groups[groups[[f"{m}_mean" for m in metrics]].notna().any(axis=1)].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) * len(metrics) / 2 + 2), 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(min(14, max(5, 0.3 * len(groups) * len(metrics) + 2)), 4.5), dpi=120)
     width = 0.8 / len(metrics)
     x = np.arange(len(groups))
     for i, metric in enumerate(metrics):
