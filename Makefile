@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of PyTorch: taken from a local wheel when pip finds one, else from PyTorch's CPU index.
+# The CPU build of PyTorch: a local wheel when pip's find-links has one, else PyTorch's CPU index
+# (never the multi-GB CUDA build by accident: the +cpu version only exists as a CPU build).
 # For a CUDA machine: make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://pypi.org/simple
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -13,8 +14,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-index "$(TORCH_SPEC)" 2>/dev/null || \
-		$(PY) -m pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" --extra-index-url $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
