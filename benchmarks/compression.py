@@ -29,17 +29,33 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from torch import nn  # noqa: E402
 
 import runner.config  # noqa: E402,F401
-from runner.compress import CompressContext, Recipe, StaticQuantize, build_recipe, compression_report  # noqa: E402
-from runner.compress.prune import weight_sparsity  # noqa: E402
+from runner.compress import (  # noqa: E402
+    CompressContext, GradualPrune, MagnitudePrune, Recipe, StaticQuantize, build_recipe, compression_report, weight_bytes,
+)
+from runner.compress.prune import weight_sparsity  # noqa: E402,F401
 from runner.data import MNIST1D  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.evaluate import evaluate_model, latency_ms  # noqa: E402
-from runner.models import CNN1D, MLP  # noqa: E402
+from runner.models import CNN1D, MLP, LitClassifier  # noqa: E402
+from runner.compress.base import finetune  # noqa: E402
 from runner.train import train_classifier  # noqa: E402
 
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 OPTIM = {"name": "adam", "lr": 1e-2}
+# steps_per_call 0: a whole epoch per Lightning step, as the pipeline's trainer default does
+TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "steps_per_call": 0}
+
+
+class MixupAlone(LitClassifier):
+    """The distillation control: the student alone with the same mixup inputs, on mixed hard labels."""
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        lam = torch.distributions.Beta(1.0, 1.0).sample((len(x),))
+        perm = torch.randperm(len(x))
+        logp = self.net(lam[:, None] * x + (1 - lam[:, None]) * x[perm]).log_softmax(1)
+        mixed = -(lam * logp[torch.arange(len(y)), y] + (1 - lam) * logp[torch.arange(len(y)), y[perm]]).mean()
+        return (nn.functional.cross_entropy(logits, y) + mixed) / 2
 
 
 class MeanEnsemble(nn.Module):
@@ -61,21 +77,21 @@ def recipes() -> dict[str, Recipe]:
 
 def train(net: nn.Module, dm, seed: int, epochs: int) -> nn.Module:
     pl.seed_everything(seed, verbose=False)
-    return train_classifier(net, dm, {"max_epochs": epochs, "accelerator": "cpu", "devices": 1,
-                                      "enable_progress_bar": False, "limit_val_batches": 0}, OPTIM)
+    return train_classifier(net, dm, {**TRAINER, "max_epochs": epochs, "limit_val_batches": 0}, OPTIM)
 
 
 def evaluate(model: nn.Module, dm, x_lat: torch.Tensor, repeats: int) -> dict[str, float]:
     metrics, _, _ = evaluate_model(model, dm.test_dataloader(), dm.num_classes, ["acc", "f1"],
                                    latency_batch=x_lat, latency_repeats=repeats)
-    return metrics
+    return {**metrics, "weight_bytes": weight_bytes(model)}
 
 
 def compression_table(dm, args) -> None:
     x_lat = dm.splits["test"][0][:256]
-    trainer = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    trainer = TRAINER
     all_recipes = recipes()
-    print(f"\n{'model':6} {'recipe':24} {'acc':>6} {'d_acc':>6} {'d_f1':>6} {'size_x':>6} {'speedup':>7} "
+    print("\nsize_x: serialized state_dict ratio; w_x: tensor-data ratio (runner.compress.weight_bytes)")
+    print(f"{'model':6} {'recipe':24} {'acc':>6} {'d_acc':>6} {'d_f1':>6} {'size_x':>6} {'w_x':>5} {'speedup':>7} "
           f"{'lat_ms':>7} {'nonzero':>7} {'params':>7} {'time_s':>6}")
     for kind, make in (("mlp", lambda: MLP(40, 10, hidden=args.hidden)), ("cnn", lambda: CNN1D(40, 10))):
         t0 = time.time()
@@ -83,7 +99,7 @@ def compression_table(dm, args) -> None:
         member = members[0]
         ctx = CompressContext(dm, trainer, OPTIM, teacher=member, ensemble=MeanEnsemble(members))
         base = evaluate(member, dm, x_lat, args.repeats)
-        print(f"{kind:6} {'(uncompressed)':24} {base['acc']:6.3f} {'':6} {'':6} {1:6.2f} {1:7.2f} "
+        print(f"{kind:6} {'(uncompressed)':24} {base['acc']:6.3f} {'':6} {'':6} {1:6.2f} {1:5.2f} {1:7.2f} "
               f"{base['latency_ms']:7.3f} {1:7.3f} {base['params']:7.0f} {time.time() - t0:6.1f}")
         todo = dict(all_recipes)
         if kind == "cnn":  # deep compression for conv nets: the same chain ending in static int8
@@ -101,33 +117,65 @@ def compression_table(dm, args) -> None:
             got = evaluate(out, dm, x_lat, args.repeats)
             rep = compression_report(base, got)
             print(f"{kind:6} {name:24} {got['acc']:6.3f} {100 * rep['delta/acc']:+6.1f} {100 * rep['delta/f1']:+6.1f} "
-                  f"{rep['compression_ratio']:6.2f} {rep['speedup']:7.2f} {got['latency_ms']:7.3f} "
+                  f"{rep['compression_ratio']:6.2f} {rep['weight_ratio']:5.2f} {rep['speedup']:7.2f} {got['latency_ms']:7.3f} "
                   f"{rep['nonzero_fraction']:7.3f} {got['params']:7.0f} {spent:6.1f}", flush=True)
 
 
 def distillation_study(dm, args) -> None:
-    """Student alone vs distilled from a member, same student architecture, seeds and epochs."""
-    trainer = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    """The student of conf/compress/distill.yaml alone, alone with mixup (control), distilled with
+    Hinton's loss only (mixup 0) and with the YAML's mixup; same seeds, epochs and lr."""
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         step = build_recipe(compose("config", overrides=["compress=distill"]).compress).steps[0]
-    step.epochs = args.student_epochs
-    print(f"\ndistillation: student MLP hidden 32 x2, {args.student_epochs} epochs, T={step.temperature}, "
-          f"alpha={step.alpha}; test acc over seeds {list(range(args.seeds))}")
-    alone = []
-    for seed in range(args.seeds):
-        student = train(MLP(40, 10, hidden=32), dm, 100 + seed, args.student_epochs)
-        alone.append(evaluate(student, dm, dm.splits["test"][0][:8], 1)["acc"])
-    print(f"  student alone            {statistics.mean(alone):.3f} +- {statistics.stdev(alone):.3f}  {alone}")
+    step.epochs, hidden, mixup = args.student_epochs, step.student.hidden, step.mixup
+    seeds = [100 + s for s in range(args.seeds)]
+    print(f"\ndistillation: student MLP hidden {hidden} x2 ({sum(p.numel() for p in step.build_student().parameters())} "
+          f"params), {step.epochs} epochs, lr {OPTIM['lr']}, T={step.temperature}, alpha={step.alpha}; "
+          f"test acc over seeds {seeds}")
+
+    def row(label: str, accs: list[float]) -> None:
+        print(f"  {label:40} {statistics.mean(accs):.3f} +- {statistics.stdev(accs):.3f}  {[round(a, 3) for a in accs]}",
+              flush=True)
+
+    ctx = CompressContext(dm, TRAINER, OPTIM)
+    for label, module in (("student alone", LitClassifier), ("student alone + mixup (control)", MixupAlone)):
+        accs = []
+        for seed in seeds:
+            pl.seed_everything(seed, verbose=False)
+            accs.append(evaluate(finetune(step.build_student(), ctx, step.epochs, None, module), dm,
+                                 dm.splits["test"][0][:8], 1)["acc"])
+        row(label, accs)
     for kind, make in (("mlp", lambda: MLP(40, 10, hidden=args.hidden)), ("cnn", lambda: CNN1D(40, 10))):
         teacher = train(make(), dm, 0, args.epochs)
         t_acc = evaluate(teacher, dm, dm.splits["test"][0][:8], 1)["acc"]
-        ctx = CompressContext(dm, trainer, OPTIM, teacher=teacher)
+        ctx = CompressContext(dm, TRAINER, OPTIM, teacher=teacher)
+        for step.mixup in (0.0, mixup):
+            accs = []
+            for seed in seeds:
+                pl.seed_everything(seed, verbose=False)
+                accs.append(evaluate(Recipe([step]).apply(teacher, ctx), dm, dm.splits["test"][0][:8], 1)["acc"])
+            row(f"distilled from {kind} ({t_acc:.3f}), mixup {step.mixup}", accs)
+
+
+def sparsity_study(dm, args) -> None:
+    """The CNN's accuracy against global sparsity: how far unstructured pruning goes within 1 point."""
+    teacher = train(CNN1D(40, 10), dm, 0, args.epochs)
+    base = evaluate(teacher, dm, dm.splits["test"][0][:8], 1)["acc"]
+    ctx = CompressContext(dm, TRAINER, OPTIM)
+    print(f"\nCNN sparsity (uncompressed {base:.3f}; min_params 200 keeps the 125-weight first conv dense; "
+          f"target sparsity among the pruned layers, overall = all weights), seeds 0, 1")
+    steps = {f"one-shot {s:.1f}, 20 ep{', first conv dense' if m else ''}": MagnitudePrune(s, finetune_epochs=20, min_params=m)
+             for s in (0.5, 0.6, 0.7, 0.8, 0.9) for m in (0, 200)}
+    steps["one-shot 0.9, 60 ep, first conv dense"] = MagnitudePrune(0.9, finetune_epochs=60, min_params=200)
+    steps["gradual 0.9, 10x4+20 ep, first conv dense"] = GradualPrune(0.9, rounds=10, epochs_per_round=4,
+                                                                        final_epochs=20, min_params=200)
+    for label, step in steps.items():
         accs = []
-        for seed in range(args.seeds):
-            pl.seed_everything(100 + seed, verbose=False)
-            accs.append(evaluate(Recipe([step]).apply(teacher, ctx), dm, dm.splits["test"][0][:8], 1)["acc"])
-        print(f"  distilled from {kind} ({t_acc:.3f}) {statistics.mean(accs):.3f} +- {statistics.stdev(accs):.3f}  "
-              f"{[round(a, 3) for a in accs]}", flush=True)
+        for seed in range(2):
+            pl.seed_everything(seed, verbose=False)
+            out = Recipe([step]).apply(teacher, ctx)
+            accs.append(evaluate(out, dm, dm.splits["test"][0][:8], 1)["acc"])
+        acc = statistics.mean(accs)
+        print(f"  {label:42} overall {weight_sparsity(out):.3f}  acc {acc:.3f}  d_acc {100 * (acc - base):+5.1f}", flush=True)
 
 
 def library_comparison(args) -> None:
@@ -165,7 +213,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ensemble", type=int, default=3, help="members in the distill_ensemble teacher")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--student-epochs", type=int, default=30)
+    parser.add_argument("--student-epochs", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
@@ -183,6 +231,7 @@ def main() -> None:
           f"members {args.epochs} epochs, threads {args.threads}, torch {torch.__version__}")
     compression_table(dm, args)
     distillation_study(dm, args)
+    sparsity_study(dm, args)
     library_comparison(args)
     print(f"\ntotal {time.time() - start:.0f}s")
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -138,8 +139,32 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
     return None
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, (tuple, list)):  # packed quantized params: (weight, bias)
+        return sum(_tensor_bytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if value.is_quantized:
+        qparams = 16  # one float64 scale + one int64 zero point
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            qparams *= value.q_per_channel_scales().numel()
+        return value.numel() * value.element_size() + qparams
+    return value.numel() * value.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the state_dict's tensor data (weights, biases, quantization scales).
+
+    `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
+    and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
+    Zeros still count: unstructured sparsity needs a sparse format to save bytes.
+    """
+    return sum(_tensor_bytes(v) for v in model.state_dict().values())
+
+
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
-    """delta/<metric> (compressed - base), compression_ratio (size) and speedup (latency).
+    """delta/<metric> (compressed - base), compression_ratio (size), weight_ratio (weight_bytes,
+    when both have it) and speedup (latency).
 
     Accepts evaluate_model() dicts with plain keys (`acc`) or the pipeline's (`test/acc`).
     """
@@ -151,6 +176,9 @@ def compression_report(base: Mapping[str, float], compressed: Mapping[str, float
     a, b = _metric(base, "size_bytes"), _metric(compressed, "size_bytes")
     if a and b:
         report["compression_ratio"] = a / b
+    a, b = _metric(base, "weight_bytes"), _metric(compressed, "weight_bytes")
+    if a and b:
+        report["weight_ratio"] = a / b
     a, b = _metric(base, "latency_ms"), _metric(compressed, "latency_ms")
     if a and b:
         report["speedup"] = a / b

@@ -22,9 +22,11 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout, nn.Flatten)
 
 
-def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The weight of every Linear / Conv layer (biases are too few to matter)."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE)]
+def prunable(model: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, str]]:
+    """The weight of every Linear / Conv layer (biases are too few to matter) with at least
+    `min_params` weights: a tiny layer (a 1-channel input conv) is cheap to keep dense and
+    pruning it cuts the whole network's input."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.numel() >= min_params]
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -51,31 +53,41 @@ def _unmask(targets: list[tuple[nn.Module, str]]) -> None:
             prune.remove(module, name)
 
 
-def _check_prunable(key: str, model: nn.Module) -> None:
+def _check_prunable(key: str, model: nn.Module, min_params: int = 0) -> None:
     check(not is_quantized(model), key, type(model).__name__,
           "a float model (prune before quantizing)")
     check(bool(prunable(model)), key, type(model).__name__, "a model with Linear or Conv layers")
+    check(bool(prunable(model, min_params)), key + ".min_params", min_params,
+          f"at most the largest layer's weight count ({max(m.weight.numel() for m, _ in prunable(model))})")
+
+
+def _check_min_params(min_params: int) -> None:
+    check(isinstance(min_params, int) and min_params >= 0, "compress.steps[].min_params", min_params,
+          "an integer >= 0 (layers with fewer weights stay dense)")
 
 
 class MagnitudePrune(Step):
     """Zero the `sparsity` fraction of weights with the smallest |w|, then fine-tune with the mask.
 
     scope=global ranks all layers' weights together (layers end up with different sparsity);
-    scope=layer prunes every layer to the same sparsity.
+    scope=layer prunes every layer to the same sparsity. Layers with fewer than `min_params`
+    weights stay dense (`sparsity` is then the fraction among the pruned layers' weights).
     """
 
     def __init__(self, sparsity: float, scope: str = "global", finetune_epochs: int = 0,
-                 lr: float | None = None) -> None:
+                 lr: float | None = None, min_params: int = 0) -> None:
         check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
         check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
         check_epochs("compress.steps[]", finetune_epochs, lr)
+        _check_min_params(min_params)
         self.sparsity, self.scope, self.finetune_epochs, self.lr = sparsity, scope, finetune_epochs, lr
+        self.min_params = min_params
 
     def check(self, model: nn.Module, num_classes: int) -> None:
-        _check_prunable(self.key, model)
+        _check_prunable(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        targets = prunable(model)
+        targets = prunable(model, self.min_params)
         _mask(targets, self.sparsity, self.scope)
         finetune(model, ctx, self.finetune_epochs, self.lr)
         _unmask(targets)
@@ -84,19 +96,23 @@ class MagnitudePrune(Step):
 
 class GradualPrune(Step):
     """Raise sparsity over `rounds` of prune -> fine-tune (Zhu & Gupta 2017's cubic schedule:
-    s_t = s_final * (1 - (1 - t/rounds)^3), front-loaded while there is much redundancy)."""
+    s_t = s_final * (1 - (1 - t/rounds)^3), front-loaded while there is much redundancy), then
+    `final_epochs` more at the final sparsity. `min_params` as in MagnitudePrune."""
 
     def __init__(self, sparsity: float, rounds: int = 5, epochs_per_round: int = 2, scope: str = "global",
-                 schedule: str = "cubic", lr: float | None = None) -> None:
+                 schedule: str = "cubic", lr: float | None = None, min_params: int = 0,
+                 final_epochs: int = 0) -> None:
         check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
         check(isinstance(rounds, int) and rounds >= 1, "compress.steps[].rounds", rounds, "an integer >= 1")
         check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
         check(schedule in SCHEDULES, "compress.steps[].schedule", schedule, list(SCHEDULES))
         check(isinstance(epochs_per_round, int) and epochs_per_round >= 0,
               "compress.steps[].epochs_per_round", epochs_per_round, "an integer >= 0")
-        check_epochs("compress.steps[]", 0, lr)
+        check_epochs("compress.steps[]", final_epochs, lr, "final_epochs")
+        _check_min_params(min_params)
         self.sparsity, self.rounds, self.epochs_per_round = sparsity, rounds, epochs_per_round
         self.scope, self.schedule, self.lr = scope, schedule, lr
+        self.min_params, self.final_epochs = min_params, final_epochs
 
     def schedule_values(self) -> list[float]:
         fractions = [t / self.rounds for t in range(1, self.rounds + 1)]
@@ -105,13 +121,14 @@ class GradualPrune(Step):
         return [self.sparsity * f for f in fractions]
 
     def check(self, model: nn.Module, num_classes: int) -> None:
-        _check_prunable(self.key, model)
+        _check_prunable(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        targets = prunable(model)
+        targets = prunable(model, self.min_params)
         for sparsity in self.schedule_values():
             _mask(targets, sparsity, self.scope)
             finetune(model, ctx, self.epochs_per_round, self.lr)
+        finetune(model, ctx, self.final_epochs, self.lr)  # recover at the final sparsity
         _unmask(targets)
         return model
 
