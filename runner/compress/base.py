@@ -14,6 +14,7 @@ from torch import nn
 from runner.config import build
 from runner.data import ArrayDataModule
 from runner.errors import ConfigError, check
+from runner.evaluate import weight_bytes  # noqa: F401  (re-exported)
 from runner.models import LitClassifier
 from runner.train import fit
 
@@ -137,29 +138,6 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
         if key in metrics:
             return float(metrics[key])
     return None
-
-
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, (tuple, list)):  # packed quantized params: (weight, bias)
-        return sum(_tensor_bytes(v) for v in value)
-    if not isinstance(value, torch.Tensor):
-        return 0
-    if value.is_quantized:
-        qparams = 16  # one float64 scale + one int64 zero point
-        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            qparams *= value.q_per_channel_scales().numel()
-        return value.numel() * value.element_size() + qparams
-    return value.numel() * value.element_size()
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the state_dict's tensor data (weights, biases, quantization scales).
-
-    `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
-    and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
-    Zeros still count: unstructured sparsity needs a sparse format to save bytes.
-    """
-    return sum(_tensor_bytes(v) for v in model.state_dict().values())
 
 
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:

@@ -10,6 +10,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,29 @@ def _tensors(value: object) -> Iterable[torch.Tensor]:
         yield from _tensors(value.__getstate__())
 
 
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, (tuple, list)):  # packed quantized params: (weight, bias)
+        return sum(_tensor_bytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if value.is_quantized:
+        qparams = 16  # one float64 scale + one int64 zero point
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            qparams *= value.q_per_channel_scales().numel()
+        return value.numel() * value.element_size() + qparams
+    return value.numel() * value.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the state_dict's tensor data (weights, biases, quantization scales).
+
+    `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
+    and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
+    Zeros still count: unstructured sparsity needs a sparse format to save bytes.
+    """
+    return sum(_tensor_bytes(v) for v in model.state_dict().values())
+
+
 def size_metrics(model: nn.Module) -> dict[str, float]:
     """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes.
 
@@ -88,6 +112,7 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
         "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t))
                                     for t in params)),
         "size_bytes": float(buffer.getbuffer().nbytes),
+        "weight_bytes": float(weight_bytes(model)),
     }
 
 
