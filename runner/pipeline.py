@@ -19,11 +19,15 @@ from runner.timing import process_start_time
 from runner.tracking import EpochMetricsLogger, flatten, source_tags
 
 log = logging.getLogger(__name__)
+_jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
 
 
 def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
         tags: dict[str, str] | None = None) -> dict[str, float]:
     """Train, compress, fuse, evaluate and log one job; returns the flat dict of logged metrics."""
+    global _jobs_in_process
+    _jobs_in_process += 1
+    started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
     # 1. Build everything from config; every bad value fails here, before any training.
     validate(cfg)
     datamodule = build(cfg.data, "data")
@@ -93,12 +97,12 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         val_x, val_y = datamodule.splits["val"]
         with torch.no_grad():
             recorder.results["objective/val_acc"] = max(float((net.eval()(val_x).argmax(1) == val_y).float().mean())
-                                                        for net in ([fused] if fused else [m.net for m in members]))
+                                                        for net in ([fused] if fused is not None else [m.net for m in members]))
 
-        timing = {"timing/total_s": time.time() - process_start_time(),
+        timing = {"timing/total_s": time.time() - started,
                   "timing/mlflow_setup_s": tracker.setup_s, "timing/mlflow_log_s": tracker.busy_s - tracker.setup_s}
-        if lit.first_step_at:
-            timing["timing/startup_s"] = lit.first_step_at - process_start_time()
+        if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
+            timing["timing/startup_s"] = lit.first_step_at - started
         tracker.log_metrics(run_id, {**recorder.results, **timing})
     print(format_table(recorder.table))
     log.info("wall time %.1f s; MLflow: %.2f s opening the store, %.2f s logging; first training step after %.1f s",
