@@ -86,6 +86,7 @@ class CacheConf:
 @dataclass
 class RunConf:
     seed: int = 0
+    threads: Optional[int] = None  # torch CPU threads per job (1 for parallel jobs on few cores); null: torch's default
     data: Any = MISSING
     model: Any = MISSING
     ensemble: Any = None   # members: {name: model config} x seeds; null -> the `model` group, one seed
@@ -104,6 +105,8 @@ ConfigStore.instance().store(name="schema", node=RunConf)
 def validate(cfg: DictConfig) -> None:
     """Range checks of the schema (`__post_init__`), on the resolved config."""
     check(OmegaConf.select(cfg, "seed") is not None, "seed", None, "an integer")
+    threads = OmegaConf.select(cfg, "threads")
+    check(threads is None or threads >= 1, "threads", threads, "null or an integer >= 1")
     OmegaConf.to_object(cfg)
 
 

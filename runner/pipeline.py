@@ -30,6 +30,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
     # 1. Build everything from config; every bad value fails here, before any training.
     validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     datamodule = build(cfg.data, "data")
     members = plan_members(cfg)
     strategy = build(cfg.fuse, "fuse") if cfg.fuse else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +34,7 @@ class LitClassifier(pl.LightningModule):
         check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
         self.net = net
         self.optimizer, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self.automatic_optimization = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,14 +44,33 @@ class LitClassifier(pl.LightningModule):
         return F.cross_entropy(logits, y)
 
     def _accumulate(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        n = torch.tensor(float(len(y)))
-        update = torch.stack([loss.detach() * n, (logits.detach().argmax(1) == y).sum().float(), n])
-        self._sums[split] = self._sums.get(split, torch.zeros(3)) + update.cpu()
+        # sums stay on the device (no sync per step): [loss * n, correct], plus a Python count
+        with torch.no_grad():
+            update = torch.stack([loss * len(y), (logits.argmax(1) == y).sum().to(loss.dtype)])
+        sums, count = self._sums.get(split, (0, 0))
+        self._sums[split] = (update + sums, count + len(y))
 
     def _log_epoch(self, split: str) -> None:
-        total = self._sums.pop(split, None)
-        if total is not None and total[2] > 0:
-            self.log_dict({f"{split}/loss": total[0] / total[2], f"{split}/acc": total[1] / total[2]})
+        sums, count = self._sums.pop(split, (None, 0))
+        if count:
+            total = sums.cpu() / count
+            self.log_dict({f"{split}/loss": total[0], f"{split}/acc": total[1]})
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Lightning walks every tensor of a batch (a chunk holds dozens); on the CPU there is nothing to move.
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets private bookkeeping attributes (e.g. `_current_fx_name`) several times per
+        # step; nn.Module.__setattr__'s checks for parameters/modules cost more than a small model's math.
+        if name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)) \
+                and name not in self.__dict__.get("_modules", {}) and name not in self.__dict__.get("_parameters", {}) \
+                and name not in self.__dict__.get("_buffers", {}):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def on_train_start(self) -> None:
         global first_step_at
