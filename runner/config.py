@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from runner.errors import ConfigError, check
 from runner.evaluate import METRICS
-from runner.models.lit import OPTIMIZERS
+from runner.models.lit import check_optimizer
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -50,8 +50,7 @@ class OptimConf:
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
-        check(self.name in OPTIMIZERS, "optim.name", self.name, sorted(OPTIMIZERS))
-        check(self.lr > 0, "optim.lr", self.lr, "a float > 0")
+        check_optimizer(self.name, self.lr, self.weight_decay)
 
 
 @dataclass

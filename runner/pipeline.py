@@ -53,11 +53,12 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         tracker.end_run(stale.info.run_id, "FAILED")
 
     cache = MemberCache(cfg.cache.dir)
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    params = flatten(resolved)
     run_tags = {**source_tags(overrides), **job, **(tags or {})}
     name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
     with tracker.run(name, params, run_tags, parent_id) as run_id:
-        tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)), "config.yaml")
+        tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
         recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags)
 
         # 3. Members: trained on train (or loaded from the cache), evaluated on test.

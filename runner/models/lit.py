@@ -17,6 +17,13 @@ first_step_at: float | None = None
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
+def check_optimizer(name: str, lr: float, weight_decay: float) -> None:
+    """The `optim` settings' allowed values (used by the config schema and by LitClassifier)."""
+    check(name in OPTIMIZERS, "optim.name", name, sorted(OPTIMIZERS))
+    check(lr > 0, "optim.lr", lr, "a float > 0")
+    check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
+
+
 class LitClassifier(pl.LightningModule):
     """Wraps a Net for training; logs epoch means of loss and accuracy for train and val.
 
@@ -29,9 +36,7 @@ class LitClassifier(pl.LightningModule):
     def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-2,
                  weight_decay: float = 0.0, momentum: float = 0.0) -> None:
         super().__init__()
-        check(optimizer in OPTIMIZERS, "optim.name", optimizer, sorted(OPTIMIZERS))
-        check(lr > 0, "optim.lr", lr, "a float > 0")
-        check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
+        check_optimizer(optimizer, lr, weight_decay)
         self.net = net
         self.optimizer, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
