@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
 warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+warnings.filterwarnings("ignore", ".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
 

@@ -86,3 +86,19 @@ def test_bad_data_arguments_name_the_key():
     dm = SklearnDataset("wine", num_features=12, num_classes=3)
     with pytest.raises(ConfigError, match="data.num_features=12.*13"):
         dm.setup()
+
+
+def _load_test_split(cache_dir: str) -> torch.Tensor:
+    dm = MNIST1D(num_samples=500, cache_dir=cache_dir)
+    dm.setup()
+    return dm.splits["test"][0]
+
+
+def test_concurrent_writers_of_the_mnist1d_cache_do_not_collide(tmp_path):
+    # separate processes, like parallel sweep jobs (mnist1d seeds numpy's global RNG, so not threads)
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(3) as pool:
+        results = list(pool.map(_load_test_split, [str(tmp_path)] * 3))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("mnist1d-*.npz")).name]

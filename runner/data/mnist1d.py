@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ class MNIST1D(ArrayDataModule):
         arrays = {k: data[k] for k in ("x", "y", "x_test", "y_test")}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
+            tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")  # one per writer
             np.savez(tmp, **arrays)
             tmp.replace(path)  # atomic: concurrent jobs never read a half-written file
         return arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"]
