@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import runner.config  # noqa: F401  (registers the schema before Hydra composes)
+import runner.config  # noqa: F401  (registers the schema before Hydra composes; imports no torch)
 
 
 def _interrupt(signum, frame):
@@ -17,13 +17,17 @@ def _interrupt(signum, frame):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from runner.pipeline import run
+    from runner.config import build, validate
     from runner.tracking.sweep import read_sweep
 
     signal.signal(signal.SIGTERM, _interrupt)
+    validate(cfg)  # bad values fail here, before the heavy imports
+    tracker = build(cfg.tracking, "tracking")  # starts opening the MLflow store in its worker process...
+    from runner.pipeline import run  # ...while torch and Lightning are imported here (seconds each)
+
     hydra_cfg = HydraConfig.get()
     sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    results = run(cfg, overrides=list(hydra_cfg.overrides.task),
+    results = run(cfg, overrides=list(hydra_cfg.overrides.task), tracker=tracker,
                   parent_id=sweep and sweep["run_id"], tags=sweep and {"sweep_id": sweep["sweep_id"]})
     return results.get("objective/val_acc", float("nan"))  # what sweepers such as Optuna maximize
 

@@ -16,10 +16,19 @@ from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from runner.errors import ConfigError, check
-from runner.evaluate import METRICS
-from runner.models.lit import check_optimizer
 
+# Allowed names, kept here so checking a config imports no torch (runner.evaluate.METRICS and
+# runner.models.lit build on these lists; a test keeps them in step).
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+METRICS = ("acc", "precision", "recall", "f1", "nll", "ece")
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}  # name -> torch.optim class
+
+
+def check_optimizer(name: str, lr: float, weight_decay: float) -> None:
+    """The `optim` settings' allowed values (used by the config schema and by LitClassifier)."""
+    check(name in OPTIMIZERS, "optim.name", name, sorted(OPTIMIZERS))
+    check(lr > 0, "optim.lr", lr, "a float > 0")
+    check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
 
 
 @dataclass
@@ -70,10 +79,11 @@ class EvalConf:
 
 @dataclass
 class TrackingConf:
-    _target_: str = "runner.tracking.MlflowTracker"
+    _target_: str = "runner.tracking.make_tracker"
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str = "runner"
     artifact_location: Optional[str] = "outputs/mlartifacts"
+    background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
 
 
 @dataclass

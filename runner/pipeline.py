@@ -16,15 +16,18 @@ from runner.fuse import OutputFusion, gain_over_best
 from runner.members import plan_members, pretrain_shared_start, train_member
 from runner.models import lit
 from runner.timing import process_start_time
-from runner.tracking import EpochMetricsLogger, flatten, source_tags
+from runner.tracking import BackgroundTracker, EpochMetricsLogger, Tracker, flatten, source_tags
 
 log = logging.getLogger(__name__)
 _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
 
 
 def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
-        tags: dict[str, str] | None = None) -> dict[str, float]:
-    """Train, compress, fuse, evaluate and log one job; returns the flat dict of logged metrics."""
+        tags: dict[str, str] | None = None, tracker: Tracker | None = None) -> dict[str, float]:
+    """Train, compress, fuse, evaluate and log one job; returns the flat dict of logged metrics.
+
+    `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier).
+    """
     global _jobs_in_process
     _jobs_in_process += 1
     started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
@@ -38,7 +41,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     if strategy:
         strategy.check_members([m.net for m in members])
     recipe = build_recipe(cfg.compress)
-    tracker = build(cfg.tracking, "tracking")
+    tracker = tracker or build(cfg.tracking, "tracking")
+    busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
     datamodule.setup()  # shape checks against the config
     for member in members:
         recipe.check(member.net, datamodule.num_classes, ensemble=strategy is not None)
@@ -47,10 +51,10 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     job = {"role": "job", "job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
         cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True))}
     if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
-        log.info("skipping: this config already finished as MLflow run %s", done[0].info.run_id)
-        return dict(done[0].data.metrics)
+        log.info("skipping: this config already finished as MLflow run %s", done[0].run_id)
+        return dict(done[0].metrics)
     for stale in tracker.find_runs(job, "RUNNING"):  # a job killed by SIGKILL never said goodbye
-        tracker.end_run(stale.info.run_id, "FAILED")
+        tracker.end_run(stale.run_id, "FAILED")
 
     cache = MemberCache(cfg.cache.dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -102,12 +106,16 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             recorder.results["objective/val_acc"] = max(float((net.eval()(val_x).argmax(1) == val_y).float().mean())
                                                         for net in ([fused] if fused is not None else [m.net for m in members]))
 
-        timing = {"timing/total_s": time.time() - started,
-                  "timing/mlflow_setup_s": tracker.setup_s, "timing/mlflow_log_s": tracker.busy_s - tracker.setup_s}
+        setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
+        timing = {"timing/total_s": time.time() - started, "timing/mlflow_setup_s": setup_s,
+                  "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s}
+        if isinstance(tracker, BackgroundTracker):  # the worker's own time, spent alongside this process
+            timing["timing/mlflow_worker_s"] = tracker.time_spent()[0]  # since it started (jobs may share it)
         if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
             timing["timing/startup_s"] = lit.first_step_at - started
         tracker.log_metrics(run_id, {**recorder.results, **timing})
     print(format_table(recorder.table))
-    log.info("wall time %.1f s; MLflow: %.2f s opening the store, %.2f s logging; first training step after %.1f s",
+    log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging; "
+             "first training step after %.1f s",
              *(timing.get(f"timing/{k}", float("nan")) for k in ("total_s", "mlflow_setup_s", "mlflow_log_s", "startup_s")))
     return recorder.results

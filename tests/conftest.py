@@ -20,7 +20,10 @@ FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_pro
 def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None) -> DictConfig:
     """The real config, shrunk to tiny settings; MLflow and caches under tmp_path."""
     mnist1d = not any(o.startswith("data=") and o != "data=mnist1d" for o in overrides)
-    tiny = ["trainer=fast", "eval.latency_repeats=2"] + (["data.num_samples=600"] if mnist1d else [])
+    # MLflow in-process: a worker per test store would add seconds per test (tests/test_tracking.py
+    # and the command-line tests cover the default, background=true)
+    tiny = ["trainer=fast", "eval.latency_repeats=2", "tracking.background=false"]
+    tiny += ["data.num_samples=600"] if mnist1d else []
     if tmp_path is not None:
         tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                  f"tracking.artifact_location={tmp_path}/mlartifacts", f"cache.dir={tmp_path}/cache"]

@@ -125,3 +125,19 @@ def test_bad_values_fail_before_training(override, message, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert not trained
+
+
+def test_schema_names_match_the_implementations_and_import_no_torch():
+    import subprocess
+    import sys
+
+    import torch
+
+    from runner import config
+    from runner.evaluate import METRICS
+
+    assert tuple(METRICS) == config.METRICS
+    assert all(issubclass(getattr(torch.optim, cls), torch.optim.Optimizer) for cls in config.OPTIMIZERS.values())
+    # checking a config must stay light: the command line validates it before the heavy imports
+    code = "import sys, runner.config, runner.tracking, runner.tracking.sweep; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

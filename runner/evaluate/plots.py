@@ -1,17 +1,15 @@
-"""Figures logged as artifacts."""
+"""Figures logged as artifacts (plain matplotlib Figures, no pyplot state: they pickle to the MLflow worker)."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 
-def confusion_matrix_figure(matrix: torch.Tensor, title: str = "") -> plt.Figure:
+def confusion_matrix_figure(matrix: torch.Tensor, title: str = "") -> Figure:
     matrix = matrix.cpu().numpy()
     n = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n), dpi=100)
+    fig = Figure(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n), dpi=100)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):
         for j in range(n):

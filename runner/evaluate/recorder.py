@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from runner.evaluate import evaluate_model
-from runner.evaluate.plots import confusion_matrix_figure, plt
+from runner.evaluate.plots import confusion_matrix_figure
 
 
 class Recorder:
@@ -42,7 +42,5 @@ class Recorder:
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
                                {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
                                {"probs": probs.numpy(), "targets": test_y.numpy()})
-        figure = confusion_matrix_figure(confusion, prefix)
-        self.tracker.log_figure(self.run_id, figure, f"confusion/{prefix}.png")
-        plt.close(figure)
+        self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs

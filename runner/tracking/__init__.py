@@ -1,14 +1,21 @@
-"""MLflow tracking. The only package that imports mlflow."""
-from runner.tracking.mlflow_tracker import MlflowTracker, flatten, source_tags
-from runner.tracking.query import RunQueryError, download_artifact, list_experiments, search_runs
+"""Experiment tracking with MLflow. The only package that imports mlflow, and only when needed.
 
-__all__ = ["EpochMetricsLogger", "MlflowTracker", "RunQueryError", "download_artifact", "flatten",
-           "list_experiments", "search_runs", "source_tags"]
+Names resolve lazily: `make_tracker` (the `tracking` config group's target) starts MLflow in a
+worker process, so the command line imports no mlflow; the report tool never needs Lightning.
+"""
+import importlib
+
+_WHERE = {
+    "FoundRun": "base", "Tracker": "base", "flatten": "base", "source_tags": "base",
+    "BackgroundTracker": "background", "make_tracker": "background",
+    "MlflowTracker": "mlflow_tracker",
+    "EpochMetricsLogger": "callback",
+    "RunQueryError": "query", "download_artifact": "query", "list_experiments": "query", "search_runs": "query",
+}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    # Lazy: the Lightning logger pulls in pytorch_lightning (seconds), which `runner.report` never needs.
-    if name == "EpochMetricsLogger":
-        from runner.tracking.callback import EpochMetricsLogger
-        return EpochMetricsLogger
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"runner.tracking.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

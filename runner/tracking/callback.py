@@ -8,7 +8,7 @@ from typing import Any
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from runner.tracking.mlflow_tracker import MlflowTracker
+from runner.tracking.base import Tracker
 
 
 class EpochMetricsLogger(Logger):
@@ -20,7 +20,7 @@ class EpochMetricsLogger(Logger):
     while the UI still shows live curves.
     """
 
-    def __init__(self, tracker: MlflowTracker, run_id: str, prefix: str = "", flush_every_s: float = 10.0) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, prefix: str = "", flush_every_s: float = 10.0) -> None:
         super().__init__()
         self.tracker, self.run_id, self.prefix, self.flush_every_s = tracker, run_id, prefix, flush_every_s
         self._buffer: list[tuple[dict[str, float], int]] = []

@@ -1,38 +1,25 @@
 """A thin wrapper over MlflowClient: explicit run ids, batched logging, a status on every exit."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from runner.timing import timed
+from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept whole (one param)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-class MlflowTracker:
+class MlflowTracker(Tracker):
     """Logs to one MLflow experiment.
 
     `uri` is any MLflow tracking URI: the default local SQLite store, or `http://host:port` of a
@@ -80,49 +67,40 @@ class MlflowTracker:
     @timed
     def start_run(self, name: str, params: Mapping[str, Any] | None = None,
                   tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
-        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        all_tags = {RUN_NAME: name, **(tags or {})}
         if parent_id:
-            all_tags[MLFLOW_PARENT_RUN_ID] = parent_id
+            all_tags[PARENT_RUN_ID] = parent_id
         run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
         if params:
             self.log_params(run_id, params)
         return run_id
-
-    @contextlib.contextmanager
-    def run(self, name: str, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
-        """A run that always ends with a status: FINISHED, KILLED (interrupt, SIGTERM) or FAILED."""
-        run_id = self.start_run(name, params, tags, parent_id)
-        try:
-            yield run_id
-        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl+C and SIGTERM into SystemExit
-            self.end_run(run_id, "KILLED")
-            raise
-        except BaseException:
-            self.end_run(run_id, "FAILED")
-            raise
-        self.end_run(run_id, "FINISHED")
 
     @timed
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
     @timed
-    def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[Any]:
+    def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[FoundRun]:
         """Runs of this experiment whose tags all match (and whose status is `status`, if given)."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if status:
             clauses.append(f"attributes.status = '{status}'")
-        return list(self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000))
+        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses), max_results=1000)
+        return [FoundRun(r.info.run_id, r.info.status, dict(r.data.metrics), dict(r.data.tags)) for r in runs]
+
+    @timed
+    def open(self) -> None:
+        """Open the store and find (or create) the experiment now rather than at the first write."""
+        self.experiment_id  # noqa: B018 (the property does the work)
+
+    def flush(self) -> None:
+        """Writes are synchronous here: nothing is queued."""
 
     @timed
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        self.log_metric_steps(run_id, [(metrics, step)])
 
     @timed
     def log_metric_steps(self, run_id: str, entries: list[tuple[Mapping[str, float], int]]) -> None:
@@ -170,24 +148,3 @@ class MlflowTracker:
     @timed
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
-
-
-
-
-def source_tags(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
-    """Provenance tags: the git commit of the code (when in a git checkout) and the override string."""
-    import subprocess
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME
-
-    tags = {"overrides": " ".join(overrides) or "(none)", MLFLOW_SOURCE_NAME: "python -m runner"}
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    if commit:
-        tags.update({MLFLOW_GIT_COMMIT: commit, "git_commit": commit, "git_dirty": str(bool(dirty)).lower()})
-    return tags
