@@ -7,30 +7,31 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
-from runner.errors import check
+from runner.config import OPTIMIZERS, check_optimizer
 
 # Unix time of this process's first training step (for the timing/startup_s figure).
 first_step_at: float | None = None
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-def check_optimizer(name: str, lr: float, weight_decay: float) -> None:
-    """The `optim` settings' allowed values (used by the config schema and by LitClassifier)."""
-    check(name in OPTIMIZERS, "optim.name", name, sorted(OPTIMIZERS))
-    check(lr > 0, "optim.lr", lr, "a float > 0")
-    check(weight_decay >= 0, "optim.weight_decay", weight_decay, "a float >= 0")
+# What Lightning's manual_backward and LightningOptimizer.step add to a plain step: these hooks.
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+REDUCE_EVERY = 64  # batches whose loss and accuracy are summed in one go
 
 
 class LitClassifier(pl.LightningModule):
     """Wraps a Net for training; logs epoch means of loss and accuracy for train and val.
 
-    Optimization is manual so one Lightning step can take several optimizer steps: a training
-    batch is either (x, y) or a list of (x, y) batches (see TensorBatches' `chunk`). For small
-    models Lightning's per-step bookkeeping costs more than the math; chunking amortizes it.
-    Per-step values are accumulated in tensors and logged once per epoch for the same reason.
+    For small models Lightning's per-step bookkeeping costs more than the math, so:
+    - optimization is manual and one Lightning step may take several optimizer steps: a training
+      batch is either (x, y) or a list of (x, y) batches (see TensorBatches' `chunk`);
+    - on one device in full precision, with no hook overridden that Lightning's step wrappers
+      would call (see `raw_steps`), a step is the plain PyTorch one plus Lightning's step count;
+    - per-batch losses and predictions are kept and reduced every REDUCE_EVERY batches, then
+      logged once per epoch (no per-step sync or logging).
     """
 
     def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-2,
@@ -40,6 +41,8 @@ class LitClassifier(pl.LightningModule):
         self.net = net
         self.optimizer, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+        self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._raw_steps = False
         self.automatic_optimization = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,14 +51,28 @@ class LitClassifier(pl.LightningModule):
     def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
 
-    def _accumulate(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        # sums stay on the device (no sync per step): [loss * n, correct], plus a Python count
+    def _record(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        batches = self._batches.setdefault(split, [])
+        batches.append((loss.detach(), logits.detach(), y))
+        if len(batches) >= REDUCE_EVERY:
+            self._reduce(split)
+
+    def _reduce(self, split: str) -> None:
+        # sums stay on the device (no sync): [sum of loss * n, correct], plus a Python count
+        batches = self._batches.pop(split, [])
+        if not batches:
+            return
+        losses, logits, ys = zip(*batches)
+        sizes = [len(y) for y in ys]
         with torch.no_grad():
-            update = torch.stack([loss * len(y), (logits.argmax(1) == y).sum().to(loss.dtype)])
+            weights = torch.tensor(sizes, dtype=torch.float32, device=losses[0].device)
+            update = torch.stack([(torch.stack(losses).float() * weights).sum(),
+                                  (torch.cat(logits).argmax(1) == torch.cat(ys)).sum().float()])
         sums, count = self._sums.get(split, (0, 0))
-        self._sums[split] = (update + sums, count + len(y))
+        self._sums[split] = (update + sums, count + sum(sizes))
 
     def _log_epoch(self, split: str) -> None:
+        self._reduce(split)
         sums, count = self._sums.pop(split, (None, 0))
         if count:
             total = sums.cpu() / count
@@ -77,27 +94,48 @@ class LitClassifier(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def raw_steps(self) -> bool:
+        """Whether Lightning's step wrappers would only call hooks nobody overrides: one device,
+        full precision (mixed precision needs its grad scaler), no profiler, no STEP_HOOKS or
+        `backward` overridden by this module or a callback."""
+        trainer = self.trainer
+        overridden = [(self, h) for h in (*STEP_HOOKS, "backward")
+                      if getattr(type(self), h) is not getattr(pl.LightningModule, h)]
+        overridden += [(cb, h) for cb in trainer.callbacks for h in STEP_HOOKS
+                       if getattr(type(cb), h) is not getattr(pl.Callback, h)]
+        return (type(trainer.precision_plugin) is Precision and type(trainer.strategy) is SingleDeviceStrategy
+                and type(trainer.profiler) is PassThroughProfiler and not overridden)
+
     def on_train_start(self) -> None:
         global first_step_at
         first_step_at = first_step_at or time.time()
+        self._raw_steps = self.raw_steps()
 
     def training_step(self, batch: tuple | list[tuple], batch_idx: int) -> None:
         optimizer = self.optimizers()
+        raw = optimizer.optimizer if self._raw_steps else None
         max_steps = self.trainer.max_steps
         for x, y in batch if isinstance(batch, list) else [batch]:
             if 0 < max_steps <= self.trainer.global_step:
                 break
             logits = self.net(x)
             loss = self.loss(logits, y, x)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            self._accumulate("train", loss, logits, y)
+            if raw is None:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            else:  # the same step without the wrappers; Lightning still counts it (global_step)
+                raw.zero_grad()
+                loss.backward()
+                optimizer._on_before_step()
+                raw.step()
+                optimizer._on_after_step()
+            self._record("train", loss, logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self.net(x)
-        self._accumulate("val", F.cross_entropy(logits, y), logits, y)
+        self._record("val", F.cross_entropy(logits, y), logits, y)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -109,4 +147,4 @@ class LitClassifier(pl.LightningModule):
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
         if self.optimizer == "sgd":
             kwargs["momentum"] = self.momentum
-        return OPTIMIZERS[self.optimizer](self.net.parameters(), **kwargs)
+        return getattr(torch.optim, OPTIMIZERS[self.optimizer])(self.net.parameters(), **kwargs)

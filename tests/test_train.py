@@ -1,0 +1,77 @@
+"""Training through Lightning: the fast step path trains exactly like Lightning's wrappers, and the
+logged epoch means are the real ones."""
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from runner.data import SklearnDataset
+from runner.models import MLP, LitClassifier
+from runner.models.lit import REDUCE_EVERY
+from runner.train import build_trainer, fit
+
+TRAINER = {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def wine_batches_of_one():
+    dm = SklearnDataset("wine", num_features=13, num_classes=3, batch_size=1)  # > REDUCE_EVERY batches per epoch
+    dm.setup()
+    assert len(dm.splits["train"][1]) > REDUCE_EVERY
+    return dm
+
+
+class CountBackward(pl.Callback):
+    """Overrides a hook that only Lightning's step wrappers call: forces them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer, module) -> None:
+        self.calls += 1
+
+
+def train(dm, callbacks=(), lr=0.05, **trainer):
+    pl.seed_everything(0, verbose=False)
+    module = LitClassifier(MLP(13, 3, hidden=8), "sgd", lr=lr, momentum=0.9)
+    fit(module, dm, {**TRAINER, **trainer}, callbacks=list(callbacks))
+    return module
+
+
+def test_fast_steps_train_exactly_like_lightnings_wrappers(wine_batches_of_one):
+    dm = wine_batches_of_one
+    steps = 2 * len(dm.splits["train"][1])
+    counter = CountBackward()
+    whole_epochs = train(dm)                            # one Lightning step per epoch, plain PyTorch steps
+    single = train(dm, steps_per_call=1)                # one Lightning step per optimizer step
+    wrapped = train(dm, callbacks=[counter])            # a hook to call: Lightning's manual_backward/step
+    assert whole_epochs._raw_steps and single._raw_steps and not wrapped._raw_steps
+    assert counter.calls == steps
+    for module in (whole_epochs, single, wrapped):
+        assert module.trainer.global_step == steps
+    for a, b, c in zip(whole_epochs.parameters(), single.parameters(), wrapped.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_max_steps_stops_mid_epoch(wine_batches_of_one):
+    assert train(wine_batches_of_one, max_steps=7).trainer.global_step == 7
+
+
+def test_logged_epoch_means_are_exact(wine_batches_of_one):
+    """With a learning rate too small to move the weights, the epoch means of train/loss and
+    train/acc (summed over > REDUCE_EVERY batches) are the final model's figures on train."""
+    dm = wine_batches_of_one
+    module = train(dm, max_epochs=1, lr=1e-12)
+    metrics = module.trainer.callback_metrics
+    for split in ("train", "val"):
+        x, y = dm.splits[split]
+        with torch.no_grad():
+            logits = module.net.eval()(x)
+        assert float(metrics[f"{split}/acc"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+        assert float(metrics[f"{split}/loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-4)
+    assert not module._batches and not module._sums  # nothing carried into the next epoch
+
+
+def test_trainer_without_our_settings():
+    trainer = build_trainer({**TRAINER, "steps_per_call": 3})
+    assert trainer.max_epochs == 2 and not trainer.checkpoint_callbacks
