@@ -17,6 +17,7 @@ from conftest import CONF_DIR, compose_config
 from runner.config import build
 from runner.evaluate.plots import confusion_matrix_figure
 from runner.tracking import BackgroundTracker, MlflowTracker, make_tracker
+from runner.tracking.background import WorkerError
 
 
 def settings(tmp_path, name="store"):
@@ -91,6 +92,37 @@ def test_pipeline_marks_an_interrupted_or_failed_run_through_the_worker(error, s
     assert run.status == status
 
 
+def test_worker_errors_and_exit_are_reported(tmp_path):
+    tracker = BackgroundTracker(*settings(tmp_path))
+    with pytest.raises(AttributeError) as error:
+        tracker._wait("no_such_method")
+    assert "in the MLflow worker" in str(error.value.__cause__)  # with the worker's traceback
+    tracker._process.kill()
+    with pytest.raises(WorkerError, match="exited"):
+        tracker.find_runs({})
+    assert tracker.broken
+    tracker.close()
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from runner.tracking import make_tracker
+tracker = make_tracker(sys.argv[1], "e")
+with tracker.run("from a script") as run_id:
+    tracker.log_metrics(run_id, {"m": 1.0})
+print(tracker.find_runs({}, "FINISHED")[0].metrics)
+"""
+
+
+def test_works_from_a_script_without_a_main_guard(tmp_path):
+    script = tmp_path / "script.py"  # multiprocessing's spawn would run it again in the worker
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), settings(tmp_path)[0]], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'m': 1.0}"
+
+
 def test_default_config_tracks_in_the_background_and_jobs_share_the_worker(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         assert compose("config").tracking.background is True
@@ -103,11 +135,11 @@ def test_default_config_tracks_in_the_background_and_jobs_share_the_worker(tmp_p
 
 
 WORKER_OF_A_KILLED_PARENT = """
-import multiprocessing, sys, time
+import sys, time
 from runner.tracking import BackgroundTracker
 tracker = BackgroundTracker(sys.argv[1], "e")
 tracker.find_runs({})
-print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+print(tracker._process.pid, flush=True)
 time.sleep(600)
 """
 

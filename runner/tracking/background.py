@@ -1,53 +1,45 @@
 """MLflow in a worker process: the main process never imports mlflow and never waits for a write.
 
 Importing mlflow and opening a SQLite store (SQLAlchemy models, the schema check) is about two
-seconds of Python. BackgroundTracker starts that in a spawned worker process the moment it is
-built (the command line builds it right after checking the config), so it overlaps with importing
-torch and Lightning instead of delaying the first training step. After that every write is queued
-to the worker, in order, and the main process goes on training. Calls that return something
-(`find_runs`, `start_run`) and `end_run` wait for the worker; `run()` waits for all of a run's
-writes before it marks the run FINISHED, and an error in a queued write is raised by the next call
-that waits. Arguments are pickled when the call is made, so the caller may change them afterwards.
+seconds of Python. BackgroundTracker starts that in a worker process (runner/tracking/worker.py)
+the moment it is built (the command line builds it right after checking the config), so it
+overlaps with importing torch and Lightning instead of delaying the first training step. After
+that every write is queued to the worker, in order, and the main process goes on training. Calls
+that return something (`find_runs`, `start_run`) and `end_run` wait for the worker; `run()` waits
+for all of a run's writes before it marks the run FINISHED, and an error in a queued write is
+raised by the next call that waits. Arguments are pickled when the call is made, so the caller may
+change them afterwards.
+
+The worker is a plain `python -m runner.tracking.worker` talking over its stdin and stdout: unlike
+multiprocessing it never re-imports the caller's main script, works the same under every launcher
+(joblib's loky workers, SLURM tasks), and ends when its stdin closes, i.e. when this process ends.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import logging
-import multiprocessing
 import os
 import pickle
-import signal
+import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
 from runner.timing import timed
 from runner.tracking.base import FoundRun, Tracker
+from runner.tracking.worker import receive, send
 
 log = logging.getLogger(__name__)
-_tracker: Any = None  # in the worker: the MlflowTracker doing the writes
 
 
-def _start_worker(settings: dict[str, Any]) -> None:
-    # Ctrl+C and SIGTERM reach the whole process group; the main process decides how its runs end
-    # (KILLED) and needs the worker alive to record that.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:  # a main process killed outright must not leave its worker behind
-        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-    global _tracker
-    from runner.tracking.mlflow_tracker import MlflowTracker
-    _tracker = MlflowTracker(**settings)
-
-
-def _call(payload: bytes) -> Any:
-    method, args, kwargs = pickle.loads(payload)
-    if method == "time_spent":
-        return _tracker.busy_s, _tracker.setup_s
-    return getattr(_tracker, method)(*args, **kwargs)
+class WorkerError(RuntimeError):
+    """The MLflow worker process stopped; or, as a cause, the worker-side traceback of an error."""
 
 
 class BackgroundTracker(Tracker):
@@ -59,15 +51,55 @@ class BackgroundTracker(Tracker):
         self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
+        root = str(Path(__file__).resolve().parents[2])  # so the worker imports this same `runner`
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._process = subprocess.Popen([sys.executable, "-m", "runner.tracking.worker"], env=env,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._answers: collections.deque[Future] = collections.deque()  # in the order of the calls
         self._pending: list[Future] = []
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker, initargs=(self.settings,))
-        self._opening = self._submit("open")
+        threading.Thread(target=self._send_calls, daemon=True, name="mlflow-calls").start()
+        threading.Thread(target=self._read_answers, daemon=True, name="mlflow-answers").start()
+        self._opening = self._submit("start", uri, experiment, artifact_location)
+        atexit.register(self.close)
+
+    def _send_calls(self) -> None:
+        try:
+            while (payload := self._outbox.get()) is not None:
+                send(self._process.stdin, payload)
+            self._process.stdin.close()
+        except OSError:  # the worker is gone; _read_answers reports it
+            pass
+
+    def _read_answers(self) -> None:
+        while True:
+            try:
+                ok, value, *details = pickle.loads(receive(self._process.stdout))
+            except (EOFError, OSError):
+                break
+            future = self._answers.popleft()
+            if ok:
+                future.set_result(value)
+            else:
+                value.__cause__ = WorkerError(f"in the MLflow worker:\n{details[0]}")
+                future.set_exception(value)
+        with self._lock:  # the worker ended: every call still waiting fails with that
+            self.broken = True
+            while self._answers:
+                self._answers.popleft().set_exception(WorkerError(
+                    f"the MLflow worker exited (code {self._process.wait()}); its stderr says why"))
 
     def _submit(self, method: str, *args: Any, **kwargs: Any) -> Future:
-        self._pending = [f for f in self._pending if not (f.done() and f.exception() is None)]
-        future = self._pool.submit(_call, pickle.dumps((method, args, kwargs)))
-        self._pending.append(future)
+        payload = pickle.dumps((method, args, kwargs))
+        future: Future = Future()
+        with self._lock:
+            if self.broken:
+                future.set_exception(WorkerError("the MLflow worker exited; its stderr says why"))
+            else:
+                self._answers.append(future)
+                self._outbox.put(payload)
+        self._pending = [f for f in self._pending if not (f.done() and f.exception() is None)] + [future]
         return future
 
     def _wait(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -83,24 +115,25 @@ class BackgroundTracker(Tracker):
             wait([self._opening])
             self.setup_s += time.perf_counter() - start
         pending, self._pending = self._pending, []
-        try:
-            for future in pending:
-                future.result()
-        except BrokenExecutor:
-            self.broken = True
-            raise
+        for future in pending:
+            future.result()
 
     def time_spent(self) -> tuple[float, float]:
         """(busy, setup) seconds of the worker's own MLflow calls so far."""
         return self._wait("time_spent")
 
     def close(self) -> None:
-        """Wait for the queued writes, then stop the worker."""
+        """Wait for the queued writes, then stop the worker (it ends when its stdin closes)."""
+        if self.closed:
+            return
         self.closed = True
+        atexit.unregister(self.close)
         try:
-            self.flush()
+            if not self.broken:
+                self.flush()
         finally:
-            self._pool.shutdown(wait=True)
+            self._outbox.put(None)
+            self._process.wait()
 
     @timed
     def start_run(self, name: str, params: Mapping[str, Any] | None = None,
@@ -156,14 +189,10 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
                  background: bool = True) -> Tracker:
     """The `tracking` config group's target: an MLflow tracker, in a worker process by default.
 
-    Jobs of one process with the same settings (a multirun with the basic launcher) share one
-    worker. Tracking stays in-process where no worker can start: in a daemonic process, and in a
-    joblib (loky) worker, whose own start method a spawned child cannot set up.
+    Jobs of one process with the same settings (a multirun with the basic launcher) share one worker.
     """
     global _shared
-    method = multiprocessing.get_start_method(allow_none=True)
-    if not background or multiprocessing.current_process().daemon or \
-            method not in (None, *multiprocessing.get_all_start_methods()):
+    if not background:
         from runner.tracking.mlflow_tracker import MlflowTracker
         return MlflowTracker(uri, experiment, artifact_location)
     if _shared is None or _shared.broken or _shared.closed or _shared.settings != {
