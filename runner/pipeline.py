@@ -86,6 +86,14 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
                 strategy.combine(torch.stack([m.probs for m in members]))
                 if isinstance(strategy, OutputFusion) else None))
 
+        # The value a sweeper (Optuna) maximizes: validation accuracy of the fused model, else of the
+        # best member; never a test number. Output-level fusion reuses the val outputs it was fitted on.
+        val_x, val_y = datamodule.splits["val"]
+        with torch.no_grad():
+            val_preds = ([strategy.combine(strategy.val_probs_).argmax(1)] if isinstance(strategy, OutputFusion)
+                         else [net.eval()(val_x).argmax(1) for net in ([fused] if fused is not None else [m.net for m in members])])
+        recorder.results["objective/val_acc"] = max(float((p == val_y).float().mean()) for p in val_preds)
+
         # 5. Compression of every member (the uncompressed ones stay for comparison).
         compressed = []
         for member in members if recipe else []:
@@ -96,15 +104,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
                                          derive=lambda m, base=member.metrics: compression_report(base, m))
             compressed.append((small, probs))
         if compressed and isinstance(strategy, OutputFusion):  # any model type fuses at the output
-            strategy.fit([net for net, _ in compressed], datamodule.val_dataloader())
-            recorder.evaluate("fused_compressed", "", strategy.as_module(), derive=lambda m: gain_over_best(m, singles),
-                              probs=strategy.combine(torch.stack([p for _, p in compressed])))
-
-        # The value a sweeper (Optuna) maximizes: validation accuracy, never a test number.
-        val_x, val_y = datamodule.splits["val"]
-        with torch.no_grad():
-            recorder.results["objective/val_acc"] = max(float((net.eval()(val_x).argmax(1) == val_y).float().mean())
-                                                        for net in ([fused] if fused is not None else [m.net for m in members]))
+            again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())
+            recorder.evaluate("fused_compressed", "", again.as_module(), derive=lambda m: gain_over_best(m, singles),
+                              probs=again.combine(torch.stack([p for _, p in compressed])))
 
         setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
         timing = {"timing/total_s": time.time() - started, "timing/mlflow_setup_s": setup_s,

@@ -66,3 +66,16 @@ def test_incompatible_choices_fail_before_training(overrides, message, tmp_path,
     with pytest.raises(ConfigError, match=message):
         runner.pipeline.run(compose_config(overrides, tmp_path))
     assert not trained
+
+
+@pytest.mark.parametrize("fuse", ["mean", "stacking"])
+def test_objective_is_the_fused_models_val_accuracy_whatever_the_compression(fuse, tmp_path):
+    """Compressing the members (here: 99% of the weights zeroed, no fine-tuning) and fusing them again
+    changes neither the fused model nor the objective; the members come from the cache."""
+    fused = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}"], tmp_path))
+    ruined = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}", "compress=prune_global",
+                                                 "compress.steps.0.sparsity=0.99",
+                                                 "compress.steps.0.finetune_epochs=0"], tmp_path))
+    assert ruined["fused_compressed/test/acc"] < ruined["fused/test/acc"] - 0.1
+    assert ruined["fused/test/acc"] == fused["fused/test/acc"]
+    assert ruined["objective/val_acc"] == fused["objective/val_acc"] > 0.2

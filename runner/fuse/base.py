@@ -100,7 +100,8 @@ class OutputFusion(Fusion):
     """Strategies that combine member probabilities: subclasses implement `_fit_outputs` and `_combine`."""
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
-        self.fit_outputs(member_probs(members, x), y)
+        self.val_probs_ = member_probs(members, x)  # (M, N, C); kept so no one computes them again
+        self.fit_outputs(self.val_probs_, y)
         self.members_ = members
 
     def fit_outputs(self, member_probs: Tensor, y: Tensor) -> "OutputFusion":
