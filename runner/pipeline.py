@@ -89,9 +89,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         # The value a sweeper (Optuna) maximizes: validation accuracy of the fused model, else of the
         # best member; never a test number. Output-level fusion reuses the val outputs it was fitted on.
         val_x, val_y = datamodule.splits["val"]
-        with torch.no_grad():
-            val_preds = ([strategy.combine(strategy.val_probs_).argmax(1)] if isinstance(strategy, OutputFusion)
-                         else [net.eval()(val_x).argmax(1) for net in ([fused] if fused is not None else [m.net for m in members])])
+        if isinstance(strategy, OutputFusion):
+            val_preds = [strategy.combine(strategy.val_probs_).argmax(1)]
+        else:
+            with torch.no_grad():
+                val_preds = [net.eval()(val_x).argmax(1) for net in ([fused] if fused is not None else [m.net for m in members])]
         recorder.results["objective/val_acc"] = max(float((p == val_y).float().mean()) for p in val_preds)
 
         # 5. Compression of every member (the uncompressed ones stay for comparison).

@@ -47,7 +47,6 @@ class BackgroundTracker(Tracker):
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
-        self.settings = {"uri": uri, "experiment": experiment, "artifact_location": artifact_location}
         self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
@@ -120,7 +119,7 @@ class BackgroundTracker(Tracker):
 
     def time_spent(self) -> tuple[float, float]:
         """(busy, setup) seconds of the worker's own MLflow calls so far."""
-        return self._wait("time_spent")
+        return self._wait("time_spent")  # MlflowTracker.time_spent, in the worker
 
     def close(self) -> None:
         """Wait for the queued writes, then stop the worker (it ends when its stdin closes)."""
@@ -195,8 +194,8 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
     if not background:
         from runner.tracking.mlflow_tracker import MlflowTracker
         return MlflowTracker(uri, experiment, artifact_location)
-    if _shared is None or _shared.broken or _shared.closed or _shared.settings != {
-            "uri": uri, "experiment": experiment, "artifact_location": artifact_location}:
+    if _shared is None or _shared.broken or _shared.closed or \
+            (_shared.uri, _shared.experiment, _shared.artifact_location) != (uri, experiment, artifact_location):
         if _shared is not None:
             try:
                 _shared.close()

@@ -96,6 +96,10 @@ class MlflowTracker(Tracker):
     def flush(self) -> None:
         """Writes are synchronous here: nothing is queued."""
 
+    def time_spent(self) -> tuple[float, float]:
+        """(busy, setup) seconds of this tracker's MLflow calls so far."""
+        return self.busy_s, self.setup_s
+
     @timed
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]

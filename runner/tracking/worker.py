@@ -14,7 +14,7 @@ import signal
 import struct
 import sys
 import traceback
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 HEADER = struct.Struct("!Q")
 
@@ -34,12 +34,6 @@ def receive(stream: BinaryIO) -> bytes:
     if len(payload) < size:
         raise EOFError
     return payload
-
-
-def answer(tracker: Any, method: str, args: tuple, kwargs: dict) -> Any:
-    if method == "time_spent":
-        return tracker.busy_s, tracker.setup_s
-    return getattr(tracker, method)(*args, **kwargs)
 
 
 def main() -> None:
@@ -63,7 +57,7 @@ def main() -> None:
                 tracker.open()
                 reply: tuple = (True, None)
             else:
-                reply = (True, answer(tracker, method, args, kwargs))
+                reply = (True, getattr(tracker, method)(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 (every error goes back to the caller)
             reply = (False, e, traceback.format_exc())
         try:
