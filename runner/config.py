@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from runner.errors import ConfigError, check
 
@@ -111,12 +111,23 @@ class RunConf:
 ConfigStore.instance().store(name="schema", node=RunConf)
 
 
+# What model configs may interpolate from the data (`${data.num_classes}`): the pipeline writes them
+# into `cfg.data` once the data is loaded (runner.data.describe_data), before any model is built.
+DATA_KEYS = ("num_classes", "num_features", "input_shape", "vocab_size", "max_length")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Range checks of the schema (`__post_init__`), on the resolved config."""
+    """Range checks of the schema (`__post_init__`), on the resolved config (values the data will
+    provide, e.g. `${data.num_classes}` of a user's own datamodule, resolve to null here)."""
     check(OmegaConf.select(cfg, "seed") is not None, "seed", None, "an integer")
     threads = OmegaConf.select(cfg, "threads")
     check(threads is None or threads >= 1, "threads", threads, "null or an integer >= 1")
-    OmegaConf.to_object(cfg)
+    probe = cfg.copy()
+    if isinstance(probe.get("data"), DictConfig):
+        with open_dict(probe):
+            for key in DATA_KEYS:
+                probe.data.setdefault(key, None)
+    OmegaConf.to_object(probe)
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:

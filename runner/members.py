@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from runner.cache import MemberCache, digest
-from runner.config import build
+from runner.models.adapter import build_model
 from runner.errors import check
 from runner.train import train_classifier
 
@@ -26,6 +26,7 @@ class Member:
     name: str
     seed: int
     net: nn.Module
+    key: str = "model"  # its config key, for errors
     metrics: dict[str, float] = field(default_factory=dict)
     probs: torch.Tensor | None = None  # test probabilities, kept so fusion needs no second pass
 
@@ -52,8 +53,9 @@ def plan_members(cfg: DictConfig) -> list[Member]:
     for key, node in specs.items():
         for seed in seeds:
             pl.seed_everything(seed, verbose=False)
-            net = build(node, f"ensemble.members.{key}" if key else "model")
-            members.append(Member(f"{key or type(net).__name__.lower()}-s{seed}", seed, net))
+            config_key = f"ensemble.members.{key}" if key else "model"
+            net = build_model(node, config_key)
+            members.append(Member(f"{key or type(net).__name__.lower()}-s{seed}", seed, net, config_key))
     if ens.get("shared_init"):
         check(len(specs) == 1, "ensemble.shared_init", True, "false when members differ in architecture")
         for m in members[1:]:

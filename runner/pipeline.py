@@ -10,11 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 from runner.cache import MemberCache, digest
 from runner.compress import CompressContext, build_recipe, compression_report
 from runner.config import build, validate
+from runner.data import as_source, describe_data
+from runner.evaluate import predict_proba
 from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
 from runner.fuse import OutputFusion, gain_over_best
 from runner.members import plan_members, pretrain_shared_start, train_member
 from runner.models import lit
+from runner.models.adapter import check_forward
 from runner.timing import process_start_time
 from runner.tracking import BackgroundTracker, EpochMetricsLogger, Tracker, flatten, source_tags
 
@@ -35,17 +38,19 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    datamodule = build(cfg.data, "data")
+    datamodule = as_source(build(cfg.data, "data"))
+    spec = describe_data(cfg, datamodule)  # loads the data; model configs read ${data.num_classes} etc.
     members = plan_members(cfg)
+    for member in members:  # one forward pass of every member on real inputs
+        check_forward(member.net, spec.example, spec.num_classes, member.key, spec.input_spec)
     strategy = build(cfg.fuse, "fuse") if cfg.fuse else None
     if strategy:
-        strategy.check_members([m.net for m in members])
+        strategy.check_members([m.net for m in members], spec)
     recipe = build_recipe(cfg.compress)
+    for member in members:
+        recipe.check(member.net, spec, ensemble=strategy is not None)
     tracker = tracker or build(cfg.tracking, "tracking")
     busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
-    datamodule.setup()  # shape checks against the config
-    for member in members:
-        recipe.check(member.net, datamodule.num_classes, ensemble=strategy is not None)
 
     # 2. A job whose exact config already finished is not run again.
     job = {"role": "job", "job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
@@ -88,13 +93,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
 
         # The value a sweeper (Optuna) maximizes: validation accuracy of the fused model, else of the
         # best member; never a test number. Output-level fusion reuses the val outputs it was fitted on.
-        val_x, val_y = datamodule.splits["val"]
         if isinstance(strategy, OutputFusion):
-            val_preds = [strategy.combine(strategy.val_probs_).argmax(1)]
+            val = [(strategy.combine(strategy.val_probs_), strategy.val_y_)]
         else:
-            with torch.no_grad():
-                val_preds = [net.eval()(val_x).argmax(1) for net in ([fused] if fused is not None else [m.net for m in members])]
-        recorder.results["objective/val_acc"] = max(float((p == val_y).float().mean()) for p in val_preds)
+            val = [predict_proba(net, datamodule.val_dataloader()) for net in ([fused] if fused is not None else [m.net for m in members])]
+        recorder.results["objective/val_acc"] = max(float((p.argmax(1) == y).float().mean()) for p, y in val)
 
         # 5. Compression of every member (the uncompressed ones stay for comparison).
         compressed = []

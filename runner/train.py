@@ -11,7 +11,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 
-from runner.data import ArrayDataModule
 from runner.models import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     settings = {**dict(trainer_cfg), **overrides}
     trainer = build_trainer(settings, logger, callbacks)
     chunk = settings.get("steps_per_call", 1)
-    if isinstance(datamodule, ArrayDataModule) and chunk != 1 and settings.get("limit_train_batches") is None:
+    if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
         trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
                     val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)
     else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step

@@ -5,15 +5,20 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import runner.config  # noqa: F401  (registers the schema)
 from runner.data import MNIST1D, SklearnDataset
+from runner.data.batches import DataSpec
 from runner.models import CNN1D, MLP
 from runner.train import train_classifier
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# What checks before training see of MNIST-1D-shaped data: 10 classes, 8 real-looking inputs of 40 floats.
+SPEC = DataSpec(10, torch.randn(8, 40, generator=torch.Generator().manual_seed(0)),
+                {"shape": [40], "dtype": "float32"})
 FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
 

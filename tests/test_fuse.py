@@ -21,7 +21,7 @@ from runner.fuse import (CaruanaSelection, FeatureFusion, FeatureNet, GreedySoup
                          ProbabilityMean, SoftVoting, Stacking, UniformSoup, WeightedAverage, member_probs)
 from runner.models import CNN1D, MLP
 from runner.train import train_classifier
-from conftest import CONF_DIR, FAST_TRAINER, compose_config
+from conftest import CONF_DIR, FAST_TRAINER, SPEC, compose_config
 
 FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml"))
 
@@ -181,7 +181,7 @@ def test_optimized_weights_and_caruana_beat_uniform_and_best_member_on_val(four_
 
 def test_feature_head_starts_as_mean_of_member_logits(trained_mlps, mnist1d_small):
     x, _ = split(mnist1d_small, "test")
-    head = FeatureFusion()._build_head(trained_mlps)
+    head = FeatureFusion()._build_head(trained_mlps, sum(m.feature_dim for m in trained_mlps))
     with torch.no_grad():
         expected = torch.stack([m(x) for m in trained_mlps]).mean(0)
         assert torch.allclose(FeatureNet(trained_mlps, head)(x), expected, atol=1e-5)
@@ -198,13 +198,16 @@ def test_feature_finetune_leaves_members_unchanged(trained_mlps, mnist1d_small):
 # --- incompatible members fail with ConfigError, before any training -------------------------------
 
 @pytest.mark.parametrize("name", FUSE_CONFIGS)
-@pytest.mark.parametrize("other, what", [(MLP(40, 3), "num_classes"), (MLP(13, 10), "in_features")])
+@pytest.mark.parametrize("other, what", [(MLP(40, 3), r"ensemble.members\[1\] \(MLP\) / data.num_classes"),
+                                         (MLP(13, 10), r"ensemble.members\[1\] \(MLP\) / data")])
 def test_incompatible_members_raise(name, other, what):
     strategy = build_strategy(name)
     first = MLP(40, 10)
     first.init_id = other.init_id = "same"
     with pytest.raises(ConfigError, match=what):
-        strategy.check_members([first, other])
+        strategy.check_members([first, other], SPEC)
+    with pytest.raises(ConfigError, match="num_classes"):  # without data, the declared classes differ
+        strategy.check_members([first, MLP(40, 3)])
 
 
 def test_single_member_is_refused():

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from runner.config import build
-from runner.data import ArrayDataModule
+from runner.data.batches import DataSpec
 from runner.errors import ConfigError, check
 from runner.evaluate import weight_bytes  # noqa: F401  (re-exported)
 from runner.models import LitClassifier
@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of t
 class CompressContext:
     """What a step may need besides the model: data, the job's trainer/optim config, teachers."""
 
-    datamodule: ArrayDataModule
+    datamodule: Any  # a data source (runner.data.base): train/val/test loaders
     trainer: Mapping[str, Any]
     optim: Mapping[str, Any]
     teacher: nn.Module | None = None   # the uncompressed trained member
@@ -38,8 +38,8 @@ class Step:
     key: str = "compress.step"
     needs_ensemble: bool = False
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
-        """Raise ConfigError if this step cannot handle `model`; runs before any training."""
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
+        """Raise ConfigError if this step cannot handle `model` on this data; runs before any training."""
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         raise NotImplementedError
@@ -93,13 +93,12 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.steps})"
 
-    def check(self, model: nn.Module, num_classes: int, ensemble: bool | None = None) -> None:
-        """Raise ConfigError if any step cannot handle `model` (an untrained net is fine).
-
-        `ensemble=False` says no fusion strategy will provide an ensemble teacher.
+    def check(self, model: nn.Module, spec: DataSpec, ensemble: bool | None = None) -> None:
+        """Raise ConfigError if any step cannot handle `model` (an untrained net is fine) on the data
+        `spec` describes. `ensemble=False` says no fusion strategy will provide an ensemble teacher.
         """
         for step in self.steps:
-            step.check(model, num_classes)
+            step.check(model, spec)
             if ensemble is False:
                 check(not step.needs_ensemble, step.key + ".teacher", "ensemble",
                       "member (teacher: ensemble needs a fusion strategy, e.g. fuse=mean, and 2+ members)")

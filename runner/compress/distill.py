@@ -21,9 +21,10 @@ from torch import nn
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.quantize import is_quantized
-from runner.config import build
+from runner.data.batches import DataSpec
 from runner.errors import check
 from runner.models import LitClassifier
+from runner.models.adapter import build_model, check_forward
 
 TEACHERS = ("member", "ensemble")
 
@@ -81,13 +82,6 @@ class DistillModule(LitClassifier):
         return self.alpha * soft + (1.0 - self.alpha) * F.cross_entropy(logits, y)
 
 
-def _num_classes(net: nn.Module) -> int | None:
-    if getattr(net, "num_classes", None) is not None:
-        return int(net.num_classes)
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
-
-
 class Distill(Step):
     """Replace the model by `student` (a conf/model node, or a module) trained by distillation.
 
@@ -116,14 +110,14 @@ class Distill(Step):
     def build_student(self) -> nn.Module:
         if isinstance(self.student, nn.Module):
             return copy.deepcopy(self.student)
-        return build(self.student, self.key + ".student")
+        return build_model(self.student, self.key + ".student")
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         student = self.build_student()
-        found = _num_classes(student)
-        check(found == num_classes, self.key + ".student.num_classes", found,
-              f"{num_classes} (the number of classes of the data / teacher)")
+        check_forward(student, spec.example, spec.num_classes, self.key + ".student", spec.input_spec)
         check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")
+        check(self.mixup == 0 or spec.float_inputs, self.key + ".mixup", self.mixup,
+              f"0 for inputs that cannot be interpolated ({spec.input_spec})")
 
     def preview(self, model: nn.Module) -> nn.Module:
         return self.build_student()

@@ -14,6 +14,7 @@ from torch.nn.utils import prune
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.quantize import is_quantized
+from runner.data.batches import DataSpec
 from runner.errors import check
 
 SCOPES = ("global", "layer")
@@ -83,7 +84,7 @@ class MagnitudePrune(Step):
         self.sparsity, self.scope, self.finetune_epochs, self.lr = sparsity, scope, finetune_epochs, lr
         self.min_params = min_params
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         _check_prunable(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
@@ -120,7 +121,7 @@ class GradualPrune(Step):
             return [self.sparsity * (1 - (1 - f) ** 3) for f in fractions]
         return [self.sparsity * f for f in fractions]
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         _check_prunable(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
@@ -186,7 +187,7 @@ class StructuredPrune(Step):
         check_epochs("compress.steps[]", finetune_epochs, lr)
         self.amount, self.finetune_epochs, self.lr = amount, finetune_epochs, lr
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (prune before quantizing)")
         check(_hidden_layers(model) is not None, self.key, type(model).__name__,
               "a model with a Sequential `body` of Linear/Conv1d layers and a Linear `head` (MLP, CNN1D)")
@@ -231,7 +232,7 @@ class FineTune(Step):
         check_epochs("compress.steps[]", epochs, lr, "epochs")
         self.epochs, self.lr, self.keep_sparsity = epochs, lr, keep_sparsity
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (fine-tune before quantizing)")
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:

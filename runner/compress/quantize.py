@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
+from runner.data.batches import DataSpec, first_inputs, split_batch
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,8 @@ def _use_backend(backend: str) -> None:
         torch.backends.quantized.engine = backend
 
 
-def _example(ctx: CompressContext, n: int = 2) -> tuple[torch.Tensor]:
-    x, _ = ctx.datamodule.splits["train"] if ctx.datamodule.splits else next(iter(ctx.datamodule.train_dataloader()))
-    return (x[:n].cpu(),)
+def _example(ctx: CompressContext, n: int = 2) -> tuple:
+    return (first_inputs(ctx.datamodule.val_dataloader(), n),)
 
 
 class DynamicQuantize(Step):
@@ -69,11 +69,13 @@ class DynamicQuantize(Step):
         check(dtype in ("qint8", "float16"), "compress.steps[].dtype", dtype, ["qint8", "float16"])
         self.dtype = dtype
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
-        check(not any(isinstance(m, CONV_TYPES) for m in model.modules()), self.key, type(model).__name__,
-              "models without Conv layers (dynamic quantization leaves convs in float; "
-              "use runner.compress.StaticQuantize or QATQuantize for conv models)")
+        conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, CONV_TYPES))
+        dense = sum(p.numel() for m in model.modules() if isinstance(m, DYNAMIC_TYPES) for p in m.parameters(False))
+        check(conv <= dense, self.key, f"{type(model).__name__} ({conv} of {conv + dense} weights in Conv layers)",
+              "models whose weights sit mostly in Linear/GRU/LSTM layers (dynamic quantization leaves convs "
+              "in float; use runner.compress.StaticQuantize or QATQuantize for conv models)")
         check(any(isinstance(m, DYNAMIC_TYPES) for m in model.modules()), self.key, type(model).__name__,
               "models with Linear, GRU or LSTM layers")
 
@@ -94,7 +96,7 @@ class _StaticBase(Step):
               "compress.steps[].calibration_batches", calibration_batches, "an integer >= 1")
         self.backend, self.calibration_batches = backend, calibration_batches
 
-    def check(self, model: nn.Module, num_classes: int) -> None:
+    def check(self, model: nn.Module, spec: DataSpec) -> None:
         check(self.backend in torch.backends.quantized.supported_engines, self.key + ".backend", self.backend,
               torch.backends.quantized.supported_engines)
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
@@ -111,10 +113,10 @@ class _StaticBase(Step):
 
     @torch.no_grad()
     def _calibrate(self, prepared: nn.Module, ctx: CompressContext) -> None:
-        for i, (x, _) in enumerate(ctx.datamodule.train_dataloader()):
+        for i, batch in enumerate(ctx.datamodule.train_dataloader()):
             if i >= self.calibration_batches:
                 break
-            prepared(x.cpu())
+            prepared(split_batch(batch)[0])
 
 
 class StaticQuantize(_StaticBase):

@@ -1,5 +1,11 @@
-from runner.data.base import ArrayDataModule, TensorBatches
+"""Data sources: every one a LightningDataModule with train/val/test loaders, `num_classes` and
+`input_spec` (see runner/data/base.py for the contract)."""
+from runner.data.base import ArrayDataModule, ArrayDataset, TensorBatches
+from runner.data.batches import Chunk, split_batch
 from runner.data.mnist1d import MNIST1D
+from runner.data.mnist5k import MNIST5k
 from runner.data.sklearn import SklearnDataset
+from runner.data.sources import DatasetDataModule, LightningSource, as_source, data_values, describe_data
 
-__all__ = ["ArrayDataModule", "TensorBatches", "MNIST1D", "SklearnDataset"]
+__all__ = ["ArrayDataModule", "ArrayDataset", "TensorBatches", "Chunk", "split_batch", "MNIST1D", "MNIST5k",
+           "SklearnDataset", "DatasetDataModule", "LightningSource", "as_source", "data_values", "describe_data"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.data.base import ArrayDataModule
+from runner.data.base import ArrayDataModule, Split
 
 
 class MNIST1D(ArrayDataModule):
@@ -29,7 +29,11 @@ class MNIST1D(ArrayDataModule):
         super().__init__(**kwargs)
         self.dataset_seed, self.num_samples, self.cache_dir = dataset_seed, num_samples, cache_dir
 
-    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def load(self) -> dict[str, Split]:
+        x, y, x_test, y_test = self.arrays()
+        return {"train": (x, y), "test": (x_test, y_test)}
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         from mnist1d.data import get_dataset_args, make_dataset
         from mnist1d.utils import ObjectView
 

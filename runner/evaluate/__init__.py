@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runner.data.batches import Inputs, split_batch
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
@@ -42,10 +44,11 @@ METRICS: dict[str, Callable[..., torch.Tensor]] = {
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities and targets for every batch of (x, y)."""
+    """Class probabilities and targets for every batch of a loader."""
     model.eval()
     probs, targets = [], []
-    for x, y in batches:
+    for batch in batches:
+        x, y = split_batch(batch)
         probs.append(torch.softmax(model(x).float(), dim=1))
         targets.append(y)
     return torch.cat(probs), torch.cat(targets)
@@ -97,19 +100,20 @@ def weight_bytes(model: nn.Module) -> int:
 def size_metrics(model: nn.Module) -> dict[str, float]:
     """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes.
 
-    Quantized (int8) models keep their weights outside `parameters()`, as quantized tensors in
-    packed params: they are counted from the state_dict, without the scale / zero-point scalars.
+    Buffers (BatchNorm statistics) are not parameters and are not counted. Quantized (int8) models
+    keep their weights outside `parameters()`, as quantized tensors in packed params: they are
+    counted from the state_dict, without the scale / zero-point scalars.
     """
     state = model.state_dict()
-    params = [t for k, v in state.items() if not re.search(r"(scale|zero_point)(_\d+)?$", k)
+    buffers = {name for name, _ in model.named_buffers()}
+    stored = [t for k, v in state.items() if k not in buffers and not re.search(r"(scale|zero_point)(_\d+)?$", k)
               for t in _tensors(v) if t.is_quantized or t.is_floating_point()]
-    quantized = any(t.is_quantized for t in params)
+    params = stored if any(t.is_quantized for t in stored) else list(model.parameters())
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    count = sum(t.numel() for t in params)
     return {
-        "params": float(count if quantized else sum(p.numel() for p in model.parameters()) or count),
-        "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t))
+        "params": float(sum(t.numel() for t in params)),
+        "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach()))
                                     for t in params)),
         "size_bytes": float(buffer.getbuffer().nbytes),
         "weight_bytes": float(weight_bytes(model)),
@@ -117,7 +121,7 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30, warmup: int = 3) -> float:
+def latency_ms(model: nn.Module, x: Inputs, repeats: int = 30, warmup: int = 3) -> float:
     """Median wall time of one forward pass over the batch `x`, in milliseconds."""
     model.eval()
     for _ in range(warmup):
@@ -131,21 +135,23 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30, warmup: int
 
 
 def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metrics: Iterable[str],
-                   ece_bins: int = 15, latency_batch: torch.Tensor | None = None,
+                   ece_bins: int = 15, latency_batch: Inputs | None = None,
                    latency_repeats: int = 30, probs: torch.Tensor | None = None,
-                   ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+                   targets: torch.Tensor | None = None,
+                   ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
     """All metrics of one model on one split from a single forward pass.
 
-    Returns (metrics, probabilities, confusion matrix); the probabilities are kept so fusion and
-    reports reuse them instead of running the model again. Pass `probs` when they are already
-    known (e.g. an output-level fusion of the members' test probabilities): no forward pass then.
+    Returns (metrics, probabilities, confusion matrix, targets); the probabilities are kept so
+    fusion and reports reuse them instead of running the model again. Pass `probs` and `targets`
+    when they are already known (e.g. an output-level fusion of the members' test
+    probabilities): no forward pass then.
     """
     if probs is None:
-        probs, target = predict_proba(model, batches)
-    else:
-        target = torch.cat([y for _, y in batches])
-    results = classification_metrics(probs, target, num_classes, metrics, ece_bins)
+        probs, targets = predict_proba(model, batches)
+    elif targets is None:
+        targets = torch.cat([split_batch(b)[1] for b in batches])
+    results = classification_metrics(probs, targets, num_classes, metrics, ece_bins)
     results.update(size_metrics(model))
     if latency_batch is not None:
         results["latency_ms"] = latency_ms(model, latency_batch, latency_repeats)
-    return results, probs, confusion_matrix(probs, target, num_classes)
+    return results, probs, confusion_matrix(probs, targets, num_classes), targets

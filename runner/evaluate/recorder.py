@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runner.data.batches import first_inputs
 from runner.evaluate import evaluate_model
 from runner.evaluate.plots import confusion_matrix_figure
 
@@ -20,6 +21,8 @@ class Recorder:
         self.tags = {k: v for k, v in (tags or {}).items() if not k.startswith("mlflow.")}
         self.results: dict[str, float] = {}   # flat, namespaced: member/cnn1d-s0/test/acc
         self.table: dict[str, dict[str, float]] = {}
+        self.targets: torch.Tensor | None = None  # test labels, read on the first evaluation
+        self.latency_x = None  # one fixed batch of test inputs, the same for every model
 
     def evaluate(self, role: str, name: str, model: nn.Module,
                  derive: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
@@ -30,10 +33,12 @@ class Recorder:
         `derive(metrics)` adds metrics computed from these, e.g. the compression ratio against the
         uncompressed member or the gain of the fused model over the best member.
         """
-        test_x, test_y = self.datamodule.splits["test"]
-        metrics, probs, confusion = evaluate_model(
-            model, self.datamodule.test_dataloader(), self.datamodule.num_classes, self.cfg.metrics,
-            self.cfg.ece_bins, test_x[: self.cfg.latency_batch_size], self.cfg.latency_repeats, probs)
+        loader = self.datamodule.test_dataloader()
+        if self.latency_x is None:
+            self.latency_x = first_inputs(loader, self.cfg.latency_batch_size)
+        metrics, probs, confusion, self.targets = evaluate_model(
+            model, loader, self.datamodule.num_classes, self.cfg.metrics,
+            self.cfg.ece_bins, self.latency_x, self.cfg.latency_repeats, probs, self.targets)
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
         metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role
@@ -41,6 +46,6 @@ class Recorder:
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
                                {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
-                               {"probs": probs.numpy(), "targets": test_y.numpy()})
+                               {"probs": probs.numpy(), "targets": self.targets.numpy()})
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs

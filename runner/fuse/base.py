@@ -13,28 +13,32 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
 
+from runner.data.batches import DataSpec, Inputs, num_samples, take
+from runner.data.batches import collect as collect_batches
 from runner.errors import ConfigError, check
+from runner.models.adapter import check_forward
 
 
 def describe(members: Sequence[nn.Module], attr: str) -> dict[str, Any]:
     return {f"{i}:{type(m).__name__}": getattr(m, attr, None) for i, m in enumerate(members)}
 
 
-def collect(batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def collect(batches: Iterable) -> tuple[Inputs, Tensor]:
     """All (x, y) batches of a split concatenated (fusion fits on val, which is small)."""
-    pairs = list(batches)
-    check(len(pairs) > 0, "fuse.fit(val)", "no batches", "a non-empty iterable of (x, y) validation batches")
-    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    try:
+        return collect_batches(batches)
+    except ValueError as e:
+        raise ConfigError("fuse.fit(val)", str(e), "a non-empty loader of (x, y) validation batches") from None
 
 
 @torch.no_grad()
-def member_probs(members: Sequence[nn.Module], x: Tensor, batch_size: int = 4096) -> Tensor:
+def member_probs(members: Sequence[nn.Module], x: Inputs, batch_size: int = 4096) -> Tensor:
     """Class probabilities of every member: shape (M, N, C)."""
-    out = []
+    out, n = [], num_samples(x)
     for m in members:
         m.eval()
-        out.append(torch.cat([torch.softmax(m(x[i:i + batch_size]).float(), 1)
-                              for i in range(0, len(x), batch_size)]))
+        out.append(torch.cat([torch.softmax(m(take(x, slice(i, i + batch_size))).float(), 1)
+                              for i in range(0, n, batch_size)]))
     widths = {p.shape[1] for p in out}
     if len(widths) > 1:
         raise ConfigError("ensemble.members", {f"{i}:{type(m).__name__}": p.shape[1]
@@ -58,15 +62,17 @@ class Fusion:
     sklearn's NotFittedError.
     """
 
-    def check_members(self, members: Sequence[nn.Module]) -> None:
-        """Raise ConfigError if the members cannot be fused; safe to call on untrained nets."""
+    def check_members(self, members: Sequence[nn.Module], spec: DataSpec | None = None) -> None:
+        """Raise ConfigError if the members cannot be fused; safe to call on untrained nets. With the
+        data's `spec`, every member runs once on its real inputs (one label set, one input)."""
         check(len(members) >= 2, "ensemble", f"{len(members)} member(s)", "2 or more members to fuse")
-        for attr, what in (("num_classes", "number of classes"), ("in_features", "input size")):
-            values = describe(members, attr)
-            if len({v for v in values.values() if v is not None}) > 1:
-                raise ConfigError(f"ensemble.members ({attr})", values,
-                                  f"members with the same {what}: fusion combines predictions "
-                                  "for one input over one label set")
+        for i, m in enumerate(members if spec is not None else []):
+            check_forward(m, spec.example, spec.num_classes, f"ensemble.members[{i}] ({type(m).__name__})",
+                          spec.input_spec)
+        values = describe(members, "num_classes")
+        if len({v for v in values.values() if v is not None}) > 1:
+            raise ConfigError("ensemble.members (num_classes)", values, "members with the same number of "
+                              "classes: fusion combines predictions for one input over one label set")
 
     def fit(self, members: Sequence[nn.Module], val: Iterable[tuple[Tensor, Tensor]]) -> "Fusion":
         """Fit on the validation batches `val` (never train or test)."""
@@ -100,7 +106,7 @@ class OutputFusion(Fusion):
     """Strategies that combine member probabilities: subclasses implement `_fit_outputs` and `_combine`."""
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
-        self.val_probs_ = member_probs(members, x)  # (M, N, C); kept so no one computes them again
+        self.val_probs_, self.val_y_ = member_probs(members, x), y  # kept so no one computes them again
         self.fit_outputs(self.val_probs_, y)
         self.members_ = members
 

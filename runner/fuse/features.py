@@ -8,23 +8,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runner.data import TensorBatches
+from runner.data.batches import DataSpec, Inputs, num_samples, take
 from runner.errors import check
 from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet
-from runner.models import Net
+from runner.models.adapter import check_split, features, head_module
 
 HEADS = ("linear", "mlp")
 
 
-class FeatureNet(Net):
-    """Members' forward_features concatenated, then one head."""
+class FeatureNet(nn.Module):
+    """Members' features (the input of each one's final classifier layer, runner.models.adapter)
+    concatenated, then one head."""
 
     def __init__(self, members: list[nn.Module], head: nn.Module) -> None:
-        super().__init__(members[0].in_features, members[0].num_classes)
+        super().__init__()
         self.members, self.head = nn.ModuleList(members), head
-        self.feature_dim = sum(m.feature_dim for m in members)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return torch.cat([m.forward_features(x) for m in self.members], 1)
+    def forward_features(self, x: Inputs) -> Tensor:
+        return torch.cat([features(m, x) for m in self.members], 1)
+
+    def forward_head(self, f: Tensor) -> Tensor:
+        return self.head(f)
+
+    def forward(self, x: Inputs) -> Tensor:
+        return self.head(self.forward_features(x))
 
 
 class FeatureFusion(Fusion):
@@ -51,21 +58,22 @@ class FeatureFusion(Fusion):
         self.finetune_members, self.finetune_epochs, self.finetune_lr = finetune_members, finetune_epochs, finetune_lr
         self.seed = seed
 
-    def check_members(self, members) -> None:
-        super().check_members(members)
-        missing = [f"{i}:{type(m).__name__}" for i, m in enumerate(members)
-                   if not (hasattr(m, "forward_features") and hasattr(m, "feature_dim"))]
-        check(not missing, "ensemble.members", missing, "nets with forward_features and feature_dim (runner.models.Net)")
+    def check_members(self, members, spec: DataSpec | None = None) -> None:
+        super().check_members(members, spec)
+        if spec is not None:  # every member splits into features -> head on the real inputs
+            for i, m in enumerate(members):
+                check_split(m, spec.example, f"ensemble.members[{i}] ({type(m).__name__})")
 
-    def _build_head(self, members: list[nn.Module]) -> nn.Module:
-        width, classes = sum(m.feature_dim for m in members), members[0].num_classes
+    def _build_head(self, members: list[nn.Module], width: int) -> nn.Module:
+        heads = [head_module(m) for m in members]
+        classes = heads[0].out_features
         if self.head == "mlp":
             return nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, classes))
         head = nn.Linear(width, classes)
-        if self.init_from_members and all(isinstance(getattr(m, "head", None), nn.Linear) for m in members):
+        if self.init_from_members and all(isinstance(h, nn.Linear) and h.bias is not None for h in heads):
             with torch.no_grad():
-                head.weight.copy_(torch.cat([m.head.weight for m in members], 1) / len(members))
-                head.bias.copy_(torch.stack([m.head.bias for m in members]).mean(0))
+                head.weight.copy_(torch.cat([h.weight for h in heads], 1) / len(members))
+                head.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
         return head
 
     def _train(self, net: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float) -> None:
@@ -82,18 +90,17 @@ class FeatureFusion(Fusion):
                 optimizer.step()
         net.eval()
 
-    def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
+    def _fit(self, members: list[nn.Module], x: Inputs, y: Tensor) -> None:
         if self.finetune_members:
             members = [copy.deepcopy(m) for m in members]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            net = FeatureNet([m.eval() for m in members], self._build_head(members))
-            device = next(net.parameters()).device
-            net.head.to(device)
-            x, y = x.to(device), y.to(device)
+            net = FeatureNet([m.eval() for m in members], nn.Identity())
             with torch.no_grad():
-                features = net.forward_features(x)
-            self._train(net.head, features, y, self.epochs, self.lr)
+                feats = torch.cat([net.forward_features(take(x, slice(i, i + 4096)))
+                                   for i in range(0, num_samples(x), 4096)])
+            net.head = self._build_head(members, feats.shape[1]).to(feats.device)
+            self._train(net.head, feats, y.to(feats.device), self.epochs, self.lr)
             if self.finetune_members:
                 self._train(net, x, y, self.finetune_epochs, self.finetune_lr)
         self.net_ = net.eval()

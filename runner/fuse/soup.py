@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from runner.data.batches import DataSpec
 from runner.errors import ConfigError
 from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet, describe
 
@@ -37,8 +38,8 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 class _Soup(Fusion):
-    def check_members(self, members) -> None:
-        super().check_members(members)
+    def check_members(self, members, spec: DataSpec | None = None) -> None:
+        super().check_members(members, spec)
         if len({architecture(m) for m in members}) > 1:
             raise ConfigError("ensemble.members (architecture)",
                               {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters())

@@ -13,6 +13,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
 from runner.config import OPTIMIZERS, check_optimizer
+from runner.data.batches import Chunk, Inputs, split_batch
 
 # Unix time of this process's first training step (for the timing/startup_s figure).
 first_step_at: float | None = None
@@ -27,7 +28,8 @@ class LitClassifier(pl.LightningModule):
 
     For small models Lightning's per-step bookkeeping costs more than the math, so:
     - optimization is manual and one Lightning step may take several optimizer steps: a training
-      batch is either (x, y) or a list of (x, y) batches (see TensorBatches' `chunk`);
+      batch is either one batch (see runner.data.batches) or a Chunk of (x, y) batches (see
+      TensorBatches' `chunk`);
     - on one device in full precision, with no hook overridden that Lightning's step wrappers
       would call (see `raw_steps`), a step is the plain PyTorch one plus Lightning's step count;
     - per-batch losses and predictions are kept and reduced every REDUCE_EVERY batches, then
@@ -45,10 +47,10 @@ class LitClassifier(pl.LightningModule):
         self._raw_steps = False
         self.automatic_optimization = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Inputs) -> torch.Tensor:
         return self.net(x)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: Inputs) -> torch.Tensor:
         return F.cross_entropy(logits, y)
 
     def _record(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -119,11 +121,11 @@ class LitClassifier(pl.LightningModule):
         first_step_at = first_step_at or time.time()
         self._raw_steps = self.raw_steps()
 
-    def training_step(self, batch: tuple | list[tuple], batch_idx: int) -> None:
+    def training_step(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.optimizers()
         raw = optimizer.optimizer if self._raw_steps else None
         max_steps = self.trainer.max_steps
-        for x, y in batch if isinstance(batch, list) else [batch]:
+        for x, y in batch if isinstance(batch, Chunk) else [split_batch(batch)]:
             if 0 < max_steps <= self.trainer.global_step:
                 break
             logits = self.net(x)
@@ -140,8 +142,8 @@ class LitClassifier(pl.LightningModule):
                 optimizer._on_after_step()
             self._record("train", loss, logits, y)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
         logits = self.net(x)
         self._record("val", F.cross_entropy(logits, y), logits, y)
 

@@ -19,8 +19,9 @@ class Net(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        check(in_features >= 1, "model.in_features", in_features, "an integer >= 1")
-        check(num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
+        check(isinstance(in_features, int) and in_features >= 1, "model.in_features", in_features,
+              "an integer >= 1 (${data.num_features}: inputs with one shape, not token ids)")
+        check(isinstance(num_classes, int) and num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
         self.in_features, self.num_classes = in_features, num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

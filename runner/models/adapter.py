@@ -1,0 +1,149 @@
+"""One features/head split for every model: `features(model, x)` and `head(model, f)`.
+
+Feature-level fusion and feature distillation need what a classifier computes just before its
+final layer. Found, in this order:
+- our nets (runner.models.Net): `forward_features` / `forward_head`;
+- timm models: `forward_head(forward_features(x), pre_logits=True)` and `get_classifier()`;
+- any other nn.Module: the input of its final classifier layer, named by `model.head_name` (set
+  from `head:` in the model's YAML, e.g. `head: classifier`; Hugging Face wrappers set it) or
+  else the last nn.Linear the model registers. The features are caught by a forward pre-hook
+  while the whole model runs, so nothing about the model has to change.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from runner.data.batches import Inputs
+from runner.errors import ConfigError, check
+
+
+def _is_timm(model: nn.Module) -> bool:
+    head = getattr(model, "forward_head", None)
+    return head is not None and "pre_logits" in inspect.signature(head).parameters
+
+
+def _own_split(model: nn.Module) -> bool:
+    return hasattr(model, "forward_features") and hasattr(model, "forward_head") and not _is_timm(model)
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The qualified name of the final classifier layer (None if the model has no nn.Linear)."""
+    name = getattr(model, "head_name", None)
+    if name:
+        return name
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The final classifier layer."""
+    if _own_split(model) and isinstance(getattr(model, "head", None), nn.Module):
+        return model.head
+    if _is_timm(model):
+        return model.get_classifier()
+    name = head_name(model)
+    check(name is not None, "model.head", None, "the name of the final classifier layer (the model has no nn.Linear)")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        check(False, "model.head", name, f"a submodule of {type(model).__name__}, e.g. one of {names[-5:]}")
+
+
+def features(model: nn.Module, x: Inputs) -> Tensor:
+    """What the final classifier layer sees, flattened to (batch, width)."""
+    if _own_split(model):
+        return model.forward_features(x).flatten(1)
+    if _is_timm(model):
+        return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+    caught: list[Tensor] = []
+    hook = head_module(model).register_forward_pre_hook(lambda _, args: caught.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    check(len(caught) == 1, "model.head", head_name(model),
+          f"a layer called once per forward pass (it ran {len(caught)} times)")
+    return caught[0].flatten(1)
+
+
+def head(model: nn.Module, f: Tensor) -> Tensor:
+    """Logits from features: the final classifier layer (our nets' `forward_head`)."""
+    if _own_split(model):
+        return model.forward_head(f)
+    return head_module(model)(f)
+
+
+@torch.no_grad()
+def check_split(model: nn.Module, x: Inputs, key: str = "model") -> int:
+    """Check that head(features(x)) gives the model's output on `x`; returns the feature width."""
+    was_training = model.training
+    model.eval()
+    try:
+        out, f = model(x), features(model, x)
+        check(f.dim() == 2 and torch.allclose(head(model, f).float(), out.float(), atol=1e-4, rtol=1e-4),
+              f"{key}.head", head_name(model),
+              f"the final classifier layer of {type(model).__name__} (name it with `head:` in the model's YAML; "
+              "its input must be (batch, width) and its output the model's logits)")
+    finally:
+        model.train(was_training)
+    return f.shape[1]
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, x: Inputs, num_classes: int, key: str = "model",
+                  input_spec: dict | None = None) -> None:
+    """One forward pass on real inputs before any training: the model must take them and return
+    logits of shape (batch, num_classes). A mismatch is a ConfigError naming the model and data."""
+    was_training = model.training
+    model.eval()
+    what = f"{type(model).__name__} on data inputs {input_spec}"
+    try:
+        out = model(x)
+    except Exception as e:  # noqa: BLE001 - any failure here is a model that does not fit the data
+        raise ConfigError(f"{key} / data", what, "a model that takes this data's inputs: "
+                          f"{type(e).__name__}: {e} (pick a model for this data: images need an image "
+                          "model or data.input_shape, token ids a text model)") from None
+    finally:
+        model.train(was_training)
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    check(isinstance(out, Tensor) and shape == (n, num_classes), f"{key} / data.num_classes",
+          f"{what} returned {shape}", f"logits of shape ({n}, {num_classes}): one score per class "
+          f"(data.num_classes={num_classes})")
+
+
+def build_model(node: Any, key: str = "model") -> nn.Module:
+    """Build a model config (any `_target_` returning an nn.Module). `head:` in the node names the
+    final classifier layer for the features/head split, unless the constructor takes `head` itself."""
+    from omegaconf import OmegaConf, open_dict
+
+    from runner.config import build
+
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else \
+        OmegaConf.create(dict(node))
+    name = None
+    target = node.get("_target_")
+    if "head" in node and isinstance(node.get("head"), str) and target and "head" not in _parameters(target):
+        with open_dict(node):
+            name = node.pop("head")
+    net = build(node, key)
+    check(isinstance(net, nn.Module), f"{key}._target_", target, "a callable returning an nn.Module "
+          "whose forward returns logits")
+    if name:
+        net.head_name = name
+        head_module(net)  # a wrong name fails here, naming model.head
+    return net
+
+
+def _parameters(target: str) -> list[str]:
+    from hydra.utils import get_object
+
+    try:
+        return list(inspect.signature(get_object(target)).parameters)
+    except Exception:  # noqa: BLE001 - build() reports a bad target with its key
+        return []
