@@ -13,7 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError, check
 
@@ -117,23 +118,32 @@ DATA_KEYS = ("num_classes", "num_features", "input_shape", "vocab_size", "max_le
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks of the schema (`__post_init__`), on the resolved config (values the data will
-    provide, e.g. `${data.num_classes}` of a user's own datamodule, resolve to null here)."""
+    """Range checks of the schema (`__post_init__` of its typed nodes), on the resolved config.
+
+    The untyped groups (data, model, ensemble, compress, fuse) are checked by their constructors
+    when built: model configs interpolate values the data provides (`${data.num_classes}`,
+    `${data.input_shape}`), which exist only once the data is loaded (runner.data.describe_data).
+    """
     check(OmegaConf.select(cfg, "seed") is not None, "seed", None, "an integer")
     threads = OmegaConf.select(cfg, "threads")
     check(threads is None or threads >= 1, "threads", threads, "null or an integer >= 1")
-    probe = cfg.copy()
-    if isinstance(probe.get("data"), DictConfig):
-        with open_dict(probe):
-            for key in DATA_KEYS:
-                probe.data.setdefault(key, None)
-    OmegaConf.to_object(probe)
+    for key in ("trainer", "optim", "eval", "tracking", "cache"):
+        if key in cfg:
+            OmegaConf.to_object(cfg[key])
+
+
+def interpolation_error(e: OmegaConfBaseException, key: str) -> ConfigError:
+    """A config that does not resolve, e.g. ${data.vocab_size} in a model config on data without one."""
+    return ConfigError(getattr(e, "full_key", None) or key, getattr(e, "msg", str(e)).split("\n")[0],
+                       "a value this data provides (see runner.config.DATA_KEYS), or one set in the config")
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
     """Instantiate `node` (a config with `_target_`); errors name the config key."""
     try:
         return instantiate(node, **kwargs)
+    except OmegaConfBaseException as e:
+        raise interpolation_error(e, key) from None
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, ConfigError):

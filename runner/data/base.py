@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from runner.data.batches import Chunk, Inputs, describe, num_samples, take
+from runner.data.batches import Chunk, Inputs, describe, take
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TensorBatches:
 
     def batches(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         x, y = self.x, self.y
-        if self.shuffle:  # the same permutation a RandomSampler with this generator draws
+        if self.shuffle:
             order = torch.randperm(len(y), generator=self.generator)
             x, y = take(x, order), y[order]
         for start in range(0, len(y), self.batch_size):
@@ -94,6 +94,19 @@ class ArrayDataset(Dataset):
         return (self.transform(x) if self.transform else x), self.y[i]
 
 
+class Transforms:
+    """Per-sample transforms applied in order; a class (not a closure) so DataLoader workers
+    started by spawn (macOS, Windows) can pickle it."""
+
+    def __init__(self, steps: Sequence[Callable]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, x: Any) -> Any:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
 def compose(transforms: Sequence[Callable] | Callable | None) -> Callable | None:
     """One callable from a list of per-sample transforms (built from `_target_` nodes in YAML)."""
     if transforms is None or callable(transforms):
@@ -101,16 +114,22 @@ def compose(transforms: Sequence[Callable] | Callable | None) -> Callable | None
     steps = list(transforms)
     for i, t in enumerate(steps):
         check(callable(t), f"data.train_transforms[{i}]", t, "a callable (a `_target_` node, e.g. "
-              "torchvision.transforms.v2.RandomCrop with the vision extra)")
-    if not steps:
-        return None
+              "torchvision.transforms.v2.RandomCrop with the vision extra) taking and returning one input")
+    return Transforms(steps) if steps else None
 
-    def apply(x: Any) -> Any:
-        for t in steps:
-            x = t(x)
-        return x
 
-    return apply
+class Shuffled(Sampler):
+    """One permutation per epoch from its own generator: the order TensorBatches slices in
+    (torch's RandomSampler draws a second, empty permutation each epoch, which shifts the next)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
 def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
@@ -118,7 +137,7 @@ def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers:
     """A DataLoader whose shuffle order follows torch's global RNG (the member's seed), drawn from a
     generator of its own: the worker seeds come from another, so they do not shift the order."""
     seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    sampler = Shuffled(len(dataset), seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed + 1))

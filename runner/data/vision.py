@@ -23,7 +23,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
-from runner.data.base import ArrayDataModule, Split
+from runner.data.base import ArrayDataModule, Split, compose
 from runner.data.sources import DatasetDataModule
 from runner.errors import ConfigError, check
 
@@ -184,29 +184,6 @@ class TorchvisionFormat(ArrayDataModule):
         return images[:, None], labels.astype(np.int64)
 
 
-class Transforms:
-    """Per-sample transforms applied in order; a class (not a closure) so DataLoader workers
-    started by spawn (macOS, Windows) can pickle it."""
-
-    def __init__(self, steps: Sequence[Callable]) -> None:
-        self.steps = list(steps)
-
-    def __call__(self, x: Any) -> Any:
-        for step in self.steps:
-            x = step(x)
-        return x
-
-
-def _transforms(transforms: Sequence[Callable] | Callable | None) -> Callable | None:
-    if transforms is None or callable(transforms):
-        return transforms
-    steps = list(transforms)
-    for i, t in enumerate(steps):
-        check(callable(t), f"data.train_transforms[{i}]", t, "a callable (a `_target_` node) taking and "
-              "returning a CHW float tensor")
-    return Transforms(steps) if steps else None
-
-
 class ImageFiles(Dataset):
     """Images read lazily from `paths` with Pillow: converted to `mode` ("L" or "RGB"), resized to
     `size` (H, W) when `resize`, else checked to be that size, as CHW float tensors in [0, 1],
@@ -314,7 +291,7 @@ class ImageFolder(DatasetDataModule):
         self.test_fraction, self.channels = test_fraction, channels
         self.image_size = _image_size(image_size)
         self.mean, self.std = _stats(mean, "data.mean"), _stats(std, "data.std")
-        self.train_transform = _transforms(train_transforms)
+        self.train_transform = compose(train_transforms)
         self.classes: list[str] = []
 
     def datasets(self) -> dict[str, Dataset | None]:

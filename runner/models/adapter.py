@@ -67,7 +67,8 @@ def features(model: nn.Module, x: Inputs) -> Tensor:
     finally:
         hook.remove()
     check(len(caught) == 1, "model.head", head_name(model),
-          f"a layer called once per forward pass (it ran {len(caught)} times)")
+          f"the final classifier layer of {type(model).__name__}, called once per forward pass (this one ran "
+          f"{len(caught)} times): name it with `head:` in the model's YAML")
     return caught[0].flatten(1)
 
 
@@ -122,10 +123,14 @@ def build_model(node: Any, key: str = "model") -> nn.Module:
     final classifier layer for the features/head split, unless the constructor takes `head` itself."""
     from omegaconf import OmegaConf, open_dict
 
-    from runner.config import build
+    from omegaconf.errors import OmegaConfBaseException
 
-    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True)) if OmegaConf.is_config(node) else \
-        OmegaConf.create(dict(node))
+    from runner.config import build, interpolation_error
+
+    try:
+        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
+    except OmegaConfBaseException as e:
+        raise interpolation_error(e, key) from None
     name = None
     target = node.get("_target_")
     if "head" in node and isinstance(node.get("head"), str) and target and "head" not in _parameters(target):

@@ -29,8 +29,9 @@ def image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C, H, W) unchanged; flat (B, C*H*W) rows reshaped to images."""
-    return x if x.dim() == 4 else x.reshape(x.shape[0], *shape)
+    """(B, C, H, W) images, also from flat (B, C*H*W) rows. No branch on the input's rank, so
+    torch.fx can trace the model (static int8 quantization needs that)."""
+    return x.reshape(x.shape[0], *shape)
 
 
 class LeNet300(Net):
