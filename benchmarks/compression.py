@@ -33,7 +33,7 @@ from runner.compress import (  # noqa: E402
     CompressContext, GradualPrune, MagnitudePrune, Recipe, StaticQuantize, build_recipe, compression_report, weight_bytes,
 )
 from runner.compress.prune import weight_sparsity  # noqa: E402,F401
-from runner.data import MNIST1D  # noqa: E402
+from runner.data import MNIST1D, DataSpec  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.evaluate import evaluate_model, latency_ms  # noqa: E402
 from runner.models import CNN1D, MLP, LitClassifier  # noqa: E402
@@ -81,7 +81,7 @@ def train(net: nn.Module, dm, seed: int, epochs: int) -> nn.Module:
 
 
 def evaluate(model: nn.Module, dm, x_lat: torch.Tensor, repeats: int) -> dict[str, float]:
-    metrics, _, _ = evaluate_model(model, dm.test_dataloader(), dm.num_classes, ["acc", "f1"],
+    metrics, _, _, _ = evaluate_model(model, dm.test_dataloader(), dm.num_classes, ["acc", "f1"],
                                    latency_batch=x_lat, latency_repeats=repeats)
     return {**metrics, "weight_bytes": weight_bytes(model)}
 
@@ -106,7 +106,7 @@ def compression_table(dm, args) -> None:
             todo["deep_compression_static"] = Recipe(all_recipes["deep_compression"].steps[:2] + [StaticQuantize()])
         for name, recipe in todo.items():
             try:
-                recipe.check(member, 10)
+                recipe.check(member, DataSpec(10, x_lat[:8], dm.input_spec))
             except ConfigError as e:
                 print(f"{kind:6} {name:24} n/a: {e.allowed[:60]}")
                 continue

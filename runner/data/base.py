@@ -167,7 +167,20 @@ def check_num_classes(num_classes: int | None, labels: Sequence[torch.Tensor]) -
     return num_classes
 
 
-class ArrayDataModule(pl.LightningDataModule):
+class SplitLoaders:
+    """train/val/test loaders of a datamodule from its one `loader(split, shuffle)` method."""
+
+    def train_dataloader(self) -> Any:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> Any:
+        return self.loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self.loader("test")
+
+
+class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
     """Base class of in-memory sources: subclasses implement `load()` returning
     {"train": (x, y), "test": (x, y)} and optionally "val"; `preprocess` turns raw splits (texts,
     tables) into arrays, fitted on the training split only.
@@ -273,15 +286,6 @@ class ArrayDataModule(pl.LightningDataModule):
             return TensorBatches(x, y, size, shuffle=shuffle, seed=seed, chunk=chunk)
         transform = self.train_transform if split == "train" else None
         return seeded_loader(ArrayDataset(x, y, transform), size, shuffle, self.num_workers, self.pin_memory)
-
-    def train_dataloader(self) -> Any:
-        return self.loader("train", shuffle=True)
-
-    def val_dataloader(self) -> Any:
-        return self.loader("val")
-
-    def test_dataloader(self) -> Any:
-        return self.loader("test")
 
 
 def _rows(x: Any, index: np.ndarray) -> Any:

@@ -16,7 +16,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
-from runner.data.base import ArrayDataModule, check_num_classes, check_split_settings, seeded_loader
+from runner.data.base import ArrayDataModule, SplitLoaders, check_num_classes, check_split_settings, seeded_loader
 from runner.data.batches import DataSpec, describe, first_inputs, split_batch
 from runner.errors import ConfigError, check
 
@@ -35,7 +35,7 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([int(split_batch(dataset[i])[1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-class DatasetDataModule(pl.LightningDataModule):
+class DatasetDataModule(SplitLoaders, pl.LightningDataModule):
     """torch Datasets for train and test (and val, or a stratified `val_fraction` of train).
 
     Samples are `(x, y)` or dicts with labels; DataLoaders use `num_workers` processes and pinned
@@ -81,15 +81,6 @@ class DatasetDataModule(pl.LightningDataModule):
         self.setup()
         size = self.batch_size if split == "train" else self.eval_batch_size
         return seeded_loader(self.data[split], size, shuffle, self.num_workers, self.pin_memory)
-
-    def train_dataloader(self) -> Any:
-        return self.loader("train", shuffle=True)
-
-    def val_dataloader(self) -> Any:
-        return self.loader("val")
-
-    def test_dataloader(self) -> Any:
-        return self.loader("test")
 
 
 class LightningSource(pl.LightningDataModule):
