@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from runner.errors import ConfigError, check
 
@@ -134,6 +134,8 @@ def validate(cfg: DictConfig) -> None:
 
 def interpolation_error(e: OmegaConfBaseException, key: str) -> ConfigError:
     """A config that does not resolve, e.g. ${data.vocab_size} in a model config on data without one."""
+    if isinstance(e, MissingMandatoryValue):
+        return ConfigError(getattr(e, "full_key", None) or key, "???", "a value: this key is required")
     return ConfigError(getattr(e, "full_key", None) or key, getattr(e, "msg", str(e)).split("\n")[0],
                        "a value this data provides (see runner.config.DATA_KEYS), or one set in the config")
 

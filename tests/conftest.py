@@ -24,16 +24,16 @@ FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_pro
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None) -> DictConfig:
     """The real config, shrunk to tiny settings; MLflow and caches under tmp_path."""
-    mnist1d = not any(o.startswith("data=") and o != "data=mnist1d" for o in overrides)
-    # MLflow in-process: a worker per test store would add seconds per test (tests/test_tracking.py
-    # and the command-line tests cover the default, background=true)
-    tiny = ["trainer=fast", "eval.latency_repeats=2", "tracking.background=false"]
-    tiny += ["data.num_samples=600"] if mnist1d else []
-    if tmp_path is not None:
-        tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"tracking.artifact_location={tmp_path}/mlartifacts", f"cache.dir={tmp_path}/cache"]
-        tiny += [f"data.cache_dir={tmp_path}/data"] if mnist1d else []
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        mnist1d = compose("config", overrides=list(overrides)).data.get("_target_") == "runner.data.MNIST1D"
+        # MLflow in-process: a worker per test store would add seconds per test (tests/test_tracking.py
+        # and the command-line tests cover the default, background=true)
+        tiny = ["trainer=fast", "eval.latency_repeats=2", "tracking.background=false"]
+        tiny += ["data.num_samples=600"] if mnist1d else []
+        if tmp_path is not None:
+            tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                     f"tracking.artifact_location={tmp_path}/mlartifacts", f"cache.dir={tmp_path}/cache"]
+            tiny += [f"data.cache_dir={tmp_path}/data"] if mnist1d else []
         return compose("config", overrides=tiny + list(overrides))
 
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf.errors import ValidationError
 
 from runner.config import build, validate
-from runner.data import as_source, describe_data
+from runner.data import as_source, describe_data, split_batch
 from runner.errors import ConfigError
 from runner.members import plan_members
 from runner.models.adapter import check_forward
@@ -39,15 +39,18 @@ def test_data_configs(name, tmp_path):
     """Every data option builds; the offline ones load and tell the models what they need."""
     extra = ["data.path=some/file.csv"] if name in ("image_folder", "table", "text") else []
     extra += ["data.label=y"] if name == "table" else []
+    extra += [f"data.{part}={{_target_:test_byo.DictDigits,part:{part}}}" for part in ("train", "test")
+              if name == "dataset"]
     cfg = compose_config([f"data={name}", *extra], tmp_path)
     validate(cfg)
     dm = as_source(build(cfg.data, "data"))
     if name in FILE_SOURCES:  # loading them is tested on files the tests write (test_vision_data, ...)
         return
     spec = describe_data(cfg, dm)
-    assert cfg.data.num_classes == spec.num_classes == len(set(dm.splits["train"][1].tolist()))
-    assert cfg.data.input_shape == list(dm.splits["train"][0].shape[1:]) == list(spec.example.shape[1:])
-    assert cfg.data.num_features == dm.splits["train"][0][0].numel()
+    labels = torch.cat([split_batch(b)[1] for b in dm.train_dataloader()])
+    assert cfg.data.num_classes == spec.num_classes == len(set(labels.tolist()))
+    assert cfg.data.input_shape == list(spec.example.shape[1:])
+    assert cfg.data.num_features == spec.example[0].numel()
 
 
 # Models for images or token ids are built on data of that kind; the rest on MNIST-1D and wine.
@@ -121,8 +124,9 @@ def test_compress_configs(name, tmp_path):
 def test_experiment_configs(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
     validate(cfg)
-    build(cfg.data, "data")
-    plan_members(cfg)
+    describe_data(cfg, as_source(build(cfg.data, "data")))
+    ens = cfg.ensemble or {}
+    assert len(plan_members(cfg)) == len(ens.get("members") or [None]) * len(ens.get("seeds") or [cfg.seed])
 
 
 # --- bad input: a clear message naming the key, the value and what is allowed -------------------
