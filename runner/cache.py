@@ -7,12 +7,14 @@ job never leaves a half-written entry, and an entry whose checksum does not matc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import shutil
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,49 @@ def digest(spec: Any) -> str:
         return node
 
     return hashlib.sha256(json.dumps(strip(spec), sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _module_version(module: Any) -> str | None:
+    top = sys.modules.get(module.__name__.split(".")[0])
+    return str(getattr(top, "__version__", None) or "") or None
+
+
+@functools.cache
+def _runner_digest() -> str:
+    """All of the runner's own source: any change to it changes every key."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_digest(objects: Iterable[Any]) -> dict[str, str]:
+    """What code the results of `objects` depend on: the runner's source, the source file of every
+    class behind them that is not an installed library (a user's own modules: their models,
+    datamodules, transforms), and the version of each installed library they come from.
+
+    Module objects are walked (every submodule's class counts). Part of the member cache key and
+    of the finished-job check, so a result made by other code is never reused.
+    """
+    covered: dict[str, str] = {"runner": _runner_digest()}
+    classes = set()
+    for obj in objects:
+        items = obj.modules() if isinstance(obj, nn.Module) else [obj]
+        classes.update(cls for item in items for cls in type(item).__mro__)
+    for cls in classes:
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None)
+        if module is None or path is None or cls.__module__.split(".")[0] in ("runner", "builtins"):
+            continue
+        if any(part in ("site-packages", "dist-packages") for part in Path(path).parts) \
+                or Path(path).is_relative_to(sys.base_prefix):
+            version = _module_version(module)
+            if version:
+                covered[cls.__module__.split(".")[0]] = version
+        else:
+            covered[cls.__module__] = file_sha256(Path(path))[:16]
+    return dict(sorted(covered.items()))
 
 
 def file_sha256(path: Path) -> str:
@@ -89,6 +134,13 @@ class MemberCache:
         last = folder / "last.ckpt"
         callback = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, every_n_epochs=1,
                                    enable_version_counter=False)
+        if last.exists():
+            try:  # a job killed while writing it leaves a truncated file: start over rather than crash
+                torch.load(last, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any damage means: train from scratch
+                log.warning("checkpoint %s is unreadable (%s: %s); discarded, training from scratch",
+                            last, type(e).__name__, e)
+                last.unlink(missing_ok=True)
         return callback, str(last) if last.exists() else None
 
     def drop_checkpoint(self, key: str) -> None:

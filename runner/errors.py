@@ -15,3 +15,7 @@ class ConfigError(ValueError):
 def check(condition: bool, key: str, value: Any, allowed: Any) -> None:
     if not condition:
         raise ConfigError(key, value, allowed)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite: training stops and the job's run ends FAILED."""

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from runner.cache import MemberCache, digest
+from runner.cache import MemberCache, code_digest, digest
 from runner.models.adapter import build_model
 from runner.errors import check
 from runner.train import train_classifier
@@ -69,11 +69,14 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
                  cache: MemberCache, logger: Any = None) -> bool:
     """Train `member.net` in place, or load it from the cache; True on a cache hit.
 
-    The cache key covers the data, trainer and optimizer settings, the seed and the initial
-    weights; a long member saves a checkpoint every epoch and resumes from it after a kill.
+    The cache key covers the data, trainer and optimizer settings, the seed, the initial weights
+    and the code of the model, the data source and the runner (runner.cache.code_digest); a long
+    member saves a checkpoint every epoch and resumes from it after a kill.
     """
     spec = OmegaConf.to_container(OmegaConf.create({"data": data, "trainer": trainer, "optim": optim}), resolve=True)
-    key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed})
+    code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)])
+    key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,
+                  "code": code})
     if cache.load(key, member.net):
         log.info("member %s: cache hit %s", member.name, key)
         member.net.eval()
@@ -85,7 +88,7 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     pl.seed_everything(member.seed, verbose=False)
     train_classifier(member.net, datamodule, trainer, optim, logger,
                      callbacks=[checkpoint] if checkpoint else [], ckpt_path=resume_from)
-    cache.save(key, member.net, {"member": member.name, "spec": spec})
+    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code})
     cache.drop_checkpoint(key)
     return False
 

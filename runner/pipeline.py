@@ -1,13 +1,14 @@
 """run(cfg): the whole experiment, top to bottom. Details live in the packages it calls."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from runner.cache import MemberCache, digest
+from runner.cache import MemberCache, code_digest, digest
 from runner.compress import CompressContext, build_recipe, compression_report
 from runner.config import build, validate
 from runner.data import as_source, describe_data
@@ -53,8 +54,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
 
     # 2. A job whose exact config already finished is not run again.
-    job = {"role": "job", "job_hash": digest(OmegaConf.to_container(OmegaConf.masked_copy(
-        cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True))}
+    # ... the same config run by the same code, that is: the runner's and the user's own modules.
+    code = code_digest([*(m.net for m in members), datamodule, getattr(datamodule, "inner", None),
+                        *recipe.steps, strategy])
+    job = {"role": "job", "job_hash": digest({"config": OmegaConf.to_container(OmegaConf.masked_copy(
+        cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True), "code": code})}
     if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
         log.info("skipping: this config already finished as MLflow run %s", done[0].run_id)
         return dict(done[0].metrics)
@@ -68,6 +72,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
     with tracker.run(name, params, run_tags, parent_id) as run_id:
         tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+        tracker.log_text(run_id, json.dumps(code, indent=1), "code.json")  # what the job hash covered
         recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags)
 
         # 3. Members: trained on train (or loaded from the cache), evaluated on test.

@@ -14,6 +14,7 @@ from torch import nn
 
 from runner.config import OPTIMIZERS, check_optimizer
 from runner.data.batches import Chunk, Inputs, split_batch
+from runner.errors import TrainingDiverged
 
 # Unix time of this process's first training step (for the timing/startup_s figure).
 first_step_at: float | None = None
@@ -82,6 +83,10 @@ class LitClassifier(pl.LightningModule):
         if not count:
             return
         means = (sums / count).cpu()
+        if not torch.isfinite(means[0]):  # NaN metrics must never reach a FINISHED run
+            raise TrainingDiverged(f"training diverged: the mean {split} loss of epoch {self.current_epoch} is "
+                                   f"{float(means[0])} (optim.lr={self.lr}, optim.name={self.optimizer}); "
+                                   "lower the learning rate")
         metrics = {f"{split}/loss": means[0], f"{split}/acc": means[1]}
         self.trainer.callback_metrics.update(metrics)
         for logger in self.loggers:

@@ -1,0 +1,82 @@
+"""Results you can trust: a result made by other code is never reused, divergence fails the run,
+a damaged checkpoint is discarded."""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import mlflow
+import pytest
+
+from conftest import compose_config
+from runner.cache import MemberCache, code_digest
+from runner.errors import TrainingDiverged
+from runner.pipeline import run
+
+MODEL = textwrap.dedent("""
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self, in_features, num_classes):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(in_features, 16), nn.{act}())
+            self.classifier = nn.Linear(16, num_classes)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+""")
+
+
+def job_runs(tmp_path) -> list:
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("runner")
+    return client.search_runs([experiment.experiment_id], "tags.role = 'job'")
+
+
+def test_changed_user_code_is_neither_skipped_nor_served_from_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "user_tiny.py").write_text(MODEL.format(act="ReLU"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = ["data=wine", "model._target_=user_tiny.Tiny", "~model.in_features", "~model.num_classes",
+                 "~model.channels", "+model.in_features=13", "+model.num_classes=3"]
+    first = run(compose_config(overrides, tmp_path))
+    again = run(compose_config(overrides, tmp_path))  # same code: skipped, the same results
+    assert {k: again[k] for k in first} == pytest.approx(first) and len(job_runs(tmp_path)) == 1
+    (tmp_path / "user_tiny.py").write_text(MODEL.format(act="Tanh"))  # the user edits the model
+    run(compose_config(overrides, tmp_path))
+    runs = job_runs(tmp_path)
+    assert len(runs) == 2 and len({r.data.tags["job_hash"] for r in runs}) == 2
+    assert len(list((tmp_path / "cache" / "members").iterdir())) == 2  # retrained, not loaded
+    sys.modules.pop("user_tiny", None)
+
+
+def test_code_digest_covers_user_modules_the_runner_and_libraries(tmp_path, monkeypatch):
+    (tmp_path / "user_tiny.py").write_text(MODEL.format(act="ReLU"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_tiny
+
+    before = code_digest([user_tiny.Tiny(4, 2)])
+    assert set(before) == {"runner", "torch", "user_tiny"}
+    (tmp_path / "user_tiny.py").write_text(MODEL.format(act="Tanh"))
+    after = code_digest([user_tiny.Tiny(4, 2)])
+    assert after["user_tiny"] != before["user_tiny"] and after["runner"] == before["runner"]
+    sys.modules.pop("user_tiny", None)
+
+
+def test_divergence_fails_the_run_naming_epoch_and_lr(tmp_path):
+    cfg = compose_config(["optim.lr=1e9", "trainer.max_epochs=2", "trainer.limit_train_batches=null"], tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"epoch 0 is nan \(optim.lr=1000000000.0"):
+        run(cfg)
+    [job] = job_runs(tmp_path)
+    assert job.info.status == "FAILED"
+    with pytest.raises(TrainingDiverged):  # a relaunch is not skipped: it fails again
+        run(cfg)
+
+
+def test_a_truncated_checkpoint_is_discarded(tmp_path, caplog):
+    cache = MemberCache(str(tmp_path))
+    folder = tmp_path / "checkpoints" / "k"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    callback, resume_from = cache.checkpoint("k")
+    assert resume_from is None and callback is not None and not (folder / "last.ckpt").exists()
+    assert "unreadable" in caplog.text
