@@ -91,7 +91,7 @@ def test_recipe_contract(name, mnist1d_small, trained_mlps, trained_cnn):
         metrics, probs, _, _ = evaluate_model(out, mnist1d_small.test_dataloader(), 10, ["acc", "f1"],
                                            latency_batch=x[:64], latency_repeats=2)
         assert 0.0 <= metrics["acc"] <= 1.0  # accuracy itself is measured by benchmarks/compression.py
-        assert torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-4)
+        assert torch.allclose(probs.sum(1), torch.ones(len(y), dtype=probs.dtype), atol=1e-4)
         assert not any("_orig" in k or "_mask" in k for k in out.state_dict())  # masks made permanent
         base = size_metrics(model)
         if name.startswith("prune_") and name != "prune_structured":

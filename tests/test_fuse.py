@@ -100,7 +100,7 @@ def test_fuse_config_contract(name, shared_init_mlps, mnist1d_small):
     assert strategy.fit(shared_init_mlps, mnist1d_small.val_dataloader()) is strategy
     probs = strategy.predict_proba(x)
     assert probs.shape == (len(y), 10)
-    assert torch.allclose(probs.sum(1), torch.ones(len(y)), atol=1e-5) and (probs >= 0).all()
+    assert torch.allclose(probs.sum(1), torch.ones(len(y), dtype=probs.dtype), atol=1e-5) and (probs >= 0).all()
     assert torch.equal(strategy.predict(x), probs.argmax(1))
     with torch.no_grad():
         log_probs = strategy.as_module()(x)

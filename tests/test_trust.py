@@ -7,10 +7,14 @@ import textwrap
 
 import mlflow
 import pytest
+import torch
+from sklearn.metrics import log_loss
 
 from conftest import compose_config
 from runner.cache import MemberCache, code_digest
 from runner.errors import TrainingDiverged
+from runner.evaluate import evaluate_model
+from runner.fuse import HardVoting
 from runner.pipeline import run
 
 MODEL = textwrap.dedent("""
@@ -80,3 +84,36 @@ def test_a_truncated_checkpoint_is_discarded(tmp_path, caplog):
     callback, resume_from = cache.checkpoint("k")
     assert resume_from is None and callback is not None and not (folder / "last.ckpt").exists()
     assert "unreadable" in caplog.text
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits[x.long().flatten()]
+
+
+def test_nll_is_exact_and_equals_sklearn_log_loss():
+    """A confident mistake (the true class ~1e-13 likely) once hit the 1e-12 floor: 27.6 instead of 30."""
+    logits = torch.tensor([[0.0, 30.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 0, 2, 1])
+    batches = [(torch.arange(4.0)[:, None], y)]
+    metrics, probs, _, _ = evaluate_model(FixedLogits(logits), batches, 3, ["nll"])
+    exact = float(-torch.log_softmax(logits.double(), 1)[torch.arange(4), y].mean())
+    assert metrics["nll"] == pytest.approx(exact, rel=1e-12)
+    assert metrics["nll"] == pytest.approx(log_loss(y.numpy(), probs.numpy(), labels=[0, 1, 2]), rel=1e-12)
+    assert metrics["nll"] > 30 / 4  # the confident mistake counts in full
+
+
+def test_hard_voting_nll_comes_from_smoothed_vote_shares():
+    members = torch.tensor([[[0.9, 0.1]], [[0.8, 0.2]], [[0.3, 0.7]]], dtype=torch.float64)  # votes 0, 0, 1
+    vote = HardVoting().fit_outputs(members, torch.tensor([1]))
+    p = vote.combine(members)
+    # shares (2/3, 1/3) and one uniform pseudo-member of weight 1/3: (share + 1/6) / (4/3)
+    assert torch.allclose(p, torch.tensor([[(2 / 3 + 1 / 6) * 0.75, (1 / 3 + 1 / 6) * 0.75]], dtype=torch.float64))
+    assert vote.combine(members).argmax(1).item() == 0
+    unanimous = torch.tensor([[[0.9, 0.1]], [[0.8, 0.2]]], dtype=torch.float64)
+    raw = HardVoting(smoothing=0).fit_outputs(unanimous, torch.tensor([1])).combine(unanimous)
+    assert raw[0, 1] == 0  # a wrong unanimous vote: probability 0, NLL infinite without smoothing

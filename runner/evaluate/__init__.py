@@ -28,7 +28,10 @@ from torchmetrics.functional.classification import (
 
 
 def _nll(probs: torch.Tensor, target: torch.Tensor, num_classes: int, bins: int) -> torch.Tensor:
-    return F.nll_loss(probs.clamp_min(1e-12).log(), target)
+    """The mean negative log-likelihood of the targets, in float64 and with no floor: probabilities
+    come from a float64 softmax, so this is scikit-learn's log_loss on them (which only clips below
+    float64's eps, a log-likelihood under -36)."""
+    return -probs.double().gather(1, target[:, None]).log().mean()
 
 
 # name -> fn(probs, target, num_classes, ece_bins); macro averages over classes.
@@ -49,7 +52,7 @@ def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, to
     probs, targets = [], []
     for batch in batches:
         x, y = split_batch(batch)
-        probs.append(torch.softmax(model(x).float(), dim=1))
+        probs.append(torch.softmax(model(x).double(), dim=1))  # float64: exact NLL (see _nll)
         targets.append(y)
     return torch.cat(probs), torch.cat(targets)
 

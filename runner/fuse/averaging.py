@@ -62,19 +62,24 @@ class ProbabilityMean(SoftVoting):
 class HardVoting(OutputFusion):
     """Majority vote of member argmaxes; ties go to the lowest class index (as in scikit-learn).
 
-    predict_proba returns the (weighted) vote shares, so its argmax is the vote; as
-    probabilities they are coarse (zeros give a large NLL).
+    predict_proba returns the (weighted) vote shares smoothed by `smoothing` uniform pseudo-members
+    of a member's weight each: (shares + s/(M*C)) / (1 + s/M). The argmax (the vote) is unchanged;
+    without smoothing (0) a unanimous wrong vote has probability 0 and the NLL is infinite.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None) -> None:
+    def __init__(self, weights: Sequence[float] | None = None, smoothing: float = 1.0) -> None:
         self.weights = _fixed_weights(weights)
+        check(smoothing >= 0, "fuse.smoothing", smoothing, "a float >= 0 (uniform pseudo-members; 0: raw shares)")
+        self.smoothing = float(smoothing)
 
     def _fit_outputs(self, member_probs: Tensor, y: Tensor) -> None:
         self.weights_ = _check_count(self.weights, len(member_probs))
 
     def _combine(self, member_probs: Tensor) -> Tensor:
-        votes = F.one_hot(member_probs.argmax(2), member_probs.shape[2]).to(member_probs)
-        return weighted_mean(votes, self.weights_)
+        m, c = member_probs.shape[0], member_probs.shape[2]
+        votes = F.one_hot(member_probs.argmax(2), c).to(member_probs)
+        pseudo = self.smoothing / m
+        return (weighted_mean(votes, self.weights_) + pseudo / c) / (1 + pseudo)
 
 
 class WeightedAverage(OutputFusion):

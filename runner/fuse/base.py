@@ -37,7 +37,7 @@ def member_probs(members: Sequence[nn.Module], x: Inputs, batch_size: int = 4096
     out, n = [], num_samples(x)
     for m in members:
         m.eval()
-        out.append(torch.cat([torch.softmax(m(take(x, slice(i, i + batch_size))).float(), 1)
+        out.append(torch.cat([torch.softmax(m(take(x, slice(i, i + batch_size))).double(), 1)
                               for i in range(0, n, batch_size)]))
     widths = {p.shape[1] for p in out}
     if len(widths) > 1:
@@ -114,7 +114,7 @@ class OutputFusion(Fusion):
         """Fit on member validation probabilities (M, N, C) and labels (N,)."""
         check(member_probs.dim() == 3 and member_probs.shape[1] == len(y), "fuse.fit_outputs",
               tuple(member_probs.shape), f"member probabilities of shape (M, {len(y)}, C)")
-        self._fit_outputs(member_probs.float(), y.long())
+        self._fit_outputs(member_probs.double(), y.long())
         self.n_members_, self.num_classes_ = member_probs.shape[0], member_probs.shape[2]
         return self
 
@@ -126,7 +126,7 @@ class OutputFusion(Fusion):
         check_is_fitted(self, "n_members_")
         check(tuple(member_probs.shape[::2]) == (self.n_members_, self.num_classes_), "fuse.combine",
               tuple(member_probs.shape), f"shape ({self.n_members_}, N, {self.num_classes_})")
-        return self._combine(member_probs.float())
+        return self._combine(member_probs.double()).to(member_probs.dtype)  # computed in float64
 
     def _combine(self, member_probs: Tensor) -> Tensor:
         raise NotImplementedError
@@ -149,8 +149,8 @@ class OutputEnsemble(nn.Module):
         self.fusion = fusion
 
     def forward(self, x: Tensor) -> Tensor:
-        probs = torch.stack([torch.softmax(m(x).float(), 1) for m in self.members])
-        return self.fusion.combine(probs).clamp_min(1e-12).log()
+        probs = torch.stack([torch.softmax(m(x).double(), 1) for m in self.members])
+        return self.fusion.combine(probs).log()
 
 
 class LogSoftmaxNet(nn.Module):
