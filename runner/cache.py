@@ -22,6 +22,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from runner.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Keys that change how a member is trained; everything else (progress bars, eval batch size,
@@ -92,6 +94,19 @@ class MemberCache:
 
     def __init__(self, root: str | None) -> None:
         self.root = Path(root) if root else None
+
+    def check_writable(self) -> None:
+        """Fail before any training if the cache folder cannot be written."""
+        if self.root is None:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError("cache.dir", str(self.root), f"a folder this process can write, or null to disable "
+                              f"the cache ({type(e).__name__}: {e})") from None
 
     def entry(self, key: str) -> Path | None:
         return self.root / "members" / key if self.root else None

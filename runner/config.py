@@ -23,6 +23,28 @@ from runner.errors import ConfigError, check
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 METRICS = ("acc", "precision", "recall", "f1", "nll", "ece")
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}  # name -> torch.optim class
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
+SEED_RANGE = 2**32  # numpy's and scikit-learn's random_state range
+
+
+def _limit(value: Any) -> bool:
+    """Lightning's batch limits: null, a number of batches (int >= 0) or a fraction in [0, 1]."""
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return False
+    return (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+
+
+def _devices(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1 or value == -1
+    if isinstance(value, str):
+        return value == "auto" or value.isdigit() and int(value) >= 1 or value == "-1"
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 def check_optimizer(name: str, lr: float, weight_decay: float) -> None:
@@ -44,8 +66,17 @@ class TrainerConf:
     steps_per_call: int = 0  # optimizer steps per Lightning step on in-memory data; 0 = a whole epoch
     deterministic: bool = False
     enable_progress_bar: bool = False
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
+        for key in ("limit_train_batches", "limit_val_batches"):
+            value = getattr(self, key)
+            check(_limit(value), f"trainer.{key}", value, "null, a number of batches (an integer >= 0) or a "
+                  "fraction in [0.0, 1.0]")
+        check(_devices(self.devices), "trainer.devices", self.devices, "'auto', an integer >= 1, -1 (all) or a "
+              "list of device indices")
+        check(str(self.precision) in PRECISIONS, "trainer.precision", self.precision, list(PRECISIONS))
+        check(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, list(STRATEGIES))
         check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
         check(self.max_steps == -1 or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
         check(self.steps_per_call >= 0, "trainer.steps_per_call", self.steps_per_call, "0 (a whole epoch) or an integer >= 1")
@@ -61,6 +92,7 @@ class OptimConf:
 
     def __post_init__(self) -> None:
         check_optimizer(self.name, self.lr, self.weight_decay)
+        check(self.momentum >= 0, "optim.momentum", self.momentum, "a float >= 0 (used by sgd)")
 
 
 @dataclass
@@ -85,6 +117,10 @@ class TrackingConf:
     experiment: str = "runner"
     artifact_location: Optional[str] = "outputs/mlartifacts"
     background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
+
+    def __post_init__(self) -> None:
+        check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
+        check(bool(self.uri.strip()), "tracking.uri", self.uri, "an MLflow tracking URI (sqlite:///..., http://...)")
 
 
 @dataclass
@@ -124,7 +160,15 @@ def validate(cfg: DictConfig) -> None:
     when built: model configs interpolate values the data provides (`${data.num_classes}`,
     `${data.input_shape}`), which exist only once the data is loaded (runner.data.describe_data).
     """
-    check(OmegaConf.select(cfg, "seed") is not None, "seed", None, "an integer")
+    seed = OmegaConf.select(cfg, "seed")
+    check(isinstance(seed, int) and 0 <= seed < SEED_RANGE, "seed", seed, f"an integer in [0, {SEED_RANGE})")
+    unknown = sorted(set(cfg) - set(RunConf.__dataclass_fields__))
+    check(not unknown, unknown[0] if unknown else "", "(a key added with +)",
+          f"the top-level keys {sorted(RunConf.__dataclass_fields__)}")
+    for key in ("split_seed", "dataset_seed"):
+        value = OmegaConf.select(cfg, f"data.{key}")
+        check(value is None or (isinstance(value, int) and 0 <= value < SEED_RANGE), f"data.{key}", value,
+              f"an integer in [0, {SEED_RANGE})")
     threads = OmegaConf.select(cfg, "threads")
     check(threads is None or threads >= 1, "threads", threads, "null or an integer >= 1")
     for key in ("trainer", "optim", "eval", "tracking", "cache"):

@@ -45,6 +45,8 @@ def plan_members(cfg: DictConfig) -> list[Member]:
     """
     ens = cfg.ensemble or {}
     specs = dict(ens.get("members") or {}) or {None: cfg.model}
+    check(ens.get("seeds") is None or len(ens.get("seeds")) >= 1, "ensemble.seeds", ens.get("seeds"),
+          "a non-empty list of seeds (or null: the top-level seed)")
     seeds = list(ens.get("seeds") or [cfg.seed])
     check(len(set(seeds)) == len(seeds), "ensemble.seeds", seeds, "distinct integers")
     check(int(ens.get("pretrain_epochs") or 0) >= 0, "ensemble.pretrain_epochs", ens.get("pretrain_epochs"),

@@ -20,6 +20,7 @@ from runner.members import plan_members, pretrain_shared_start, train_member
 from runner.models import lit
 from runner.models.adapter import check_forward
 from runner.timing import process_start_time
+from runner.train import check_devices
 from runner.tracking import BackgroundTracker, EpochMetricsLogger, Tracker, flatten, source_tags
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     recipe = build_recipe(cfg.compress)
     for member in members:
         recipe.check(member.net, spec, ensemble=strategy is not None)
+    check_devices(cfg.trainer)
+    cache = MemberCache(cfg.cache.dir)
+    cache.check_writable()
     tracker = tracker or build(cfg.tracking, "tracking")
     busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
 
@@ -65,7 +69,6 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     for stale in tracker.find_runs(job, "RUNNING"):  # a job killed by SIGKILL never said goodbye
         tracker.end_run(stale.run_id, "FAILED")
 
-    cache = MemberCache(cfg.cache.dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     params = flatten(resolved)
     run_tags = {**source_tags(overrides), **job, **(tags or {})}

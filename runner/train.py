@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 
+from runner.errors import check
 from runner.models import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,20 @@ warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not e
 warnings.filterwarnings("ignore", ".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
+
+
+def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
+    """An accelerator that is not present, or more devices than there are, fail before training."""
+    import torch
+
+    accelerator, devices = trainer_cfg.get("accelerator", "cpu"), trainer_cfg.get("devices", 1)
+    if accelerator in ("gpu", "cuda"):
+        check(torch.cuda.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no CUDA GPU is visible)")
+        count = torch.cuda.device_count()
+        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
+        check(wanted is None or wanted <= count, "trainer.devices", devices, f"at most {count} (the GPUs visible)")
+    elif accelerator == "mps":
+        check(torch.backends.mps.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no MPS device)")
 
 
 def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,

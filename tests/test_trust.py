@@ -12,7 +12,8 @@ from sklearn.metrics import log_loss
 
 from conftest import compose_config
 from runner.cache import MemberCache, code_digest
-from runner.errors import TrainingDiverged
+from runner.config import validate
+from runner.errors import ConfigError, TrainingDiverged
 from runner.evaluate import evaluate_model
 from runner.fuse import HardVoting
 from runner.pipeline import run
@@ -117,3 +118,33 @@ def test_hard_voting_nll_comes_from_smoothed_vote_shares():
     unanimous = torch.tensor([[[0.9, 0.1]], [[0.8, 0.2]]], dtype=torch.float64)
     raw = HardVoting(smoothing=0).fit_outputs(unanimous, torch.tensor([1])).combine(unanimous)
     assert raw[0, 1] == 0  # a wrong unanimous vote: probability 0, NLL infinite without smoothing
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.limit_train_batches=-2", "trainer.limit_train_batches"),
+    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.precision=8-mixed", "trainer.precision"),
+    ("trainer.strategy=horovod", "trainer.strategy"),
+    ("trainer=gpu", "trainer.accelerator"),  # no GPU on the machines that run the tests
+    ("optim.momentum=-0.9", "optim.momentum"),
+    ("tracking.experiment=''", "tracking.experiment"),
+    ("seed=-1", "seed"),
+    ("+foo=1", "foo"),
+    ("data.split_seed=-5", "data.split_seed"),
+    ("data.num_samples=10", "data.num_samples"),
+    ("data.batch_size=big", "data.batch_size"),
+    ("ensemble=seeds5 ensemble.seeds=[]", "ensemble.seeds"),
+    ("cache.dir=/proc/no-such-dir", "cache.dir"),
+])
+def test_bad_values_fail_before_the_mlflow_run_opens(override, key, tmp_path):
+    import torch
+
+    if override == "trainer=gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = compose_config(override.split(), tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+        run(cfg)
+    assert e.value.key == key, str(e.value)
+    assert not (tmp_path / "mlflow.db").exists() or not job_runs(tmp_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from runner.data.base import ArrayDataModule, Split
+from runner.errors import check
 
 
 class MNIST1D(ArrayDataModule):
@@ -26,6 +27,8 @@ class MNIST1D(ArrayDataModule):
                  cache_dir: str | None = "outputs/data", **kwargs) -> None:
         kwargs.setdefault("num_features", 40)
         kwargs.setdefault("num_classes", 10)
+        check(isinstance(num_samples, int) and num_samples >= 200, "data.num_samples", num_samples,
+              "an integer >= 200 (80% train, 20% test, 10 classes)")
         super().__init__(**kwargs)
         self.dataset_seed, self.num_samples, self.cache_dir = dataset_seed, num_samples, cache_dir
 
