@@ -163,8 +163,8 @@ def validate(cfg: DictConfig) -> None:
     seed = OmegaConf.select(cfg, "seed")
     check(isinstance(seed, int) and 0 <= seed < SEED_RANGE, "seed", seed, f"an integer in [0, {SEED_RANGE})")
     unknown = sorted(set(cfg) - set(RunConf.__dataclass_fields__))
-    check(not unknown, unknown[0] if unknown else "", "(a key added with +)",
-          f"the top-level keys {sorted(RunConf.__dataclass_fields__)}")
+    check(not unknown, unknown[0] if unknown else "", cfg.get(unknown[0]) if unknown else None,
+          f"no keys beyond the top-level ones {sorted(RunConf.__dataclass_fields__)}")
     for key in ("split_seed", "dataset_seed"):
         value = OmegaConf.select(cfg, f"data.{key}")
         check(value is None or (isinstance(value, int) and 0 <= value < SEED_RANGE), f"data.{key}", value,

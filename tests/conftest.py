@@ -70,3 +70,13 @@ def trained_mlps(mnist1d_small) -> list[MLP]:
 def trained_cnn(mnist1d_small) -> CNN1D:
     pl.seed_everything(0, verbose=False)
     return _train(CNN1D(40, 10), mnist1d_small, 0)
+
+
+def logged_predictions(tmp_path: Path, run) -> tuple:
+    """(probabilities, targets) a child run logged as predictions/test.npz."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    with np.load(client.download_artifacts(run.info.run_id, "predictions/test.npz", str(tmp_path))) as f:
+        return f["probs"], f["targets"]

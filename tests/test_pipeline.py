@@ -1,11 +1,13 @@
 """The whole pipeline in-process on tiny settings: ensembles, fusion, compression, nested MLflow runs."""
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from sklearn.metrics import log_loss
 
 import runner.members
 import runner.pipeline
 from runner.errors import ConfigError
-from conftest import compose_config
+from conftest import compose_config, logged_predictions
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 
@@ -18,16 +20,23 @@ def child_runs(tmp_path):
 
 def test_fused_and_compressed_ensemble(tmp_path):
     results = runner.pipeline.run(compose_config([*TWO_MLPS, "fuse=mean", "compress=quant_dynamic"], tmp_path))
-    for name in ("mlp-s0", "mlp-s1"):
-        assert 0 <= results[f"member/{name}/test/acc"] <= 1
+    runs = child_runs(tmp_path)
+    logged = {name: logged_predictions(tmp_path, r) for name, r in runs.items()}
+    for name in ("mlp-s0", "mlp-s1"):  # the logged metrics are those of the logged predictions
+        probs, targets = logged[f"member/{name}"]
+        assert results[f"member/{name}/test/acc"] == pytest.approx((probs.argmax(1) == targets).mean())
+        assert results[f"member/{name}/test/nll"] == pytest.approx(log_loss(targets, probs, labels=range(10)))
         assert results[f"compressed/{name}/compression_ratio"] > 2.5
         assert f"compressed/{name}/speedup" in results and f"compressed/{name}/delta/acc" in results
     best = max(results["member/mlp-s0/test/acc"], results["member/mlp-s1/test/acc"])
     assert results["fused/gain/acc"] == pytest.approx(results["fused/test/acc"] - best)
     best_nll = min(results["member/mlp-s0/test/nll"], results["member/mlp-s1/test/nll"])
     assert results["fused/gain/nll"] == pytest.approx(best_nll - results["fused/test/nll"])
-    assert "fused_compressed/test/acc" in results
-    runs = child_runs(tmp_path)
+    fused = logged["fused"][0]  # probability averaging of the members' logged test probabilities
+    assert np.allclose(fused, (logged["member/mlp-s0"][0] + logged["member/mlp-s1"][0]) / 2)
+    again = logged["fused_compressed"][0]
+    assert np.allclose(again, (logged["compressed/mlp-s0"][0] + logged["compressed/mlp-s1"][0]) / 2)
+    assert results["fused_compressed/test/acc"] == pytest.approx((again.argmax(1) == logged["fused"][1]).mean())
     assert set(runs) == {"member/mlp-s0", "member/mlp-s1", "fused", "compressed/mlp-s0", "compressed/mlp-s1",
                          "fused_compressed"}
     assert runs["fused"].data.metrics["gain/acc"] == pytest.approx(results["fused/gain/acc"])
@@ -37,14 +46,21 @@ def test_fused_and_compressed_ensemble(tmp_path):
 @pytest.mark.parametrize("fuse", ["feature", "stacking"])
 def test_strategies_that_need_members_or_val(fuse, tmp_path):
     results = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}"], tmp_path))
-    assert 0 <= results["fused/test/acc"] <= 1 and "fused/gain/f1" in results
+    probs, targets = logged_predictions(tmp_path, child_runs(tmp_path)["fused"])
+    assert results["fused/test/acc"] == pytest.approx((probs.argmax(1) == targets).mean())
+    assert results["fused/test/nll"] == pytest.approx(log_loss(targets, probs, labels=range(10)))
+    best_f1 = max(results["member/mlp-s0/test/f1"], results["member/mlp-s1/test/f1"])
+    assert results["fused/gain/f1"] == pytest.approx(results["fused/test/f1"] - best_f1)
 
 
 def test_soup_members_share_a_pretrained_start(tmp_path):
     cfg = compose_config(["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1",
                           "fuse=soup_greedy"], tmp_path)
     results = runner.pipeline.run(cfg)
-    assert "fused/test/acc" in results
+    # one network of the members' architecture, whose logged predictions give its logged accuracy
+    assert results["fused/params"] == results["member/mlp-s0/params"]
+    probs, targets = logged_predictions(tmp_path, child_runs(tmp_path)["fused"])
+    assert results["fused/test/acc"] == pytest.approx((probs.argmax(1) == targets).mean())
 
 
 def test_ensemble_distillation_uses_the_fused_teacher(tmp_path):
