@@ -169,3 +169,30 @@ def test_optuna_sweep(tmp_path):
     jobs = job_runs(f"sqlite:///{tmp_path}/mlflow.db", "FINISHED")
     assert len(jobs) == 2 and len({r.data.params["optim.lr"] for r in jobs}) == 2
     assert "best_value" in (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_parent_run_ends_with_its_sweep_and_a_relaunch_nests_under_it(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tiny = ("-m", "trainer=fast", "data.num_samples=600")
+
+    def sweeps():
+        client, exp = client_for(uri)
+        return {r.data.tags["overrides"]: r for r in client.search_runs([exp], "tags.role = 'sweep'")}
+
+    cli(tmp_path, *tiny, "seed=0,1")
+    [good] = sweeps().values()
+    assert good.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in job_runs(uri)} == {good.info.run_id}
+    # one job of this sweep fails (a bad value): its parent run ends FAILED, not RUNNING
+    store = [f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art", f"data.cache_dir={tmp_path}/data",
+             f"cache.dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep2"]
+    bad = subprocess.run([sys.executable, "-m", "runner", *tiny, "data.val_fraction=0.1,1.5", *store], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "data.val_fraction" in bad.stderr
+    assert sorted(r.info.status for r in sweeps().values()) == ["FAILED", "FINISHED"]
+    # relaunching the first sweep: its jobs are skipped, under the same parent run, FINISHED again
+    cli(tmp_path, *tiny, "seed=0,1")
+    assert len(sweeps()) == 2 and len(job_runs(uri)) == 2  # (the failed sweep's good job was one of them)
+    again = [r for r in sweeps().values() if r.info.run_id == good.info.run_id]
+    assert again and again[0].info.status == "FINISHED"

@@ -144,6 +144,10 @@ class BackgroundTracker(Tracker):
         self._wait("end_run", run_id, status)
 
     @timed
+    def reopen_run(self, run_id: str) -> None:
+        self._wait("reopen_run", run_id)
+
+    @timed
     def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[FoundRun]:
         return self._wait("find_runs", tags, status)
 

@@ -80,6 +80,11 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
 
     @timed
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a relaunched sweep continues under its parent run)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    @timed
     def find_runs(self, tags: Mapping[str, str], status: str | None = None) -> list[FoundRun]:
         """Runs of this experiment whose tags all match (and whose status is `status`, if given)."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]

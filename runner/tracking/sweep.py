@@ -3,35 +3,82 @@
 A Hydra callback creates the sweep's run when the multirun starts (in the launching process) and
 writes its id to `<sweep dir>/mlflow_sweep.json`; every job (local process, joblib worker or SLURM
 task) reads that file and nests its own run under it with a `sweep_id` tag.
+
+The parent run ends with its sweep: FINISHED when every job finished, FAILED when one failed (each
+job that fails leaves a marker in `<sweep dir>/failed/`, which works across processes and nodes),
+KILLED when the launching process is interrupted. A relaunch of the same sweep (same experiment,
+same command-line overrides) continues under the same parent run.
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 FILE = "mlflow_sweep.json"
+FAILED = "failed"
+
+
+def sweep_key(config: DictConfig) -> str:
+    """The same sweep launched again has the same key: experiment name, overrides and sweep params."""
+    what = {"experiment": str(config.tracking.experiment), "overrides": sorted(config.hydra.overrides.task),
+            "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SweepRun(Callback):
+    def __init__(self) -> None:
+        self._open: tuple[Any, str, Path] | None = None  # (tracker, run_id, sweep dir) until the sweep ends
+
+    def __getstate__(self) -> dict:  # parallel launchers pickle callbacks; the open run stays here
+        return {"_open": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_id = f"{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
-        tracker = instantiate(config.tracking)
-        run_id = tracker.start_run(f"sweep {sweep_id}", tags={
-            "role": "sweep", "sweep_id": sweep_id, "overrides": " ".join(config.hydra.overrides.task)})
+        tracker, key = instantiate(config.tracking), sweep_key(config)
+        earlier = tracker.find_runs({"role": "sweep", "sweep_key": key})
+        if earlier:  # a relaunch: the jobs that finished are skipped, the rest nest under the same run
+            run_id, sweep_id = earlier[0].run_id, earlier[0].tags["sweep_id"]
+            tracker.reopen_run(run_id)
+        else:
+            sweep_id = f"{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
+            run_id = tracker.start_run(f"sweep {sweep_id}", tags={
+                "role": "sweep", "sweep_id": sweep_id, "sweep_key": key,
+                "overrides": " ".join(config.hydra.overrides.task)})
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(sweep_dir / FAILED, ignore_errors=True)  # this launch's failures only
         (sweep_dir / FILE).write_text(json.dumps({"run_id": run_id, "sweep_id": sweep_id}))
+        self._open = (tracker, run_id, sweep_dir)
+        atexit.register(self._interrupted)  # Hydra raises past on_multirun_end when a job fails
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.FAILED and config.hydra.mode and str(config.hydra.mode).endswith("MULTIRUN"):
+            folder = Path(str(config.hydra.sweep.dir)) / FAILED
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / str(config.hydra.job.num)).touch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        info = read_sweep(str(config.hydra.sweep.dir))
-        if info:
-            instantiate(config.tracking).end_run(info["run_id"], "FINISHED")
+        self._end(None)
+
+    def _interrupted(self) -> None:
+        self._end("KILLED")
+
+    def _end(self, otherwise: str | None) -> None:
+        if self._open is None:
+            return
+        tracker, run_id, sweep_dir = self._open
+        self._open = None
+        failed = any((sweep_dir / FAILED).glob("*"))
+        tracker.end_run(run_id, "FAILED" if failed else otherwise or "FINISHED")
 
 
 def read_sweep(sweep_dir: str) -> dict[str, str] | None:
