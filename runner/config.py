@@ -7,7 +7,9 @@ Every object is built from config through `build`, before any training starts.
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -117,10 +119,29 @@ class TrackingConf:
     experiment: str = "runner"
     artifact_location: Optional[str] = "outputs/mlartifacts"
     background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
+    timeout_s: float = 30.0  # the longest a job waits for an answer from the tracking store
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
-        check(bool(self.uri.strip()), "tracking.uri", self.uri, "an MLflow tracking URI (sqlite:///..., http://...)")
+        check_tracking_uri(self.uri)
+        check(self.timeout_s > 0, "tracking.timeout_s", self.timeout_s, "a number of seconds > 0")
+
+
+URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A scheme MLflow can track to; a SQLite file this process can write (else MLflow retries for minutes)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    check(scheme in URI_SCHEMES, "tracking.uri", uri, f"an MLflow tracking URI with one of the schemes {list(URI_SCHEMES)}, "
+          "e.g. sqlite:///outputs/mlflow.db or http://host:5000")
+    if scheme == "sqlite":
+        path = Path(uri.split("://", 1)[1].removeprefix("/"))
+        if str(path) in ("", ":memory:"):
+            return
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        writable = os.access(existing, os.W_OK) and (existing == path or existing.is_dir())
+        check(writable, "tracking.uri", uri, f"a SQLite file this process can write ({existing} is not writable)")
 
 
 @dataclass

@@ -2,8 +2,15 @@
 a damaged checkpoint is discarded."""
 from __future__ import annotations
 
+import contextlib
+import pickle
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -18,6 +25,7 @@ from runner.evaluate import evaluate_model
 from runner.fuse import HardVoting
 from runner.pipeline import run
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = textwrap.dedent("""
     from torch import nn
 
@@ -136,6 +144,8 @@ def test_hard_voting_nll_comes_from_smoothed_vote_shares():
     ("data.batch_size=big", "data.batch_size"),
     ("ensemble=seeds5 ensemble.seeds=[]", "ensemble.seeds"),
     ("cache.dir=/proc/no-such-dir", "cache.dir"),
+    ("tracking.uri=bogus://x", "tracking.uri"),
+    ("tracking.timeout_s=0", "tracking.timeout_s"),
 ])
 def test_bad_values_fail_before_the_mlflow_run_opens(override, key, tmp_path):
     import torch
@@ -148,3 +158,61 @@ def test_bad_values_fail_before_the_mlflow_run_opens(override, key, tmp_path):
         run(cfg)
     assert e.value.key == key, str(e.value)
     assert not (tmp_path / "mlflow.db").exists() or not job_runs(tmp_path)
+
+
+def test_an_exception_that_does_not_unpickle_reaches_the_caller_as_text():
+    from runner.tracking.worker import encode
+
+    class Picky(Exception):
+        def __init__(self, code: int, text: str) -> None:
+            super().__init__(f"{code}: {text}")  # pickles with one argument, needs two to unpickle
+
+    error = Picky(7, "store says no")
+    ok, value, trace = pickle.loads(encode((False, error, "traceback text"), "log_batch"))
+    assert not ok and isinstance(value, RuntimeError) and str(value) == "Picky: 7: store says no"
+    assert trace == "traceback text"
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A loopback port that accepts connections and never answers (a hung tracking server)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def launch(tmp_path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "runner", "trainer=fast", "data.num_samples=600", f"cache.dir={tmp_path}/c",
+               f"data.cache_dir={tmp_path}/d", f"hydra.run.dir={tmp_path}/run", *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_tracking_failures_end_the_job_with_an_error_naming_tracking_uri(tmp_path):
+    started = time.monotonic()
+    refused = launch(tmp_path, "tracking.uri=http://127.0.0.1:1")  # nothing listens there
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode != 0 and "tracking.uri='http://127.0.0.1:1'" in out
+    assert time.monotonic() - started < 30
+    with silent_server() as uri:
+        started = time.monotonic()
+        hung = launch(tmp_path, f"tracking.uri={uri}", "tracking.timeout_s=5")
+        out, _ = hung.communicate(timeout=60)
+        assert hung.returncode != 0 and f"tracking.uri='{uri}'" in out and "within 5 s" in out
+        assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_job_waiting_for_a_hung_store_within_10_s(tmp_path):
+    with silent_server() as uri:
+        job = launch(tmp_path, f"tracking.uri={uri}", "tracking.timeout_s=120")
+        time.sleep(8)  # imports done, waiting for the store
+        assert job.poll() is None
+        started = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        job.communicate(timeout=30)
+        assert time.monotonic() - started < 10

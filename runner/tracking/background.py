@@ -27,13 +27,15 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from runner.errors import ConfigError
 from runner.timing import timed
 from runner.tracking.base import FoundRun, Tracker
-from runner.tracking.worker import receive, send
+from runner.tracking.worker import bound_http_retries, receive, send
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,17 @@ class WorkerError(RuntimeError):
     """The MLflow worker process stopped; or, as a cause, the worker-side traceback of an error."""
 
 
+class TrackingTimeout(RuntimeError):
+    """The tracking store did not answer in time (an unreachable or dead server, a stuck store)."""
+
+
 class BackgroundTracker(Tracker):
     """MlflowTracker's interface, with the MlflowTracker itself in a worker process."""
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
+                 timeout_s: float = 30.0) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.timeout_s = timeout_s  # the longest any call waits for the worker
         self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
@@ -74,10 +82,14 @@ class BackgroundTracker(Tracker):
     def _read_answers(self) -> None:
         while True:
             try:
-                ok, value, *details = pickle.loads(receive(self._process.stdout))
+                message = receive(self._process.stdout)
             except (EOFError, OSError):
                 break
             future = self._answers.popleft()
+            try:
+                ok, value, *details = pickle.loads(message)
+            except Exception as e:  # noqa: BLE001 - never let one bad answer stop every later one
+                ok, value, details = False, RuntimeError(f"an unreadable answer from the MLflow worker: {e}"), [""]
             if ok:
                 future.set_result(value)
             else:
@@ -101,21 +113,36 @@ class BackgroundTracker(Tracker):
         self._pending = [f for f in self._pending if not (f.done() and f.exception() is None)] + [future]
         return future
 
-    def _wait(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _wait(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         future = self._submit(method, *args, **kwargs)
-        self.flush()  # the worker goes in order: everything queued before has landed too
-        return future.result()
+        self.flush(timeout_s)  # the worker goes in order: everything queued before has landed too
+        return self._result(future, method, timeout_s)
+
+    def _result(self, future: Future, what: str, timeout_s: float | None = None) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TrackingTimeout(f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
+                                  f"{timeout_s:g} s ({what}); is the server running and reachable? "
+                                  "(tracking.timeout_s sets the limit)") from None
 
     @timed
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every queued write has landed; raise the first one that failed."""
-        if not self._opening.done():
-            start = time.perf_counter()
-            wait([self._opening])
+        start = time.perf_counter()
+        try:
+            self._result(self._opening, "opening the store", timeout_s)
+        except TrackingTimeout:
+            raise
+        except Exception as e:  # a store that cannot be reached, created or written
+            raise ConfigError("tracking.uri", self.uri, f"a tracking store this job can reach and write "
+                              f"({type(e).__name__}: {str(e)[:400]})") from e
+        finally:
             self.setup_s += time.perf_counter() - start
         pending, self._pending = self._pending, []
         for future in pending:
-            future.result()
+            self._result(future, "a queued write", timeout_s)
 
     def time_spent(self) -> tuple[float, float]:
         """(busy, setup) seconds of the worker's own MLflow calls so far."""
@@ -128,11 +155,14 @@ class BackgroundTracker(Tracker):
         self.closed = True
         atexit.unregister(self.close)
         try:
-            if not self.broken:
-                self.flush()
+            if not self.broken and self._opening.done():  # a store never opened holds nothing to wait for
+                self.flush(min(self.timeout_s, 5.0))
         finally:
             self._outbox.put(None)
-            self._process.wait()
+            try:
+                self._process.wait(timeout=3)
+            except subprocess.TimeoutExpired:  # stuck in a store that does not answer: do not hang on it
+                self._process.kill()
 
     @timed
     def start_run(self, name: str, params: Mapping[str, Any] | None = None,
@@ -141,7 +171,8 @@ class BackgroundTracker(Tracker):
 
     @timed
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._wait("end_run", run_id, status)
+        # after an interrupt or a failure the status write gets a few seconds, not the full timeout
+        self._wait("end_run", run_id, status, timeout_s=None if status == "FINISHED" else min(self.timeout_s, 5.0))
 
     @timed
     def reopen_run(self, run_id: str) -> None:
@@ -189,21 +220,23 @@ _shared: BackgroundTracker | None = None
 
 
 def make_tracker(uri: str, experiment: str, artifact_location: str | None = None,
-                 background: bool = True) -> Tracker:
+                 background: bool = True, timeout_s: float = 30.0) -> Tracker:
     """The `tracking` config group's target: an MLflow tracker, in a worker process by default.
 
     Jobs of one process with the same settings (a multirun with the basic launcher) share one worker.
     """
     global _shared
     if not background:
+        bound_http_retries()
         from runner.tracking.mlflow_tracker import MlflowTracker
         return MlflowTracker(uri, experiment, artifact_location)
     if _shared is None or _shared.broken or _shared.closed or \
-            (_shared.uri, _shared.experiment, _shared.artifact_location) != (uri, experiment, artifact_location):
+            (_shared.uri, _shared.experiment, _shared.artifact_location, _shared.timeout_s) != \
+            (uri, experiment, artifact_location, timeout_s):
         if _shared is not None:
             try:
                 _shared.close()
             except Exception as e:  # noqa: BLE001 (its own runs already reported this)
                 log.warning("closing the previous MLflow worker: %s", e)
-        _shared = BackgroundTracker(uri, experiment, artifact_location)
+        _shared = BackgroundTracker(uri, experiment, artifact_location, timeout_s)
     return _shared

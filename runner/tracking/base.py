@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from typing import Any
 # MLflow's reserved tag names (mlflow.utils.mlflow_tags), spelled out so this module stays light.
 RUN_NAME, PARENT_RUN_ID = "mlflow.runName", "mlflow.parentRunId"
 SOURCE_NAME, GIT_COMMIT = "mlflow.source.name", "mlflow.source.git.commit"
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,12 +48,19 @@ class Tracker:
             yield run_id
             self.flush()
         except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl+C and SIGTERM into SystemExit
-            self.end_run(run_id, "KILLED")
+            self._end_quietly(run_id, "KILLED")
             raise
         except BaseException:
-            self.end_run(run_id, "FAILED")
+            self._end_quietly(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
+
+    def _end_quietly(self, run_id: str, status: str) -> None:
+        """Record how a run ended without hiding why it ended (the store may be what failed)."""
+        try:
+            self.end_run(run_id, status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_metric_steps(run_id, [(metrics, step)])

@@ -36,11 +36,33 @@ def receive(stream: BinaryIO) -> bytes:
     return payload
 
 
+def encode(reply: tuple, method: str) -> bytes:
+    """The answer as bytes the caller can always load: an exception that pickles but does not
+    unpickle (some MLflow exceptions take other constructor arguments) would kill the caller's
+    reader, so it goes as a RuntimeError with the original type and message."""
+    try:
+        payload = pickle.dumps(reply)
+        pickle.loads(payload)
+        return payload
+    except Exception:  # noqa: BLE001 (an unpicklable result or exception)
+        error = reply[1] if not reply[0] else None
+        text = f"{type(error).__name__}: {error}" if error is not None else f"{method} returned an unpicklable result"
+        return pickle.dumps((False, RuntimeError(text), reply[2] if len(reply) > 2 else traceback.format_exc()))
+
+
+def bound_http_retries() -> None:
+    """MLflow retries an unreachable server for minutes by default: a few seconds here, unless set."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def main() -> None:
     # Ctrl+C and SIGTERM reach the whole process group; the job decides how its runs end (KILLED)
     # and needs this process alive to record that.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    bound_http_retries()
     calls, answers = sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the answers
     from runner.tracking.mlflow_tracker import MlflowTracker
@@ -60,11 +82,7 @@ def main() -> None:
                 reply = (True, getattr(tracker, method)(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 (every error goes back to the caller)
             reply = (False, e, traceback.format_exc())
-        try:
-            payload = pickle.dumps(reply)
-        except Exception:  # noqa: BLE001 (an unpicklable result or exception)
-            payload = pickle.dumps((False, RuntimeError(f"MLflow worker: {method} failed"), traceback.format_exc()))
-        send(answers, payload)
+        send(answers, encode(reply, method))
 
 
 if __name__ == "__main__":
