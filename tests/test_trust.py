@@ -216,3 +216,16 @@ def test_sigterm_ends_a_job_waiting_for_a_hung_store_within_10_s(tmp_path):
         job.send_signal(signal.SIGTERM)
         job.communicate(timeout=30)
         assert time.monotonic() - started < 10
+
+
+def test_probabilities_that_round_above_one_are_still_probabilities():
+    """The mean of five float64 members can give 1.0000000000000002; ECE must not change for that."""
+    from runner.evaluate import classification_metrics
+
+    probs = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    above = probs.clone()
+    above[0, 0] = 1.0000000000000002
+    assert above.max() > 1
+    exact, rounded = (classification_metrics(p, y, 2, ["ece", "acc"], 15) for p in (probs, above))
+    assert rounded == pytest.approx(exact) and exact["ece"] == pytest.approx((0.0 + 0.1 + 0.2 + 0.6) / 4)  # the last is wrong at 0.6

@@ -59,6 +59,9 @@ def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, to
 
 def classification_metrics(probs: torch.Tensor, target: torch.Tensor, num_classes: int,
                            names: Iterable[str] = tuple(METRICS), ece_bins: int = 15) -> dict[str, float]:
+    # an average of probabilities may round to 1 + 2e-16; torchmetrics would then take the
+    # probabilities for logits and softmax them again (ECE 0.72 instead of 0.03 for a mean of 5 CNNs)
+    probs = probs.clamp(0.0, 1.0)
     return {name: float(METRICS[name](probs, target, num_classes, ece_bins)) for name in names}
 
 
