@@ -3,7 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import sklearn.metrics as skm
 from mlflow import MlflowClient
 
 import runner.members
@@ -38,8 +40,14 @@ def test_single_run_logs_everything(tmp_path):
     assert run.data.params["trainer.max_epochs"] == "2"
     assert run.data.tags["overrides"].startswith("trainer=fast trainer.max_epochs=2")
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
-    for key in ["acc", "precision", "recall", "f1", "nll", "ece"]:
-        assert 0.0 <= run.data.metrics[f"member/cnn1d-s0/test/{key}"] < 10
+    child = client.search_runs([run.info.experiment_id], "tags.role = 'member'")[0]
+    with np.load(client.download_artifacts(child.info.run_id, "predictions/test.npz", str(tmp_path))) as f:
+        probs, targets = f["probs"], f["targets"]
+    expected = {"acc": skm.accuracy_score(targets, probs.argmax(1)),
+                "f1": skm.f1_score(targets, probs.argmax(1), average="macro"),
+                "nll": skm.log_loss(targets, probs, labels=range(10))}
+    for key, value in expected.items():  # the job's metrics are those of the member's logged predictions
+        assert run.data.metrics[f"member/cnn1d-s0/test/{key}"] == pytest.approx(value, rel=1e-5)
     assert run.data.metrics["member/cnn1d-s0/params"] == 5210
     history = client.get_metric_history(run.info.run_id, "member/cnn1d-s0/train/loss")
     assert sorted(m.step for m in history) == [0, 1]

@@ -158,7 +158,10 @@ def test_stacking_cross_fitting(four_members, mnist1d_small):
     ours = Stacking(cv=4).fit(four_members, mnist1d_small.val_dataloader())
     assert len(ours.meta_learners_) == 4
     assert ours.oof_proba_.shape == (len(split(mnist1d_small, "val")[1]), 10)
-    assert 0.0 <= ours.oof_score_["acc"] <= 1.0 and ours.oof_score_["nll"] > 0
+    _, yv = split(mnist1d_small, "val")
+    oof = ours.oof_proba_.double()  # the out-of-fold score is that of the out-of-fold probabilities
+    assert ours.oof_score_["acc"] == pytest.approx(float((oof.argmax(1) == yv).double().mean()))
+    assert ours.oof_score_["nll"] == pytest.approx(float(-oof[torch.arange(len(yv)), yv].log().mean()), rel=1e-5)
 
 
 # --- learnt weights never lose on what they optimise ----------------------------------------------

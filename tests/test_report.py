@@ -230,6 +230,18 @@ def test_missing_metric_and_experiment_are_named(store, tmp_path):
         make_report(report_cfg(store, tmp_path, "plots=[bar]"))
 
 
+@pytest.mark.parametrize("override, match", [
+    ("digits=-1", r"digits=-1: allowed: an integer >= 0"),
+    ("digits=two", r"digits='two'"),
+    ("scale={test/acc: big}", r"scale=.*allowed: null or \{metric: number\}"),
+    ("aggregate_over=[1]", r"aggregate_over=.*allowed: a key or a list of keys"),
+    ("status=DONE", r"status='DONE' is not one of \[None, 'FINISHED'"),
+])
+def test_bad_style_options_are_named_before_any_run_is_read(override, match, store, tmp_path):
+    with pytest.raises(ReportError, match=match):
+        make_report(report_cfg(store, tmp_path, override, "experiment=nope"))  # not read: options fail first
+
+
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -266,6 +278,8 @@ def test_end_to_end_real_runs_to_report(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[-1] == "2"  # two seeds aggregated
     mean, _, std = cells[1].replace("*", "").partition(" ± ")
-    assert 0 <= float(mean) <= 1 and float(std or 0) >= 0
+    accs = [r["metrics"]["test/acc"] for r in search_runs(uri, ["runner"]) if r["tags"].get("role") == "member"]
+    assert len(accs) == 2 and float(mean) == pytest.approx(np.mean(accs), abs=5e-4)  # the table: mean ± std
+    assert float(std or 0) == pytest.approx(np.std(accs, ddof=1), abs=5e-4)
     assert (tmp_path / "rep" / "e2e_reliability.png").exists() and (tmp_path / "rep" / "e2e.tex").exists()
     assert len(search_runs(uri, ["reports"])) == 1

@@ -21,6 +21,25 @@ FORMATS = ("md", "tex", "csv")
 PLOTS = ("pareto_size", "pareto_latency", "reliability", "fusion_gain")
 
 
+STATUSES = (None, "FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
+
+
+def check_style_options(cfg: DictConfig) -> None:
+    """digits, scale, aggregate_over and status, before any run is read."""
+    digits = cfg.digits
+    ok = isinstance(digits, int) and not isinstance(digits, bool) and digits >= 0 or (
+        isinstance(digits, DictConfig) and all(isinstance(v, int) and v >= 0 for v in digits.values()))
+    if not ok:
+        raise ReportError(f"digits={digits!r}: allowed: an integer >= 0, or {{metric: integer >= 0}}")
+    if cfg.scale is not None and not (isinstance(cfg.scale, DictConfig) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.scale.values())):
+        raise ReportError(f"scale={cfg.scale!r}: allowed: null or {{metric: number}}, e.g. {{test/acc: 100}}")
+    over = as_list(cfg.aggregate_over)
+    if not all(isinstance(k, str) and k for k in over):
+        raise ReportError(f"aggregate_over={cfg.aggregate_over!r}: allowed: a key or a list of keys (e.g. [seed])")
+    check_choice("status", cfg.status, STATUSES)
+
+
 def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None) -> dict[str, Path]:
     """Write the report's files under cfg.out_dir; returns {kind: path}. Raises ReportError."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if not isinstance(cfg, DictConfig) else cfg
@@ -29,6 +48,7 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
         check_choice("formats", f, FORMATS)
     for p in plot_names:
         check_choice("plots", p, PLOTS)
+    check_style_options(cfg)
     experiments, roles = as_list(cfg.experiment), as_list(cfg.role)
     if not experiments:
         raise ReportError("`experiment` is empty: name one MLflow experiment or a list of them")
