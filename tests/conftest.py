@@ -80,3 +80,17 @@ def logged_predictions(tmp_path: Path, run) -> tuple:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     with np.load(client.download_artifacts(run.info.run_id, "predictions/test.npz", str(tmp_path))) as f:
         return f["probs"], f["targets"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_outputs_untouched():
+    """The suite writes under pytest's tmp_path only, never into the repository's outputs/."""
+    outputs = Path(CONF_DIR).parent / "outputs"
+
+    def listing() -> set[str]:
+        return {str(p.relative_to(outputs)) for p in outputs.glob("*/*")} | {p.name for p in outputs.glob("*")}
+
+    before = listing()
+    yield
+    new = sorted(listing() - before)
+    assert not new, f"tests wrote into the repository's outputs/: {new[:10]}"

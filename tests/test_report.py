@@ -268,10 +268,11 @@ def test_end_to_end_real_runs_to_report(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run = _cli("-m", "runner", "-m", "trainer=fast", "model=logreg", "seed=0,1", "data.num_samples=600",
                "eval.latency_repeats=2", f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art",
-               f"data.cache_dir={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/multirun")
+               f"data.cache_dir={tmp_path}/data", f"cache.dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/multirun")
     assert run.returncode == 0, run.stderr[-2000:]
     report = _cli("-m", "runner.report", f"tracking_uri={uri}", "experiment=runner", f"out_dir={tmp_path}/rep",
-                  "name=e2e", "plots=[pareto_size,reliability]", "mlflow_experiment=reports")
+                  "name=e2e", "plots=[pareto_size,reliability]", "mlflow_experiment=reports",
+                  f"artifact_location={tmp_path}/report-art")
     assert report.returncode == 0, report.stderr[-2000:]
     md = (tmp_path / "rep" / "e2e.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| LogReg |"))
