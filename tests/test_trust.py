@@ -229,3 +229,11 @@ def test_probabilities_that_round_above_one_are_still_probabilities():
     assert above.max() > 1
     exact, rounded = (classification_metrics(p, y, 2, ["ece", "acc"], 15) for p in (probs, above))
     assert rounded == pytest.approx(exact) and exact["ece"] == pytest.approx((0.0 + 0.1 + 0.2 + 0.6) / 4)  # the last is wrong at 0.6
+
+
+def test_the_report_tool_names_an_unreachable_store_within_seconds(tmp_path):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "runner.report", "tracking_uri=http://127.0.0.1:1", "experiment=x",
+                           f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "tracking_uri='http://127.0.0.1:1': the MLflow store cannot be read" in done.stderr
+    assert time.monotonic() - started < 30

@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from runner.tracking.worker import bound_http_retries
+
 PAGE_SIZE = 1000
 
 
@@ -19,6 +21,7 @@ class RunQueryError(LookupError):
 def _client(uri: str) -> MlflowClient:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise RunQueryError(f"No MLflow store at {uri} (the file does not exist).")
+    bound_http_retries()  # an unreachable server fails in seconds, not minutes
     return MlflowClient(tracking_uri=uri)
 
 
@@ -33,7 +36,10 @@ def search_runs(uri: str, experiments: list[str], filter_string: str = "") -> li
     (the latest value of each metric).
     """
     client = _client(uri)
-    found = {name: client.get_experiment_by_name(name) for name in experiments}
+    try:
+        found = {name: client.get_experiment_by_name(name) for name in experiments}
+    except MlflowException as e:  # an unreachable or broken store: say which
+        raise RunQueryError(f"tracking_uri={uri!r}: the MLflow store cannot be read ({str(e)[:300]})") from None
     missing = [name for name, exp in found.items() if exp is None]
     if missing:
         raise RunQueryError(f"No experiment named {missing} in {uri}; available: {list_experiments(uri)}")
