@@ -196,3 +196,17 @@ def test_sweep_parent_run_ends_with_its_sweep_and_a_relaunch_nests_under_it(tmp_
     assert len(sweeps()) == 2 and len(job_runs(uri)) == 2  # (the failed sweep's good job was one of them)
     again = [r for r in sweeps().values() if r.info.run_id == good.info.run_id]
     assert again and again[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_ends_the_job_with_an_error_naming_tracking_uri(tmp_path, mlflow_server):
+    job = cli(tmp_path, "trainer.max_epochs=400", "data.num_samples=600", "model=mlp", uri=mlflow_server,
+              background=True)
+    wait_for(tmp_path / "cache", "checkpoints/*/last.ckpt")  # training, with a run open on the server
+    server_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {mlflow_server.rsplit(':', 1)[1]}"],
+                                    capture_output=True, text=True).stdout.split()[0])
+    os.killpg(os.getpgid(server_pid), signal.SIGKILL)
+    started = time.monotonic()
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode != 0 and f"tracking.uri='{mlflow_server}'" in out
+    assert time.monotonic() - started < 60

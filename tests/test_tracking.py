@@ -17,7 +17,7 @@ from conftest import CONF_DIR, compose_config
 from runner.config import build
 from runner.evaluate.plots import confusion_matrix_figure
 from runner.tracking import BackgroundTracker, MlflowTracker, make_tracker
-from runner.tracking.background import WorkerError
+from runner.tracking.background import TrackingWriteError, WorkerError
 
 
 def settings(tmp_path, name="store"):
@@ -69,9 +69,10 @@ def test_background_writes_what_in_process_writes(tmp_path):
 def test_a_failed_queued_write_fails_the_run(tmp_path):
     tracker = BackgroundTracker(*settings(tmp_path))
     try:
-        with pytest.raises(MlflowException, match="param"):
+        with pytest.raises(TrackingWriteError, match="tracking.uri=.*a write to the MLflow store failed.*param") as e:
             with tracker.run("job", {"a": 1}) as run_id:
                 tracker.log_params(run_id, {"a": 2})  # params are immutable: the worker's write fails
+        assert isinstance(e.value.__cause__, MlflowException)
         assert MlflowClient(tracker.uri).get_run(run_id).info.status == "FAILED"
     finally:
         tracker.close()

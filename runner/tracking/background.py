@@ -44,6 +44,10 @@ class WorkerError(RuntimeError):
     """The MLflow worker process stopped; or, as a cause, the worker-side traceback of an error."""
 
 
+class TrackingWriteError(RuntimeError):
+    """A queued write failed in the tracking store (its cause is the store's own error)."""
+
+
 class TrackingTimeout(RuntimeError):
     """The tracking store did not answer in time (an unreachable or dead server, a stuck store)."""
 
@@ -115,6 +119,7 @@ class BackgroundTracker(Tracker):
 
     def _wait(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         future = self._submit(method, *args, **kwargs)
+        self._pending.remove(future)  # its own error is raised as it is, below
         self.flush(timeout_s)  # the worker goes in order: everything queued before has landed too
         return self._result(future, method, timeout_s)
 
@@ -142,7 +147,13 @@ class BackgroundTracker(Tracker):
             self.setup_s += time.perf_counter() - start
         pending, self._pending = self._pending, []
         for future in pending:
-            self._result(future, "a queued write", timeout_s)
+            try:
+                self._result(future, "a queued write", timeout_s)
+            except TrackingTimeout:
+                raise
+            except Exception as e:  # the store refused or lost a write: say which store
+                raise TrackingWriteError(f"tracking.uri={self.uri!r}: a write to the MLflow store failed: "
+                                         f"{type(e).__name__}: {str(e)[:400]}") from e
 
     def time_spent(self) -> tuple[float, float]:
         """(busy, setup) seconds of the worker's own MLflow calls so far."""
