@@ -47,25 +47,37 @@ def _module_version(module: Any) -> str | None:
     return str(getattr(top, "__version__", None) or "") or None
 
 
+# The runner's code a trained member depends on: models, data, training and the cache itself.
+# Compression, fusion, evaluation, tracking and reports act after a member is trained; a change
+# there changes the job hash (every file counts) but does not retrain members.
+TRAINING_CODE = ("models", "data", "train.py", "members.py", "cache.py", "config.py", "errors.py", "timing.py")
+
+
 @functools.cache
-def _runner_digest() -> str:
-    """All of the runner's own source: any change to it changes every key."""
-    root = Path(__file__).resolve().parent
+def _runner_digest(parts: tuple[str, ...] | None = None) -> str:
+    return source_digest(Path(__file__).resolve().parent, parts)
+
+
+def source_digest(root: Path, parts: tuple[str, ...] | None = None) -> str:
+    """The *.py files under `root` (only `parts`, top-level files or packages of root, if given)."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        rel = path.relative_to(root)
+        if parts is None or rel.parts[0] in parts:
+            h.update(str(rel).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
-def code_digest(objects: Iterable[Any]) -> dict[str, str]:
+def code_digest(objects: Iterable[Any], training: bool = False) -> dict[str, str]:
     """What code the results of `objects` depend on: the runner's source, the source file of every
     class behind them that is not an installed library (a user's own modules: their models,
     datamodules, transforms), and the version of each installed library they come from.
 
     Module objects are walked (every submodule's class counts). Part of the member cache key and
-    of the finished-job check, so a result made by other code is never reused.
+    of the finished-job check, so a result made by other code is never reused. `training=True`
+    covers only the runner code that trains a member (TRAINING_CODE): the member cache key.
     """
-    covered: dict[str, str] = {"runner": _runner_digest()}
+    covered: dict[str, str] = {"runner": _runner_digest(TRAINING_CODE if training else None)}
     classes = set()
     for obj in objects:
         items = obj.modules() if isinstance(obj, nn.Module) else [obj]

@@ -76,7 +76,7 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     member saves a checkpoint every epoch and resumes from it after a kill.
     """
     spec = OmegaConf.to_container(OmegaConf.create({"data": data, "trainer": trainer, "optim": optim}), resolve=True)
-    code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)])
+    code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
     key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,
                   "code": code})
     if cache.load(key, member.net):

@@ -111,10 +111,10 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         compressed = []
         for member in members if recipe else []:
             log.info("member %s: compressing with %s", member.name, recipe)
-            small = recipe.apply(member.net, CompressContext(datamodule, cfg.trainer, cfg.optim,
-                                                             teacher=member.net, ensemble=fused))
-            _, probs = recorder.evaluate("compressed", member.name, small,
-                                         derive=lambda m, base=member.metrics: compression_report(base, m))
+            small = recipe.apply(member.net, CompressContext(datamodule, cfg.trainer, cfg.optim, teacher=member.net,
+                                                             ensemble=fused, members=[m.net for m in members]))
+            _, probs = recorder.evaluate("compressed", member.name, small, derive=lambda m, base=member.metrics: {
+                **compression_report(base, m), **recipe.stats_})
             compressed.append((small, probs))
         if compressed and isinstance(strategy, OutputFusion):  # any model type fuses at the output
             again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())

@@ -47,3 +47,15 @@ def test_size_and_latency():
     assert sizes["nonzero_params"] == sizes["params"]
     assert sizes["size_bytes"] > 4 * sizes["params"]
     assert latency_ms(net, torch.randn(32, 40), repeats=3) > 0
+
+
+def test_macs_are_counted_per_sample_for_any_architecture():
+    from runner.evaluate import count_macs
+    from runner.models.reference import LeNet300, LeNet5
+
+    assert count_macs(LeNet300(784, 10), torch.randn(3, 1, 28, 28)) == 784 * 300 + 300 * 100 + 100 * 10
+    # conv1 20x24x24 outputs of 25 MACs, conv2 50x8x8 of 500, fc 800->500, 500->10
+    assert count_macs(LeNet5((1, 28, 28), 10), torch.randn(1, 1, 28, 28)) == \
+        20 * 24 * 24 * 25 + 50 * 8 * 8 * 500 + 800 * 500 + 500 * 10
+    from torch.ao.quantization import quantize_dynamic
+    assert count_macs(quantize_dynamic(LeNet300(784, 10), {torch.nn.Linear}), torch.randn(1, 1, 28, 28)) is None

@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import log_loss
 
 from conftest import compose_config
-from runner.cache import MemberCache, code_digest
+from runner.cache import TRAINING_CODE, MemberCache, code_digest, source_digest
 from runner.config import validate
 from runner.errors import ConfigError, TrainingDiverged
 from runner.evaluate import evaluate_model
@@ -73,6 +73,19 @@ def test_code_digest_covers_user_modules_the_runner_and_libraries(tmp_path, monk
     after = code_digest([user_tiny.Tiny(4, 2)])
     assert after["user_tiny"] != before["user_tiny"] and after["runner"] == before["runner"]
     sys.modules.pop("user_tiny", None)
+
+
+def test_member_key_covers_training_code_only(tmp_path):
+    """A change to compression / fusion code changes the job hash but keeps trained members."""
+    for rel in ("models/net.py", "train.py", "fuse/mean.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    training, full = source_digest(tmp_path, TRAINING_CODE), source_digest(tmp_path)
+    (tmp_path / "fuse/mean.py").write_text("x = 2\n")
+    assert source_digest(tmp_path, TRAINING_CODE) == training and source_digest(tmp_path) != full
+    (tmp_path / "models/net.py").write_text("x = 2\n")
+    assert source_digest(tmp_path, TRAINING_CODE) != training
+    assert code_digest([], training=True)["runner"] != code_digest([])["runner"]
 
 
 def test_divergence_fails_the_run_naming_epoch_and_lr(tmp_path):

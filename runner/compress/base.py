@@ -30,10 +30,16 @@ class CompressContext:
     optim: Mapping[str, Any]
     teacher: nn.Module | None = None   # the uncompressed trained member
     ensemble: nn.Module | None = None  # the fused ensemble (forward returns log-probabilities)
+    members: list[nn.Module] | None = None  # every trained member of the job (multi-teacher distillation)
 
 
 class Step:
-    """One compression step. `key` names it in errors (`compress.steps[i]`), set by the Recipe."""
+    """One compression step. `key` names it in errors (`compress.steps[i]`), set by the Recipe.
+
+    After `apply`, a step may leave figures about what it did in `self.stats_` (a flat dict of
+    floats, keys namespaced by the step, e.g. `prune/macs_before`): the recipe gathers them and
+    the pipeline logs them with the compressed model's metrics.
+    """
 
     key: str = "compress.step"
     needs_ensemble: bool = False
@@ -105,9 +111,13 @@ class Recipe:
             model = step.preview(model)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        """The compressed copy of `model`; what the steps report is left in `self.stats_`."""
         model = copy.deepcopy(model).cpu().eval()
+        self.stats_: dict[str, float] = {}
         for step in self.steps:
+            step.stats_ = {}
             model = step.apply(model, ctx)
+            self.stats_.update(step.stats_)
         return model.eval()
 
 
@@ -141,7 +151,7 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
 
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
     """delta/<metric> (compressed - base), compression_ratio (size), weight_ratio (weight_bytes,
-    when both have it) and speedup (latency).
+    when both have it), macs_ratio (base MACs / compressed MACs) and speedup (latency).
 
     Accepts evaluate_model() dicts with plain keys (`acc`) or the pipeline's (`test/acc`).
     """
@@ -156,6 +166,9 @@ def compression_report(base: Mapping[str, float], compressed: Mapping[str, float
     a, b = _metric(base, "weight_bytes"), _metric(compressed, "weight_bytes")
     if a and b:
         report["weight_ratio"] = a / b
+    a, b = _metric(base, "macs"), _metric(compressed, "macs")
+    if a and b:
+        report["macs_ratio"] = a / b
     a, b = _metric(base, "latency_ms"), _metric(compressed, "latency_ms")
     if a and b:
         report["speedup"] = a / b

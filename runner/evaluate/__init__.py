@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.data.batches import Inputs, split_batch
+from runner.data.batches import Inputs, num_samples, split_batch, take
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
@@ -127,6 +127,21 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
+def count_macs(model: nn.Module, x: Inputs) -> float | None:
+    """Multiply-accumulates of one forward pass per sample of `x`, from torch's FlopCounterMode
+    (matmuls, convolutions, attention); None when it counts nothing (int8 kernels are not aten
+    ops: a quantization step reports the MACs of the float model it quantized instead)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    flops = counter.get_total_flops()
+    return flops / 2 / num_samples(x) if flops else None
+
+
+@torch.no_grad()
 def latency_ms(model: nn.Module, x: Inputs, repeats: int = 30, warmup: int = 3) -> float:
     """Median wall time of one forward pass over the batch `x`, in milliseconds."""
     model.eval()
@@ -160,4 +175,7 @@ def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metric
     results.update(size_metrics(model))
     if latency_batch is not None:
         results["latency_ms"] = latency_ms(model, latency_batch, latency_repeats)
+        macs = count_macs(model, take(latency_batch, slice(0, 1)))
+        if macs is not None:
+            results["macs"] = macs
     return results, probs, confusion_matrix(probs, targets, num_classes), targets
