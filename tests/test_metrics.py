@@ -59,3 +59,20 @@ def test_macs_are_counted_per_sample_for_any_architecture():
         20 * 24 * 24 * 25 + 50 * 8 * 8 * 500 + 800 * 500 + 500 * 10
     from torch.ao.quantization import quantize_dynamic
     assert count_macs(quantize_dynamic(LeNet300(784, 10), {torch.nn.Linear}), torch.randn(1, 1, 28, 28)) is None
+
+
+def test_zip_bytes_is_the_deflated_serialized_state_and_rewards_zeros():
+    import io
+    import zlib
+
+    net = MLP(40, 10, hidden=64)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    dense = size_metrics(net)
+    assert dense["zip_bytes"] == len(zlib.compress(buffer.getvalue(), 6))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(torch.rand_like(p) < 0.1)  # ~90% zeros
+    sparse = size_metrics(net)
+    assert sparse["size_bytes"] == dense["size_bytes"]  # zeros cost as much as any float ...
+    assert dense["zip_bytes"] / sparse["zip_bytes"] > 3  # ... until entropy-coded

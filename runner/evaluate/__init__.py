@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import statistics
+import zlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -104,7 +105,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def size_metrics(model: nn.Module) -> dict[str, float]:
-    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes.
+    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes,
+    plain (`size_bytes`) and DEFLATE-compressed (`zip_bytes`: LZ77 + Huffman coding, the entropy
+    coding stage of Deep Compression; it is what unstructured zeros save on disk).
 
     Buffers (BatchNorm statistics) are not parameters and are not counted. Quantized (int8) models
     keep their weights outside `parameters()`, as quantized tensors in packed params: they are
@@ -118,6 +121,7 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return {
+        "zip_bytes": float(len(zlib.compress(buffer.getbuffer(), 6))),
         "params": float(sum(t.numel() for t in params)),
         "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach()))
                                     for t in params)),
