@@ -1,11 +1,18 @@
-"""Ensemble members: planned from config (built, not trained), then trained or loaded from the cache."""
+"""Ensemble members: planned from config (built, not trained), then trained or loaded from the cache.
+
+Each member may have its own training settings (`ensemble.finetune[i]`: optimizer and training-data
+overrides), so members fine-tuned from one shared start differ by more than their data order.
+"""
 from __future__ import annotations
 
 import copy
 import hashlib
 import io
+import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,11 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from runner.cache import MemberCache, code_digest, digest
+from runner.config import OptimConf, build
+from runner.data import as_source
 from runner.models.adapter import build_model
-from runner.errors import check
+from runner.errors import ConfigError, check
 from runner.train import train_classifier
 
 log = logging.getLogger(__name__)
+FINETUNE_KEYS = ("optim", "data")
+# Data keys a member may set for itself: how it sees the training split, never the splits themselves
+# (split and dataset seeds, fractions, scaling stay the job's, so val and test are the same for all).
+FINETUNE_DATA_KEYS = ("batch_size", "train_transforms", "num_workers")
+OPTIM_KEYS = tuple(f.name for f in fields(OptimConf))
 
 
 @dataclass
@@ -29,6 +43,9 @@ class Member:
     key: str = "model"  # its config key, for errors
     metrics: dict[str, float] = field(default_factory=dict)
     probs: torch.Tensor | None = None  # test probabilities, kept so fusion needs no second pass
+    optim: dict[str, Any] = field(default_factory=dict)  # ensemble.finetune[i].optim, over the job's optim
+    data: dict[str, Any] = field(default_factory=dict)  # ensemble.finetune[i].data, over the job's data
+    datamodule: Any = None  # built from the job's data config with `data`; None: the job's datamodule
 
 
 def state_hash(net: nn.Module) -> str:
@@ -37,11 +54,14 @@ def state_hash(net: nn.Module) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
 
 
-def plan_members(cfg: DictConfig) -> list[Member]:
+def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None) -> list[Member]:
     """Every (model config x seed) of the ensemble, built but not trained: bad configs fail here.
 
     With `ensemble.shared_init`, all members start from the weights of the first seed's network
     (a prerequisite of weight averaging); their data order still follows their own seed.
+    `ensemble.finetune` gives members their own settings (see `plan_finetune`); a member with data
+    overrides gets a datamodule built from `data`, the data config as composed (default: cfg.data;
+    the pipeline passes it from before describe_data wrote in what the data holds).
     """
     ens = cfg.ensemble or {}
     specs = dict(ens.get("members") or {}) or {None: cfg.model}
@@ -51,6 +71,8 @@ def plan_members(cfg: DictConfig) -> list[Member]:
     check(len(set(seeds)) == len(seeds), "ensemble.seeds", seeds, "distinct integers")
     check(int(ens.get("pretrain_epochs") or 0) >= 0, "ensemble.pretrain_epochs", ens.get("pretrain_epochs"),
           "an integer >= 0")
+    lr = ens.get("finetune_lr")
+    check(lr is None or _number(lr) and lr > 0, "ensemble.finetune_lr", lr, "null (the job's optim.lr) or a float > 0")
     members = []
     for key, node in specs.items():
         for seed in seeds:
@@ -64,17 +86,91 @@ def plan_members(cfg: DictConfig) -> list[Member]:
             m.net.load_state_dict(members[0].net.state_dict())
     for m in members:
         m.net.init_id = state_hash(m.net)
+    plan_finetune(members, cfg, data)
     return members
+
+
+def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any] | None = None) -> None:
+    """Validate `ensemble.finetune` (null, or one entry per member in member order, each a dict with
+    optional `optim` and `data` overrides) and give each member its settings; members with the same
+    data overrides share one datamodule (built here, loaded when first used)."""
+    entries = (cfg.ensemble or {}).get("finetune")
+    if entries is None:
+        return
+    entries = OmegaConf.to_container(entries, resolve=True) if OmegaConf.is_config(entries) else entries
+    names = [m.name for m in members]
+    check(isinstance(entries, list) and len(entries) == len(members), "ensemble.finetune",
+          entries if not isinstance(entries, list) else f"{len(entries)} entries",
+          f"null or a list of {len(members)} entries (dicts with optional optim and data), one per member in "
+          f"order {names}")
+    datamodules: dict[str, Any] = {}
+    for i, (member, entry) in enumerate(zip(members, entries)):
+        key = f"ensemble.finetune[{i}]"
+        entry = {} if entry is None else entry
+        check(isinstance(entry, dict), key, entry, "null or a dict with optional keys optim and data")
+        for name, value in entry.items():
+            check(name in FINETUNE_KEYS, f"{key}.{name}", value, f"the keys {list(FINETUNE_KEYS)}")
+            check(value is None or isinstance(value, dict), f"{key}.{name}", value, "null or a dict of overrides")
+        optim, overrides = entry.get("optim") or {}, entry.get("data") or {}
+        for name, value in optim.items():
+            check(name in OPTIM_KEYS, f"{key}.optim.{name}", value, f"keys of optim: {list(OPTIM_KEYS)}")
+            check(isinstance(value, str) if name == "name" else _number(value), f"{key}.optim.{name}", value,
+                  "a name" if name == "name" else "a number")
+        with _renamed("optim", f"{key}.optim"):
+            OptimConf(**{**cfg.optim, **optim})  # its checks: optimizer name, lr > 0, weight_decay >= 0
+        for name, value in overrides.items():
+            check(name in FINETUNE_DATA_KEYS, f"{key}.data.{name}", value, f"training-time data keys "
+                  f"{list(FINETUNE_DATA_KEYS)} (the splits stay the job's)")
+        member.optim, member.data = optim, overrides
+        if overrides:
+            node = OmegaConf.merge(OmegaConf.to_container(cfg.data, resolve=True) if data is None else data, overrides)
+            ident = json.dumps(overrides, sort_keys=True, default=str)
+            with _renamed("data", f"{key}.data"):
+                member.datamodule = datamodules.get(ident) or as_source(build(node, "data"))
+            datamodules[ident] = member.datamodule
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@contextmanager
+def _renamed(prefix: str, to: str) -> Iterator[None]:
+    """A ConfigError raised for `prefix...` (e.g. optim.lr) re-raised for `to...` (ensemble.finetune[1].optim.lr)."""
+    try:
+        yield
+    except ConfigError as e:
+        key = to + e.key[len(prefix):] if e.key.startswith(prefix) else f"{to} ({e.key})"
+        raise ConfigError(key, e.value, e.allowed) from None
+
+
+def shared_start(members: list[Member]) -> dict[str, torch.Tensor]:
+    """A copy of the weights every member starts from (after `pretrain_shared_start`, before training):
+    the theta_0 that weight-space merging (runner.fuse.merge) takes task vectors from."""
+    ids = {m.net.init_id for m in members}
+    check(len(ids) == 1, "ensemble.shared_init", False, "true: members that start from one shared checkpoint")
+    check(state_hash(members[0].net) == members[0].net.init_id, "ensemble (shared start)", members[0].name,
+          "members not trained yet: the shared start is read before training")
+    return {k: v.detach().clone() for k, v in members[0].net.state_dict().items()}
 
 
 def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any,
                  cache: MemberCache, logger: Any = None) -> bool:
     """Train `member.net` in place, or load it from the cache; True on a cache hit.
 
-    The cache key covers the data, trainer and optimizer settings, the seed, the initial weights
-    and the code of the model, the data source and the runner (runner.cache.code_digest); a long
-    member saves a checkpoint every epoch and resumes from it after a kill.
+    The member's own settings apply over the job's: `member.optim` over `optim`, `member.data` over
+    `data` (trained on `member.datamodule`). The cache key covers the effective data, trainer and
+    optimizer settings, the seed, the initial weights and the code of the model, the data source and
+    the runner (runner.cache.code_digest); a long member saves a checkpoint every epoch and resumes
+    from it after a kill.
     """
+    if member.optim:
+        optim = {**optim, **member.optim}
+    if member.data:
+        data = OmegaConf.merge(OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else data,
+                               member.data)
+    if member.datamodule is not None:
+        datamodule = member.datamodule
     spec = OmegaConf.to_container(OmegaConf.create({"data": data, "trainer": trainer, "optim": optim}), resolve=True)
     code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
     key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,

@@ -16,7 +16,7 @@ from runner.evaluate import predict_proba
 from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
 from runner.fuse import OutputFusion, gain_over_best
-from runner.members import plan_members, pretrain_shared_start, train_member
+from runner.members import plan_members, pretrain_shared_start, shared_start, train_member
 from runner.models import lit
 from runner.models.adapter import check_forward
 from runner.timing import process_start_time
@@ -41,8 +41,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     datamodule = as_source(build(cfg.data, "data"))
+    composed_data = OmegaConf.to_container(cfg.data, resolve=True)  # members with their own data settings build on it
     spec = describe_data(cfg, datamodule)  # loads the data; model configs read ${data.num_classes} etc.
-    members = plan_members(cfg)
+    members = plan_members(cfg, composed_data)
     for member in members:  # one forward pass of every member on real inputs
         check_forward(member.net, spec.example, spec.num_classes, member.key, spec.input_spec)
     strategy = build(cfg.fuse, "fuse") if cfg.fuse else None
@@ -50,7 +51,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         strategy.check_members([m.net for m in members], spec)
     recipe = build_recipe(cfg.compress)
     for member in members:
-        recipe.check(member.net, spec, ensemble=strategy is not None)
+        recipe.check(member.net, spec, ensemble=strategy is not None, members=len(members))
     check_devices(cfg.trainer)
     cache = MemberCache(cfg.cache.dir)
     cache.check_writable()
@@ -80,6 +81,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
 
         # 3. Members: trained on train (or loaded from the cache), evaluated on test.
         optim = pretrain_shared_start(members, cfg, datamodule, cache)
+        if hasattr(strategy, "set_start"):  # weight-space merging takes task vectors from the members' shared start
+            strategy.set_start(shared_start(members))
         for member in members:
             start = time.perf_counter()
             hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,

@@ -99,7 +99,9 @@ def test_remote_uri_is_one_override():
 
 @pytest.mark.parametrize("name", options("ensemble"))
 def test_ensemble_configs(name, tmp_path):
-    cfg = compose_config([f"ensemble={name}"], tmp_path)
+    cfg = compose_config([f"ensemble={name}"] + (["data=mnist5k"] if name.endswith("_image") else []), tmp_path)
+    if name.endswith("_image"):
+        describe_data(cfg, as_source(build(cfg.data, "data")))  # image members read ${data.input_shape}
     members = plan_members(cfg)
     assert len(members) >= 2 and len({m.name for m in members}) == len(members)
 
