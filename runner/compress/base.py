@@ -99,15 +99,19 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.steps})"
 
-    def check(self, model: nn.Module, spec: DataSpec, ensemble: bool | None = None) -> None:
+    def check(self, model: nn.Module, spec: DataSpec, ensemble: bool | None = None,
+              members: int | None = None) -> None:
         """Raise ConfigError if any step cannot handle `model` (an untrained net is fine) on the data
-        `spec` describes. `ensemble=False` says no fusion strategy will provide an ensemble teacher.
+        `spec` describes. `ensemble=False` says no fusion strategy will provide an ensemble teacher;
+        `members` is the job's number of members (steps with `check_members` check it).
         """
         for step in self.steps:
             step.check(model, spec)
             if ensemble is False:
                 check(not step.needs_ensemble, step.key + ".teacher", "ensemble",
                       "member (teacher: ensemble needs a fusion strategy, e.g. fuse=mean, and 2+ members)")
+            if members is not None and hasattr(step, "check_members"):
+                step.check_members(members)
             model = step.preview(model)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
@@ -151,7 +155,7 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
 
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
     """delta/<metric> (compressed - base), compression_ratio (size), weight_ratio (weight_bytes,
-    when both have it), macs_ratio (base MACs / compressed MACs) and speedup (latency).
+    when both have it), zip_ratio (DEFLATE-compressed size), macs_ratio (base MACs / compressed MACs) and speedup (latency).
 
     Accepts evaluate_model() dicts with plain keys (`acc`) or the pipeline's (`test/acc`).
     """
@@ -163,6 +167,9 @@ def compression_report(base: Mapping[str, float], compressed: Mapping[str, float
     a, b = _metric(base, "size_bytes"), _metric(compressed, "size_bytes")
     if a and b:
         report["compression_ratio"] = a / b
+    a, b = _metric(base, "zip_bytes"), _metric(compressed, "zip_bytes")
+    if a and b:
+        report["zip_ratio"] = a / b
     a, b = _metric(base, "weight_bytes"), _metric(compressed, "weight_bytes")
     if a and b:
         report["weight_ratio"] = a / b

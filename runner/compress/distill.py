@@ -1,5 +1,9 @@
 """Knowledge distillation (Hinton et al. 2015): train a smaller student on the teacher's
-temperature-softened probabilities plus the true labels.
+temperature-softened probabilities plus the true labels; optionally also on the teacher's
+intermediate features (FitNets, Romero et al. 2015).
+
+Teachers: the member itself, the fused ensemble, or every member of the job at once
+(`teacher: members`, see `multi_teacher_soft_loss` for how their losses combine).
 
 With `mixup > 0` the soft targets also cover mixup interpolations of each batch (function
 matching, Beyer et al. 2022): the teacher labels inputs the training set does not contain, which
@@ -7,30 +11,51 @@ is where a student learns more than the hard labels tell it. On MNIST-1D, soft t
 training points alone left an MLP student within noise of the same student trained alone;
 with mixup an MLP-64 student gains 4-5 points (6-9 for MLP-128/256 students), and mixup
 without a teacher does not (benchmarks/compression.py).
+
+Feature distillation: forward hooks catch the output (or, with `capture: input`, the input) of
+named submodules of student and teacher; a learned projection (`FeatureProjection`) maps the
+student's feature onto the teacher's, and `weight * MSE` per pair is added to the logit loss.
+The projections train with the student and are dropped afterwards; the hooks are removed.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec
-from runner.errors import check
+from runner.data.batches import DataSpec, Inputs, first_inputs
+from runner.errors import ConfigError, check
 from runner.models import LitClassifier
 from runner.models.adapter import build_model, check_forward
 
-TEACHERS = ("member", "ensemble")
+TEACHERS = ("member", "ensemble", "members")
+CAPTURES = ("output", "input")
+FEATURE_KEYS = ("student", "teacher", "weight", "capture")
+PROBE_SAMPLES = 64  # validation inputs the feature MSE is reported on (before and after training)
+
+# Leaf layers whose 3-D outputs are (N, C, L) maps, and those whose 3-D outputs are (N, L, C) tokens.
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                   nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_TOKENS = (nn.Linear, nn.LayerNorm, nn.RNNBase, nn.Embedding, nn.MultiheadAttention)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
+# --- losses -----------------------------------------------------------------------------------
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                      temperature: float, alpha: float) -> Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, target).
 
     T^2 keeps the soft-target gradients on the scale of the hard-target ones. Teacher outputs may
@@ -40,60 +65,393 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, target)
 
 
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(teacher_T || student_T), averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
                     reduction="batchmean", log_target=True) * temperature ** 2
 
 
-class DistillModule(LitClassifier):
-    """LitClassifier whose training loss is the distillation loss against a frozen teacher."""
+def multi_teacher_soft_loss(student_logits: Tensor, teacher_logits: Sequence[Tensor], weights: Sequence[float],
+                            temperature: float) -> Tensor:
+    """sum_k w_k * T^2 * KL(teacher_k,T || student_T), weights summing to 1.
 
-    def __init__(self, net: nn.Module, teacher: nn.Module, temperature: float, alpha: float,
-                 mixup: float = 0.0, **optim: Any) -> None:
+    Why a weighted sum of KLs rather than one KL to the weighted mean of the teachers' tempered
+    probabilities: the two have the same gradient for the student (the KL sum is that KL plus
+    sum_k w_k KL(p_k || mean p), which does not depend on the student), so the student is pulled to
+    the same mixture; the sum's value also counts the teachers' disagreement, and each teacher's
+    term can be read on its own. Unlike `teacher: ensemble` (a fusion strategy's probabilities at
+    T=1, then tempered), each teacher is tempered before mixing, and no fusion strategy is needed.
+    """
+    return sum(w * soft_target_loss(student_logits, t, temperature)
+               for t, w in zip(teacher_logits, weights, strict=True))
+
+
+def feature_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor],
+                 projections: Sequence[FeatureProjection], weights: Sequence[float]) -> Tensor:
+    """sum_j weight_j * MSE(projection_j(student_j), teacher_j), each MSE the mean over all elements."""
+    total = torch.zeros((), device=student_feats[0].device)
+    for s, t, proj, w in zip(student_feats, teacher_feats, projections, weights):
+        s, t = proj(s.float(), t.float())
+        total = total + w * F.mse_loss(s, t)
+    return total
+
+
+# --- feature pairs, hooks and projections ----------------------------------------------------
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """One FitNets hint: `student`'s feature regressed on `teacher`'s (module names, as in
+    `named_modules()`); `capture` picks the module's output or its (first) input."""
+
+    student: str
+    teacher: str
+    weight: float = 1.0
+    capture: str = "output"
+
+
+@dataclass(frozen=True)
+class FeatureShape:
+    """A probed feature: its per-sample shape and whether a 3-D one is (N, L, C) tokens."""
+
+    shape: tuple[int, ...]
+    tokens: bool = False
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    """The feature in a module's output: the tensor, or the first element of a tuple / mapping
+    (an RNN's (output, h_n), a Hugging Face layer's outputs)."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, Tensor) else None
+
+
+def _register(module: nn.Module, capture: str, fn: Callable[[Any], None]) -> RemovableHandle:
+    if capture == "input":
+        return module.register_forward_pre_hook(lambda _m, args: fn(args))
+    return module.register_forward_hook(lambda _m, _args, out: fn(out))
+
+
+class FeatureTaps:
+    """Forward hooks keeping the latest feature of each named submodule of `model`.
+
+    Every handle goes into `handles` (the caller's list), so the caller can remove them whatever
+    happens in between; `remove()` removes this object's own.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], captures: Sequence[str],
+                 handles: list[RemovableHandle] | None = None) -> None:
+        self.values: list[Tensor | None] = [None] * len(names)
+        self.handles: list[RemovableHandle] = []
+        for j, (name, capture) in enumerate(zip(names, captures)):
+            self.handles.append(_register(model.get_submodule(name), capture, partial(self._keep, j)))
+        if handles is not None:
+            handles.extend(self.handles)
+
+    def _keep(self, j: int, value: Any) -> None:
+        self.values[j] = _first_tensor(value)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _modes(nets: Sequence[nn.Module]) -> dict[nn.Module, bool]:
+    """Every submodule's training flag (`train(mode)` would set them all alike)."""
+    return {m: m.training for net in nets for m in net.modules()}
+
+
+def _restore(modes: dict[nn.Module, bool]) -> None:
+    for module, mode in modes.items():
+        module.training = mode
+
+
+def _names_hint(model: nn.Module, name: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    return (f"a submodule name of {type(model).__name__}" + (f"; close: {close}" if close else "")
+            + f"; available: {shown}")
+
+
+def _is_tokens(leaves: list[nn.Module]) -> bool:
+    """Whether a 3-D feature is (N, L, C): decided by the last layer that ran before it which fixes
+    a layout (convolutions, batch norms and pools give (N, C, L); Linear, LayerNorm, RNNs, attention
+    and embeddings give tokens); activations, dropout and reshapes are skipped."""
+    for leaf in reversed(leaves):
+        if isinstance(leaf, _CHANNELS_FIRST):
+            return False
+        if isinstance(leaf, _TOKENS):
+            return True
+    return True
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, x: Inputs, names: Sequence[str], captures: Sequence[str],
+                   keys: Sequence[str]) -> list[FeatureShape]:
+    """One forward pass of `model` (in eval mode) on `x` with hooks on the named submodules: the
+    shape of each feature. A name that is not a submodule, a module that does not run exactly once
+    per forward pass or a feature that is not a float tensor of 2-4 dims is a ConfigError naming
+    `keys[j]`. Every hook is removed before returning."""
+    for name, key in zip(names, keys):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(key, name, _names_hint(model, name)) from None
+    leaves: list[nn.Module] = []
+    seen: list[list[tuple[Tensor | None, bool]]] = [[] for _ in names]
+    handles: list[RemovableHandle] = []
+    modes = _modes([model])
+    try:
+        # leaves first: a hooked leaf is in `leaves` by the time its own feature hook runs
+        for leaf in (m for m in model.modules() if next(m.children(), None) is None):
+            handles.append(leaf.register_forward_hook(lambda m, _a, _o: leaves.append(m)))
+        for j, (name, capture) in enumerate(zip(names, captures)):
+            handles.append(_register(model.get_submodule(name), capture, lambda v, j=j: seen[j].append(
+                (_first_tensor(v), _is_tokens(leaves)))))
+        model.eval()
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        _restore(modes)
+    shapes = []
+    for name, capture, key, calls in zip(names, captures, keys, seen):
+        check(len(calls) == 1, key, name, f"a submodule of {type(model).__name__} that runs once per forward pass "
+              f"(this one ran {len(calls)} times)")
+        feat, tokens = calls[0]
+        ok = feat is not None and feat.is_floating_point() and 2 <= feat.dim() <= 4
+        got = "no tensor" if feat is None else f"{str(feat.dtype).removeprefix('torch.')} {tuple(feat.shape)}"
+        check(ok, key, name, f"a submodule whose {capture} is a float tensor (N, C), (N, C, L), (N, L, C) or "
+              f"(N, C, H, W); its {capture} is {got}")
+        shapes.append(FeatureShape(tuple(feat.shape[1:]), tokens and feat.dim() == 3))
+    return shapes
+
+
+def _channels_first(shape: FeatureShape) -> tuple[int, ...]:
+    """(C, *spatial) of a feature, whatever its layout."""
+    return (shape.shape[-1], *shape.shape[:-1]) if shape.tokens else shape.shape
+
+
+class FeatureProjection(nn.Module):
+    """Brings a student feature and a teacher feature to one shape (FitNets' regressor).
+
+    The width is mapped by a learned layer where student and teacher differ: nn.Linear for
+    (N, C) features and (N, L, C) tokens, a 1x1 nn.Conv1d / nn.Conv2d for (N, C, L) / (N, C, H, W)
+    maps (an identity where widths agree). Where the spatial sizes (or token counts) differ, the
+    larger is average-pooled (adaptive) to the smaller, per dimension. forward(student, teacher)
+    returns both channels-first ((N, C, ...); tokens as (N, C, L)), ready for MSE.
+    """
+
+    def __init__(self, student: FeatureShape, teacher: FeatureShape) -> None:
+        super().__init__()
+        s, t = _channels_first(student), _channels_first(teacher)
+        self.student_tokens, self.teacher_tokens = student.tokens, teacher.tokens
+        size = tuple(min(a, b) for a, b in zip(s[1:], t[1:]))
+        self.size = size if size != s[1:] or size != t[1:] else None
+        if s[0] == t[0]:
+            self.proj: nn.Module = nn.Identity()
+        elif len(s) == 1 or student.tokens:
+            self.proj = nn.Linear(s[0], t[0])
+        else:
+            self.proj = (nn.Conv1d if len(s) == 2 else nn.Conv2d)(s[0], t[0], 1)
+
+    def extra_repr(self) -> str:
+        return f"pool_to={self.size}, student_tokens={self.student_tokens}, teacher_tokens={self.teacher_tokens}"
+
+    def _pool(self, f: Tensor) -> Tensor:
+        if self.size is None or tuple(f.shape[2:]) == self.size:
+            return f
+        return (F.adaptive_avg_pool1d if f.dim() == 3 else F.adaptive_avg_pool2d)(f, self.size)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+        # pool before projecting: a 1x1 projection and average pooling commute, and pooling first is cheaper
+        s = self._pool(student.transpose(1, 2) if self.student_tokens else student)
+        t = self._pool(teacher.transpose(1, 2) if self.teacher_tokens else teacher)
+        if isinstance(self.proj, nn.Linear) and s.dim() > 2:  # tokens: the width is the last dimension
+            s = self.proj(s.transpose(1, 2)).transpose(1, 2)
+        else:
+            s = self.proj(s)
+        return s, t
+
+
+def check_pair_shapes(student: FeatureShape, teacher: FeatureShape, pair: FeaturePair, key: str) -> None:
+    """The two features must have the same number of dimensions (after reading tokens as (N, C, L))."""
+    ok = len(student.shape) == len(teacher.shape)
+    what = lambda f: ("tokens " if f.tokens else "") + str((None, *f.shape))  # noqa: E731
+    check(ok, key + ".teacher", pair.teacher,
+          f"a teacher feature with as many dimensions as the student's: student {pair.student!r} gives "
+          f"{what(student)}, teacher {pair.teacher!r} gives {what(teacher)} (N: batch). Pair (N, C) with (N, C), "
+          "(N, C, L) or (N, L, C) with either, (N, C, H, W) with (N, C, H, W); e.g. name a Flatten or pooling "
+          "module instead")
+
+
+# --- the training module ------------------------------------------------------------------------
+
+class DistillModule(LitClassifier):
+    """LitClassifier whose training loss is the distillation loss against frozen teacher(s).
+
+    `teacher` is one module or a list (multi-teacher, mixed with `teacher_weights`, uniform when
+    None). With `features`, `projections` (one FeatureProjection per pair, trained with the
+    student) and a single teacher, `feature_loss` is added. Hook handles go into `hooks`, which
+    the caller should empty with `remove_hooks` (done at the end of fit, and by Distill.apply
+    whatever happens).
+    """
+
+    def __init__(self, net: nn.Module, teacher: nn.Module | Sequence[nn.Module], temperature: float, alpha: float,
+                 mixup: float = 0.0, teacher_weights: Sequence[float] | None = None,
+                 features: Sequence[FeaturePair] = (), projections: Sequence[FeatureProjection] | None = None,
+                 hooks: list[RemovableHandle] | None = None, **optim: Any) -> None:
         super().__init__(net, **optim)
-        # Not a submodule: Lightning must neither train it, switch its mode nor save it; the
-        # teacher may be the caller's ensemble, which has to come back untouched.
-        self._teacher = [teacher]
+        teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        weights = normalized(teacher_weights, len(teachers))
+        # Not submodules: Lightning must neither train them, switch their mode nor save them; a teacher
+        # may be the caller's member or ensemble, which has to come back untouched. Teachers of weight
+        # 0 are not run at all.
+        self._teachers = [t for t, w in zip(teachers, weights) if w > 0]
+        self._weights = [w for w in weights if w > 0]
         self.temperature, self.alpha, self.mixup = temperature, alpha, mixup
+        self._features = list(features)
+        if self._features and len(teachers) != 1:  # Distill refuses this in __init__
+            raise ValueError("feature distillation needs one network teacher")
+        # A submodule, so Lightning moves it and configure_optimizers gives it to the optimizer; not
+        # part of `net`, so the student comes back as built.
+        self.projections = nn.ModuleList(projections or [])
+        if len(self.projections) != len(self._features):
+            raise ValueError(f"one projection per feature pair: {len(self._features)} pairs, "
+                             f"{len(self.projections)} projections")
+        self._hooks = hooks if hooks is not None else []
+        self._taps: tuple[FeatureTaps, FeatureTaps] | None = None
 
     def on_fit_start(self) -> None:
-        teacher = self._teacher[0]
-        device = next(iter(teacher.parameters()), torch.empty(0)).device
-        if device != self.device:
-            self._teacher[0] = copy.deepcopy(teacher).to(self.device)
-        self._teacher[0].eval()
+        for i, teacher in enumerate(self._teachers):
+            device = next(iter(teacher.parameters()), torch.empty(0)).device
+            if device != self.device:
+                self._teachers[i] = copy.deepcopy(teacher).to(self.device)
+            self._teachers[i].eval()
+        self.attach_hooks()
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        teacher = self._teacher[0]
+    def on_fit_end(self) -> None:
+        self.remove_hooks()
+
+    def attach_hooks(self) -> None:
+        """Hooks on the student and the (single) teacher for the feature pairs (no-op without)."""
+        if self._features and self._taps is None:
+            captures = [p.capture for p in self._features]
+            self._taps = (FeatureTaps(self.net, [p.student for p in self._features], captures, self._hooks),
+                          FeatureTaps(self._teachers[0], [p.teacher for p in self._features], captures, self._hooks))
+
+    def remove_hooks(self) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
+        self._taps = None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = super().configure_optimizers()
+        extra = list(self.projections.parameters())
+        if extra:  # same lr, weight decay and momentum as the student's
+            optimizer.add_param_group({"params": extra})
+        return optimizer
+
+    def _soft(self, student_logits: Tensor, x: Inputs) -> Tensor:
         with torch.no_grad():
-            teacher_logits = teacher(x).float()
-        if self.mixup <= 0:
-            return distillation_loss(logits, teacher_logits, y, self.temperature, self.alpha)
-        # The soft term averages the batch and its mixup (lam ~ Beta(mixup, mixup), a random
-        # partner per sample); the hard term stays on the real, labelled samples.
-        lam = torch.distributions.Beta(self.mixup, self.mixup).sample((len(x),)).to(x.device)
-        lam = lam.view(-1, *[1] * (x.dim() - 1))
-        mixed = lam * x + (1 - lam) * x[torch.randperm(len(x), device=x.device)]
-        with torch.no_grad():
-            teacher_mixed = teacher(mixed).float()
-        soft = (soft_target_loss(logits, teacher_logits, self.temperature)
-                + soft_target_loss(self.net(mixed), teacher_mixed, self.temperature)) / 2
-        return self.alpha * soft + (1.0 - self.alpha) * F.cross_entropy(logits, y)
+            teacher_logits = [t(x).float() for t in self._teachers]
+        return multi_teacher_soft_loss(student_logits, teacher_logits, self._weights, self.temperature)
+
+    def loss(self, logits: Tensor, y: Tensor, x: Inputs) -> Tensor:
+        # the student's hooked features are those of the forward that gave `logits`: read them first
+        student_feats = list(self._taps[0].values) if self._taps else []
+        soft = self._soft(logits, x)
+        teacher_feats = list(self._taps[1].values) if self._taps else []
+        if self.mixup > 0:
+            # The soft term averages the batch and its mixup (lam ~ Beta(mixup, mixup), a random
+            # partner per sample); the hard term and the features stay on the real, labelled samples.
+            lam = torch.distributions.Beta(self.mixup, self.mixup).sample((len(x),)).to(x.device)
+            lam = lam.view(-1, *[1] * (x.dim() - 1))
+            mixed = lam * x + (1 - lam) * x[torch.randperm(len(x), device=x.device)]
+            soft = (soft + self._soft(self.net(mixed), mixed)) / 2
+        total = self.alpha * soft + (1.0 - self.alpha) * F.cross_entropy(logits, y)
+        if self._taps:
+            total = total + feature_loss(student_feats, teacher_feats, self.projections,
+                                         [p.weight for p in self._features])
+        return total
+
+
+def normalized(weights: Sequence[float] | None, count: int) -> list[float]:
+    """`weights` scaled to sum 1 (uniform when None)."""
+    if weights is None:
+        return [1.0 / count] * count
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _feature_pairs(features: Any) -> list[FeaturePair]:
+    key = "compress.steps[].features"
+    if isinstance(features, (DictConfig, ListConfig)):
+        features = OmegaConf.to_container(features, resolve=True)
+    check(features is None or isinstance(features, (list, tuple)), key, features,
+          "a list of {student: <module name>, teacher: <module name>, weight: float, capture: output|input}")
+    pairs = []
+    for j, item in enumerate(features or []):
+        k = f"{key}[{j}]"
+        check(isinstance(item, Mapping), k, item, "{student: <module name>, teacher: <module name>, weight: float}")
+        unknown = sorted(set(item) - set(FEATURE_KEYS))
+        check(not unknown, f"{k}.{unknown[0] if unknown else ''}", item, f"the keys {list(FEATURE_KEYS)}")
+        for side in ("student", "teacher"):
+            name = item.get(side)
+            check(isinstance(name, str) and name != "", f"{k}.{side}", name,
+                  f"the name of a submodule of the {side} (as in named_modules(), e.g. body.2)")
+        weight = item.get("weight", 1.0)
+        check(_real(weight) and weight >= 0, f"{k}.weight", weight, "a float >= 0")
+        capture = item.get("capture", "output")
+        check(capture in CAPTURES, f"{k}.capture", capture, list(CAPTURES))
+        pairs.append(FeaturePair(item["student"], item["teacher"], float(weight), capture))
+    return pairs
+
+
+def _teacher_weights(weights: Any, teacher: str) -> list[float] | None:
+    key = "compress.steps[].teacher_weights"
+    if isinstance(weights, ListConfig):
+        weights = OmegaConf.to_container(weights, resolve=True)
+    if weights is None:
+        return None
+    check(teacher == "members", key, weights, "null unless teacher: members")
+    ok = isinstance(weights, (list, tuple)) and len(weights) >= 1 and all(_real(w) for w in weights)
+    check(ok, key, weights, "null (uniform) or a list of numbers, one per member in member order")
+    check(all(w >= 0 for w in weights), key, list(weights), "non-negative weights (one per member)")
+    check(sum(weights) > 0, key, list(weights), "non-negative weights, not all zero (normalized to sum 1)")
+    return [float(w) for w in weights]
 
 
 class Distill(Step):
     """Replace the model by `student` (a conf/model node, or a module) trained by distillation.
 
     teacher=member distills the model entering this step (the trained member when the step comes
-    first); teacher=ensemble distills the fused ensemble of all members (ensemble distillation).
+    first); teacher=ensemble distills the fused ensemble of all members (ensemble distillation);
+    teacher=members distills every trained member of the job at once (`ctx.members`), each
+    teacher's tempered KL weighted by `teacher_weights` (null: uniform; else one non-negative
+    weight per member in member order, normalized to sum 1). With a single member, `members` is
+    that member. A caller giving no `ctx.members` gets the model entering the step as the one member.
     A student given as config is built per member, under the member's seed. `mixup > 0` also
     matches the teacher on mixup interpolations of the inputs (Beta(mixup, mixup) weights; 0: off).
+
+    `features` adds FitNets hints: a list of {student, teacher, weight, capture} (module names in
+    the student and the teacher, as in `named_modules()`; `capture: input` takes the module's input,
+    e.g. `head` for the features the classifier sees). They need teacher=member. After apply,
+    `stats_` holds the weighted feature MSE on validation inputs before and after training.
     """
 
     def __init__(self, student: DictConfig | Mapping | nn.Module, teacher: str = "member",
                  temperature: float = 4.0, alpha: float = 0.9, epochs: int = 20, lr: float | None = None,
-                 mixup: float = 0.0) -> None:
+                 mixup: float = 0.0, teacher_weights: Sequence[float] | None = None,
+                 features: Sequence[Mapping[str, Any]] | None = None) -> None:
         check(teacher in TEACHERS, "compress.steps[].teacher", teacher, list(TEACHERS))
         check(temperature > 0, "compress.steps[].temperature", temperature, "a float > 0")
         check(0.0 <= alpha <= 1.0, "compress.steps[].alpha", alpha, "a float in [0, 1]")
@@ -103,8 +461,13 @@ class Distill(Step):
               "a model config with _target_ (e.g. from conf/model) or an nn.Module")
         if isinstance(student, Mapping) and not isinstance(student, DictConfig):
             student = OmegaConf.create(dict(student))
+        weights = _teacher_weights(teacher_weights, teacher)
+        pairs = _feature_pairs(features)
+        check(not pairs or teacher == "member", "compress.steps[].features", [vars(p) for p in pairs],
+              f"[] with teacher: {teacher} (feature distillation needs one network teacher: teacher: member)")
         self.student, self.teacher, self.temperature, self.alpha = student, teacher, temperature, alpha
         self.epochs, self.lr, self.mixup = epochs, lr, mixup
+        self.teacher_weights, self.features = weights, pairs
         self.needs_ensemble = teacher == "ensemble"
 
     def build_student(self) -> nn.Module:
@@ -112,23 +475,89 @@ class Distill(Step):
             return copy.deepcopy(self.student)
         return build_model(self.student, self.key + ".student")
 
+    def _feature_keys(self, side: str) -> list[str]:
+        return [f"{self.key}.features[{j}].{side}" for j in range(len(self.features))]
+
+    def _probe(self, student: nn.Module, teacher: nn.Module, x: Inputs) -> list[FeatureProjection]:
+        """The projection of every feature pair, from one forward pass of each net on `x`."""
+        captures = [p.capture for p in self.features]
+        s = probe_features(student, x, [p.student for p in self.features], captures, self._feature_keys("student"))
+        t = probe_features(teacher, x, [p.teacher for p in self.features], captures, self._feature_keys("teacher"))
+        for j, pair in enumerate(self.features):
+            check_pair_shapes(s[j], t[j], pair, f"{self.key}.features[{j}]")
+        return [FeatureProjection(a, b) for a, b in zip(s, t)]
+
     def check(self, model: nn.Module, spec: DataSpec) -> None:
         student = self.build_student()
         check_forward(student, spec.example, spec.num_classes, self.key + ".student", spec.input_spec)
         check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")
         check(self.mixup == 0 or spec.float_inputs, self.key + ".mixup", self.mixup,
               f"0 for inputs that cannot be interpolated ({spec.input_spec})")
+        if self.features:
+            self._probe(student, model, spec.example)
+
+    def check_members(self, count: int) -> None:
+        """Raise ConfigError unless `teacher_weights` gives one weight per member (`count` in the job)."""
+        if self.teacher == "members" and self.teacher_weights is not None:
+            check(len(self.teacher_weights) == count, self.key + ".teacher_weights", self.teacher_weights,
+                  f"{count} non-negative weights, one per member in member order (the job has {count} "
+                  f"member{'s' if count != 1 else ''}), or null for uniform weights")
 
     def preview(self, model: nn.Module) -> nn.Module:
         return self.build_student()
 
-    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+    def teachers(self, model: nn.Module, ctx: CompressContext) -> list[nn.Module]:
+        """The teacher networks of this step for `model` (the model entering it)."""
         if self.teacher == "ensemble":
             check(ctx.ensemble is not None, self.key + ".teacher", self.teacher,
-                  "member (teacher: ensemble needs a fusion strategy and 2+ members)")
-            teacher = ctx.ensemble
-        else:
-            teacher = model
+                  "member or members (teacher: ensemble needs a fusion strategy and 2+ members)")
+            return [ctx.ensemble]
+        if self.teacher == "members":
+            members = list(ctx.members or [model])
+            self.check_members(len(members))
+            return members
+        return [model]
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
+        teachers = self.teachers(model, ctx)
         student = self.build_student()
-        return finetune(student, ctx, self.epochs, self.lr, DistillModule, teacher=teacher,
-                        temperature=self.temperature, alpha=self.alpha, mixup=self.mixup)
+        hooks: list[RemovableHandle] = []
+        modes = _modes(teachers)  # training puts teachers in eval mode
+        kwargs: dict[str, Any] = {}
+        if self.features:
+            x = first_inputs(ctx.datamodule.val_dataloader(), PROBE_SAMPLES)
+            projections = nn.ModuleList(self._probe(student, teachers[0], x))
+            kwargs = {"features": self.features, "projections": projections, "hooks": hooks}
+            before = self._feature_mse(student, teachers[0], projections, x)
+        try:
+            student = finetune(student, ctx, self.epochs, self.lr, DistillModule, teacher=teachers,
+                               temperature=self.temperature, alpha=self.alpha, mixup=self.mixup,
+                               teacher_weights=self.teacher_weights, **kwargs)
+        finally:  # a teacher may be the caller's module: it comes back as it came, without hooks
+            while hooks:
+                hooks.pop().remove()
+            _restore(modes)
+        if self.features:
+            self.stats_ = {"distill/feature_mse_before": before,
+                           "distill/feature_mse_after": self._feature_mse(student, teachers[0], projections.cpu(), x)}
+        return student
+
+    @torch.no_grad()
+    def _feature_mse(self, student: nn.Module, teacher: nn.Module, projections: Sequence[FeatureProjection],
+                     x: Inputs) -> float:
+        """The weighted feature loss of the pairs on `x`, both nets in eval mode."""
+        captures = [p.capture for p in self.features]
+        handles: list[RemovableHandle] = []
+        modes = _modes([student, teacher])
+        try:
+            taps = [FeatureTaps(net, [getattr(p, side) for p in self.features], captures, handles)
+                    for net, side in ((student, "student"), (teacher, "teacher"))]
+            student.eval()
+            teacher.eval()
+            student(x)
+            teacher(x)
+            return float(feature_loss(taps[0].values, taps[1].values, projections, [p.weight for p in self.features]))
+        finally:
+            for handle in handles:
+                handle.remove()
+            _restore(modes)
