@@ -98,7 +98,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         if strategy:
             strategy.fit([m.net for m in members], datamodule.val_dataloader())
             fused = strategy.as_module()
-            recorder.evaluate("fused", "", fused, derive=lambda m: gain_over_best(m, singles), probs=(
+            recorder.evaluate("fused", "", fused, derive=lambda m: {**gain_over_best(m, singles), **strategy.stats()}, probs=(
                 strategy.combine(torch.stack([m.probs for m in members]))
                 if isinstance(strategy, OutputFusion) else None))
 

@@ -102,3 +102,23 @@ def test_concurrent_writers_of_the_mnist1d_cache_do_not_collide(tmp_path):
         results = list(pool.map(_load_test_split, [str(tmp_path)] * 3))
     assert all(torch.equal(results[0], r) for r in results[1:])
     assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("mnist1d-*.npz")).name]
+
+
+def test_random_shift_moves_a_sample_within_bounds_and_keeps_its_shape():
+    from runner.data import RandomShift
+
+    image = torch.zeros(1, 5, 5)
+    image[0, 2, 2] = 1.0
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        out = RandomShift(max_shift=1)(image)
+        assert out.shape == image.shape and out.sum() == 1.0
+        seen.add(tuple(int(i) for i in out[0].nonzero()[0]))
+    assert seen == {(r, c) for r in (1, 2, 3) for c in (1, 2, 3)}  # every shift of -1, 0, 1 per axis
+    signal = torch.arange(6.0).view(1, 6)
+    assert torch.equal(RandomShift(max_shift=0)(signal), signal)
+    shifted = RandomShift(max_shift=2)(signal)
+    assert shifted.shape == (1, 6) and set(shifted[0].tolist()) <= set(range(6))
+    with pytest.raises(ConfigError, match="max_shift"):
+        RandomShift(max_shift=-1)

@@ -340,3 +340,4 @@ def test_ties_of_members_finetuned_with_their_own_settings(tmp_path):
     assert results["fused/params"] == results["member/mlp-s0/params"]  # one merged network
     assert runs["fused"].data.metrics["test/acc"] == pytest.approx(results["fused/test/acc"])
     assert {f"member/mlp-s{i}/test/acc" for i in range(3)} <= set(results)
+    assert results["fused/fuse/scaling"] in SCALING_GRID  # chosen on val, logged with the fused model

@@ -8,8 +8,9 @@ from runner.data.sklearn import SklearnDataset
 from runner.data.sources import DatasetDataModule, LightningSource, as_source, data_values, describe_data
 from runner.data.table import TableData
 from runner.data.text import TextData
+from runner.data.transforms import RandomShift
 from runner.data.vision import ImageFolder, TorchvisionFormat
 
-__all__ = ["ArrayDataModule", "ArrayDataset", "TensorBatches", "Chunk", "DataSpec", "split_batch", "MNIST1D",
+__all__ = ["RandomShift", "ArrayDataModule", "ArrayDataset", "TensorBatches", "Chunk", "DataSpec", "split_batch", "MNIST1D",
            "MNIST5k", "SklearnDataset", "DatasetDataModule", "LightningSource", "as_source", "data_values",
            "describe_data", "TableData", "TextData", "ImageFolder", "TorchvisionFormat"]

@@ -95,6 +95,10 @@ class Fusion:
         """The fitted fused model as one nn.Module whose forward returns log-probabilities."""
         raise NotImplementedError
 
+    def stats(self) -> dict[str, float]:
+        """What the fit chose, as metrics logged with the fused model (e.g. `fuse/scaling`)."""
+        return {}
+
     def _params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from runner.data.batches import DataSpec
 from runner.errors import ConfigError, check
-from runner.fuse.base import Fusion, describe, member_probs
+from runner.fuse.base import Fusion, check_is_fitted, describe, member_probs
 from runner.fuse.soup import _Soup, accuracy, architecture
 
 SCALING_GRID = tuple(round(0.1 * k, 1) for k in range(1, 11))  # 0.1, 0.2, ..., 1.0
@@ -173,6 +173,10 @@ class Merge(_Soup):
         self.soup_ = net.eval()
         self.member_val_acc_ = [accuracy(m, x, y) for m in members]
         self.n_members_ = len(members)
+
+    def stats(self) -> dict[str, float]:
+        check_is_fitted(self, "scaling_")
+        return {"fuse/scaling": float(self.scaling_)}
 
     def _checked_start(self, member: nn.Module) -> dict[str, Tensor]:
         start = getattr(self, "_start", None)

@@ -62,6 +62,10 @@ class _Soup(Fusion):
         check_is_fitted(self, "soup_")
         return LogSoftmaxNet(self.soup_)
 
+    def stats(self) -> dict[str, float]:
+        check_is_fitted(self, "soup_")
+        return {"fuse/ingredients": float(len(self.ingredients_))} if hasattr(self, "ingredients_") else {}
+
 
 class UniformSoup(_Soup):
     """The average of all members' weights."""
