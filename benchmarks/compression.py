@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/compression.py            # the table + the distillation study (~5-10 min, 2 cores)
     .venv/bin/python benchmarks/compression.py --quick    # a smoke run
     python benchmarks/compression.py --library-only       # fp32 vs torch.ao vs torchao int8 latency (needs torchao)
+    .venv/bin/python benchmarks/compression.py --structured  # untrained ResNet-20, LeNet-5, ViT at half the MACs
 
 Members: MLP 40-256-256-10 (hidden 256: the width whose published accuracy is 68%, and wide enough
 for sparsity and int8 to matter) and the paper's CNN, Adam lr 1e-2, batch 100. Latency: median of
@@ -35,8 +36,8 @@ from runner.compress import (  # noqa: E402
 from runner.compress.prune import weight_sparsity  # noqa: E402,F401
 from runner.data import MNIST1D, DataSpec  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
-from runner.evaluate import evaluate_model, latency_ms  # noqa: E402
-from runner.models import CNN1D, MLP, LitClassifier  # noqa: E402
+from runner.evaluate import count_macs, evaluate_model, latency_ms  # noqa: E402
+from runner.models import CNN1D, MLP, HuggingFace, LeNet5, LitClassifier, ResNetCIFAR  # noqa: E402
 from runner.compress.base import finetune  # noqa: E402
 from runner.train import train_classifier  # noqa: E402
 
@@ -207,6 +208,40 @@ def library_comparison(args) -> None:
             print(f"  MLP-{hidden:<5} {label:34} {latency_ms(m, x, args.repeats):8.3f} ms  max|diff| {err:.4f}")
 
 
+def structured_table(args) -> None:
+    """conf/compress/prune_structured_macs.yaml without fine-tuning, global or uniform, with channel counts
+    rounded to multiples of 8 or not, on untrained reference models: what halving the MACs does to size
+    and CPU latency."""
+    vit = {"model_type": "vit", "image_size": 32, "num_channels": 3, "patch_size": 4, "hidden_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}  # conf/model/vit_tiny.yaml
+    models = {"ResNet-20 3x32x32": (lambda: ResNetCIFAR(20, 10, (3, 32, 32)), (3, 32, 32)),
+              "LeNet-5 1x28x28": (lambda: LeNet5((1, 28, 28), 10), (1, 28, 28)),
+              "vit_tiny 3x32x32": (lambda: HuggingFace("image", 10, vit), (3, 32, 32))}
+    template = recipes()["prune_structured_macs"].steps[0]
+    print(f"\nstructured pruning to macs_target 2 (no fine-tuning); latency: median of {args.repeats} forward "
+          f"passes of a {args.batch}-image batch, threads={torch.get_num_threads()}")
+    print(f"{'model':18} {'scope':8} {'round':>5} {'params':>9} {'-> pruned':>9} {'x':>5} {'MACs/img':>10} "
+          f"{'-> pruned':>10} {'x':>5} {'lat_ms':>7} {'-> pruned':>9} {'speedup':>7} {'prune_s':>7}")
+    for label, (make, shape) in models.items():
+        torch.manual_seed(0)
+        model = make().eval()
+        x = torch.randn(args.batch, *shape)
+        size = lambda net: (sum(p.numel() for p in net.parameters()), count_macs(net, x[:1]),  # noqa: E731
+                            latency_ms(net, x, args.repeats))
+        base = size(model)
+        for scope, round_to in (("global", None), ("global", 8), ("uniform", None), ("uniform", 8)):
+            step = copy.deepcopy(template)
+            step.scope, step.round_to, step.finetune_epochs, step.final_epochs = scope, round_to, 0, 0
+            t0 = time.time()
+            step.check(model, DataSpec(10, x[:8], {"shape": list(shape), "dtype": "float32"}))
+            pruned = step.preview(model)
+            spent = time.time() - t0
+            got = size(pruned)
+            print(f"{label:18} {scope:8} {round_to or '-':>5} {base[0]:9d} {got[0]:9d} {base[0] / got[0]:5.2f} "
+                  f"{base[1]:10.0f} {got[1]:10.0f} {base[1] / got[1]:5.2f} {base[2]:7.2f} {got[2]:9.2f} "
+                  f"{base[2] / got[2]:7.2f} {spent:7.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=60, help="member training epochs (36 steps each)")
@@ -218,12 +253,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--library-only", action="store_true")
+    parser.add_argument("--structured", action="store_true", help="only the structured-pruning table")
+    parser.add_argument("--batch", type=int, default=64, help="images per forward pass (--structured)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.student_epochs, args.repeats, args.ensemble, args.seeds = 3, 2, 5, 2, 2
     if args.library_only:
         return library_comparison(args)
+    if args.structured:
+        return structured_table(args)
     start = time.time()
     dm = MNIST1D(cache_dir=str(ROOT / "outputs" / "data"))
     dm.setup()
@@ -233,6 +272,7 @@ def main() -> None:
     distillation_study(dm, args)
     sparsity_study(dm, args)
     library_comparison(args)
+    structured_table(args)
     print(f"\ntotal {time.time() - start:.0f}s")
 
 

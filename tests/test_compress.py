@@ -97,17 +97,22 @@ def test_recipe_contract(name, mnist1d_small, trained_mlps, trained_cnn):
         assert torch.allclose(probs.sum(1), torch.ones(len(y), dtype=probs.dtype), atol=1e-4)
         assert not any("_orig" in k or "_mask" in k for k in out.state_dict())  # masks made permanent
         base = size_metrics(model)
-        if name.startswith("prune_") and name != "prune_structured":
+        if name.startswith("prune_") and not name.startswith("prune_structured"):
             assert type(out) is type(model)
             pruned = prunable(out, r.steps[0].min_params)
             zeros = sum(int((m.weight == 0).sum()) for m, _ in pruned)
             assert zeros / sum(m.weight.numel() for m, _ in pruned) == pytest.approx(0.9, abs=0.01)
             assert metrics["nonzero_params"] / metrics["params"] < 0.15
-        if name == "prune_structured":
+        if name == "prune_structured":  # Torch-Pruning keeps int(width / 2) of every hidden layer
             assert metrics["params"] < 0.6 * base["params"]
             assert metrics["size_bytes"] < base["size_bytes"]
             widths = [m.weight.shape[0] for m, _ in prunable(out)][:-1]
-            assert widths == [(m.weight.shape[0] + 1) // 2 for m, _ in prunable(model)][:-1]
+            assert widths == [m.weight.shape[0] // 2 for m, _ in prunable(model)][:-1]
+        if name.startswith("prune_structured"):  # what the step reports is what was evaluated
+            assert metrics["params"] == r.stats_["prune/params_after"] < r.stats_["prune/params_before"]
+            assert metrics["macs"] == r.stats_["prune/macs_after"]
+        if name == "prune_structured_macs":
+            assert r.stats_["prune/macs_before"] / r.stats_["prune/macs_after"] >= 2.0
         if "quant" in name or name in ("qat", "deep_compression"):
             assert is_quantized(out)
             assert metrics["size_bytes"] < base["size_bytes"]
@@ -128,7 +133,7 @@ def test_every_recipe_checks_the_gru_clearly():
             assert e.key.startswith("compress.steps[") and "GRU" in str(e)
             refused.add(name)
     # recurrent layers have no static int8 kernels and no structured pruning here
-    assert refused == {"prune_structured", "qat", "quant_static"}
+    assert refused == {"prune_structured", "prune_structured_macs", "qat", "quant_static"}
 
 
 def test_int8_dynamic_is_over_3x_smaller_for_linear_heavy_models(mnist1d_small):
@@ -171,23 +176,30 @@ def test_static_quantization_keeps_predictions(mnist1d_small, trained_cnn):
 
 @pytest.mark.parametrize("net", [MLP(40, 10, hidden=16), CNN1D(40, 10, channels=8)])
 def test_structured_prune_equals_zeroing_the_removed_units(net):
-    """Removing a unit == zeroing its incoming weights and bias (ReLU(0) = 0 feeds nothing)."""
+    """Removing a unit == zeroing its incoming weights and bias (ReLU(0) = 0 feeds nothing). Units
+    are ranked by the L2 norm of their group: the unit's incoming weights and the next layer's
+    weights reading it (for the last conv, the head columns of all its flattened positions)."""
     torch.manual_seed(0)
     x = torch.randn(20, 40)
-    small = StructuredPrune(amount=0.5).shrink(copy.deepcopy(net))
+    step = Recipe([StructuredPrune(amount=0.5)]).steps[0]
+    step.check(net, SPEC)
+    small = step.preview(net)
     masked = copy.deepcopy(net)
     layers = [m for m, _ in prunable(masked)]
     with torch.no_grad():
+        drops = []
         for layer, after in zip(layers[:-1], layers[1:]):
-            score = layer.weight.abs().flatten(1).sum(1)
-            drop = torch.topk(score, layer.weight.shape[0] // 2, largest=False).indices
+            reads = after.weight.transpose(0, 1).reshape(layer.weight.shape[0], -1)  # by input unit
+            score = layer.weight.pow(2).flatten(1).sum(1) + reads.pow(2).sum(1)
+            drops.append(torch.topk(score, layer.weight.shape[0] // 2, largest=False).indices)
+        for layer, drop in zip(layers[:-1], drops):
             layer.weight[drop] = 0
             layer.bias[drop] = 0
-            if after is not layers[-1]:  # removed inputs no longer count in the next layer's norms
-                after.weight[:, drop] = 0
     assert torch.allclose(small(x), masked(x), atol=1e-5)
     assert [m.weight.shape[0] for m, _ in prunable(small)][:-1] == [m.weight.shape[0] // 2 for m in layers[:-1]]
-    assert StructuredPrune(amount=0.0).shrink(copy.deepcopy(net))(x).allclose(net(x), atol=1e-6)
+    step = Recipe([StructuredPrune(amount=0.0)]).steps[0]
+    step.check(net, SPEC)
+    assert torch.equal(step.preview(net)(x), net(x))
     assert small.feature_dim == small.head.in_features
 
 

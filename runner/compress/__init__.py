@@ -1,8 +1,9 @@
 """Model compression: recipes (ordered steps from conf/compress/) applied to trained members."""
 from runner.compress.base import CompressContext, Recipe, Step, build_recipe, compression_report, weight_bytes
 from runner.compress.distill import Distill
-from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune, StructuredPrune
+from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune
 from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantize, is_quantized
+from runner.compress.structured import StructuredPrune
 
 __all__ = [
     "CompressContext", "Recipe", "Step", "build_recipe", "compression_report", "weight_bytes",

@@ -72,6 +72,7 @@ def finetune(net: nn.Module, ctx: CompressContext, epochs: int, lr: float | None
     overrides = {"max_epochs": epochs, "max_steps": -1, "limit_val_batches": 0}
     optim = {**dict(ctx.optim), **({"lr": lr} if lr is not None else {})}
     module = module_cls(net, optimizer=optim.pop("name", "adam"), **optim, **module_kwargs)
+    net.train()  # Lightning keeps the modes it is given: in eval mode BatchNorm and dropout would not train
     fit(module, ctx.datamodule, ctx.trainer, **overrides)
     return net.cpu().eval()
 

@@ -1,14 +1,12 @@
-"""Pruning: unstructured magnitude pruning (one-shot or gradual) and structured neuron/channel removal.
+"""Pruning: unstructured magnitude pruning (one-shot or gradual) and plain fine-tuning.
 
 Unstructured pruning keeps torch.nn.utils.prune masks while fine-tuning (pruned weights get no
 update), then makes them permanent with prune.remove: the result is a plain model with zeros,
-the same size on disk and as fast as before. Structured pruning rebuilds smaller layers.
+the same size on disk and as fast as before. Structured pruning, which rebuilds smaller layers,
+is runner.compress.structured.
 """
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 from torch.nn.utils import prune
 
@@ -20,7 +18,6 @@ from runner.errors import check
 SCOPES = ("global", "layer")
 SCHEDULES = ("cubic", "linear")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout, nn.Flatten)
 
 
 def prunable(model: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, str]]:
@@ -131,93 +128,6 @@ class GradualPrune(Step):
             finetune(model, ctx, self.epochs_per_round, self.lr)
         finetune(model, ctx, self.final_epochs, self.lr)  # recover at the final sparsity
         _unmask(targets)
-        return model
-
-
-def _hidden_layers(model: nn.Module) -> list[int] | None:
-    """Indices in `model.body` of the Linear/Conv1d layers whose outputs can be removed, or None
-    when the model is not a `body` (Sequential of layers + element-wise modules) -> `head` chain."""
-    body, head = getattr(model, "body", None), getattr(model, "head", None)
-    if not isinstance(body, nn.Sequential) or not isinstance(head, nn.Linear):
-        return None
-    layers = []
-    for i, m in enumerate(body):
-        if isinstance(m, (nn.Linear, nn.Conv1d)) and getattr(m, "groups", 1) == 1:
-            layers.append(i)
-        elif not isinstance(m, ELEMENTWISE):
-            return None
-    return layers or None
-
-
-def _slice_linear(layer: nn.Linear, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Linear:
-    w = layer.weight.detach()
-    w = w[out_idx] if out_idx is not None else w
-    w = w[:, in_idx] if in_idx is not None else w
-    new = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
-    new.weight.data.copy_(w)
-    if layer.bias is not None:
-        new.bias.data.copy_(layer.bias.detach()[out_idx] if out_idx is not None else layer.bias.detach())
-    return new
-
-
-def _slice_conv(layer: nn.Conv1d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Conv1d:
-    w = layer.weight.detach()
-    w = w[out_idx] if out_idx is not None else w
-    w = w[:, in_idx] if in_idx is not None else w
-    new = nn.Conv1d(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                    dilation=layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode)
-    new.weight.data.copy_(w)
-    if layer.bias is not None:
-        new.bias.data.copy_(layer.bias.detach()[out_idx] if out_idx is not None else layer.bias.detach())
-    return new
-
-
-def _slice(layer: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
-    return (_slice_linear if isinstance(layer, nn.Linear) else _slice_conv)(layer, out_idx, in_idx)
-
-
-class StructuredPrune(Step):
-    """Remove the `amount` fraction of neurons (Linear) or channels (Conv1d) with the smallest L1
-    norm of incoming weights (Li et al. 2017) from every hidden layer, rebuilding smaller layers,
-    then fine-tune. Needs a model whose `body` is a Sequential of Linear/Conv1d layers and
-    element-wise modules feeding a Linear `head` (MLP, CNN1D)."""
-
-    def __init__(self, amount: float, finetune_epochs: int = 0, lr: float | None = None) -> None:
-        check(0.0 <= amount < 1.0, "compress.steps[].amount", amount, "a float in [0, 1)")
-        check_epochs("compress.steps[]", finetune_epochs, lr)
-        self.amount, self.finetune_epochs, self.lr = amount, finetune_epochs, lr
-
-    def check(self, model: nn.Module, spec: DataSpec) -> None:
-        check(not is_quantized(model), self.key, type(model).__name__, "a float model (prune before quantizing)")
-        check(_hidden_layers(model) is not None, self.key, type(model).__name__,
-              "a model with a Sequential `body` of Linear/Conv1d layers and a Linear `head` (MLP, CNN1D)")
-
-    def preview(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        self.shrink(model)
-        return finetune(model, ctx, self.finetune_epochs, self.lr)
-
-    def shrink(self, model: nn.Module) -> nn.Module:
-        """Rebuild the hidden layers of `model` in place without their weakest units."""
-        body, indices = model.body, _hidden_layers(model)
-        for n, i in enumerate(indices):
-            layer = body[i]
-            out = layer.weight.shape[0]
-            keep = max(1, math.ceil(out * (1.0 - self.amount)))
-            score = layer.weight.detach().abs().flatten(1).sum(1)
-            idx = torch.topk(score, keep).indices.sort().values
-            body[i] = _slice(layer, idx, None)
-            if n + 1 < len(indices):
-                j = indices[n + 1]
-                body[j] = _slice(body[j], None, idx)
-            else:  # the head reads the flattened features: `positions` inputs per channel
-                positions = model.head.in_features // out
-                cols = (idx[:, None] * positions + torch.arange(positions)[None, :]).flatten()
-                model.head = _slice(model.head, None, cols)
-        if hasattr(model, "feature_dim"):
-            model.feature_dim = model.head.in_features
         return model
 
 

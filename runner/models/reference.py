@@ -37,8 +37,7 @@ def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
 class LeNet300(Net):
     """LeNet-300-100: in -> 300 -> 100 -> classes with ReLU (266,610 parameters on 784 -> 10).
 
-    The hidden layers are a Sequential `body` feeding a Linear `head`, the chain that structured
-    pruning rebuilds layer by layer (as for MLP)."""
+    The hidden layers are a Sequential `body` feeding a Linear `head` (as for MLP)."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__(in_features, num_classes)
