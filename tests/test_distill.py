@@ -12,9 +12,8 @@ import runner.members
 import runner.pipeline
 from conftest import SPEC, compose_config
 from runner.compress import CompressContext, Distill, Recipe, build_recipe
-from runner.compress.distill import (
-    DistillModule, FeaturePair, FeatureProjection, FeatureShape, feature_loss, probe_features,
-)
+from runner.compress.distill import DistillModule
+from runner.compress.feature_taps import FeaturePair, FeatureProjection, FeatureShape, feature_loss, probe_features
 from runner.data.batches import DataSpec
 from runner.errors import ConfigError
 from runner.models import CNN1D, GRU, MLP, LeNet5, ResNetCIFAR
