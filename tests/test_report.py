@@ -16,7 +16,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from runner.report import ReportError, aggregate, make_report, select_runs, to_latex, to_markdown
 from runner.report.plots import pareto_front, reliability_curve
-from runner.report.table import Style
+from runner.report.table import Style, pool_runs
 from runner.tracking import MlflowTracker, download_artifact, search_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,3 +284,16 @@ def test_end_to_end_real_runs_to_report(tmp_path):
     assert float(std or 0) == pytest.approx(np.std(accs, ddof=1), abs=5e-4)
     assert (tmp_path / "rep" / "e2e_reliability.png").exists() and (tmp_path / "rep" / "e2e.tex").exists()
     assert len(search_runs(uri, ["reports"])) == 1
+
+
+def test_pooled_rows_show_identical_member_runs_once(store):
+    df = select_runs(store, ["fake"], roles=["member", "fused"])
+    copy = df[df["tags.role"] == "member"].copy()  # the same members logged again by a second job
+    copy["params.fuse._target_"] = "runner.fuse.Stacking"
+    both = pd.concat([df, copy], ignore_index=True)
+    table = aggregate(pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": "member"}),
+                      ["role", "fuse._target_"], [], ["test/acc"], aggregate_over=["seed", "model._target_"])
+    members = table.cells[("member", "all")][((), "test/acc")]
+    assert members.n == 6 and members.mean == pytest.approx(0.62)  # 3 LogReg + 3 CNN runs, not 12
+    assert ("member", "runner.fuse.Mean") not in table.cells and not table.mixed
+    assert table.cells[("fused", "runner.fuse.Mean")][((), "test/acc")].n == 3

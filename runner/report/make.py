@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.report import plots
 from runner.report.errors import ReportError
 from runner.report.select import as_list, check_choice, resolve_key, select_runs
-from runner.report.table import Style, Table, aggregate, to_frame, to_latex, to_markdown, value_label
+from runner.report.table import Style, Table, aggregate, pool_runs, to_frame, to_latex, to_markdown, value_label
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     style = Style(labels=dict(cfg.labels or {}), scale=dict(cfg.scale or {}),
                   digits=cfg.digits if isinstance(cfg.digits, int) else dict(cfg.digits),
                   reference=OmegaConf.to_container(cfg.reference) if cfg.reference else None)
+    if cfg.get("pool"):
+        df = pool_runs(df, rows, as_list(cfg.metrics), dict(cfg.pool))
     table = aggregate(df, rows, cols, as_list(cfg.metrics), as_list(cfg.aggregate_over),
                       as_list(cfg.lower_is_better), style.labels)
 
@@ -140,7 +143,8 @@ def _log_run(cfg: DictConfig, written: dict[str, Path], n_runs: int) -> None:
     from runner.tracking import MlflowTracker, flatten, source_tags
 
     tracker = MlflowTracker(cfg.tracking_uri, cfg.mlflow_experiment, cfg.artifact_location)
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    # MLflow param names allow only alphanumerics and _-. :/ (a label like "ResNet-20 (dense)" is a key here)
+    params = {re.sub(r"[^\w\-. :/]", "_", k): v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
     tags = {**source_tags(), "mlflow.source.name": "python -m runner.report", "report": cfg.name,
             "selected_runs": str(n_runs)}
     with tracker.run(f"report/{cfg.name}", params, tags) as run_id:

@@ -101,7 +101,8 @@ def resolve_key(df: pd.DataFrame, key: str, option: str) -> str:
     if key.startswith("override."):
         if "tags.overrides" not in df.columns:
             raise ReportError(f"Key {key!r} in `{option}` needs the `overrides` tag, which the selected runs lack")
-        df[key] = [override_value(o, key.removeprefix("override.")) for o in df["tags.overrides"]]
+        if key not in df.columns:  # computed once (pool_runs may have set pooled rows to "all")
+            df[key] = [override_value(o, key.removeprefix("override.")) for o in df["tags.overrides"]]
         return key
     candidates = [key] if key.startswith(("params.", "tags.")) or key in ("run_name", "experiment") \
         else [f"params.{key}", f"tags.{key}"]

@@ -60,6 +60,29 @@ def order_values(values: list[tuple], labels: Mapping[str, str]) -> list[tuple]:
     return sorted(values, key=lambda v: ([rank.get(str(x), len(rank)) for x in v], [_natural(x) for x in v]))
 
 
+POOLED = "all"
+
+
+def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any]) -> pd.DataFrame:
+    """Runs where `key == value` for a `pool` item form one row whatever their other row keys: the
+    members of a sweep over `fuse=` are the same members in every job (member cache), shown once,
+    with identical copies of one member run (same member, same metrics) counted once."""
+    for key, value in pool.items():
+        column = resolve_key(df, key, "pool")
+        hit = df[column].astype(str) == str(value)
+        if not hit.any():
+            continue
+        others = [c for c in (resolve_key(df, k, "rows") for k in rows) if c != column]
+        pooled = df[hit].copy()
+        pooled[others] = POOLED
+        same = [column, *others, *(c for c in ("tags.member",) if c in df), *(resolve_metric(df, m, "metrics") for m in metrics)]
+        pooled = pooled.drop_duplicates(subset=same)
+        varying = [c for c in pooled.columns if c.startswith("params.") and pooled[c].astype(str).nunique() > 1]
+        pooled[varying] = POOLED  # the other jobs' settings (fuse.*), by the pool's own definition
+        df = pd.concat([df[~hit], pooled], ignore_index=True)
+    return df
+
+
 def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metrics: Sequence[str],
               aggregate_over: Sequence[str] = ("seed",), lower: Sequence[str] = (),
               labels: Mapping[str, str] | None = None) -> Table:
