@@ -55,7 +55,7 @@ class Step:
         return model
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("key", "needs_ensemble") and not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("key", "needs_ensemble") and not k.startswith("_") and not k.endswith("_"))
         return f"{type(self).__name__}({args})"
 
 
