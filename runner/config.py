@@ -201,7 +201,7 @@ def interpolation_error(e: OmegaConfBaseException, key: str) -> ConfigError:
     """A config that does not resolve, e.g. ${data.vocab_size} in a model config on data without one."""
     if isinstance(e, MissingMandatoryValue):
         return ConfigError(getattr(e, "full_key", None) or key, "???", "a value: this key is required")
-    return ConfigError(getattr(e, "full_key", None) or key, getattr(e, "msg", str(e)).split("\n")[0],
+    return ConfigError(getattr(e, "full_key", None) or key, (getattr(e, "msg", None) or str(e)).split("\n")[0],
                        "a value this data provides (see runner.config.DATA_KEYS), or one set in the config")
 
 

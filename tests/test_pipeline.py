@@ -95,3 +95,20 @@ def test_objective_is_the_fused_models_val_accuracy_whatever_the_compression(fus
     assert ruined["fused_compressed/test/acc"] < ruined["fused/test/acc"] - 0.1
     assert ruined["fused/test/acc"] == fused["fused/test/acc"]
     assert ruined["objective/val_acc"] == fused["objective/val_acc"] > 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fuse", ["feature", "stacking"])
+def test_fusion_across_architectures(fuse, tmp_path):
+    """A CNN, a ViT and an MLP in one ensemble (ensemble=mixed_image) fused at the feature and output level."""
+    results = runner.pipeline.run(compose_config(["data=mnist5k", "ensemble=mixed_image", f"fuse={fuse}"], tmp_path))
+    names = ("lenet5-s0", "vit_tiny-s0", "lenet300-s0")
+    probs, targets = logged_predictions(tmp_path, child_runs(tmp_path)["fused"])
+    assert results["fused/test/acc"] == pytest.approx((probs.argmax(1) == targets).mean())
+    if fuse == "feature":  # one head on the concatenated features: 500 (LeNet-5) + 64 (ViT) + 100 (MLP)
+        head = (500 + 64 + 100) * 10 + 10
+        assert results["fused/params"] == sum(results[f"member/{n}/params"] for n in names) + head
+        # the new head replaces the members' heads; the ViT's features come from a hook on its full
+        # forward, so its own head (64 x 10) still runs
+        skipped = (500 + 100) * 10
+        assert results["fused/macs"] == sum(results[f"member/{n}/macs"] for n in names) + head - 10 - skipped
