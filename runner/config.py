@@ -102,7 +102,11 @@ class EvalConf:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     ece_bins: int = 15
     latency_batch_size: int = 256
-    latency_repeats: int = 30
+    latency_repeats: int = 30         # timed calls at least (runner/evaluate/latency.py) ...
+    latency_min_time_s: float = 0.5   # ... and more until they add up to this ...
+    latency_max_repeats: int = 10000  # ... but no more than this
+    latency_warmup_s: float = 0.2     # untimed calls first (3 at least) for at least this long
+    latency_threads: Optional[int] = None  # torch threads while timing; null: the job's `threads` (or torch's)
 
     def __post_init__(self) -> None:
         for name in self.metrics:
@@ -110,6 +114,13 @@ class EvalConf:
         check(self.ece_bins >= 1, "eval.ece_bins", self.ece_bins, "an integer >= 1")
         check(self.latency_batch_size >= 1, "eval.latency_batch_size", self.latency_batch_size, "an integer >= 1")
         check(self.latency_repeats >= 1, "eval.latency_repeats", self.latency_repeats, "an integer >= 1")
+        check(self.latency_min_time_s >= 0, "eval.latency_min_time_s", self.latency_min_time_s,
+              "a number of seconds >= 0")
+        check(self.latency_max_repeats >= self.latency_repeats, "eval.latency_max_repeats", self.latency_max_repeats,
+              f"an integer >= eval.latency_repeats ({self.latency_repeats})")
+        check(self.latency_warmup_s >= 0, "eval.latency_warmup_s", self.latency_warmup_s, "a number of seconds >= 0")
+        check(self.latency_threads is None or self.latency_threads >= 1, "eval.latency_threads", self.latency_threads,
+              "null (the job's threads) or an integer >= 1")
 
 
 @dataclass

@@ -89,7 +89,8 @@ def test_recipe_contract(name, mnist1d_small, trained_mlps, trained_cnn):
         logits = out(x[:50])
         assert logits.shape == (50, 10) and torch.isfinite(logits).all()
         metrics, probs, _, targets = evaluate_model(out, mnist1d_small.test_dataloader(), 10, ["acc", "f1"],
-                                                    latency_batch=x[:64], latency_repeats=2)
+                                                    latency_batch=x[:64], latency_repeats=2,
+                                                    latency_min_time_s=0.0, latency_warmup_s=0.0)
         # the metrics are those of the model's own outputs (accuracy itself: benchmarks/compression.py)
         with torch.no_grad():
             assert torch.equal(probs.argmax(1), out(x).argmax(1)) and torch.equal(targets, y)
@@ -245,6 +246,13 @@ def test_compression_report():
     assert report["delta/acc"] == pytest.approx(-0.05) and report["delta/f1"] == 0.0
     assert report["compression_ratio"] == 4.0 and report["speedup"] == 4.0
     assert report["nonzero_fraction"] == 0.2
+    assert "speedup_low" not in report  # no quartiles (metrics logged before they existed): no spread
+    base.update(latency_q25_ms=1.5, latency_q75_ms=3.0)
+    comp.update(latency_q25_ms=0.25, latency_q75_ms=1.0)
+    report = compression_report(base, comp)
+    assert (report["speedup_low"], report["speedup_high"], report["speedup_meaningful"]) == (1.5, 12.0, 1.0)
+    comp["latency_q75_ms"] = 2.0  # the IQRs overlap now
+    assert compression_report(base, comp)["speedup_meaningful"] == 0.0
 
 
 def test_empty_recipe_copies(trained_cnn, mnist1d_small):

@@ -154,9 +154,25 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
     return None
 
 
+def speedup_interval(base_q25: float, base_q75: float, compressed_q25: float,
+                     compressed_q75: float) -> dict[str, float]:
+    """The spread of a speedup from the latency quartiles of both models.
+
+    speedup_low = base q25 / compressed q75 and speedup_high = base q75 / compressed q25 (the
+    slowest and fastest pairing of the middle halves); speedup_meaningful is 1.0 when the two
+    interquartile ranges do not overlap (touching counts as overlap), else 0.0: a speedup, or a
+    slowdown, that the timing noise of this machine cannot explain.
+    """
+    apart = base_q25 > compressed_q75 or compressed_q25 > base_q75
+    return {"speedup_low": base_q25 / compressed_q75, "speedup_high": base_q75 / compressed_q25,
+            "speedup_meaningful": 1.0 if apart else 0.0}
+
+
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:
     """delta/<metric> (compressed - base), compression_ratio (size), weight_ratio (weight_bytes,
-    when both have it), zip_ratio (DEFLATE-compressed size), macs_ratio (base MACs / compressed MACs) and speedup (latency).
+    when both have it), zip_ratio (DEFLATE-compressed size), macs_ratio (base MACs / compressed MACs),
+    speedup (base median latency / compressed median latency) and, when both have latency quartiles,
+    speedup_low / speedup_high / speedup_meaningful (speedup_interval).
 
     Accepts evaluate_model() dicts with plain keys (`acc`) or the pipeline's (`test/acc`).
     """
@@ -180,6 +196,9 @@ def compression_report(base: Mapping[str, float], compressed: Mapping[str, float
     a, b = _metric(base, "latency_ms"), _metric(compressed, "latency_ms")
     if a and b:
         report["speedup"] = a / b
+        quartiles = [_metric(m, f"latency_{q}_ms") for m in (base, compressed) for q in ("q25", "q75")]
+        if all(quartiles):
+            report.update(speedup_interval(*quartiles))
     a, b = _metric(compressed, "params"), _metric(compressed, "nonzero_params")
     if a and b is not None:
         report["nonzero_fraction"] = b / a

@@ -1,4 +1,4 @@
-"""Test-set metrics (torchmetrics), model size and CPU latency.
+"""Test-set metrics (torchmetrics), model size and CPU latency (runner/evaluate/latency.py).
 
 One forward pass per split and model: `predict_proba` returns the probabilities once and every
 metric is computed from them.
@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import io
 import re
-import statistics
 import zlib
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.data.batches import Inputs, num_samples, split_batch, take
+from runner.evaluate.latency import LatencyStats, latency_ms, latency_stats  # noqa: F401  (public API)
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
@@ -145,24 +144,12 @@ def count_macs(model: nn.Module, x: Inputs) -> float | None:
     return flops / 2 / num_samples(x) if flops else None
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, x: Inputs, repeats: int = 30, warmup: int = 3) -> float:
-    """Median wall time of one forward pass over the batch `x`, in milliseconds."""
-    model.eval()
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
 def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metrics: Iterable[str],
                    ece_bins: int = 15, latency_batch: Inputs | None = None,
                    latency_repeats: int = 30, probs: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None,
+                   targets: torch.Tensor | None = None, *, latency_warmup_s: float = 0.2,
+                   latency_min_time_s: float = 0.5, latency_max_repeats: int = 10_000,
+                   latency_threads: int | None = None,
                    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
     """All metrics of one model on one split from a single forward pass.
 
@@ -170,6 +157,10 @@ def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metric
     fusion and reports reuse them instead of running the model again. Pass `probs` and `targets`
     when they are already known (e.g. an output-level fusion of the members' test
     probabilities): no forward pass then.
+
+    With `latency_batch`, latency_stats() times the model on it (the `latency_*` arguments are its
+    own) and the metrics get latency_ms (median), latency_q25_ms / latency_q75_ms, latency_iqr_ms,
+    latency_repeats and latency_threads.
     """
     if probs is None:
         probs, targets = predict_proba(model, batches)
@@ -178,7 +169,9 @@ def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metric
     results = classification_metrics(probs, targets, num_classes, metrics, ece_bins)
     results.update(size_metrics(model))
     if latency_batch is not None:
-        results["latency_ms"] = latency_ms(model, latency_batch, latency_repeats)
+        results.update(latency_stats(model, latency_batch, latency_repeats, warmup_s=latency_warmup_s,
+                                     min_time_s=latency_min_time_s, max_repeats=latency_max_repeats,
+                                     threads=latency_threads).metrics())
         macs = count_macs(model, take(latency_batch, slice(0, 1)))
         if macs is not None:
             results["macs"] = macs

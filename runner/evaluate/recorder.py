@@ -38,7 +38,9 @@ class Recorder:
             self.latency_x = first_inputs(loader, self.cfg.latency_batch_size)
         metrics, probs, confusion, self.targets = evaluate_model(
             model, loader, self.datamodule.num_classes, self.cfg.metrics,
-            self.cfg.ece_bins, self.latency_x, self.cfg.latency_repeats, probs, self.targets)
+            self.cfg.ece_bins, self.latency_x, self.cfg.latency_repeats, probs, self.targets,
+            latency_warmup_s=self.cfg.latency_warmup_s, latency_min_time_s=self.cfg.latency_min_time_s,
+            latency_max_repeats=self.cfg.latency_max_repeats, latency_threads=self.cfg.latency_threads)
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
         metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role
