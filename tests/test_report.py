@@ -297,3 +297,7 @@ def test_pooled_rows_show_identical_member_runs_once(store):
     assert members.n == 6 and members.mean == pytest.approx(0.62)  # 3 LogReg + 3 CNN runs, not 12
     assert ("member", "runner.fuse.Mean") not in table.cells and not table.mixed
     assert table.cells[("fused", "runner.fuse.Mean")][((), "test/acc")].n == 3
+    both_roles = aggregate(pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": ["member", "fused"]}),
+                           ["role", "fuse._target_"], [], ["test/acc"], aggregate_over=["seed", "model._target_"])
+    assert set(both_roles.row_values) == {("fused", "all"), ("member", "all")}
+    assert both_roles.cells[("fused", "all")][((), "test/acc")].n == 3

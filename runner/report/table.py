@@ -64,12 +64,14 @@ POOLED = "all"
 
 
 def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any]) -> pd.DataFrame:
-    """Runs where `key == value` for a `pool` item form one row whatever their other row keys: the
+    """Runs where `key == value` (or in a list of values) for a `pool` item form one row per value
+    whatever their other row keys: the
     members of a sweep over `fuse=` are the same members in every job (member cache), shown once,
     with identical copies of one member run (same member, same metrics) counted once."""
     for key, value in pool.items():
         column = resolve_key(df, key, "pool")
-        hit = df[column].astype(str) == str(value)
+        values = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        hit = df[column].astype(str).isin(values)
         if not hit.any():
             continue
         others = [c for c in (resolve_key(df, k, "rows") for k in rows) if c != column]
@@ -77,7 +79,8 @@ def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], poo
         pooled[others] = POOLED
         same = [column, *others, *(c for c in ("tags.member",) if c in df), *(resolve_metric(df, m, "metrics") for m in metrics)]
         pooled = pooled.drop_duplicates(subset=same)
-        varying = [c for c in pooled.columns if c.startswith("params.") and pooled[c].astype(str).nunique() > 1]
+        varying = [c for c in pooled.columns
+                   if c.startswith("params.") and c != column and pooled[c].astype(str).nunique() > 1]
         pooled[varying] = POOLED  # the other jobs' settings (fuse.*), by the pool's own definition
         df = pd.concat([df[~hit], pooled], ignore_index=True)
     return df
