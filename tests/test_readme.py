@@ -5,7 +5,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_README = ["mnist1d_paper", "fusion_members", "fusion", "compression_members", "compression",
-             "image_mnist5k", "image_mnist5k_fusion"]
+             "image_mnist5k", "image_mnist5k_fusion", "deep_compression_lenet300", "prune_resnet20", "distill_lenet5",
+             "merge_lenet5"]
 
 
 def first_table(markdown: str) -> str:
