@@ -151,6 +151,9 @@ def test_parallel_jobs_lose_nothing(store, tmp_path, request):
         assert len(client.get_metric_history(r.info.run_id, f"member/cnn1d-s{seed}/train/loss")) == 3
         assert f"member/cnn1d-s{seed}/test/f1" in r.data.metrics
     assert len(member_runs(uri)) == 4
+    if store == "server":  # artifacts went to the server's store (proxied), none to this client's folder
+        assert client.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
+        assert list((tmp_path / "srv-art").rglob("test.npz")) and not list((tmp_path / "art").rglob("*"))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """A thin wrapper over MlflowClient: explicit run ids, batched logging, a status on every exit."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+log = logging.getLogger(__name__)
 
 
 class MlflowTracker(Tracker):
@@ -24,7 +26,9 @@ class MlflowTracker(Tracker):
 
     `uri` is any MLflow tracking URI: the default local SQLite store, or `http://host:port` of a
     tracking server. For a local SQLite store the artifacts go to `artifact_location` (created
-    with the experiment; a server decides for itself when it is None).
+    with the experiment); with a server a local folder is ignored and the server's own artifact
+    store takes them (`mlflow server` proxies `mlflow-artifacts:` uploads), unless it is a URI
+    (s3://...) every client can reach.
     """
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
@@ -53,6 +57,11 @@ class MlflowTracker(Tracker):
             found = client.get_experiment_by_name(self.experiment)
             if found is None:
                 location = self.artifact_location
+                if location and "://" not in location and self.uri.startswith(("http://", "https://")):
+                    # a folder on this machine: every client (SLURM node) would keep its own artifacts;
+                    # the server's default location (mlflow-artifacts:, proxied) keeps them in one place
+                    log.info("tracking.artifact_location=%s ignored: the server %s stores artifacts", location, self.uri)
+                    location = None
                 if location and "://" not in location:
                     location = Path(location).resolve().as_uri()
                 try:
