@@ -131,6 +131,7 @@ class TrackingConf:
     artifact_location: Optional[str] = "outputs/mlartifacts"
     background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
     timeout_s: float = 30.0  # the longest a job waits for an answer from the tracking store
+    log_models: bool = True  # every evaluated model as an MLflow LoggedModel of its child run (runner.load)
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")

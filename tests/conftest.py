@@ -29,7 +29,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path |
         # MLflow in-process: a worker per test store would add seconds per test (tests/test_tracking.py
         # and the command-line tests cover the default, background=true)
         tiny = ["trainer=fast", "eval.latency_repeats=2", "eval.latency_min_time_s=0", "eval.latency_warmup_s=0",
-                "tracking.background=false"]
+                "tracking.background=false", "tracking.log_models=false"]
         tiny += ["data.num_samples=600"] if mnist1d else []
         if tmp_path is not None:
             tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

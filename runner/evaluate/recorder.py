@@ -1,6 +1,7 @@
 """Evaluate each model once on the test split, log it as a nested MLflow run, keep the summary rows."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +11,8 @@ from torch import nn
 from runner.data.batches import first_inputs
 from runner.evaluate import evaluate_model
 from runner.evaluate.plots import confusion_matrix_figure
+
+log = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -48,6 +51,18 @@ class Recorder:
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
                                {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
-                               {"probs": probs.numpy(), "targets": self.targets.numpy()})
+                               {"probs": probs.numpy(), "targets": self.targets.numpy()},
+                               **({"model": self._pack(model, prefix)} if self.tracker.log_models else {}))
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs
+
+    def _pack(self, model: nn.Module, prefix: str) -> Any:
+        """The model as bytes for the tracker (tracking.log_models); None, with a warning, if it does not pickle."""
+        from runner.tracking.models import pack_model
+
+        try:
+            return pack_model(model, self.latency_x)
+        except Exception as e:  # noqa: BLE001 (e.g. a torch.compile'd module): the results still get logged
+            log.warning("%s: the model cannot be pickled, so it is not logged to MLflow: %s: %s",
+                        prefix, type(e).__name__, e)
+            return None

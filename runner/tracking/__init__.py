@@ -10,6 +10,7 @@ _WHERE = {
     "BackgroundTracker": "background", "make_tracker": "background",
     "MlflowTracker": "mlflow_tracker",
     "EpochMetricsLogger": "callback",
+    "PackedModel": "models", "LoadedModel": "models", "load_logged_model": "models", "pack_model": "models",
     "RunQueryError": "query", "download_artifact": "query", "list_experiments": "query", "search_runs": "query",
 }
 __all__ = sorted(_WHERE)

@@ -223,24 +223,28 @@ class BackgroundTracker(Tracker):
 
     @timed
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None) -> None:
-        self._submit("log_child", parent_id, name, params, tags, metrics, arrays)
+                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
+                  model: Any = None) -> None:
+        self._submit("log_child", parent_id, name, params, tags, metrics, arrays, model)  # model: already bytes
 
 
 _shared: BackgroundTracker | None = None
 
 
 def make_tracker(uri: str, experiment: str, artifact_location: str | None = None,
-                 background: bool = True, timeout_s: float = 30.0) -> Tracker:
+                 background: bool = True, timeout_s: float = 30.0, log_models: bool = False) -> Tracker:
     """The `tracking` config group's target: an MLflow tracker, in a worker process by default.
 
     Jobs of one process with the same settings (a multirun with the basic launcher) share one worker.
+    `log_models`: every evaluated model is logged as an MLflow LoggedModel of its child run.
     """
     global _shared
     if not background:
         bound_http_retries()
         from runner.tracking.mlflow_tracker import MlflowTracker
-        return MlflowTracker(uri, experiment, artifact_location)
+        tracker = MlflowTracker(uri, experiment, artifact_location)
+        tracker.log_models = log_models
+        return tracker
     if _shared is None or _shared.broken or _shared.closed or \
             (_shared.uri, _shared.experiment, _shared.artifact_location, _shared.timeout_s) != \
             (uri, experiment, artifact_location, timeout_s):
@@ -250,4 +254,7 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
             except Exception as e:  # noqa: BLE001 (its own runs already reported this)
                 log.warning("closing the previous MLflow worker: %s", e)
         _shared = BackgroundTracker(uri, experiment, artifact_location, timeout_s)
+    if log_models and not _shared.log_models:  # the worker imports torch and mlflow.pytorch while the job trains
+        _shared._submit("prepare_model_logging")
+    _shared.log_models = log_models
     return _shared

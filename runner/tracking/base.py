@@ -33,6 +33,7 @@ class Tracker:
     raise the first error; a no-op when writes are synchronous).
     """
 
+    log_models = False  # log every evaluated model as an MLflow LoggedModel (tracking.log_models)
     busy_s = 0.0   # wall time this process spent in tracking calls, setup included
     setup_s = 0.0  # of which: opening the store and finding the experiment
 

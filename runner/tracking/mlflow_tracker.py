@@ -14,6 +14,8 @@ from mlflow.exceptions import MlflowException
 
 from runner.timing import timed
 from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
+from runner.tracking.models import MODEL_URI_TAG, PackedModel, log_packed_model
+from runner.tracking.models import prepare as prepare_model_logging
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -155,13 +157,41 @@ class MlflowTracker(Tracker):
 
     @timed
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None) -> str:
-        """A finished nested run for one evaluated model (a member, a compressed member, the fused model)."""
+                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
+                  model: PackedModel | None = None) -> str:
+        """A finished nested run for one evaluated model (a member, a compressed member, the fused model).
+
+        With `model` (runner.tracking.models.pack_model) the model itself is logged as the run's
+        LoggedModel, after the metrics so MLflow links them to it, and tagged `model_uri`.
+        """
         with self.run(name, params, tags, parent_id=parent_id) as run_id:
             self.log_metrics(run_id, metrics)
             if arrays:
                 self.log_arrays(run_id, "predictions/test.npz", **arrays)
+            if model is not None:
+                self.log_model(run_id, model)
         return run_id
+
+    def prepare_model_logging(self) -> None:
+        """Do the imports model logging needs now (the worker does it while the job trains)."""
+        prepare_model_logging()
+
+    @timed
+    def log_model(self, run_id: str, model: PackedModel) -> str:
+        """Log a packed model as run `run_id`'s LoggedModel; tag the run with its models:/ URI.
+
+        A model MLflow cannot log (one that does not unpickle here, an output it cannot describe)
+        costs the job its model, not its results: a warning and a `model_log_error` tag say why.
+        """
+        self.experiment_id  # noqa: B018 (the experiment exists before MLflow's fluent API looks for it)
+        try:
+            uri = log_packed_model(self.uri, run_id, model)
+        except Exception as e:  # noqa: BLE001
+            log.warning("run %s: the model was not logged: %s: %s", run_id, type(e).__name__, e)
+            self.client.set_tag(run_id, "model_log_error", f"{type(e).__name__}: {str(e)[:400]}")
+            return ""
+        self.client.set_tag(run_id, MODEL_URI_TAG, uri)
+        return uri
 
     @timed
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
