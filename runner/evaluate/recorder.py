@@ -49,10 +49,10 @@ class Recorder:
         prefix = f"{role}/{name}" if name else role
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
+        shipped = {"model": self._pack(model, prefix)} if getattr(self.tracker, "log_models", False) else {}
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
                                {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
-                               {"probs": probs.numpy(), "targets": self.targets.numpy()},
-                               **({"model": self._pack(model, prefix)} if self.tracker.log_models else {}))
+                               {"probs": probs.numpy(), "targets": self.targets.numpy()}, **shipped)
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs
 

@@ -1,0 +1,168 @@
+"""Evaluated models as MLflow 3 LoggedModels, and loading them back.
+
+`pack_model` runs in the job's process and only pickles (torch.save into bytes): the model, a few
+real test inputs, and the import path the job had, so a worker process can unpickle the user's own
+classes too. `log_packed_model` (in the tracker, hence in the MLflow worker by default) unpickles
+it, infers the signature from one forward pass on those inputs and logs it with
+`mlflow.pytorch.log_model` into the evaluated model's child run; MLflow then links the run's
+metrics to the model. `load_logged_model` brings one back by `models:/<id>` URI or child run id.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
+MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
+EXAMPLE_ROWS = 5         # test inputs kept as the input example
+
+
+@dataclass
+class PackedModel:
+    """A model ready to cross a process boundary: plain bytes and numpy arrays."""
+    data: bytes                       # torch.save(model) of the whole module
+    example: Any                      # numpy array, or dict of numpy arrays (token ids, masks)
+    sys_path: list[str] = field(default_factory=list)
+
+
+def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS) -> PackedModel:
+    """The model (moved nowhere, copied by pickling) and its first `rows` inputs as numpy."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    if isinstance(inputs, dict):
+        example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
+    else:
+        example = inputs[:rows].detach().cpu().numpy()
+    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p])
+
+
+def unpack_model(packed: PackedModel) -> Any:
+    """The module on the CPU, in eval mode; the job's import path first extends this process's."""
+    import torch
+
+    sys.path.extend(p for p in packed.sys_path if p not in sys.path)
+    model = torch.load(io.BytesIO(packed.data), map_location="cpu", weights_only=False)
+    return model.eval()
+
+
+def pip_requirements() -> list[str]:
+    """What loading needs, pinned to this environment (explicit: MLflow's inference takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "numpy", "mlflow", "pytorch-lightning", "torchmetrics", "omegaconf", "hydra-core",
+             "scikit-learn", "transformers", "torchao"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's model logging reads the global tracking URI: set it for the call only."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def prepare() -> None:
+    """Import what logging a model needs (torch, mlflow.pytorch: seconds) before the first model comes."""
+    import mlflow.pytorch  # noqa: F401
+    import torch  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+
+def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
+    """Log `packed` as a LoggedModel of run `run_id` (its source run, metrics linked); its models:/ URI."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model = unpack_model(packed)
+    x = packed.example
+    with torch.no_grad():
+        out = model({k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x))
+    out = out.detach()
+    signature = infer_signature(x, (out.float() if out.dtype == torch.bfloat16 else out).numpy())  # numpy has no bf16
+    # pickle, not MLflow's default pt2 (torch.export): quantized, int8-graph, Hugging Face and ensemble
+    # modules do not all export, and the modules must come back as they were evaluated
+    with _tracking_uri(uri), _quiet_pickle_warning(), \
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=x, signature=signature,
+                                        pip_requirements=pip_requirements(), serialization_format="pickle")
+    return f"models:/{info.model_id}"
+
+
+class _NotThePickleWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_pickle_warning() -> Iterator[None]:
+    """MLflow warns on every pickled model; pickling is this module's documented choice, said once here."""
+    logger, quiet = logging.getLogger("mlflow.pytorch"), _NotThePickleWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+@dataclass
+class LoadedModel:
+    """A logged model brought back: the module and what it was logged with."""
+    model: Any
+    model_uri: str
+    run_id: str | None
+    input_example: Any
+    signature: Any
+
+
+def model_uri_of(client: Any, ref: str) -> str:
+    """`models:/<id>` as given, or the model a child run logged (its tag, else its LoggedModel)."""
+    if ref.startswith("models:/"):
+        return ref
+    run = client.get_run(ref)
+    if MODEL_URI_TAG in run.data.tags:
+        return run.data.tags[MODEL_URI_TAG]
+    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{ref}'")
+    if not found:
+        raise LookupError(f"run {ref} logged no model (was tracking.log_models false? its role: "
+                          f"{run.data.tags.get('role', 'not an evaluated model')})")
+    return f"models:/{found[0].model_id}"
+
+
+def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
+    """Download and unpickle a logged model: `ref` is a models:/<id> URI or a child run id."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    client = MlflowClient(tracking_uri)
+    uri = model_uri_of(client, ref)
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location, dst_path=tmp,
+                                                    tracking_uri=tracking_uri)
+        meta = Model.load(local)
+        example = meta.load_input_example(local)
+        model = mlflow.pytorch.load_model(local, map_location="cpu")
+    return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature)

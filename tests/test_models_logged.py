@@ -1,0 +1,128 @@
+"""tracking.log_models: every evaluated model is an MLflow LoggedModel of its child run, and
+runner.load brings it back predicting exactly the test probabilities the run logged."""
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import runner
+import runner.pipeline
+from conftest import compose_config, logged_predictions
+from runner.data.batches import split_batch
+from runner.tracking.models import MODEL_NAME, MODEL_URI_TAG
+
+TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
+
+
+def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> dict:
+    """Run a tiny job that logs its models; check every child run's model against its logged
+    predictions, reloaded once by models:/ URI and once by run id. Returns {run name: loaded}."""
+    cfg = compose_config([*overrides, "tracking.log_models=true", f"tracking.background={str(background).lower()}"],
+                         tmp_path)
+    runner.pipeline.run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("runner").experiment_id
+    children = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    x = test_inputs(cfg)
+    loaded = {}
+    for name, run in children.items():
+        model_uri = run.data.tags[MODEL_URI_TAG]
+        found = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert [f"models:/{m.model_id}" for m in found] == [model_uri]
+        assert found[0].name == MODEL_NAME
+        by_uri = runner.load(model_uri, tracking_uri=uri)
+        assert not by_uri.model.training and by_uri.run_id == run.info.run_id
+        probs, _ = logged_predictions(tmp_path, run)
+        np.testing.assert_allclose(by_uri.predict_proba(x).numpy(), probs, rtol=1e-5, atol=1e-6, err_msg=name)
+        by_run = runner.load(run.info.run_id, tracking_uri=uri)
+        assert by_run.model_uri == model_uri
+        # the input example: the first test inputs, their shape and dtype
+        np.testing.assert_array_equal(by_uri.input_example, x[:5].numpy())
+        loaded[name] = by_uri
+    # the child run's metrics are linked to its model
+    model_id = children[next(iter(children))].data.tags[MODEL_URI_TAG].removeprefix("models:/")
+    assert {m.key for m in client.get_logged_model(model_id).metrics} >= {"test/acc", "test/nll"}
+    return loaded
+
+
+def test_inputs(cfg) -> torch.Tensor:
+    """The test split's inputs, in loader order, as the job saw them."""
+    from runner.config import build
+    from runner.data import as_source, describe_data
+
+    dm = as_source(build(cfg.data, "data"))
+    describe_data(cfg, dm)
+    return torch.cat([split_batch(b)[0] for b in dm.test_dataloader()])
+
+
+test_inputs.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.slow
+def test_member_and_structured_pruning(tmp_path):
+    loaded = run_and_check(tmp_path, ["model=mlp", "compress=prune_structured"])
+    assert set(loaded) == {"member/mlp-s0", "compressed/mlp-s0"}
+    member, pruned = loaded["member/mlp-s0"].model, loaded["compressed/mlp-s0"].model
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in member.parameters())
+
+
+@pytest.mark.slow
+def test_fused_and_dynamically_quantized_in_the_background_worker(tmp_path):
+    loaded = run_and_check(tmp_path, [*TWO_MLPS, "fuse=mean", "compress=quant_dynamic"], background=True)
+    assert set(loaded) == {"member/mlp-s0", "member/mlp-s1", "fused", "compressed/mlp-s0", "compressed/mlp-s1",
+                           "fused_compressed"}
+    quantized = loaded["compressed/mlp-s0"].model
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.modules())
+
+
+@pytest.mark.slow
+def test_static_int8_graph_rebuilds_after_loading(tmp_path):
+    from runner.compress.quantize import Int8Graph
+
+    loaded = run_and_check(tmp_path, ["model=cnn1d", "compress=quant_static"])
+    assert any(isinstance(m, Int8Graph) for m in loaded["compressed/cnn1d-s0"].model.modules())
+
+
+@pytest.mark.slow
+def test_distilled_student(tmp_path):
+    loaded = run_and_check(tmp_path, ["model=mlp", "compress=distill", "compress.steps.0.epochs=1"])
+    assert set(loaded) == {"member/mlp-s0", "compressed/mlp-s0"}
+
+
+@pytest.mark.slow
+def test_weight_soup(tmp_path):
+    loaded = run_and_check(tmp_path, ["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]",
+                                      "ensemble.pretrain_epochs=1", "fuse=soup_uniform"])
+    assert "fused" in loaded
+
+
+def test_off_logs_no_model(tmp_path):
+    runner.pipeline.run(compose_config(["model=mlp"], tmp_path))  # compose_config turns log_models off
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("runner").experiment_id
+    assert client.search_logged_models([exp]) == []
+    member = next(r for r in client.search_runs([exp]) if r.data.tags.get("role") == "member")
+    with pytest.raises(LookupError, match="logged no model"):
+        runner.load(member.info.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+class Unloggable(torch.nn.Module):
+    """A module whose forward fails on the input example (as a model MLflow cannot describe would)."""
+
+    def forward(self, x):
+        raise ValueError("no forward on these inputs")
+
+
+def test_a_model_that_cannot_be_logged_costs_the_model_not_the_run(tmp_path):
+    from runner.tracking.mlflow_tracker import MlflowTracker
+    from runner.tracking.models import pack_model
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "runner", str(tmp_path / "art"))
+    parent = tracker.start_run("job")
+    child = tracker.log_child(parent, "member/x", {}, {"role": "member"}, {"test/acc": 0.5},
+                              model=pack_model(Unloggable(), torch.zeros(8, 3)))
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(child)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"test/acc": 0.5}
+    assert run.data.tags["model_log_error"] == "ValueError: no forward on these inputs"
+    assert MODEL_URI_TAG not in run.data.tags
