@@ -28,10 +28,12 @@ _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in 
 
 
 def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
-        tags: dict[str, str] | None = None, tracker: Tracker | None = None) -> dict[str, float]:
+        tags: dict[str, str] | None = None, tracker: Tracker | None = None,
+        choices: dict[str, str] | None = None) -> dict[str, float]:
     """Train, compress, fuse, evaluate and log one job; returns the flat dict of logged metrics.
 
-    `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier).
+    `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier);
+    `choices` (`choice/<group>`: the option picked) are logged as params beside the config.
     """
     global _jobs_in_process
     _jobs_in_process += 1
@@ -71,7 +73,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         tracker.end_run(stale.run_id, "FAILED")
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = flatten(resolved)
+    params = {**flatten(resolved), **(choices or {})}
     run_tags = {**source_tags(overrides), **job, **(tags or {})}
     name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
     with tracker.run(name, params, run_tags, parent_id) as run_id:

@@ -38,6 +38,10 @@ def test_single_run_logs_everything(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["model._target_"] == "runner.models.CNN1D"
     assert run.data.params["trainer.max_epochs"] == "2"
+    # the option of every config group, and the UI's model-training view for the experiment
+    assert {k: run.data.params[k] for k in ("choice/model", "choice/data", "choice/trainer", "choice/fuse")} == \
+        {"choice/model": "cnn1d", "choice/data": "mnist1d", "choice/trainer": "fast", "choice/fuse": "None"}
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["overrides"].startswith("trainer=fast trainer.max_epochs=2")
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     child = client.search_runs([run.info.experiment_id], "tags.role = 'member'")[0]

@@ -20,6 +20,8 @@ from runner.tracking.models import prepare as prepare_model_logging
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+# MLflow's UI opens an experiment with this tag in its model-training view (not the GenAI one)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ class MlflowTracker(Tracker):
                 if location and "://" not in location:
                     location = Path(location).resolve().as_uri()
                 try:
-                    self._experiment_id = self.client.create_experiment(self.experiment, location)
+                    self._experiment_id = self.client.create_experiment(self.experiment, location, tags=EXPERIMENT_TAGS)
                 except MlflowException:  # another job created it first
                     self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
             else:
