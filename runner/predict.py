@@ -1,0 +1,217 @@
+"""Predict with a model a job logged to MLflow, from the command line.
+
+    python -m runner.predict model=<models:/ URI or child run id> input=<file or folder> output=<file>
+                             [tracking_uri=<MLflow URI>] [batch_size=<int, default 256>]
+
+`model` is what `runner.load` takes (runner/serve.py); `tracking_uri` defaults to
+$MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db.
+
+`input`, checked against the shape of the model's input example (one sample, batch dim dropped):
+- `.npy`: an array of samples shaped like one input (then a batch of one) or (N, *input shape);
+- `.csv` / `.tsv`: one sample per row of numeric feature columns; a header row is optional and a
+  column named `label` is ignored; the columns fill one input (reshaped when it has several dims);
+- a folder: every PNG / JPEG / BMP / GIF / WebP in it (not its subfolders), in sorted name order,
+  read with Pillow, converted to grayscale (1-channel inputs) or RGB (3), resized to the input's
+  HxW (bilinear) and scaled to [0, 1], as runner.data.vision.ImageFiles reads them.
+  NOT applied: the data source's normalization. ImageFolder and the array image sources
+  (scaling: channel, standard) subtract a mean and divide by a std computed on the training split;
+  that is part of the data source, not of the logged model, so images here reach the model in
+  [0, 1]. Normalize them yourself (and pass a `.npy`) unless the model includes it.
+
+`output`:
+- `.csv`: columns `id` (the row index, or the image file name), `prediction` (the argmax class
+  index) and `prob_0` .. `prob_{C-1}`;
+- `.npy`: the (N, C) float64 probabilities; `.npz`: `predictions`, `probs` and `ids`.
+
+Probabilities are what `ShippedModel.predict_proba` gives (float64, as the evaluation computed them).
+A bad model, a missing input, an unknown extension or an input of the wrong shape exits with status
+2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TABLE_EXTENSIONS = {".csv": ",", ".tsv": "\t"}
+OUTPUT_EXTENSIONS = (".csv", ".npy", ".npz")
+KEYS = ("model", "input", "output", "tracking_uri", "batch_size")
+NOT_NORMALIZED = ("images scaled to [0, 1] only: the data source's per-channel mean/std normalization "
+                  "is not applied (it is not part of the logged model)")
+
+
+class PredictError(ValueError):
+    """Bad arguments or input: the message is the one line the command prints."""
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    """`key=value` arguments (KEYS) -> a dict; model, input and output are required."""
+    args: dict[str, Any] = {"tracking_uri": None, "batch_size": 256}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise PredictError(f"argument {arg!r}: expected key=value with key one of {list(KEYS)}")
+        args[key] = value
+    missing = [k for k in ("model", "input", "output") if not args.get(k)]
+    if missing:
+        raise PredictError(f"missing {', '.join(k + '=' for k in missing)} (usage: python -m runner.predict "
+                           "model=<URI or run id> input=<file or folder> output=<.csv|.npy|.npz>)")
+    size = str(args["batch_size"])
+    if not size.isdigit() or int(size) < 1:
+        raise PredictError(f"batch_size={size!r}: expected a positive integer")
+    args["batch_size"] = int(size)
+    return args
+
+
+def sample_shape(example: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape of one input (the example's batch dim dropped) and its dtype."""
+    if isinstance(example, dict) or example is None:
+        raise PredictError("this model takes token inputs (a dict of arrays): runner.predict reads "
+                           "arrays, tables and images only; use runner.load(...).predict_proba")
+    example = np.asarray(example)
+    return tuple(example.shape[1:]), example.dtype
+
+
+def read_input(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, list[str]]:
+    """(inputs shaped (N, *shape), one id per sample) read from a .npy, .csv/.tsv or image folder."""
+    check_input(path)
+    if path.is_dir():
+        x, ids = read_images(path, shape)
+    elif path.suffix.lower() == ".npy":
+        x = np.load(path, allow_pickle=False)
+        x = x[None] if x.shape == shape else x
+    else:
+        x = read_table(path, TABLE_EXTENSIONS[path.suffix.lower()])
+        if x.ndim == 2 and len(shape) > 1 and x.shape[1] == int(np.prod(shape)):
+            x = x.reshape(len(x), *shape)
+    if x.ndim == 0 or tuple(x.shape[1:]) != shape:
+        raise PredictError(f"input={str(path)!r}: samples of shape {tuple(x.shape[1:])} (array {tuple(x.shape)}); "
+                           f"the model expects {shape} per sample, i.e. (N, {', '.join(map(str, shape))})")
+    if not path.is_dir():
+        ids = [str(i) for i in range(len(x))]
+    return x.astype(dtype, copy=False), ids
+
+
+def check_input(path: Path) -> None:
+    """A folder, or an existing file with an extension read here (before the model is loaded)."""
+    if not path.exists():
+        raise PredictError(f"input={str(path)!r}: no such file or folder")
+    if not path.is_dir() and path.suffix.lower() not in (".npy", *TABLE_EXTENSIONS):
+        raise PredictError(f"input={str(path)!r}: unknown extension {path.suffix!r}; expected .npy, "
+                           ".csv, .tsv or a folder of images")
+
+
+def read_table(path: Path, delimiter: str) -> np.ndarray:
+    """Rows of numbers; a first row that is not all numbers is a header; a `label` column is dropped."""
+    with open(path, newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter=delimiter) if row]
+    if not rows:
+        raise PredictError(f"input={str(path)!r}: an empty table")
+    header = None if _numeric(rows[0]) else [name.strip() for name in rows.pop(0)]
+    keep = [i for i, name in enumerate(header or rows[0]) if header is None or name != "label"]
+    try:
+        return np.array([[float(row[i]) for i in keep] for row in rows], dtype=np.float64).reshape(len(rows), len(keep))
+    except (ValueError, IndexError) as e:
+        raise PredictError(f"input={str(path)!r}: every row must hold {len(keep)} numeric feature columns ({e})") from e
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(v) for v in row]
+    except ValueError:
+        return False
+    return True
+
+
+def read_images(folder: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+    """Image files of `folder` as (N, C, H, W) float32 in [0, 1], not normalized; ids: file names."""
+    from PIL import Image
+
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise PredictError(f"input={str(folder)!r}: a folder of images, but the model expects {shape} per "
+                           "sample, not (C, H, W) with 1 or 3 channels")
+    channels, height, width = shape
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise PredictError(f"input={str(folder)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.array(image, dtype=np.uint8).reshape(height, width, channels)
+        images.append(pixels.transpose(2, 0, 1))
+    log.info("predict: %d images from %s; %s", len(files), folder, NOT_NORMALIZED)
+    return np.stack(images).astype(np.float32) / np.float32(255.0), [f.name for f in files]
+
+
+def predict(shipped: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, C) float64 probabilities of `shipped.predict_proba`, batch by batch."""
+    return torch.cat([shipped.predict_proba(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
+                      for i in range(0, len(x), batch_size)]).numpy()
+
+
+def write_output(path: Path, probs: np.ndarray, ids: list[str]) -> None:
+    """Probabilities and their argmax to .csv, .npy (probabilities only) or .npz."""
+    predictions = probs.argmax(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        np.save(path, probs)
+    elif suffix == ".npz":
+        np.savez(path, predictions=predictions, probs=probs, ids=np.array(ids))
+    else:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "prediction", *(f"prob_{c}" for c in range(probs.shape[1]))])
+            for i, p, row in zip(ids, predictions, probs):
+                writer.writerow([i, int(p), *(repr(float(v)) for v in row)])
+
+
+def run(args: dict[str, Any]) -> Path:
+    """Load the model, read and check the input, predict, write; returns the output path."""
+    output = Path(args["output"])
+    if output.suffix.lower() not in OUTPUT_EXTENSIONS:
+        raise PredictError(f"output={str(output)!r}: unknown extension {output.suffix!r}; expected one of "
+                           f"{list(OUTPUT_EXTENSIONS)}")
+    source = Path(args["input"])
+    check_input(source)
+    from runner.serve import load
+
+    try:
+        shipped = load(args["model"], tracking_uri=args["tracking_uri"])
+    except Exception as e:  # noqa: BLE001  (MLflow raises many types; the command says which, in one line)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PredictError(f"model={args['model']!r}: cannot load it ({type(e).__name__}: {reason})") from e
+    shape, dtype = sample_shape(shipped.input_example)
+    x, ids = read_input(source, shape, dtype)
+    write_output(output, predict(shipped, x, args["batch_size"]), ids)
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: 0 on success, 2 with one line on stderr on bad arguments, model or input."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to the one line
+    try:
+        output = run(parse_args(sys.argv[1:] if argv is None else argv))
+    except PredictError as e:
+        print(f"runner.predict: error: {e}", file=sys.stderr)
+        return 2
+    print(f"runner.predict: wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
