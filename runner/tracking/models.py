@@ -70,7 +70,7 @@ def pip_requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's model logging reads the global tracking URI: set it for the call only."""
     import mlflow
 
@@ -103,7 +103,7 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
     signature = infer_signature(x, (out.float() if out.dtype == torch.bfloat16 else out).numpy())  # numpy has no bf16
     # pickle, not MLflow's default pt2 (torch.export): quantized, int8-graph, Hugging Face and ensemble
     # modules do not all export, and the modules must come back as they were evaluated
-    with _tracking_uri(uri), _quiet_pickle_warning(), \
+    with using_tracking_uri(uri), _quiet_pickle_warning(), \
             mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=x, signature=signature,
                                         pip_requirements=pip_requirements(), serialization_format="pickle")
