@@ -97,6 +97,9 @@ class OptimConf:
         check(self.momentum >= 0, "optim.momentum", self.momentum, "a float >= 0 (used by sgd)")
 
 
+EXPORTS = ("none", "onnx")  # eval.export (runner/export.py)
+
+
 @dataclass
 class EvalConf:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
@@ -107,8 +110,10 @@ class EvalConf:
     latency_max_repeats: int = 10000  # ... but no more than this
     latency_warmup_s: float = 0.2     # untimed calls first (3 at least) for at least this long
     latency_threads: Optional[int] = None  # torch threads while timing; null: the job's `threads` (or torch's)
+    export: str = "none"              # onnx: export every evaluated model, run it in ONNX Runtime (runner/export.py)
 
     def __post_init__(self) -> None:
+        check(self.export in EXPORTS, "eval.export", self.export, list(EXPORTS))
         for name in self.metrics:
             check(name in METRICS, "eval.metrics", name, sorted(METRICS))
         check(self.ece_bins >= 1, "eval.ece_bins", self.ece_bins, "an integer >= 1")

@@ -50,11 +50,33 @@ class Recorder:
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         shipped = {"model": self._pack(model, prefix)} if getattr(self.tracker, "log_models", False) else {}
+        export_tags, files = self._export(model, prefix, loader, probs, metrics) if self.cfg.export != "none" else ({}, {})
         self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
-                               {**self.tags, "role": role, "member": name or role, **(tags or {})}, metrics,
-                               {"probs": probs.numpy(), "targets": self.targets.numpy()}, **shipped)
+                               {**self.tags, "role": role, "member": name or role, **(tags or {}), **export_tags},
+                               metrics, {"probs": probs.numpy(), "targets": self.targets.numpy()}, files=files,
+                               **shipped)
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs
+
+    def _export(self, model: nn.Module, prefix: str, loader: Any, probs: torch.Tensor,
+                metrics: dict[str, float]) -> tuple[dict[str, str], dict[str, bytes]]:
+        """eval.export=onnx: export the model (runner/export.py), run the export on test beside it and
+        add its `export/*` metrics to `metrics`; the tags say the format and why not ONNX, the file
+        becomes the child run's artifact export/model.onnx (or .pt2)."""
+        from runner.export import check_export, export_model
+
+        exported = export_model(model, self.latency_x)
+        threads = self.cfg.latency_threads or torch.get_num_threads()
+        metrics.update(check_export(model, exported, loader, probs, self.latency_x, metrics, dict(
+            repeats=self.cfg.latency_repeats, warmup_s=self.cfg.latency_warmup_s,
+            min_time_s=self.cfg.latency_min_time_s, max_repeats=self.cfg.latency_max_repeats, threads=threads)))
+        self.results.update({f"{prefix}/{k}": v for k, v in metrics.items() if k.startswith("export/")})
+        self.table[prefix].update({k: v for k, v in metrics.items() if k.startswith("export/")})
+        tags = {"export": exported.format}
+        if exported.reason:
+            tags["export_error"] = exported.reason
+            log.info("%s: exported as %s; %s", prefix, exported.format, exported.reason)
+        return tags, ({f"export/model{exported.suffix}": exported.data} if exported.data else {})
 
     def _pack(self, model: nn.Module, prefix: str) -> Any:
         """The model as bytes for the tracker (tracking.log_models); None, with a warning, if it does not pickle."""

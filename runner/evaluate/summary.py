@@ -6,7 +6,8 @@ from collections.abc import Mapping
 COLUMNS = {"acc": "acc", "f1": "f1", "nll": "nll", "ece": "ece", "params": "params",
            "nonzero_params": "nonzero", "size_bytes": "size_kB", "latency_ms": "latency_ms",
            "delta/acc": "d_acc", "compression_ratio": "ratio", "speedup": "speedup",
-           "gain/acc": "gain_acc", "gain/nll": "gain_nll"}
+           "gain/acc": "gain_acc", "gain/nll": "gain_nll",
+           "export/agreement": "export_agree", "export/latency_ms": "export_ms"}  # eval.export
 
 
 def _fmt(column: str, value: float) -> str:

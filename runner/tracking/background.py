@@ -224,8 +224,8 @@ class BackgroundTracker(Tracker):
     @timed
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
                   metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
-                  model: Any = None) -> None:
-        self._submit("log_child", parent_id, name, params, tags, metrics, arrays, model)  # model: already bytes
+                  model: Any = None, files: Mapping[str, bytes] | None = None) -> None:
+        self._submit("log_child", parent_id, name, params, tags, metrics, arrays, model, files)  # all bytes already
 
 
 _shared: BackgroundTracker | None = None

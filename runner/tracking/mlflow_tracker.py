@@ -160,8 +160,10 @@ class MlflowTracker(Tracker):
     @timed
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
                   metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
-                  model: PackedModel | None = None) -> str:
+                  model: PackedModel | None = None, files: Mapping[str, bytes] | None = None) -> str:
         """A finished nested run for one evaluated model (a member, a compressed member, the fused model).
+
+        `files` maps artifact paths (e.g. export/model.onnx) to their bytes.
 
         With `model` (runner.tracking.models.pack_model) the model itself is logged as the run's
         LoggedModel, after the metrics so MLflow links them to it, and tagged `model_uri`.
@@ -170,6 +172,8 @@ class MlflowTracker(Tracker):
             self.log_metrics(run_id, metrics)
             if arrays:
                 self.log_arrays(run_id, "predictions/test.npz", **arrays)
+            for path, data in (files or {}).items():
+                self.log_bytes(run_id, data, path)
             if model is not None:
                 self.log_model(run_id, model)
         return run_id
@@ -194,6 +198,15 @@ class MlflowTracker(Tracker):
             return ""
         self.client.set_tag(run_id, MODEL_URI_TAG, uri)
         return uri
+
+    def log_bytes(self, run_id: str, data: bytes, path: str) -> None:
+        """`data` as the artifact file `path` (folder/name) of run `run_id`."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(path).name
+            local.write_bytes(data)
+            self.client.log_artifact(run_id, str(local), str(Path(path).parent) if "/" in path else None)
 
     @timed
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
