@@ -123,21 +123,22 @@ class MemberCache:
     def entry(self, key: str) -> Path | None:
         return self.root / "members" / key if self.root else None
 
-    def load(self, key: str, net: nn.Module) -> bool:
-        """Load the entry into `net`; False on a miss. A corrupt or partial entry is removed."""
+    def load(self, key: str, net: nn.Module) -> dict[str, Any] | None:
+        """Load the entry into `net` and return its meta (what save() was given); None on a miss.
+        A corrupt or partial entry is removed."""
         entry = self.entry(key)
         if entry is None or not entry.exists():
-            return False
+            return None
         try:
             meta = json.loads((entry / "meta.json").read_text())
             if file_sha256(entry / "model.pt") != meta["sha256"]:
                 raise ValueError("checksum mismatch")
             net.load_state_dict(torch.load(entry / "model.pt", map_location="cpu", weights_only=True))
-            return True
+            return meta
         except Exception as e:  # noqa: BLE001 - any damage means: rebuild
             log.warning("member cache entry %s is corrupt (%s); retraining", key, e)
             shutil.rmtree(entry, ignore_errors=True)
-            return False
+            return None
 
     def save(self, key: str, net: nn.Module, meta: Mapping[str, Any]) -> None:
         entry = self.entry(key)

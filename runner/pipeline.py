@@ -30,7 +30,9 @@ _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in 
 def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
         tags: dict[str, str] | None = None, tracker: Tracker | None = None,
         choices: dict[str, str] | None = None) -> dict[str, float]:
-    """Train, compress, fuse, evaluate and log one job; returns the flat dict of logged metrics.
+    """Train, compress, fuse, evaluate and log one job; returns the flat dict of its metrics: every
+    model's under `<role>/<name>/` (also in the child runs) and the job run's (Recorder.job_metrics).
+    A job skipped because it already finished returns what its run logged.
 
     `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier);
     `choices` (`choice/<group>`: the option picked) are logged as params beside the config.
@@ -86,13 +88,16 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         if hasattr(strategy, "set_start"):  # weight-space merging takes task vectors from the members' shared start
             strategy.set_start(shared_start(members))
         for member in members:
-            start = time.perf_counter()
-            hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,
-                               EpochMetricsLogger(tracker, run_id, prefix=f"member/{member.name}/"))
-            train_s = time.perf_counter() - start
-            member.metrics, member.probs = recorder.evaluate(
-                "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"},
-                derive=lambda _, t=train_s: {"train_s": t})
+            # the member's own run is open while it trains: its learning curves (train/loss, val/acc
+            # per epoch) go there live, or are replayed from the cache on a hit
+            with tracker.run(*recorder.child("member", member.name), parent_id=run_id) as member_run:
+                start = time.perf_counter()
+                hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,
+                                   EpochMetricsLogger(tracker, member_run))
+                train_s = time.perf_counter() - start
+                member.metrics, member.probs = recorder.evaluate(
+                    "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"},
+                    derive=lambda _, t=train_s: {"train_s": t}, run_id=member_run)
         singles = [m.metrics for m in members]
 
         # 4. Fusion: fitted on val only; output-level strategies reuse the members' test outputs.
@@ -110,7 +115,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             val = [(strategy.combine(strategy.val_probs_), strategy.val_y_)]
         else:
             val = [predict_proba(net, datamodule.val_dataloader()) for net in ([fused] if fused is not None else [m.net for m in members])]
-        recorder.results["objective/val_acc"] = max(float((p.argmax(1) == y).float().mean()) for p, y in val)
+        objective = {"objective/val_acc": max(float((p.argmax(1) == y).float().mean()) for p, y in val)}
+        recorder.results.update(objective)
 
         # 5. Compression of every member (the uncompressed ones stay for comparison).
         compressed = []
@@ -133,9 +139,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             timing["timing/mlflow_worker_s"] = tracker.time_spent()[0]  # since it started (jobs may share it)
         if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
             timing["timing/startup_s"] = lit.first_step_at - started
-        tracker.log_metrics(run_id, {**recorder.results, **timing})
+        tracker.log_metrics(run_id, {**recorder.job_metrics(), **objective, **timing})
     print(format_table(recorder.table))
     log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging; "
              "first training step after %.1f s",
              *(timing.get(f"timing/{k}", float("nan")) for k in ("total_s", "mlflow_setup_s", "mlflow_log_s", "startup_s")))
-    return recorder.results
+    return {**recorder.results, **recorder.job_metrics()}

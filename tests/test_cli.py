@@ -51,24 +51,33 @@ def test_single_run_logs_everything(tmp_path):
                 "f1": skm.f1_score(targets, probs.argmax(1), average="macro"),
                 "nll": skm.log_loss(targets, probs, labels=range(10))}
     for key, value in expected.items():  # the job's metrics are those of the member's logged predictions
-        assert run.data.metrics[f"member/cnn1d-s0/test/{key}"] == pytest.approx(value, rel=1e-5)
-    assert run.data.metrics["member/cnn1d-s0/params"] == 5210
-    history = client.get_metric_history(run.info.run_id, "member/cnn1d-s0/train/loss")
+        assert child.data.metrics[f"test/{key}"] == pytest.approx(value, rel=1e-5)
+        # the job's keys do not name the member: one member, so mean = best = its value
+        assert run.data.metrics[f"members/mean/test/{key}"] == pytest.approx(value, rel=1e-5)
+        assert run.data.metrics[f"members/best/test/{key}"] == pytest.approx(value, rel=1e-5)
+    assert child.data.metrics["params"] == 5210 and run.data.metrics["members/mean/params"] == 5210
+    assert not [k for k in run.data.metrics if "cnn1d" in k]
+    # the learning curves are in the member's run, one point per epoch
+    history = client.get_metric_history(child.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1]
-    assert len(client.get_metric_history(run.info.run_id, "member/cnn1d-s0/val/acc")) == 2
+    assert len(client.get_metric_history(child.info.run_id, "val/acc")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "confusion"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "confusion/member")] == \
         ["confusion/member/cnn1d-s0.png"]
     [child] = [r for r in runs(tmp_path, parents_only=False)[1] if r.data.tags.get("role") == "member"]
     assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
-    assert child.data.metrics["test/acc"] == run.data.metrics["member/cnn1d-s0/test/acc"]
+    assert child.data.metrics["test/acc"] == run.data.metrics["members/mean/test/acc"]
 
 
 @pytest.mark.slow
 def test_multirun_two_jobs(tmp_path):
     done = cli(tmp_path, "-m", "trainer=fast", "data.num_samples=600", "seed=0,1")
     assert done.returncode == 0, done.stderr
+    # progress: a line per job of the sweep (with an ETA once one ended), per member's first and last epoch
+    out = done.stdout + done.stderr
+    assert "job 1 of 2, " in out and "job 2 of 2, " in out and ", ETA " in out
+    assert "member cnn1d-s1: epoch 1/1 train/loss " in out
     _, jobs = runs(tmp_path)
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in jobs)

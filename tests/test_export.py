@@ -161,8 +161,9 @@ def test_a_job_exports_every_model_and_logs_onnx_runtime_beside_pytorch(tmp_path
         assert metrics["export/acc"] == pytest.approx(metrics["test/acc"])
         assert metrics["export/speedup"] == pytest.approx(metrics["latency_ms"] / metrics["export/latency_ms"])
         assert metrics["export/latency_q25_ms"] <= metrics["export/latency_ms"] <= metrics["export/latency_q75_ms"]
-        # the job run carries them under the model's name, as it does every metric
-        assert job.data.metrics[f"{name}/export/agreement"] == 1.0
+    # the job run: the members' mean and the fused model's, under names that do not depend on the members
+    assert job.data.metrics["members/mean/export/agreement"] == job.data.metrics["fused/export/agreement"] == 1.0
+    assert job.data.metrics["compressed/n"] == 2 and "compressed/mean/export/agreement" not in job.data.metrics
 
     # python -m runner.export: a logged model, by child run id, to a file
     member = children["member/mlp-s0"]

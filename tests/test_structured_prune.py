@@ -364,7 +364,7 @@ def test_pipeline_logs_the_pruned_size(tmp_path):
 
     results = run(compose_config(["compress=prune_structured", "model=lenet5", "data=mnist5k",
                                   "compress.steps.0.finetune_epochs=1"], tmp_path))
-    members = sorted({k.split("/")[1] for k in results if k.startswith("compressed/")})
+    members = sorted({k.split("/")[1] for k in results if k.startswith("member/")})
     assert members
     for m in members:
         compressed, member = f"compressed/{m}", f"member/{m}"

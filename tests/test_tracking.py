@@ -31,6 +31,11 @@ def record(tracker) -> str:
         tracker.log_metric_steps(run_id, [({"member/a/train/loss": 2.0 - e}, e) for e in range(3)])
         tracker.log_child(run_id, "member/a", {"model.lr": 0.01}, {"role": "member"}, {"test/acc": 0.5},
                           {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.zeros(4).numpy()})
+        # a member's own run, open while it trains, its evaluation logged into it
+        with tracker.run("member/b", {"model.lr": 0.01}, {"role": "member"}, parent_id=run_id) as member_id:
+            tracker.log_metric_steps(member_id, [({"train/loss": 1.0 - e / 4}, e) for e in range(2)])
+            tracker.log_evaluation(member_id, {"cache": "hit"}, {"test/acc": 0.25},
+                                   {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.ones(4).numpy()})
         tracker.log_figure(run_id, confusion_matrix_figure(torch.eye(2)), "confusion/member.png")
         tracker.log_metrics(run_id, {"objective/val_acc": 0.75})
         tracker.set_tags(run_id, {"extra": "yes"})
@@ -40,13 +45,16 @@ def record(tracker) -> str:
 def snapshot(uri: str, run_id: str) -> dict:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    [child] = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    children = sorted(client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"),
+                      key=lambda r: r.info.run_name)
     return {
         "status": run.info.status, "params": run.data.params, "metrics": run.data.metrics,
         "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
         "history": [(m.step, m.value) for m in client.get_metric_history(run_id, "member/a/train/loss")],
         "artifacts": sorted(f.path for f in client.list_artifacts(run_id) + client.list_artifacts(run_id, "confusion")),
-        "child": (child.info.status, child.data.metrics, [f.path for f in client.list_artifacts(child.info.run_id, "predictions")]),
+        "children": [(c.info.run_name, c.info.status, c.data.metrics, c.data.tags.get("cache"),
+                      [(m.step, m.value) for m in client.get_metric_history(c.info.run_id, "train/loss")],
+                      [f.path for f in client.list_artifacts(c.info.run_id, "predictions")]) for c in children],
     }
 
 
@@ -63,7 +71,9 @@ def test_background_writes_what_in_process_writes(tmp_path):
     assert got == expected
     assert got["status"] == "FINISHED" and got["history"] == [(0, 2.0), (1, 1.0), (2, 0.0)]
     assert got["artifacts"] == ["config.yaml", "confusion", "confusion/member.png"]
-    assert got["child"][2] == ["predictions/test.npz"]
+    assert got["children"] == [
+        ("member/a", "FINISHED", {"test/acc": 0.5}, None, [], ["predictions/test.npz"]),
+        ("member/b", "FINISHED", {"train/loss": 0.75, "test/acc": 0.25}, "hit", [(0, 1.0), (1, 0.75)], ["predictions/test.npz"])]
 
 
 def test_a_failed_queued_write_fails_the_run(tmp_path):

@@ -14,6 +14,8 @@ from runner.evaluate.plots import confusion_matrix_figure
 
 log = logging.getLogger(__name__)
 
+LOWER_IS_BETTER = ("nll", "ece", "loss")  # for members/best/test/<metric>
+
 
 class Recorder:
     def __init__(self, tracker: Any, run_id: str, datamodule: Any, eval_cfg: Any,
@@ -26,12 +28,14 @@ class Recorder:
         self.table: dict[str, dict[str, float]] = {}
         self.targets: torch.Tensor | None = None  # test labels, read on the first evaluation
         self.latency_x = None  # one fixed batch of test inputs, the same for every model
+        self.by_role: dict[str, dict[str, dict[str, float]]] = {}  # role -> member name (or role) -> metrics
 
     def evaluate(self, role: str, name: str, model: nn.Module,
                  derive: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
                  tags: Mapping[str, str] | None = None,
-                 probs: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
-        """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`.
+                 probs: torch.Tensor | None = None, run_id: str | None = None) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics of `model` on test (one forward pass), logged under `<role>/<name>`: into `run_id`
+        (a member's run, opened with `child()` before it trained) or a new child run of the job.
 
         `derive(metrics)` adds metrics computed from these, e.g. the compression ratio against the
         uncompressed member or the gain of the fused model over the best member.
@@ -51,12 +55,45 @@ class Recorder:
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         shipped = {"model": self._pack(model, prefix)} if getattr(self.tracker, "log_models", False) else {}
         export_tags, files = self._export(model, prefix, loader, probs, metrics) if self.cfg.export != "none" else ({}, {})
-        self.tracker.log_child(self.run_id, prefix, {**self.params, "role": role, "member": name or role},
-                               {**self.tags, "role": role, "member": name or role, **(tags or {}), **export_tags},
-                               metrics, {"probs": probs.numpy(), "targets": self.targets.numpy()}, files=files,
-                               **shipped)
+        self.by_role.setdefault(role, {})[name or role] = metrics
+        arrays = {"probs": probs.numpy(), "targets": self.targets.numpy()}
+        if run_id is None:
+            name_, params, child_tags = self.child(role, name, {**(tags or {}), **export_tags})
+            self.tracker.log_child(self.run_id, name_, params, child_tags, metrics, arrays, files=files, **shipped)
+        else:
+            self.tracker.log_evaluation(run_id, {**(tags or {}), **export_tags}, metrics, arrays, files=files, **shipped)
         self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
         return metrics, probs
+
+    def child(self, role: str, name: str, tags: Mapping[str, str] | None = None) -> tuple[str, dict, dict]:
+        """(run name, params, tags) of the child run of one evaluated model: the job's params and tags
+        (so filters see them) plus `role` and `member`."""
+        return (f"{role}/{name}" if name else role, {**self.params, "role": role, "member": name or role},
+                {**self.tags, "role": role, "member": name or role, **(tags or {})})
+
+    def job_metrics(self) -> dict[str, float]:
+        """The job run's metrics, named the same in every job whatever its members are called:
+        `members/mean/<metric>`, `members/std/<metric>` and `members/best/<metric>` over the members
+        (best: the highest, or the lowest for nll, ece and losses; test/* metrics only), the same under
+        `compressed/`, and `fused/<metric>`, `fused_compressed/<metric>` as they are. Per-member
+        metrics stay in the members' own runs."""
+        out: dict[str, float] = {}
+        for role, group in (("member", "members"), ("compressed", "compressed")):
+            rows = list(self.by_role.get(role, {}).values())
+            if not rows:
+                continue
+            out[f"{group}/n"] = float(len(rows))
+            for key in sorted({k for r in rows for k in r}):
+                values = torch.tensor([r[key] for r in rows if key in r], dtype=torch.float64)
+                out[f"{group}/mean/{key}"] = float(values.mean())
+                if len(values) > 1:
+                    out[f"{group}/std/{key}"] = float(values.std())
+                if key.startswith("test/"):
+                    lower = key.split("/")[-1] in LOWER_IS_BETTER
+                    out[f"{group}/best/{key}"] = float(values.min() if lower else values.max())
+        for role in ("fused", "fused_compressed"):
+            out.update({f"{role}/{k}": v for k, v in self.by_role.get(role, {}).get(role, {}).items()})
+        return out
 
     def _export(self, model: nn.Module, prefix: str, loader: Any, probs: torch.Tensor,
                 metrics: dict[str, float]) -> tuple[dict[str, str], dict[str, bytes]]:

@@ -227,6 +227,12 @@ class BackgroundTracker(Tracker):
                   model: Any = None, files: Mapping[str, bytes] | None = None) -> None:
         self._submit("log_child", parent_id, name, params, tags, metrics, arrays, model, files)  # all bytes already
 
+    @timed
+    def log_evaluation(self, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float],
+                       arrays: Mapping[str, Any] | None = None, model: Any = None,
+                       files: Mapping[str, bytes] | None = None) -> None:
+        self._submit("log_evaluation", run_id, tags, metrics, arrays, model, files)
+
 
 _shared: BackgroundTracker | None = None
 

@@ -24,6 +24,7 @@ class EpochMetricsLogger(Logger):
         super().__init__()
         self.tracker, self.run_id, self.prefix, self.flush_every_s = tracker, run_id, prefix, flush_every_s
         self._buffer: list[tuple[dict[str, float], int]] = []
+        self.history: list[tuple[dict[str, float], int]] = []  # every epoch, for the member cache to replay
         self._last_flush = time.monotonic()
 
     @property
@@ -43,6 +44,7 @@ class EpochMetricsLogger(Logger):
         metrics = dict(metrics)
         epoch = int(metrics.pop("epoch", step or 0))
         self._buffer.append(({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, epoch))
+        self.history.append(({k: float(v) for k, v in metrics.items()}, epoch))
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self._flush()
 
@@ -51,6 +53,13 @@ class EpochMetricsLogger(Logger):
             self.tracker.log_metric_steps(self.run_id, self._buffer)
         self._buffer = []
         self._last_flush = time.monotonic()
+
+    def replay(self, history: list) -> None:
+        """Log a member's learning curves from the cache as if it had just trained (same epochs)."""
+        entries = [({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, int(epoch))
+                   for metrics, epoch in history]
+        if entries:
+            self.tracker.log_metric_steps(self.run_id, entries)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -161,22 +161,29 @@ class MlflowTracker(Tracker):
     def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
                   metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
                   model: PackedModel | None = None, files: Mapping[str, bytes] | None = None) -> str:
-        """A finished nested run for one evaluated model (a member, a compressed member, the fused model).
-
-        `files` maps artifact paths (e.g. export/model.onnx) to their bytes.
-
-        With `model` (runner.tracking.models.pack_model) the model itself is logged as the run's
-        LoggedModel, after the metrics so MLflow links them to it, and tagged `model_uri`.
-        """
+        """A finished nested run for one evaluated model (a compressed member, the fused model): a new
+        run holding what log_evaluation logs."""
         with self.run(name, params, tags, parent_id=parent_id) as run_id:
-            self.log_metrics(run_id, metrics)
-            if arrays:
-                self.log_arrays(run_id, "predictions/test.npz", **arrays)
-            for path, data in (files or {}).items():
-                self.log_bytes(run_id, data, path)
-            if model is not None:
-                self.log_model(run_id, model)
+            self.log_evaluation(run_id, {}, metrics, arrays, model, files)
         return run_id
+
+    @timed
+    def log_evaluation(self, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float],
+                       arrays: Mapping[str, Any] | None = None, model: PackedModel | None = None,
+                       files: Mapping[str, bytes] | None = None) -> None:
+        """One evaluated model's results into its (open) run: tags, metrics, the test predictions
+        (`arrays` -> predictions/test.npz), `files` (artifact path -> bytes, e.g. export/model.onnx) and,
+        with `model` (runner.tracking.models.pack_model), the model itself as the run's LoggedModel,
+        after the metrics so MLflow links them to it, tagged `model_uri`."""
+        if tags:
+            self.set_tags(run_id, tags)
+        self.log_metrics(run_id, metrics)
+        if arrays:
+            self.log_arrays(run_id, "predictions/test.npz", **arrays)
+        for path, data in (files or {}).items():
+            self.log_bytes(run_id, data, path)
+        if model is not None:
+            self.log_model(run_id, model)
 
     def prepare_model_logging(self) -> None:
         """Do the imports model logging needs now (the worker does it while the job trains)."""
