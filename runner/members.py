@@ -25,6 +25,7 @@ from runner.config import OptimConf, build
 from runner.data import as_source
 from runner.models.adapter import build_model
 from runner.errors import ConfigError, check
+from runner.progress import MemberProgress
 from runner.train import train_classifier
 
 log = logging.getLogger(__name__)
@@ -175,18 +176,23 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
     key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,
                   "code": code})
-    if cache.load(key, member.net):
+    meta = cache.load(key, member.net)
+    if meta is not None:
         log.info("member %s: cache hit %s", member.name, key)
         member.net.eval()
+        if logger is not None and hasattr(logger, "replay"):  # its learning curves, logged as when it trained
+            logger.replay(meta.get("history", []))
         return True
     log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
     checkpoint, resume_from = cache.checkpoint(key)
     if resume_from:
         log.info("member %s: resuming from checkpoint %s", member.name, resume_from)
     pl.seed_everything(member.seed, verbose=False)
+    progress = MemberProgress(member.name)
     train_classifier(member.net, datamodule, trainer, optim, logger,
-                     callbacks=[checkpoint] if checkpoint else [], ckpt_path=resume_from)
-    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code})
+                     callbacks=[progress, checkpoint] if checkpoint else [progress], ckpt_path=resume_from)
+    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code,
+                                 "history": getattr(logger, "history", [])})
     cache.drop_checkpoint(key)
     return False
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,45 @@ from omegaconf import DictConfig
 
 FILE = "mlflow_sweep.json"
 FAILED = "failed"
+DONE = "done"   # a marker per ended job, for the sweep's progress line (works across processes and nodes)
+BAR = 20
+
+log = logging.getLogger("runner.progress")
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many jobs the sweep launches: the sweeper's n_trials (Optuna), else the product of the
+    sizes of the sweep's lists and ranges (hydra.sweeper.params, overridden by the command line);
+    None when a sweep cannot be counted ahead (e.g. glob)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("n_trials"):
+        return int(sweeper.n_trials)
+    items = {str(k): f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()}
+    items.update({o.split("=", 1)[0]: o for o in config.hydra.overrides.task})
+    total = 1
+    try:
+        for override in OverridesParser.create().parse_overrides(list(items.values())):
+            if override.is_sweep_override():
+                if not override.is_discrete_sweep():
+                    return None
+                total *= len(list(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001  (e.g. glob needs Hydra's config loader: no count, no ETA)
+        return None
+    return total
+
+
+def progress_line(done: int, total: int | None, elapsed_s: float) -> str:
+    """`sweep [#####---------------] job 6 of 20, 1m40s elapsed, ETA 4m40s` (the ETA: the mean time
+    per ended job times the jobs left; none before the first ends)."""
+    from runner.progress import duration
+
+    if not total:
+        return f"sweep: job {done + 1}, {duration(elapsed_s)} elapsed"
+    filled = round(BAR * done / total)
+    eta = f", ETA {duration(elapsed_s / done * (total - done))}" if done else ""
+    return f"sweep [{'#' * filled}{'-' * (BAR - filled)}] job {done + 1} of {total}, {duration(elapsed_s)} elapsed{eta}"
 
 
 def sweep_key(config: DictConfig) -> str:
@@ -55,16 +96,31 @@ class SweepRun(Callback):
                 "role": "sweep", "sweep_id": sweep_id, "sweep_key": key,
                 "overrides": " ".join(config.hydra.overrides.task)})
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(sweep_dir / FAILED, ignore_errors=True)  # this launch's failures only
-        (sweep_dir / FILE).write_text(json.dumps({"run_id": run_id, "sweep_id": sweep_id}))
+        for folder in (FAILED, DONE):  # this launch's failures and progress only
+            shutil.rmtree(sweep_dir / folder, ignore_errors=True)
+        (sweep_dir / FILE).write_text(json.dumps({"run_id": run_id, "sweep_id": sweep_id, "jobs": sweep_size(config),
+                                                  "started": time.time()}))
         self._open = (tracker, run_id, sweep_dir)
         atexit.register(self._interrupted)  # Hydra raises past on_multirun_end when a job fails
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's progress, one line as each job starts."""
+        if not _multirun(config):
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        info = read_sweep(str(sweep_dir)) or {}
+        if "started" in info:
+            done = len(list((sweep_dir / DONE).glob("*")))
+            log.info(progress_line(done, info.get("jobs"), time.time() - info["started"]))
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.FAILED and config.hydra.mode and str(config.hydra.mode).endswith("MULTIRUN"):
-            folder = Path(str(config.hydra.sweep.dir)) / FAILED
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / str(config.hydra.job.num)).touch()
+        if not _multirun(config):
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        markers = [DONE, FAILED] if job_return.status == JobStatus.FAILED else [DONE]
+        for name in markers:
+            (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+            (sweep_dir / name / str(config.hydra.job.num)).touch()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end(None)
@@ -81,6 +137,10 @@ class SweepRun(Callback):
         tracker.end_run(run_id, "FAILED" if failed else otherwise or "FINISHED")
 
 
-def read_sweep(sweep_dir: str) -> dict[str, str] | None:
+def _multirun(config: DictConfig) -> bool:
+    return bool(config.hydra.mode) and str(config.hydra.mode).endswith("MULTIRUN")
+
+
+def read_sweep(sweep_dir: str) -> dict[str, Any] | None:
     path = Path(sweep_dir) / FILE
     return json.loads(path.read_text()) if path.exists() else None
