@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup run test ui clean
+.PHONY: setup run test ui clean browser
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,8 +22,15 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m runner $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q $(ARGS)
+
+# Debian's chromium for the test that renders the HTML report headless (as root where apt-get exists;
+# elsewhere install it yourself, or that one test is skipped and says why)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+		  apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || echo "make: chromium not installed"
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db

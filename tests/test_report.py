@@ -165,7 +165,7 @@ def test_make_report_writes_markdown_latex_csv(store, tmp_path):
                      "scale={test/acc:100}", "digits={test/acc:1,test/nll:2,size_bytes:0}",
                      "reference={title:published,values:{CNN1D:94,LogReg:32}}")
     written = make_report(cfg, command="python -m runner.report name=t")
-    assert set(written) == {"md", "tex", "csv"}
+    assert set(written) == {"md", "tex", "csv", "html"}
     md = (tmp_path / "t.md").read_text()
     assert "| CNN1D | **92.0 ± 2.0** | **0.40 ± 0.10** | 20840 | 94 | 3 |" in md
     assert "| LogReg | 32.0 ± 2.0 | 1.70 ± 0.10 | **1640** | 32 | 3 |" in md

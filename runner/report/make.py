@@ -9,16 +9,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from runner.report import plots
+from runner.report import auto, plots
 from runner.report.errors import ReportError
 from runner.report.select import as_list, check_choice, resolve_key, select_runs
-from runner.report.table import Style, Table, aggregate, pool_runs, to_frame, to_latex, to_markdown, value_label
+from runner.report.html import html_page
+from runner.report.table import Style, Table, aggregate, grid, pool_runs, to_frame, to_latex, to_markdown, value_label
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("md", "tex", "csv")
+FORMATS = ("md", "tex", "csv", "html")
 PLOTS = ("pareto_size", "pareto_latency", "reliability", "fusion_gain")
 
 
@@ -53,9 +54,24 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     experiments, roles = as_list(cfg.experiment), as_list(cfg.role)
     if not experiments:
         raise ReportError("`experiment` is empty: name one MLflow experiment or a list of them")
+    sweep = cfg.get("sweep")
+    automatic = bool(cfg.get("auto")) or bool(sweep)
+    filter_string = cfg.filter or ""
+    if sweep:  # that sweep's job runs
+        clause = f"tags.sweep_id = '{sweep}'"
+        filter_string = f"{filter_string} and {clause}" if filter_string else clause
+    if automatic:
+        roles = []
 
-    df = select_runs(cfg.tracking_uri, experiments, cfg.filter or "", roles, cfg.status, cfg.keep)
+    df = select_runs(cfg.tracking_uri, experiments, filter_string, roles, cfg.status, cfg.keep)
     log.info("report %s: %d runs from %s", cfg.name, len(df), experiments)
+    if automatic:  # rows, metrics, labels and plots from the runs (runner/report/auto.py)
+        chosen = auto.settings(df, sweep, experiments)
+        with open_dict(cfg):
+            for key, value in chosen.items():
+                cfg[key] = OmegaConf.merge(cfg[key], value) if key == "plot" else value
+        plot_names = as_list(cfg.plots)
+        log.info("report %s: rows %s, metrics %s, plots %s", cfg.name, as_list(cfg.rows), as_list(cfg.metrics), plot_names)
     rows, cols = as_list(cfg.rows), as_list(cfg.cols)
     style = Style(labels=dict(cfg.labels or {}), scale=dict(cfg.scale or {}),
                   digits=cfg.digits if isinstance(cfg.digits, int) else dict(cfg.digits),
@@ -84,9 +100,15 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     label = lambda value: " ".join(value_label(k, v, style) for k, v in zip(rows + cols, value)) or "all"  # noqa: E731
     for name in plot_names:
         written[name] = out / f"{cfg.name}_{name}.png"
-        figure = _plot(name, cfg, df, groups, label, style.labels)
+        figure = _plot(name, cfg, df, groups, label, style)
         figure.savefig(written[name])
         plots.plt.close(figure)
+    if "html" in formats:  # one self-contained page: the table, the plots inlined, the notes
+        header, body = grid(table, style)
+        images = {name: written[name] for name in plot_names}
+        written["html"] = _write(out / f"{cfg.name}.html", html_page(
+            cfg.title or cfg.name, str(cfg.description or "").strip(), header, body,
+            max(1, len(table.row_keys)), images, _notes(cfg, table, df, command)))
     for kind, path in written.items():
         log.info("report: wrote %s (%s)", path, kind)
     if cfg.log_to_mlflow:
@@ -99,38 +121,58 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: str) -> str:
+def _notes(cfg: DictConfig, table: Table, df, command: str) -> list[str]:
+    """What the table is and where it came from: aggregation, runs, commits, the command."""
     over = ", ".join(as_list(cfg.aggregate_over)) or "runs"
     commits = sorted({c[:7] for column in ("tags.git_commit", "tags.mlflow.source.git.commit")
                       for c in df.get(column, []) if isinstance(c, str)})
+    notes = [f"Mean ± std over {over} (n = runs per row; no ± where n = 1 or all runs agree); "
+             "bold: the best mean per column.",
+             f"Runs: {len(df)} from MLflow experiment(s) {', '.join(as_list(cfg.experiment))}"
+             + (f", sweep {cfg.sweep}" if cfg.get("sweep") else "")
+             + (f", filter `{cfg.filter}`" if cfg.filter else "")
+             + (f", role {', '.join(as_list(cfg.role))}" if cfg.role and not cfg.get("sweep") and not cfg.get("auto")
+                else ", job runs")
+             + (f"; code commit(s) {', '.join(commits)}" if commits else "") + ".",
+             f"Produced by `{command}`."]
+    for group, keys in table.mixed.items():
+        notes.append(f"Note: group {' '.join(group)} mixes runs that differ in {', '.join(keys)}.")
+    return notes
+
+
+def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: str) -> str:
     lines = [f"## {cfg.title or cfg.name}", ""]
     if cfg.description:
         lines += [str(cfg.description).strip(), ""]
-    lines += [markdown, "",
-              f"Mean ± std over {over} (n = runs per row; no ± where n = 1 or all runs agree); "
-              "bold: the best mean per column.  ",
-              f"Runs: {len(df)} from MLflow experiment(s) {', '.join(as_list(cfg.experiment))}"
-              + (f", filter `{cfg.filter}`" if cfg.filter else "")
-              + (f", role {', '.join(as_list(cfg.role))}" if cfg.role else ", parent runs")
-              + (f"; code commit(s) {', '.join(commits)}" if commits else "") + ".  ",
-              f"Produced by `{command}`."]
-    for group, keys in table.mixed.items():
-        lines.append(f"Note: group {' '.join(group)} mixes runs that differ in {', '.join(keys)}.")
+    notes = _notes(cfg, table, df, command)
+    lines += [markdown, "", *(f"{n}  " if i < 2 else n for i, n in enumerate(notes))]
     return "\n".join(lines) + "\n"
 
 
-def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, labels: Mapping[str, str]) -> Any:
-    p = cfg.plot
+def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style) -> Any:
+    p, labels, scale = cfg.plot, style.labels, style.scale
     title = cfg.title or cfg.name
     if name in ("pareto_size", "pareto_latency"):
         x = p.size if name == "pareto_size" else p.latency
-        stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}", labels)
-        xlabel = "model size (bytes)" if name == "pareto_size" else "latency (ms per test batch)"
-        return plots.pareto_figure(stats, "x", "y", xlabel, p.accuracy, title)
+        stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}", labels, scale)
+        base = p.get("baseline")
+        baseline = None
+        if base:  # the uncompressed models of the same runs (auto mode: the members' mean)
+            x_base = base.size if name == "pareto_size" else base.get("latency", base.size)
+            baseline = plots.group_stats(df, groups, lambda v: f"{label(v)} {base.label}".strip().removeprefix("all "),
+                                         {"x": x_base, "y": base.accuracy}, f"plots: {name}", labels,
+                                         {x_base: scale.get(x, 1.0), base.accuracy: scale.get(p.accuracy, 1.0)})
+        # with a baseline both kinds of model share the axes: name them without the role
+        plain = (lambda m: m.split("/", 2)[-1] if m.startswith(("members/", "compressed/")) else m) if base else (lambda m: m)
+        return plots.pareto_figure(stats, "x", "y", plots.axis_label(plain(x), {}, {plain(x): scale.get(x, 1.0)}),
+                                   plots.axis_label(plain(p.accuracy), {}, {plain(p.accuracy): scale.get(p.accuracy, 1.0)}),
+                                   title, baseline)
     if name == "fusion_gain":
         gains = as_list(p.gains)
-        stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain", labels)
-        return plots.gain_figure(stats, gains, title)
+        stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain", labels, scale)
+        unit = " (accuracy in points)" if any(float(scale.get(g, 1.0)) == 100 for g in gains) else ""
+        return plots.gain_figure(stats, gains, title, {g: plots.axis_label(g, {}, {}) for g in gains},
+                                 f"gain over the best member{unit}")
     if not as_list(cfg.role):
         raise ReportError("plots: reliability needs child runs: set `role` (e.g. role=[member,fused])")
     curves = {}
