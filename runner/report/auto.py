@@ -79,7 +79,7 @@ def settings(df: pd.DataFrame, sweep: str | None, experiments: list[str]) -> dic
         plots.append("pareto_size")
         plot.update(accuracy="compressed/mean/test/acc", size="compressed/mean/size_bytes",
                     baseline={"accuracy": "members/mean/test/acc", "size": "members/mean/size_bytes",
-                              "label": "uncompressed members"})
+                              "latency": "members/mean/latency_ms", "label": "uncompressed members"})
     what = f"sweep {sweep}" if sweep else f"experiment {', '.join(experiments)}"
     compared = ", ".join(k.removeprefix("override.") for k in rows) or "one configuration"
     over = ", ".join(k.removeprefix("override.") for k in seeds)

@@ -149,6 +149,30 @@ def _markdown_page(cfg: DictConfig, table: Table, markdown: str, df, command: st
     return "\n".join(lines) + "\n"
 
 
+def _baseline(cfg: DictConfig, df, base: DictConfig, name: str, x: str, label, style: Style) -> Any:
+    """The uncompressed models as Pareto points: `plot.baseline` = {label, accuracy, size, latency
+    (metrics; default the plot's own), role (child runs of that role from the same selection, e.g.
+    member: each distinct member run once), rows (their grouping; default the report's first row key)}."""
+    p, scale = cfg.plot, style.scale
+    x_metric = base.get("size", p.size) if name == "pareto_size" else base.get("latency", p.latency)
+    y_metric = base.get("accuracy", p.accuracy)
+    units = {x_metric: scale.get(x, 1.0), y_metric: scale.get(p.accuracy, 1.0)}
+    text = str(base.get("label", "uncompressed"))
+    if not base.get("role"):  # metrics of the same runs (auto mode: members/mean/... of each job)
+        groups = [resolve_key(df, k, "rows") for k in as_list(cfg.rows) + as_list(cfg.cols)]
+        return plots.group_stats(df, groups, lambda v: f"{label(v)} {text}".removeprefix("all "),
+                                 {"x": x_metric, "y": y_metric}, f"plots: {name}", style.labels, units)
+    keys = as_list(base.get("rows")) or as_list(cfg.rows)[:1]
+    runs = select_runs(cfg.tracking_uri, as_list(cfg.experiment), cfg.filter or "", as_list(base.role), cfg.status,
+                       cfg.keep)
+    same = [c for c in ("tags.member", f"metrics.{x_metric}", f"metrics.{y_metric}") if c in runs]
+    runs = runs.drop_duplicates(subset=same)  # a cached member is the same run's numbers in every job
+    columns = [resolve_key(runs, k, "plot.baseline.rows") for k in keys]
+    name_of = lambda v: " ".join(value_label(k, x, style) for k, x in zip(keys, v)) or "all"  # noqa: E731
+    return plots.group_stats(runs, columns, lambda v: f"{name_of(v)} {text}".removeprefix("all "),
+                             {"x": x_metric, "y": y_metric}, f"plots: {name}", style.labels, units)
+
+
 def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style) -> Any:
     p, labels, scale = cfg.plot, style.labels, style.scale
     title = cfg.title or cfg.name
@@ -156,12 +180,7 @@ def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style
         x = p.size if name == "pareto_size" else p.latency
         stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}", labels, scale)
         base = p.get("baseline")
-        baseline = None
-        if base:  # the uncompressed models of the same runs (auto mode: the members' mean)
-            x_base = base.size if name == "pareto_size" else base.get("latency", base.size)
-            baseline = plots.group_stats(df, groups, lambda v: f"{label(v)} {base.label}".strip().removeprefix("all "),
-                                         {"x": x_base, "y": base.accuracy}, f"plots: {name}", labels,
-                                         {x_base: scale.get(x, 1.0), base.accuracy: scale.get(p.accuracy, 1.0)})
+        baseline = _baseline(cfg, df, base, name, x, label, style) if base else None
         # with a baseline both kinds of model share the axes: name them without the role
         plain = (lambda m: m.split("/", 2)[-1] if m.startswith(("members/", "compressed/")) else m) if base else (lambda m: m)
         return plots.pareto_figure(stats, "x", "y", plots.axis_label(plain(x), {}, {plain(x): scale.get(x, 1.0)}),

@@ -61,8 +61,10 @@ def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     """`groups`: one line per group with columns label, x_mean, x_std, y_mean, y_std. `baseline`
     (same columns): the uncompressed models, drawn as squares and part of the front."""
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for _, g in groups.iterrows():
-        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt="o", capsize=3, label=g.label)
+    markers = "oD^v<>ph*"  # colours repeat after ten groups: the marker changes with them
+    for i, (_, g) in enumerate(groups.iterrows()):
+        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt=markers[i // 10 % len(markers)],
+                    capsize=3, label=g.label)
     every = groups
     if baseline is not None and len(baseline):
         for _, g in baseline.iterrows():
@@ -77,7 +79,11 @@ def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     ax.set(xlabel=xlabel, ylabel=ylabel)
     _title(ax, title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(every) > 6:  # many groups: the legend beside the axes, not over the points
+        fig.set_size_inches(9, 4.8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
