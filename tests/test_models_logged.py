@@ -85,6 +85,17 @@ def test_static_int8_graph_rebuilds_after_loading(tmp_path):
 
 
 @pytest.mark.slow
+def test_fx_static_int8_and_qat_models_pickle(tmp_path):
+    """torch.ao FX int8 (static for MLPs, QAT) copies the forward's string annotations into its graph,
+    which made the GraphModule unpicklable: these were evaluated but never logged."""
+    loaded = run_and_check(tmp_path, [*TWO_MLPS, "compress=quant_static"])
+    assert set(loaded) == {"member/mlp-s0", "member/mlp-s1", "compressed/mlp-s0", "compressed/mlp-s1"}
+    assert isinstance(loaded["compressed/mlp-s0"].model, torch.fx.GraphModule)
+    loaded = run_and_check(tmp_path / "qat", ["model=mlp", "compress=qat", "compress.steps.0.finetune_epochs=1"])
+    assert isinstance(loaded["compressed/mlp-s0"].model, torch.fx.GraphModule)
+
+
+@pytest.mark.slow
 def test_distilled_student(tmp_path):
     loaded = run_and_check(tmp_path, ["model=mlp", "compress=distill", "compress.steps.0.epochs=1"])
     assert set(loaded) == {"member/mlp-s0", "compressed/mlp-s0"}

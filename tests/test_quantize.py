@@ -308,3 +308,15 @@ def test_the_benchmark_runs():
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "ms" not in line]
     assert "n/a" not in out and len(rows) == 8, out
     assert "auto: DynamicQuantize torch_ao, StaticQuantize pt2e" in out
+
+
+@pytest.mark.slow
+def test_qat_runs_in_fp32_under_mixed_precision_and_says_so(tmp_path):
+    """trainer.precision=bf16-mixed trains the member in bf16; the QAT epochs (and every quantization
+    step) run in fp32: under autocast torch.ao's fake-quantize raised after the member had trained."""
+    from runner.pipeline import run
+
+    results = run(compose_config(["model=mlp", "compress=qat", "compress.steps.0.finetune_epochs=1",
+                                  "trainer.precision=bf16-mixed"], tmp_path))
+    assert results["compressed/mlp-s0/quant/precision_bits"] == 32
+    assert results["compressed/mlp-s0/quant/fp32_agreement"] > 0.9  # a working int8 model of the member

@@ -20,6 +20,7 @@ second to an import of the runner that most jobs do not need.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import logging
 import warnings
@@ -144,7 +145,8 @@ def _record_stats(step: Step, float_model: nn.Module, quantized: nn.Module, ctx:
 
     x = first_inputs(ctx.datamodule.val_dataloader(), AGREEMENT_SAMPLES)
     same = quantized(x).argmax(1) == float_model.eval()(x).argmax(1)
-    step.stats_ = {"quant/fp32_agreement": float(same.double().mean())}
+    # quantization (calibration, QAT epochs, conversion) runs in fp32 whatever trainer.precision is
+    step.stats_ = {"quant/fp32_agreement": float(same.double().mean()), "quant/precision_bits": 32.0}
     macs = count_macs(float_model, take(x, slice(0, 1)))
     if macs is not None:
         step.stats_["macs"] = macs
@@ -171,7 +173,20 @@ def static_torch_ao(model: nn.Module, example: Inputs, calibrate: Callable[[nn.M
     _use_backend(backend)
     prepared = prepare_fx(copy.deepcopy(model).cpu().eval(), get_default_qconfig_mapping(backend), (example,))
     calibrate(prepared)
-    return convert_fx(prepared)
+    return picklable(convert_fx(prepared))
+
+
+def picklable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop the string type annotations FX copies from a forward written under `from __future__ import
+    annotations` (`x: "torch.Tensor"`): pickling the GraphModule (torch.save, MLflow model logging)
+    turns its globals into imports and cannot import a string."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type, changed = None, True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def pt2e_reference(model: nn.Module, example: Inputs, calibrate: Callable[[nn.Module], None]) -> torch.fx.GraphModule:
@@ -453,10 +468,13 @@ class QATQuantize(_StaticBase):
         prepared = prepare_qat_fx(copy.deepcopy(model).cpu().train(),
                                   get_default_qat_qconfig_mapping(self.backend), _example(ctx))
         self._calibrate(prepared.eval(), ctx)  # start from calibrated ranges, not the first batch's
+        # fake quantization observes fp32 tensors: under bf16/16-mixed autocast its observers would see
+        # half-precision values (and torch.ao raises); the QAT epochs run in fp32 whatever trainer.precision says
+        fp32 = dataclasses.replace(ctx, trainer={**dict(ctx.trainer), "precision": "32-true"})
         if self.finetune_epochs > 1:
-            finetune(prepared, ctx, self.finetune_epochs - 1, self.lr)
+            finetune(prepared, fp32, self.finetune_epochs - 1, self.lr)
         prepared.apply(disable_observer)
-        finetune(prepared, ctx, min(self.finetune_epochs, 1), self.lr)
-        out = convert_fx(prepared.cpu().eval())
+        finetune(prepared, fp32, min(self.finetune_epochs, 1), self.lr)
+        out = picklable(convert_fx(prepared.cpu().eval()))
         _record_stats(self, float_model, out, ctx)
         return out
