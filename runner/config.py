@@ -69,6 +69,7 @@ class TrainerConf:
     deterministic: bool = False
     enable_progress_bar: bool = False
     strategy: str = "auto"
+    compile: bool = False  # torch.compile the member's network for training (nn.Module.compile, in place)
 
     def __post_init__(self) -> None:
         for key in ("limit_train_batches", "limit_val_batches"):

@@ -43,6 +43,7 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
     """A Trainer from the `trainer` config group; no checkpoints, summaries or sanity checks."""
     kwargs = {k: v for k, v in {**dict(trainer_cfg), **overrides}.items() if v is not None}
     kwargs.pop("steps_per_call", None)
+    kwargs.pop("compile", None)
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=checkpointing,
                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
@@ -55,6 +56,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     settings = {**dict(trainer_cfg), **overrides}
     trainer = build_trainer(settings, logger, callbacks)
     chunk = settings.get("steps_per_call", 1)
+    if settings.get("compile") and hasattr(module, "compile_net"):
+        module.compile_net()
     if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
         trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
                     val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)

@@ -46,7 +46,13 @@ class LitClassifier(pl.LightningModule):
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
         self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._raw_steps = False
+        self._train_forward = None  # trainer.compile: the compiled forward used by training steps only
         self.automatic_optimization = False
+
+    def compile_net(self) -> None:
+        """Train with `torch.compile(net.forward)`: a function, not a module, so the net itself (its
+        state_dict keys, what is cached, evaluated, compressed and logged) stays the eager one."""
+        self._train_forward = torch.compile(self.net.forward)
 
     def forward(self, x: Inputs) -> torch.Tensor:
         return self.net(x)
@@ -133,7 +139,7 @@ class LitClassifier(pl.LightningModule):
         for x, y in batch if isinstance(batch, Chunk) else [split_batch(batch)]:
             if 0 < max_steps <= self.trainer.global_step:
                 break
-            logits = self.net(x)
+            logits = (self._train_forward or self.net)(x)
             loss = self.loss(logits, y, x)
             if raw is None:
                 optimizer.zero_grad()
