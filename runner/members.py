@@ -191,6 +191,8 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     progress = MemberProgress(member.name)
     train_classifier(member.net, datamodule, trainer, optim, logger,
                      callbacks=[progress, checkpoint] if checkpoint else [progress], ckpt_path=resume_from)
+    if hasattr(logger, "read_back"):  # DDP: the curves rank 0 logged in its own process
+        logger.read_back()
     cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code,
                                  "history": getattr(logger, "history", [])})
     cache.drop_checkpoint(key)

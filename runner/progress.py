@@ -38,6 +38,13 @@ class MemberProgress(pl.Callback):
         self.bar: Any = None
         self.lines: list[str] = []  # what was logged (tests)
 
+    def __getstate__(self) -> dict:  # DDP: pickled into each training process, without the stream
+        return {**self.__dict__, "stream": None, "bar": None, "clock": time.monotonic}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.stream = self.stream or sys.stderr
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.total, self.started, self.last = trainer.max_epochs, self.clock(), None
         self.first_epoch = trainer.current_epoch  # > 0 when resumed from a checkpoint
@@ -57,6 +64,8 @@ class MemberProgress(pl.Callback):
             self.bar.close()
 
     def _report(self, trainer: pl.Trainer, epoch: int, final: bool) -> None:
+        if trainer.global_rank != 0:  # one report per member, not one per DDP rank
+            return
         metrics = trainer.callback_metrics
         loss, acc = metrics.get("train/loss"), metrics.get("val/acc")
         if self.bar is not None:

@@ -44,6 +44,16 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
     kwargs = {k: v for k, v in {**dict(trainer_cfg), **overrides}.items() if v is not None}
     kwargs.pop("steps_per_call", None)
     kwargs.pop("compile", None)
+    if kwargs.get("strategy") == "ddp":
+        # Lightning's "ddp" re-runs the command in every process: the whole Hydra job (data, MLflow
+        # runs, evaluation) N times. Spawned processes run only this fit; this process, rank 0's
+        # results in hand, goes on alone (one MLflow job run, one evaluation).
+        kwargs["strategy"] = "ddp_spawn"
+        # tensors reach the spawned processes through shared-memory files, not file descriptors:
+        # with descriptors, two tensors on one storage made multiprocessing pass a descriptor twice
+        import torch.multiprocessing
+
+        torch.multiprocessing.set_sharing_strategy("file_system")
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=checkpointing,
                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)

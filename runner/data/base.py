@@ -35,12 +35,26 @@ LOADERS = ("auto", "tensors", "dataloader")
 Split = tuple[Any, Any]  # (inputs, labels): arrays, a dict of arrays, a DataFrame or a list of texts
 
 
+def distributed_shard() -> tuple[int, int]:
+    """(rank, world size) of this process in a torch.distributed group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class TensorBatches:
     """An iterable of (x, y) batches sliced from in-memory tensors; reshuffled each epoch.
 
     `x` is a tensor or a dict of tensors. With `chunk=k` it yields Chunks of k consecutive batches
     instead (the last may be shorter): the training module takes k optimizer steps per Lightning
     step, which divides Lightning's per-step overhead by k. `chunk=0` puts a whole epoch in one.
+
+    Under DDP (a torch.distributed group of N processes) a shuffled (training) loader gives each rank
+    its own 1/N of every epoch: the ranks draw the same permutation (same seed) and take every N-th
+    sample of it from their rank on, the same count each (the remainder is dropped, as
+    DistributedSampler(drop_last=True) does). Evaluation loaders are not split.
     """
 
     def __init__(self, x: Inputs, y: torch.Tensor, batch_size: int,
@@ -48,8 +62,14 @@ class TensorBatches:
         self.x, self.y, self.batch_size, self.shuffle, self.chunk = x, y, batch_size, shuffle, chunk
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _shard(self) -> tuple[int, int]:
+        return distributed_shard() if self.shuffle else (0, 1)
+
+    def num_samples(self) -> int:
+        return len(self.y) // self._shard()[1]
+
     def num_batches(self) -> int:
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
+        return (self.num_samples() + self.batch_size - 1) // self.batch_size
 
     def __len__(self) -> int:
         if self.chunk is None:
@@ -59,7 +79,8 @@ class TensorBatches:
     def batches(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         x, y = self.x, self.y
         if self.shuffle:
-            order = torch.randperm(len(y), generator=self.generator)
+            rank, world = self._shard()
+            order = torch.randperm(len(y), generator=self.generator)[rank::world][:self.num_samples()]
             x, y = take(x, order), y[order]
         for start in range(0, len(y), self.batch_size):
             window = slice(start, start + self.batch_size)

@@ -25,6 +25,7 @@ class EpochMetricsLogger(Logger):
         self.tracker, self.run_id, self.prefix, self.flush_every_s = tracker, run_id, prefix, flush_every_s
         self._buffer: list[tuple[dict[str, float], int]] = []
         self.history: list[tuple[dict[str, float], int]] = []  # every epoch, for the member cache to replay
+        self._history_file: str | None = None
         self._last_flush = time.monotonic()
 
     @property
@@ -54,6 +55,38 @@ class EpochMetricsLogger(Logger):
         self._buffer = []
         self._last_flush = time.monotonic()
 
+    # DDP (trainer.strategy=ddp runs as ddp_spawn): the logger is pickled into each training process.
+    # The tracker stays here; rank 0 there opens its own MLflow client on the same store and run, and
+    # writes the epochs it logged to `_history_file` for this process to read back.
+    def __getstate__(self) -> dict:
+        import tempfile
+
+        if self._history_file is None:
+            self._history_file = tempfile.mkstemp(prefix="epochs-", suffix=".json")[1]
+        state = dict(self.__dict__)
+        state["tracker"] = ("mlflow", self.tracker.uri, self.tracker.experiment, self.tracker.artifact_location)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from runner.tracking.mlflow_tracker import MlflowTracker
+
+        self.__dict__.update(state)
+        if isinstance(self.tracker, tuple):
+            self.tracker = MlflowTracker(*self.tracker[1:])
+
+    def read_back(self) -> None:
+        """After a spawned fit: the epochs rank 0 logged, into this process's `history`."""
+        import json
+        import os
+
+        path, self._history_file = self._history_file, None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                text = f.read()
+            os.unlink(path)
+            if text:
+                self.history = [(dict(m), int(e)) for m, e in json.loads(text)]
+
     def replay(self, history: list) -> None:
         """Log a member's learning curves from the cache as if it had just trained (same epochs)."""
         entries = [({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, int(epoch))
@@ -64,3 +97,8 @@ class EpochMetricsLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self._flush()
+        if self._history_file:  # a spawned training process: hand the epochs back
+            import json
+
+            with open(self._history_file, "w") as f:
+                json.dump(self.history, f)
