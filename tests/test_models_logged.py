@@ -93,6 +93,14 @@ def test_fx_static_int8_and_qat_models_pickle(tmp_path):
     assert isinstance(loaded["compressed/mlp-s0"].model, torch.fx.GraphModule)
     loaded = run_and_check(tmp_path / "qat", ["model=mlp", "compress=qat", "compress.steps.0.finetune_epochs=1"])
     assert isinstance(loaded["compressed/mlp-s0"].model, torch.fx.GraphModule)
+    # int8 convs inside an FX graph do not unpickle (torch 2.13): those graphs are logged as TorchScript,
+    # alone and as the members of a fused ensemble
+    from runner.compress.quantize import ScriptBox
+
+    loaded = run_and_check(tmp_path / "qat_cnn", ["model=cnn1d", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean",
+                                                  "compress=qat", "compress.steps.0.finetune_epochs=1"])
+    assert isinstance(loaded["compressed/cnn1d-s0"].model, ScriptBox)
+    assert all(isinstance(m, ScriptBox) for m in loaded["fused_compressed"].model.members)
 
 
 @pytest.mark.slow

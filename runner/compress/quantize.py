@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import io
 import logging
 import warnings
 from collections.abc import Callable
@@ -478,3 +479,49 @@ class QATQuantize(_StaticBase):
         out = picklable(convert_fx(prepared.cpu().eval()))
         _record_stats(self, float_model, out, ctx)
         return out
+
+
+# ---- shipping FX int8 graphs ----------------------------------------------------------------
+
+class ScriptBox(nn.Module):
+    """An FX graph as TorchScript that pickles as TorchScript bytes. torch.ao FX int8 convs
+    (ConvReLU1d, ...) pickle inside a GraphModule but do not unpickle (torch 2.13 re-traces the graph
+    before their state is restored); the scripted graph computes the same thing and reloads."""
+
+    def __init__(self, scripted: Any) -> None:
+        super().__init__()
+        self.scripted = scripted
+
+    def forward(self, x: Any) -> Any:
+        return self.scripted(x)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        buffer = io.BytesIO()
+        torch.jit.save(self.scripted, buffer)
+        return _unbox, (buffer.getvalue(),)
+
+
+def _unbox(data: bytes) -> ScriptBox:
+    return ScriptBox(torch.jit.load(io.BytesIO(data), map_location="cpu")).eval()
+
+
+def boxed_graphs(model: Any) -> Any:
+    """A copy of `model` whose FX graphs that do not reload are ScriptBoxes (the model itself, or
+    e.g. the int8 members of a fused ensemble)."""
+
+    def broken(gm: Any) -> bool:
+        buffer = io.BytesIO()
+        torch.save(gm, buffer)
+        try:
+            torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001  (whatever breaks unpickling)
+            return True
+        return False
+
+    if isinstance(model, torch.fx.GraphModule):
+        return ScriptBox(torch.jit.script(model)).eval() if broken(model) else model
+    # a deep copy in which every reference to a broken graph (the ensemble's submodule, the fusion
+    # strategy's list of members) is its box
+    boxes = {id(m): ScriptBox(torch.jit.script(m)).eval() for m in model.modules()
+             if isinstance(m, torch.fx.GraphModule) and broken(m)}
+    return copy.deepcopy(model, memo=dict(boxes))
