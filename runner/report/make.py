@@ -189,7 +189,8 @@ def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style
     if name == "fusion_gain":
         gains = as_list(p.gains)
         stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain", labels, scale)
-        unit = " (accuracy in points)" if any(float(scale.get(g, 1.0)) == 100 for g in gains) else ""
+        scaled = [g.split("/")[-1] for g in gains if float(scale.get(g, 1.0)) == 100]
+        unit = f" ({', '.join(scaled)} in points)" if scaled else ""
         return plots.gain_figure(stats, gains, title, {g: plots.axis_label(g, {}, {}) for g in gains},
                                  f"gain over the best member{unit}")
     if not as_list(cfg.role):
