@@ -69,7 +69,8 @@ class TrainerConf:
     deterministic: bool = False
     enable_progress_bar: bool = False
     strategy: str = "auto"
-    compile: bool = False  # torch.compile the member's network for training (nn.Module.compile, in place)
+    compile: bool = False  # train through torch.compile(net.forward) (runner/models/lit.py)
+    channels_last: Optional[bool] = None  # NHWC weights and image batches in training; null: CNNs on a GPU
 
     def __post_init__(self) -> None:
         for key in ("limit_train_batches", "limit_val_batches"):

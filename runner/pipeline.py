@@ -12,6 +12,7 @@ from runner.cache import MemberCache, code_digest, digest
 from runner.compress import CompressContext, build_recipe, compression_report
 from runner.config import build, validate
 from runner.data import as_source, describe_data
+from runner.device import data_on_device, job_device, on_device
 from runner.evaluate import predict_proba
 from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
@@ -81,7 +82,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     with tracker.run(name, params, run_tags, parent_id) as run_id:
         tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
         tracker.log_text(run_id, json.dumps(code, indent=1), "code.json")  # what the job hash covered
-        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags)
+        device = job_device(cfg.trainer)  # evaluation, fusion and the objective run there too
+        data_on_device(datamodule, device, cfg.trainer)
+        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags, device)
 
         # 3. Members: trained on train (or loaded from the cache), evaluated on test.
         optim = pretrain_shared_start(members, cfg, datamodule, cache)
@@ -103,7 +106,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         # 4. Fusion: fitted on val only; output-level strategies reuse the members' test outputs.
         fused = None
         if strategy:
-            strategy.fit([m.net for m in members], datamodule.val_dataloader())
+            with on_device([m.net for m in members], device):
+                strategy.fit([m.net for m in members], datamodule.val_dataloader())
             fused = strategy.as_module()
             recorder.evaluate("fused", "", fused, derive=lambda m: {**gain_over_best(m, singles), **strategy.stats()}, probs=(
                 strategy.combine(torch.stack([m.probs for m in members]))
@@ -114,7 +118,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         if isinstance(strategy, OutputFusion):
             val = [(strategy.combine(strategy.val_probs_), strategy.val_y_)]
         else:
-            val = [predict_proba(net, datamodule.val_dataloader()) for net in ([fused] if fused is not None else [m.net for m in members])]
+            nets = [fused] if fused is not None else [m.net for m in members]
+            with on_device(nets, device):
+                val = [predict_proba(net, datamodule.val_dataloader()) for net in nets]
         objective = {"objective/val_acc": max(float((p.argmax(1) == y).float().mean()) for p, y in val)}
         recorder.results.update(objective)
 
@@ -128,7 +134,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
                 **compression_report(base, m), **recipe.stats_})
             compressed.append((small, probs))
         if compressed and isinstance(strategy, OutputFusion):  # any model type fuses at the output
-            again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())
+            with on_device([net for net, _ in compressed], device):
+                again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())
             recorder.evaluate("fused_compressed", "", again.as_module(), derive=lambda m: gain_over_best(m, singles),
                               probs=again.combine(torch.stack([p for _, p in compressed])))
 

@@ -9,8 +9,10 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
+import torch
 from torch import nn
 
+from runner.device import job_device
 from runner.errors import check
 from runner.models import LitClassifier
 
@@ -44,6 +46,7 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
     kwargs = {k: v for k, v in {**dict(trainer_cfg), **overrides}.items() if v is not None}
     kwargs.pop("steps_per_call", None)
     kwargs.pop("compile", None)
+    kwargs.pop("channels_last", None)
     if kwargs.get("strategy") == "ddp":
         # Lightning's "ddp" re-runs the command in every process: the whole Hydra job (data, MLflow
         # runs, evaluation) N times. Spawned processes run only this fit; this process, rank 0's
@@ -66,14 +69,30 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     settings = {**dict(trainer_cfg), **overrides}
     trainer = build_trainer(settings, logger, callbacks)
     chunk = settings.get("steps_per_call", 1)
+    nhwc = channels_last(settings, getattr(module, "net", None))
+    if nhwc:
+        module.use_channels_last()
     if settings.get("compile") and hasattr(module, "compile_net"):
         module.compile_net()
-    if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
-        trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
-                    val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)
-    else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
+            trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
+                        val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)
+        else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        if nhwc:  # what comes next (evaluation, compression, export, the cache) gets the default layout
+            module.net.to(memory_format=torch.contiguous_format)
     return module
+
+
+def channels_last(settings: Mapping[str, Any], net: nn.Module | None) -> bool:
+    """Whether `fit` trains `net` in the channels_last layout: `trainer.channels_last` (true / false),
+    or, when null, for networks with 2-d convolutions trained on a GPU."""
+    if net is None or not any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        return False
+    wanted = settings.get("channels_last")
+    return bool(wanted) if wanted is not None else job_device(settings).type == "cuda"
 
 
 def train_classifier(net: nn.Module, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],

@@ -22,6 +22,16 @@ SPEC = DataSpec(10, torch.randn(8, 40, generator=torch.Generator().manual_seed(0
 FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: skipped, saying so, where none is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path | None = None) -> DictConfig:
     """The real config, shrunk to tiny settings; MLflow and caches under tmp_path."""
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):

@@ -33,7 +33,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (quantized_decomposed
 from torch import nn
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
-from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take
+from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ class _StaticBase(Step):
         for i, batch in enumerate(ctx.datamodule.train_dataloader()):
             if i >= self.calibration_batches:
                 break
-            prepared(split_batch(batch)[0])
+            prepared(to_device(split_batch(batch)[0], "cpu"))  # int8 calibration runs on the CPU
 
 
 def _fx_error(model: nn.Module) -> str | None:

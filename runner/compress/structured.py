@@ -25,7 +25,8 @@ from torch import nn
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take
+from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
+from runner.device import device_of
 from runner.errors import ConfigError, check
 from runner.evaluate import count_macs
 from runner.models.adapter import head_module
@@ -313,7 +314,8 @@ def _loss_gradients(model: nn.Module, batches: Iterable, n: int = TAYLOR_BATCHES
     with torch.enable_grad():
         for _, batch in zip(range(n), batches):
             x, y = split_batch(batch)
-            F.cross_entropy(model(x), y).backward()
+            device = device_of(model)
+            F.cross_entropy(model(to_device(x, device)), y.to(device)).backward()
 
 
 def _self_labelled(x: Inputs) -> Callable[[nn.Module], None]:

@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from runner.data.batches import Chunk, Inputs, describe, take
+from runner.data.batches import Chunk, Inputs, describe, take, to_device
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class TensorBatches:
         x, y = self.x, self.y
         if self.shuffle:
             rank, world = self._shard()
-            order = torch.randperm(len(y), generator=self.generator)[rank::world][:self.num_samples()]
+            order = torch.randperm(len(y), generator=self.generator)[rank::world][:self.num_samples()].to(y.device)
             x, y = take(x, order), y[order]
         for start in range(0, len(y), self.batch_size):
             window = slice(start, start + self.batch_size)
@@ -289,6 +289,15 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
                   f"{found} (the number of values per sample in the data)")
         self.num_classes = check_num_classes(self.num_classes, [y for _, y in self.splits.values()])
         self.input_spec = describe(take(x_train, slice(0, 1)))
+
+    def to_device(self, device: torch.device | str) -> bool:
+        """Move the splits to `device` (runner/device.py's data_on_device), if batches are sliced
+        from them (tensor batches; DataLoaders keep theirs on the CPU). Says whether it did."""
+        self.setup()
+        if not self.tensor_batches:
+            return False
+        self.splits = {s: (to_device(x, device), y.to(device)) for s, (x, y) in self.splits.items()}
+        return True
 
     def _reshape(self, x: Any) -> np.ndarray:
         x = np.asarray(x)

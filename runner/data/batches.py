@@ -61,7 +61,8 @@ def to_device(x: Inputs, device: torch.device | str) -> Inputs:
 
 
 def first_inputs(batches: Iterable, n: int) -> Inputs:
-    """The first `n` inputs of a loader (fewer if it holds fewer), as one batch."""
+    """The first `n` inputs of a loader (fewer if it holds fewer), as one batch on the CPU (in-memory
+    data may live on the GPU; the models that take these examples are on the CPU)."""
     xs, count = [], 0
     for batch in batches:
         x, _ = split_batch(batch)
@@ -71,7 +72,7 @@ def first_inputs(batches: Iterable, n: int) -> Inputs:
             break
     if not xs:
         raise ValueError("the loader yielded no batches")
-    return take(cat(xs), slice(0, n))
+    return to_device(take(cat(xs), slice(0, n)), "cpu")
 
 
 def collect(batches: Iterable) -> tuple[Inputs, Tensor]:

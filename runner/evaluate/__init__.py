@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.data.batches import Inputs, num_samples, split_batch, take
+from runner.data.batches import Inputs, num_samples, split_batch, take, to_device
+from runner.device import device_of
 from runner.evaluate.latency import LatencyStats, latency_ms, latency_stats  # noqa: F401  (public API)
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -47,13 +48,16 @@ METRICS: dict[str, Callable[..., torch.Tensor]] = {
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities and targets for every batch of a loader."""
+    """Class probabilities and targets for every batch of a loader, computed on the model's device
+    (batches are moved there) and returned on the CPU."""
     model.eval()
+    device = device_of(model)
     probs, targets = [], []
     for batch in batches:
         x, y = split_batch(batch)
-        probs.append(torch.softmax(model(x).double(), dim=1))  # float64: exact NLL (see _nll)
-        targets.append(y)
+        logits = model(to_device(x, device))
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())  # float64: exact NLL (see _nll)
+        targets.append(y.cpu())
     return torch.cat(probs), torch.cat(targets)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.data.batches import first_inputs
+from runner.data.batches import first_inputs, to_device
+from runner.device import CPU, on_device, placement
 from runner.evaluate import evaluate_model
 from runner.evaluate.plots import confusion_matrix_figure
 
@@ -19,8 +20,10 @@ LOWER_IS_BETTER = ("nll", "ece", "loss")  # for members/best/test/<metric>
 
 class Recorder:
     def __init__(self, tracker: Any, run_id: str, datamodule: Any, eval_cfg: Any,
-                 params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+                 params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+                 device: torch.device = CPU) -> None:
         self.tracker, self.run_id, self.datamodule, self.cfg = tracker, run_id, datamodule, eval_cfg
+        self.device = device  # the job's (runner/device.py): models are evaluated and timed there
         self.params = params
         # the job's own tags (overrides, sweep_id, job_hash) go on every child so filters see them
         self.tags = {k: v for k, v in (tags or {}).items() if not k.startswith("mlflow.")}
@@ -41,13 +44,17 @@ class Recorder:
         uncompressed member or the gain of the fused model over the best member.
         """
         loader = self.datamodule.test_dataloader()
-        if self.latency_x is None:
-            self.latency_x = first_inputs(loader, self.cfg.latency_batch_size)
-        metrics, probs, confusion, self.targets = evaluate_model(
-            model, loader, self.datamodule.num_classes, self.cfg.metrics,
-            self.cfg.ece_bins, self.latency_x, self.cfg.latency_repeats, probs, self.targets,
-            latency_warmup_s=self.cfg.latency_warmup_s, latency_min_time_s=self.cfg.latency_min_time_s,
-            latency_max_repeats=self.cfg.latency_max_repeats, latency_threads=self.cfg.latency_threads)
+        if self.latency_x is None:  # kept on the CPU (logging and export read it), moved for timing
+            self.latency_x = to_device(first_inputs(loader, self.cfg.latency_batch_size), CPU)
+        where, why = placement(model, self.device)
+        with on_device(model, where):
+            metrics, probs, confusion, self.targets = evaluate_model(
+                model, loader, self.datamodule.num_classes, self.cfg.metrics,
+                self.cfg.ece_bins, to_device(self.latency_x, where), self.cfg.latency_repeats, probs, self.targets,
+                latency_warmup_s=self.cfg.latency_warmup_s, latency_min_time_s=self.cfg.latency_min_time_s,
+                latency_max_repeats=self.cfg.latency_max_repeats, latency_threads=self.cfg.latency_threads)
+        # where it ran (its latency is that device's), and why not on the job's device
+        tags = {**(tags or {}), "device": where.type, **({"device_note": why} if why else {})}
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
         metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role

@@ -13,8 +13,9 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
 
-from runner.data.batches import DataSpec, Inputs, num_samples, take
+from runner.data.batches import DataSpec, Inputs, num_samples, take, to_device
 from runner.data.batches import collect as collect_batches
+from runner.device import device_of
 from runner.errors import ConfigError, check
 from runner.models.adapter import check_forward
 
@@ -33,11 +34,12 @@ def collect(batches: Iterable) -> tuple[Inputs, Tensor]:
 
 @torch.no_grad()
 def member_probs(members: Sequence[nn.Module], x: Inputs, batch_size: int = 4096) -> Tensor:
-    """Class probabilities of every member: shape (M, N, C)."""
+    """Class probabilities of every member, computed on its device: shape (M, N, C), on the CPU."""
     out, n = [], num_samples(x)
     for m in members:
         m.eval()
-        out.append(torch.cat([torch.softmax(m(take(x, slice(i, i + batch_size))).double(), 1)
+        device = device_of(m)
+        out.append(torch.cat([torch.softmax(m(to_device(take(x, slice(i, i + batch_size)), device)).double(), 1).cpu()
                               for i in range(0, n, batch_size)]))
     widths = {p.shape[1] for p in out}
     if len(widths) > 1:
@@ -79,7 +81,8 @@ class Fusion:
         members = list(members)
         self.check_members(members)
         x, y = collect(val)
-        self._fit(members, x, y)
+        device = device_of(members[0])  # fitted where the members are (the job's device)
+        self._fit(members, to_device(x, device), y.to(device))
         return self
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
@@ -110,7 +113,7 @@ class OutputFusion(Fusion):
     """Strategies that combine member probabilities: subclasses implement `_fit_outputs` and `_combine`."""
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
-        self.val_probs_, self.val_y_ = member_probs(members, x), y  # kept so no one computes them again
+        self.val_probs_, self.val_y_ = member_probs(members, x), y.cpu()  # kept so no one computes them again
         self.fit_outputs(self.val_probs_, y)
         self.members_ = members
 
@@ -154,7 +157,8 @@ class OutputEnsemble(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         probs = torch.stack([torch.softmax(m(x).double(), 1) for m in self.members])
-        return self.fusion.combine(probs).log()
+        # combined on the CPU, where the fitted weights (and a stacking meta-learner) are
+        return self.fusion.combine(probs.cpu()).log().to(probs.device)
 
 
 class LogSoftmaxNet(nn.Module):

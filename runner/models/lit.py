@@ -47,12 +47,25 @@ class LitClassifier(pl.LightningModule):
         self._batches: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._raw_steps = False
         self._train_forward = None  # trainer.compile: the compiled forward used by training steps only
+        self._channels_last = False  # trainer.channels_last: weights and image batches in NHWC
         self.automatic_optimization = False
 
     def compile_net(self) -> None:
         """Train with `torch.compile(net.forward)`: a function, not a module, so the net itself (its
         state_dict keys, what is cached, evaluated, compressed and logged) stays the eager one."""
         self._train_forward = torch.compile(self.net.forward)
+
+    def use_channels_last(self) -> None:
+        """Train in the channels_last (NHWC) layout, which the GPU's convolution kernels (cuDNN, tensor
+        cores) prefer: 4-d weights now, 4-d image batches at each step. `fit` puts the net back to
+        the default layout afterwards."""
+        self.net.to(memory_format=torch.channels_last)
+        self._channels_last = True
+
+    def _layout(self, x: Inputs) -> Inputs:
+        if self._channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, x: Inputs) -> torch.Tensor:
         return self.net(x)
@@ -139,6 +152,7 @@ class LitClassifier(pl.LightningModule):
         for x, y in batch if isinstance(batch, Chunk) else [split_batch(batch)]:
             if 0 < max_steps <= self.trainer.global_step:
                 break
+            x = self._layout(x)
             logits = (self._train_forward or self.net)(x)
             loss = self.loss(logits, y, x)
             if raw is None:
@@ -155,7 +169,7 @@ class LitClassifier(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = split_batch(batch)
-        logits = self.net(x)
+        logits = self.net(self._layout(x))
         self._record("val", F.cross_entropy(logits, y), logits, y)
 
     def on_train_epoch_end(self) -> None:

@@ -1,0 +1,120 @@
+"""Where models and data live (runner/device.py) and the channels_last layout, checked on the CPU.
+The same paths on a real GPU are in tests/test_gpu.py (marked `gpu`)."""
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+
+import runner.pipeline
+from conftest import compose_config
+from runner.compress import DynamicQuantize, StaticQuantize
+from runner.compress.quantize import ScriptBox
+from runner.data import SklearnDataset
+from runner.device import cpu_only, data_on_device, job_device, placement
+from torch import nn
+
+from runner.models import MLP, LeNet5, LitClassifier
+from runner.train import channels_last, fit
+from test_quantize import inputs, quantize_step, seeded
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("trainer, device", [
+    ({"accelerator": "cpu"}, "cpu"),
+    ({"accelerator": "gpu", "devices": 1}, "cuda:0"),
+    ({"accelerator": "cuda", "devices": [1, 2]}, "cuda:1"),
+    ({"accelerator": "mps"}, "mps"),
+])
+def test_the_job_device_is_the_trainers(trainer, device):
+    assert job_device(trainer) == torch.device(device)
+
+
+def test_auto_is_the_gpu_when_one_is_visible():
+    assert job_device({"accelerator": "auto"}).type == ("cuda" if torch.cuda.is_available() else
+                                                        "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def test_int8_models_stay_on_the_cpu_and_say_why():
+    mlp, cnn = seeded(lambda: MLP(40, 10, hidden=16)), seeded(lambda: LeNet5(input_shape=(1, 28, 28), num_classes=10))
+    int8 = {
+        "dynamic": quantize_step(DynamicQuantize(), mlp, inputs((40,))),
+        "pt2e": quantize_step(StaticQuantize(engine="pt2e", calibration_batches=1), cnn, inputs((1, 28, 28))),
+        "torch_ao": quantize_step(StaticQuantize(engine="torch_ao", calibration_batches=1), mlp, inputs((40,))),
+    }
+    int8["script"] = ScriptBox(torch.jit.script(int8["torch_ao"]))
+    for name, model in int8.items():
+        assert "int8" in cpu_only(model), name
+        assert placement(model, CUDA) == (torch.device("cpu"), cpu_only(model)), name
+    for model in (mlp, cnn):  # float models go where the job is
+        assert cpu_only(model) == "" and placement(model, CUDA) == (CUDA, "")
+    assert placement(int8["pt2e"], torch.device("cpu")) == (torch.device("cpu"), "")  # nothing to say on a CPU job
+
+
+def test_in_memory_splits_move_to_the_device_on_one_device_only():
+    dm = SklearnDataset("digits", batch_size=50, eval_batch_size=50)
+    dm.setup()
+    meta = torch.device("meta")
+    assert not data_on_device(dm, torch.device("cpu"), {"accelerator": "cpu"})
+    assert not data_on_device(dm, meta, {"devices": 2, "strategy": "ddp"})  # DDP ranks take CPU tensors
+    assert data_on_device(dm, meta, {"devices": 1, "strategy": "auto"})
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        x, y = next(iter(loader))  # batches are sliced where the splits are: no copy per batch
+        assert x.device == meta and y.device == meta and len(y) == 50
+    images = SklearnDataset("digits", batch_size=50, train_transforms=[abs])  # a DataLoader keeps its CPU tensors
+    assert not data_on_device(images, meta, {"devices": 1})
+
+
+class Layouts(pl.Callback):
+    """The layout of the first conv's weight and of the batch at every training step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        weight = module.net[2].weight  # 4 in, 4 out channels: one layout or the other, not both
+        rgb = module._layout(torch.zeros(2, 3, 4, 4))  # what a step does to an image batch
+        self.seen.append((weight.is_contiguous(memory_format=torch.channels_last),
+                          rgb.is_contiguous(memory_format=torch.channels_last)))
+
+
+def train_lenet(**trainer):
+    dm = SklearnDataset("digits", batch_size=64, input_shape=[1, 8, 8], scaling="channel")
+    pl.seed_everything(0, verbose=False)
+    layouts = Layouts()
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+    module = LitClassifier(net, "adam", lr=1e-2)
+    fit(module, dm, {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "steps_per_call": 1, **trainer},
+        callbacks=[layouts])
+    return module.net, layouts.seen
+
+
+def test_channels_last_trains_in_nhwc_and_hands_back_the_default_layout():
+    nhwc, seen = train_lenet(channels_last=True)
+    assert seen and all(w and x for w, x in seen)
+    assert all(p.is_contiguous() for p in nhwc.parameters())  # back to the default layout after fit
+    plain, seen = train_lenet()  # null on a CPU: the default layout
+    assert seen and not any(w or x for w, x in seen)
+    for a, b in zip(nhwc.parameters(), plain.parameters()):  # the same training, another memory layout
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_channels_last_is_for_2d_convolutions_and_by_default_on_a_gpu():
+    lenet, mlp = LeNet5(input_shape=(1, 28, 28), num_classes=10), MLP(4, 2)
+    assert channels_last({"accelerator": "gpu"}, lenet) and not channels_last({"accelerator": "cpu"}, lenet)
+    assert channels_last({"accelerator": "cpu", "channels_last": True}, lenet)
+    assert not channels_last({"accelerator": "gpu", "channels_last": False}, lenet)
+    assert not channels_last({"accelerator": "gpu", "channels_last": True}, mlp)
+
+
+def test_every_evaluated_model_says_where_it_ran(tmp_path):
+    cfg = compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean",
+                          "compress=quant_dynamic"], tmp_path)
+    runner.pipeline.run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    children = {r.info.run_name: r.data.tags for r in runs if r.data.tags["role"] != "job"}
+    assert sorted(children) == ["compressed/mlp-s0", "compressed/mlp-s1", "fused", "fused_compressed",
+                                "member/mlp-s0", "member/mlp-s1"]
+    assert {name: tags["device"] for name, tags in children.items()} == dict.fromkeys(children, "cpu")
+    assert not any("device_note" in tags for tags in children.values())  # a CPU job: nothing moved elsewhere
