@@ -169,6 +169,38 @@ def test_submitit_local_executor(tmp_path):
 
 
 @pytest.mark.slow
+def test_ray_launcher_on_a_local_ray_against_one_tracking_server(tmp_path, mlflow_server):
+    """hydra/launcher=ray without a cluster: Ray starts on this machine, each job is a Ray task, and
+    every job logs to the one tracking server (as conf/hydra/launcher/ray_cluster.yaml does on a cluster)."""
+    cli(tmp_path, "-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "trainer=fast",
+        "data.num_samples=600", "seed=0,1", uri=mlflow_server)
+    client, exp = client_for(mlflow_server)
+    jobs = job_runs(mlflow_server, "FINISHED")
+    assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
+    [sweep] = client.search_runs([exp], "tags.role = 'sweep'")
+    assert sweep.info.status == "FINISHED" and all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in jobs)
+    assert list((tmp_path / "srv-art").rglob("test.npz"))  # artifacts in the server's store
+
+
+@pytest.mark.parametrize("launcher, expected", [
+    ("slurm", {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+               "gpus_per_node": 1, "tasks_per_node": 1, "timeout_min": 120}),
+    ("ray_cluster", {"_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+                     "ray": {"init": {"address": "auto"}, "remote": {"num_gpus": 1, "num_cpus": 4}}}),
+])
+def test_cluster_launcher_presets_build_their_plugins_launcher(launcher, expected):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    settings = OmegaConf.to_container(cfg.hydra.launcher)
+    assert {k: settings[k] for k in expected} == expected
+    get_class(settings["_target_"])  # the plugin is installed and its launcher class imports
+
+
+@pytest.mark.slow
 def test_optuna_sweep(tmp_path):
     cli(tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
         "optim.lr=interval(0.001,0.05)", "trainer=fast", "data.num_samples=600")
