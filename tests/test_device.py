@@ -1,5 +1,9 @@
 """Where models and data live (runner/device.py) and the channels_last layout, checked on the CPU.
 The same paths on a real GPU are in tests/test_gpu.py (marked `gpu`)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -118,3 +122,17 @@ def test_every_evaluated_model_says_where_it_ran(tmp_path):
                                 "member/mlp-s0", "member/mlp-s1"]
     assert {name: tags["device"] for name, tags in children.items()} == dict.fromkeys(children, "cpu")
     assert not any("device_note" in tags for tags in children.values())  # a CPU job: nothing moved elsewhere
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run():
+    """benchmarks/gpu.py --device cpu: both loops train ResNet-20 and print samples/s and their ratio."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--samples", "256", "--batch", "128",
+                          "--epochs", "1", "--repeats", "1", "--models", "resnet20"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    [row] = [line for line in out.splitlines() if line.startswith("| resnet20")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    hand, ours, ratio = (float(c.replace(",", "")) for c in cells[2:5])
+    assert cells[1] == "272,474" and hand > 0 and ours > 0
+    assert ratio == pytest.approx(ours / hand, rel=0.02)
