@@ -93,7 +93,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         for member in members:
             # the member's own run is open while it trains: its learning curves (train/loss, val/acc
             # per epoch) go there live, or are replayed from the cache on a hit
-            with tracker.run(*recorder.child("member", member.name), parent_id=run_id) as member_run:
+            with tracker.run(*recorder.child("member", member.name), parent_id=run_id, wait=False) as member_run:
                 start = time.perf_counter()
                 hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,
                                    EpochMetricsLogger(tracker, member_run))

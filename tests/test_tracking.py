@@ -31,8 +31,8 @@ def record(tracker) -> str:
         tracker.log_metric_steps(run_id, [({"member/a/train/loss": 2.0 - e}, e) for e in range(3)])
         tracker.log_child(run_id, "member/a", {"model.lr": 0.01}, {"role": "member"}, {"test/acc": 0.5},
                           {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.zeros(4).numpy()})
-        # a member's own run, open while it trains, its evaluation logged into it
-        with tracker.run("member/b", {"model.lr": 0.01}, {"role": "member"}, parent_id=run_id) as member_id:
+        # a member's own run, open while it trains, its evaluation logged into it; its end is queued
+        with tracker.run("member/b", {"model.lr": 0.01}, {"role": "member"}, parent_id=run_id, wait=False) as member_id:
             tracker.log_metric_steps(member_id, [({"train/loss": 1.0 - e / 4}, e) for e in range(2)])
             tracker.log_evaluation(member_id, {"cache": "hit"}, {"test/acc": 0.25},
                                    {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.ones(4).numpy()})
@@ -84,6 +84,25 @@ def test_a_failed_queued_write_fails_the_run(tmp_path):
                 tracker.log_params(run_id, {"a": 2})  # params are immutable: the worker's write fails
         assert isinstance(e.value.__cause__, MlflowException)
         assert MlflowClient(tracker.uri).get_run(run_id).info.status == "FAILED"
+    finally:
+        tracker.close()
+
+
+def test_a_child_run_ended_without_waiting_fails_if_one_of_its_writes_failed(tmp_path):
+    """wait=False (the members' runs): the job goes on at once; the worker turns the queued FINISHED
+    into FAILED when a write of that run failed, and the job's next call that waits (here the next
+    member's start) raises the failure, so the job ends FAILED too."""
+    tracker = BackgroundTracker(*settings(tmp_path))
+    try:
+        with pytest.raises(TrackingWriteError, match="param"):
+            with tracker.run("job") as run_id:
+                with tracker.run("member/good", {"a": 1}, parent_id=run_id, wait=False) as good:
+                    tracker.log_metrics(good, {"test/acc": 0.5})
+                with tracker.run("member/bad", {"a": 1}, parent_id=run_id, wait=False) as bad:
+                    tracker.log_params(bad, {"a": 2})  # refused by the store, in the worker
+                tracker.start_run("member/next", parent_id=run_id)
+        client = MlflowClient(tracker.uri)
+        assert [client.get_run(r).info.status for r in (good, bad, run_id)] == ["FINISHED", "FAILED", "FAILED"]
     finally:
         tracker.close()
 

@@ -186,6 +186,10 @@ class BackgroundTracker(Tracker):
         self._wait("end_run", run_id, status, timeout_s=None if status == "FINISHED" else min(self.timeout_s, 5.0))
 
     @timed
+    def end_run_later(self, run_id: str) -> None:
+        self._submit("end_run", run_id, "FINISHED")  # the worker makes it FAILED if a write of the run failed
+
+    @timed
     def reopen_run(self, run_id: str) -> None:
         self._wait("reopen_run", run_id)
 
@@ -260,7 +264,7 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
             except Exception as e:  # noqa: BLE001 (its own runs already reported this)
                 log.warning("closing the previous MLflow worker: %s", e)
         _shared = BackgroundTracker(uri, experiment, artifact_location, timeout_s)
-    if log_models and not _shared.log_models:  # the worker imports torch and mlflow.pytorch while the job trains
-        _shared._submit("prepare_model_logging")
+    # the worker imports torch and mlflow.pytorch when the first model comes (seconds of CPU at its low
+    # priority; earlier, they would slow the job's imports or its training steps on a small machine)
     _shared.log_models = log_models
     return _shared

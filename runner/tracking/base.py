@@ -39,21 +39,34 @@ class Tracker:
 
     @contextlib.contextmanager
     def run(self, name: str, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> Iterator[str]:
+            tags: Mapping[str, str] | None = None, parent_id: str | None = None,
+            wait: bool = True) -> Iterator[str]:
         """A run that always ends with a status: FINISHED, KILLED (interrupt, SIGTERM) or FAILED.
 
-        FINISHED only once every write of the run has landed (a failed write fails the run).
+        FINISHED only once every write of the run has landed (a failed write fails the run). With
+        `wait=False` (a child run inside a job's run) the end is queued behind the run's writes
+        instead of waited for: the store marks it FINISHED once they land, FAILED if one of them
+        failed, and the job's own end waits for all of it (and raises that failure).
         """
         run_id = self.start_run(name, params, tags, parent_id)
         try:
             yield run_id
-            self.flush()
+            if wait:
+                self.flush()
         except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl+C and SIGTERM into SystemExit
             self._end_quietly(run_id, "KILLED")
             raise
         except BaseException:
             self._end_quietly(run_id, "FAILED")
             raise
+        if wait:
+            self.end_run(run_id, "FINISHED")
+        else:
+            self.end_run_later(run_id)
+
+    def end_run_later(self, run_id: str) -> None:
+        """End a run FINISHED after its queued writes (FAILED if one failed); here: now."""
+        self.flush()
         self.end_run(run_id, "FINISHED")
 
     def _end_quietly(self, run_id: str, status: str) -> None:

@@ -15,7 +15,6 @@ from mlflow.exceptions import MlflowException
 from runner.timing import timed
 from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
 from runner.tracking.models import MODEL_URI_TAG, PackedModel, log_packed_model
-from runner.tracking.models import prepare as prepare_model_logging
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -184,10 +183,6 @@ class MlflowTracker(Tracker):
             self.log_bytes(run_id, data, path)
         if model is not None:
             self.log_model(run_id, model)
-
-    def prepare_model_logging(self) -> None:
-        """Do the imports model logging needs now (the worker does it while the job trains)."""
-        prepare_model_logging()
 
     @timed
     def log_model(self, run_id: str, model: PackedModel) -> str:

@@ -17,6 +17,9 @@ import traceback
 from typing import BinaryIO
 
 HEADER = struct.Struct("!Q")
+# the calls that write into the run whose id is their first argument
+RUN_WRITES = ("log_params", "log_metric_steps", "set_tags", "log_text", "log_figure", "log_arrays",
+              "log_artifact", "log_evaluation")
 
 
 def send(stream: BinaryIO, payload: bytes) -> None:
@@ -62,12 +65,16 @@ def main() -> None:
     # and needs this process alive to record that.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # a background process: its writes and imports (torch, for model logging) take the CPU the job
+    # leaves, never the job's training steps; the job waits for it only where it must (ids, the end)
+    os.nice(19)
     bound_http_retries()
     calls, answers = sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the answers
     from runner.tracking.mlflow_tracker import MlflowTracker
 
     tracker = None
+    failed: set[str] = set()  # runs with a write that failed: they never end FINISHED
     while True:
         try:
             method, args, kwargs = pickle.loads(receive(calls))
@@ -79,9 +86,13 @@ def main() -> None:
                 tracker.open()
                 reply: tuple = (True, None)
             else:
+                if method == "end_run" and args[0] in failed and args[1:2] in ((), ("FINISHED",)):
+                    args = (args[0], "FAILED")  # ended without waiting (Tracker.run(wait=False))
                 reply = (True, getattr(tracker, method)(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 (every error goes back to the caller)
             reply = (False, e, traceback.format_exc())
+            if method in RUN_WRITES and args:
+                failed.add(args[0])
         send(answers, encode(reply, method))
 
 
