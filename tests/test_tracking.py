@@ -153,6 +153,25 @@ def test_works_from_a_script_without_a_main_guard(tmp_path):
     assert done.stdout.strip() == "{'m': 1.0}"
 
 
+@pytest.mark.parametrize("cores, at_once", [(2, False), (8, True)])
+def test_model_logging_imports_start_at_once_only_with_spare_cores(tmp_path, monkeypatch, cores, at_once):
+    """With 4+ cores the worker imports torch and mlflow.pytorch (Lightning) at once, beside the job;
+    with fewer, when the first model comes, so the job's imports and training steps keep the CPU."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    calls = []
+    submit = BackgroundTracker._submit
+    monkeypatch.setattr(BackgroundTracker, "_submit", lambda self, method, *a, **k: (
+        calls.append(method), submit(self, method, *a, **k))[1])
+    tracker = make_tracker(*settings(tmp_path), log_models=True)
+    try:
+        assert ("prepare_model_logging" in calls) is at_once
+        with tracker.run("job") as run_id:  # the worker goes on answering meanwhile
+            tracker.log_metrics(run_id, {"m": 1.0})
+        assert tracker.find_runs({}, "FINISHED")[0].metrics == {"m": 1.0}
+    finally:
+        tracker.close()
+
+
 def test_default_config_tracks_in_the_background_and_jobs_share_the_worker(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         assert compose("config").tracking.background is True

@@ -239,6 +239,9 @@ class BackgroundTracker(Tracker):
 
 
 _shared: BackgroundTracker | None = None
+# model logging needs torch and mlflow.pytorch in the worker (which imports Lightning: ~3 s of CPU);
+# with this many cores or more it imports them at once, on a spare core
+SPARE_CORES = 4
 
 
 def make_tracker(uri: str, experiment: str, artifact_location: str | None = None,
@@ -264,7 +267,9 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
             except Exception as e:  # noqa: BLE001 (its own runs already reported this)
                 log.warning("closing the previous MLflow worker: %s", e)
         _shared = BackgroundTracker(uri, experiment, artifact_location, timeout_s)
-    # the worker imports torch and mlflow.pytorch when the first model comes (seconds of CPU at its low
-    # priority; earlier, they would slow the job's imports or its training steps on a small machine)
+    if log_models and not _shared.log_models and len(os.sched_getaffinity(0)) >= SPARE_CORES:
+        _shared._submit("prepare_model_logging")  # imports in a worker thread, alongside the job
+    # otherwise the worker imports them when the first model comes (seconds of CPU: with fewer cores,
+    # earlier would slow the job's own imports or its training steps)
     _shared.log_models = log_models
     return _shared

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from runner.timing import timed
 from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
 from runner.tracking.models import MODEL_URI_TAG, PackedModel, log_packed_model
+from runner.tracking.models import prepare as prepare_model_logging
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -183,6 +185,11 @@ class MlflowTracker(Tracker):
             self.log_bytes(run_id, data, path)
         if model is not None:
             self.log_model(run_id, model)
+
+    def prepare_model_logging(self) -> None:
+        """Start the imports model logging needs in a thread: the worker answers other calls meanwhile,
+        and the first model logged waits for them (Python's import lock)."""
+        threading.Thread(target=prepare_model_logging, daemon=True, name="prepare-model-logging").start()
 
     @timed
     def log_model(self, run_id: str, model: PackedModel) -> str:

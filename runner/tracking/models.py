@@ -97,6 +97,13 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
+def prepare() -> None:
+    """Import what logging a model needs (torch, mlflow.pytorch, which imports Lightning: seconds)."""
+    import mlflow.pytorch  # noqa: F401
+    import torch  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
+
+
 def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
     """Log `packed` as a LoggedModel of run `run_id` (its source run, metrics linked); its models:/ URI."""
     import mlflow
