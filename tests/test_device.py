@@ -136,3 +136,25 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run():
     hand, ours, ratio = (float(c.replace(",", "")) for c in cells[2:5])
     assert cells[1] == "272,474" and hand > 0 and ours > 0
     assert ratio == pytest.approx(ours / hand, rel=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compress, module", [("prune_gradual", "LitClassifier"), ("distill", "DistillModule")])
+def test_mixed_precision_reaches_fine_tuning_and_distillation(tmp_path, monkeypatch, compress, module):
+    """trainer.precision=bf16-mixed: the member's steps and the recipe's (pruning's fine-tuning,
+    distillation) all run under bf16 autocast (here on the CPU; tests/test_gpu.py on a GPU)."""
+    from runner.compress.distill import DistillModule
+
+    steps = []
+    for cls in (LitClassifier, DistillModule):
+        def loss(self, logits, y, x, original=cls.loss, cls=cls):
+            if type(self) is cls:
+                steps.append((cls.__name__, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return original(self, logits, y, x)
+        monkeypatch.setattr(cls, "loss", loss)
+    cfg = compose_config(["model=mlp", "trainer.precision=bf16-mixed", f"compress={compress}",
+                          "trainer.steps_per_call=1"], tmp_path)
+    runner.pipeline.run(cfg)
+    assert {name for name, *_ in steps} == {"LitClassifier", module}
+    assert all(on and dtype == torch.bfloat16 for _, on, dtype in steps)
+    assert sum(name == module for name, *_ in steps) > 3  # the recipe's own training steps
