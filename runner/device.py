@@ -23,12 +23,17 @@ def job_device(trainer_cfg: Mapping[str, Any]) -> torch.device:
     """The device of the `trainer` group: the first GPU it names (cuda:0 unless `devices` lists
     indices), Apple's MPS, or the CPU. `auto` picks a GPU when one is visible."""
     accelerator = trainer_cfg.get("accelerator", "cpu")
-    devices = trainer_cfg.get("devices", 1)
+    indices = _indices(trainer_cfg.get("devices", 1))
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", devices[0] if isinstance(devices, (list, tuple)) else 0)
+        return torch.device("cuda", indices[0] if indices else 0)
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
         return torch.device("mps")
     return CPU
+
+
+def _indices(devices: Any) -> list[int] | None:
+    """The device indices `trainer.devices` lists (a list, also an OmegaConf one), else None (a count)."""
+    return [int(d) for d in devices] if isinstance(devices, Sequence) and not isinstance(devices, str) else None
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -62,8 +67,10 @@ def data_on_device(datamodule: Any, device: torch.device, trainer_cfg: Mapping[s
     """Keep an in-memory source's splits on `device`, so training and evaluation slice their batches
     there (no copy per batch). Only on one device (DDP's processes take the CPU tensors) and for
     sources that slice tensors (`tensor_batches`); says whether it moved them."""
+    devices = trainer_cfg.get("devices", 1)
+    indices = _indices(devices)
     one_device = str(trainer_cfg.get("strategy", "auto")) in ("auto", "single_device") and \
-        trainer_cfg.get("devices", 1) in (1, "1", [device.index], (device.index,))
+        (len(indices) == 1 if indices is not None else str(devices) == "1")
     if device.type == "cpu" or not one_device or not hasattr(datamodule, "to_device"):
         return False
     return datamodule.to_device(device)

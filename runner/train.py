@@ -34,7 +34,8 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
     if accelerator in ("gpu", "cuda"):
         check(torch.cuda.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no CUDA GPU is visible)")
         count = torch.cuda.device_count()
-        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else None
+        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, Sequence) \
+            and not isinstance(devices, str) else None  # a list (also an OmegaConf one) of indices
         check(wanted is None or wanted <= count, "trainer.devices", devices, f"at most {count} (the GPUs visible)")
     elif accelerator == "mps":
         check(torch.backends.mps.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no MPS device)")

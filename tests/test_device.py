@@ -34,6 +34,16 @@ def test_the_job_device_is_the_trainers(trainer, device):
     assert job_device(trainer) == torch.device(device)
 
 
+def test_device_lists_from_a_config_name_their_gpu():
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.create({"accelerator": "gpu", "devices": [1]})
+    assert job_device(trainer) == torch.device("cuda", 1)
+    dm = SklearnDataset("digits")
+    assert data_on_device(dm, torch.device("meta"), trainer)  # one device, named by index
+    assert not data_on_device(dm, torch.device("meta"), OmegaConf.create({"devices": [0, 1]}))
+
+
 def test_auto_is_the_gpu_when_one_is_visible():
     assert job_device({"accelerator": "auto"}).type == ("cuda" if torch.cuda.is_available() else
                                                         "mps" if torch.backends.mps.is_available() else "cpu")
