@@ -88,3 +88,11 @@ def test_latency_on_the_gpu_is_timed_with_synchronize(monkeypatch):
     stats = latency_stats(net, torch.randn(4, 8, device="cuda"), 5, warmup_s=0, min_time_s=0)
     assert stats.metrics()["latency_repeats"] >= 5 and len(calls) >= 10  # before and after each timed call
 
+
+
+def test_onnx_export_of_a_gpu_job_compares_cpu_with_cpu(tmp_path):
+    results = runner.pipeline.run(compose_config([*LENETS, *GPU, "eval.export=onnx"], tmp_path))
+    for name in ("member/lenet5-s0", "member/lenet5-s1"):
+        assert results[f"{name}/export/agreement"] > 0.99
+        assert results[f"{name}/export/speedup"] == pytest.approx(
+            results[f"{name}/export/torch_cpu_latency_ms"] / results[f"{name}/export/latency_ms"])

@@ -61,7 +61,8 @@ class Recorder:
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
         shipped = {"model": self._pack(model, prefix)} if getattr(self.tracker, "log_models", False) else {}
-        export_tags, files = self._export(model, prefix, loader, probs, metrics) if self.cfg.export != "none" else ({}, {})
+        export_tags, files = self._export(model, prefix, loader, probs, metrics, where) \
+            if self.cfg.export != "none" else ({}, {})
         self.by_role.setdefault(role, {})[name or role] = metrics
         arrays = {"probs": probs.numpy(), "targets": self.targets.numpy()}
         if run_id is None:
@@ -103,17 +104,23 @@ class Recorder:
         return out
 
     def _export(self, model: nn.Module, prefix: str, loader: Any, probs: torch.Tensor,
-                metrics: dict[str, float]) -> tuple[dict[str, str], dict[str, bytes]]:
+                metrics: dict[str, float], where: torch.device = CPU) -> tuple[dict[str, str], dict[str, bytes]]:
         """eval.export=onnx: export the model (runner/export.py), run the export on test beside it and
         add its `export/*` metrics to `metrics`; the tags say the format and why not ONNX, the file
-        becomes the child run's artifact export/model.onnx (or .pt2)."""
+        becomes the child run's artifact export/model.onnx (or .pt2). ONNX Runtime runs on the CPU:
+        a model evaluated on a GPU is timed on the CPU again for its speedup (`export/torch_cpu_latency_ms`)."""
+        from runner.evaluate.latency import latency_stats
         from runner.export import check_export, export_model
 
         exported = export_model(model, self.latency_x)
         threads = self.cfg.latency_threads or torch.get_num_threads()
-        metrics.update(check_export(model, exported, loader, probs, self.latency_x, metrics, dict(
-            repeats=self.cfg.latency_repeats, warmup_s=self.cfg.latency_warmup_s,
-            min_time_s=self.cfg.latency_min_time_s, max_repeats=self.cfg.latency_max_repeats, threads=threads)))
+        timing = dict(repeats=self.cfg.latency_repeats, warmup_s=self.cfg.latency_warmup_s,
+                      min_time_s=self.cfg.latency_min_time_s, max_repeats=self.cfg.latency_max_repeats, threads=threads)
+        reference = metrics
+        if where.type != "cpu":  # the model is back on the CPU here; compare CPU with CPU
+            reference = latency_stats(model, self.latency_x, **timing).metrics()
+            metrics["export/torch_cpu_latency_ms"] = reference["latency_ms"]
+        metrics.update(check_export(model, exported, loader, probs, self.latency_x, reference, timing))
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items() if k.startswith("export/")})
         self.table[prefix].update({k: v for k, v in metrics.items() if k.startswith("export/")})
         tags = {"export": exported.format}
