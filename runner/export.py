@@ -228,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     compared with the PyTorch model's."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    args = dict(a.partition("=")[::2] for a in (sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(main.__doc__)
+        return 0
+    args = dict(a.partition("=")[::2] for a in argv)
     bad = [k for k in args if k not in KEYS] + [k for k in ("model", "output") if not args.get(k)]
     if bad:
         print(f"runner.export: error: argument {bad[0]!r}: expected model=<models:/ URI or child run id> "

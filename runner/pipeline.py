@@ -148,7 +148,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             timing["timing/startup_s"] = lit.first_step_at - started
         tracker.log_metrics(run_id, {**recorder.job_metrics(), **objective, **timing})
     print(format_table(recorder.table))
-    log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging; "
-             "first training step after %.1f s",
-             *(timing.get(f"timing/{k}", float("nan")) for k in ("total_s", "mlflow_setup_s", "mlflow_log_s", "startup_s")))
+    first_step = f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
+    log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging%s",
+             timing["timing/total_s"], timing["timing/mlflow_setup_s"], timing["timing/mlflow_log_s"], first_step)
     return {**recorder.results, **recorder.job_metrics()}

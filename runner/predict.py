@@ -3,7 +3,8 @@
     python -m runner.predict model=<models:/ URI or child run id> input=<file or folder> output=<file>
                              [tracking_uri=<MLflow URI>] [batch_size=<int, default 256>]
 
-`model` is what `runner.load` takes (runner/serve.py); `tracking_uri` defaults to
+`model` is what `runner.load` takes (runner/serve.py): a models:/<id> URI, a registered
+models:/<name>@<alias> (python -m runner.register) or a child run id; `tracking_uri` defaults to
 $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db.
 
 `input`, checked against the shape of the model's input example (one sample, batch dim dropped):
@@ -204,8 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command: 0 on success, 2 with one line on stderr on bad arguments, model or input."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr keeps to the one line
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     try:
-        output = run(parse_args(sys.argv[1:] if argv is None else argv))
+        output = run(parse_args(argv))
     except PredictError as e:
         print(f"runner.predict: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ class ShippedModel:
 
 
 def load(uri: str, tracking_uri: str | None = None) -> ShippedModel:
-    """A logged model, from its `models:/<model_id>` URI or the run id of its child run.
+    """A logged model, from its `models:/<model_id>` URI, a registered version (`models:/<name>@<alias>`,
+    `models:/<name>/<version>`) or the run id of its child run.
 
     `tracking_uri` defaults to $MLFLOW_TRACKING_URI, else the default local store
     (sqlite:///outputs/mlflow.db). Loading unpickles the module, so the classes it is made of

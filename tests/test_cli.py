@@ -81,7 +81,9 @@ def test_multirun_two_jobs(tmp_path):
     _, jobs = runs(tmp_path)
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in jobs)
-    assert len({r.data.tags["sweep_id"] for r in jobs}) == 1
+    [sweep_id] = {r.data.tags["sweep_id"] for r in jobs}
+    # the log names the sweep and the command for its report
+    assert f"sweep {sweep_id} (MLflow run " in out and f"python -m runner.report sweep={sweep_id} experiment=runner" in out
 
 
 @pytest.mark.slow

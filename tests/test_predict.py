@@ -122,7 +122,13 @@ def test_wrong_shapes_and_bad_arguments_fail_in_one_line(logged_mlp, tmp_path, c
     assert "batch_size='0'" in capsys.readouterr().err
     assert main([model, f"output={tmp_path / 'o.csv'}"]) == 2
     assert "missing input=" in capsys.readouterr().err
-    assert not (tmp_path / "out.csv").exists()
+    # a store that is not there (e.g. run from another folder) is said, not created empty
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert main([model, f"input={tmp_path / 'x.npy'}", f"output={tmp_path / 'o.csv'}",
+                 f"tracking_uri=sqlite:///{missing}"]) == 2
+    assert f"tracking_uri='sqlite:///{missing}': no MLflow store there" in capsys.readouterr().err
+    assert not missing.parent.exists() and not (tmp_path / "out.csv").exists()
+    assert main(["--help"]) == 0 and "python -m runner.predict model=" in capsys.readouterr().out
 
 
 @pytest.mark.slow

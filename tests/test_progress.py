@@ -87,4 +87,6 @@ def test_sweep_size_and_progress_line():
     assert progress_line(0, 20, 3.0) == "sweep [--------------------] job 1 of 20, 3s elapsed"
     assert progress_line(5, 20, 100.0) == "sweep [#####---------------] job 6 of 20, 1m40s elapsed, ETA 5m00s"
     assert progress_line(3, None, 7200.0) == "sweep: job 4, 2h00m elapsed"
+    # parallel launchers: two jobs start before any ends, each says its own number
+    assert progress_line(0, 2, 1.0, job=2) == "sweep [--------------------] job 2 of 2, 1s elapsed"
     assert duration(59.6) == "1m00s"

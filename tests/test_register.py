@@ -61,6 +61,11 @@ def test_best_by_accuracy_any_role_loads_by_alias(store):
     x = torch.as_tensor(logged.input_example)
     with torch.no_grad():
         torch.testing.assert_close(by_alias(x), logged.model(x), rtol=0, atol=0)
+    # runner.load (and so runner.predict) takes the registry's names too
+    for ref in ("models:/mnist1d-mlp@champion", "models:/mnist1d-mlp/1"):
+        shipped = runner.load(ref, tracking_uri=store)
+        assert (shipped.model_uri, shipped.run_id) == (f"models:/{model_id}", expected.info.run_id)
+        torch.testing.assert_close(shipped.predict_proba(x), logged.predict_proba(x), rtol=0, atol=0)
 
 
 @pytest.mark.slow

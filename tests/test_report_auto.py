@@ -32,7 +32,7 @@ def sweep_store(tmp_path_factory) -> Path:
         overrides = [f"model={model}", f"seed={seed}", "ensemble=seeds5", f"ensemble.seeds=[{seed},{seed + 10}]",
                      "fuse=mean", "compress=prune_global"]
         runner.pipeline.run(compose_config(overrides, tmp), overrides=overrides, tags={"sweep_id": SWEEP})
-    other = ["model=mlp", "seed=5"]
+    other = ["model=mlp", "seed=5", "tracking.experiment=elsewhere"]  # another sweep, in another experiment
     runner.pipeline.run(compose_config(other, tmp), overrides=other, tags={"sweep_id": "another"})
     return tmp
 
@@ -94,6 +94,13 @@ def test_a_sweep_reports_itself_without_a_preset(sweep_store):
     mlp = [found[("mlp", s)].data.metrics["members/mean/test/acc"] * 100 for s in (0, 1)]
     assert f"{np.mean(mlp):.2f} ± {np.std(mlp, ddof=1):.2f}" in page  # percent, as labelled
     assert "sweep s-auto: model (mean ± std over ensemble.seeds, seed)" in page and "Produced by `python -m runner.report sweep=s-auto`" in page
+
+
+def test_a_sweep_is_found_in_its_own_experiment(sweep_store):
+    """sweep=<id> needs no experiment=: the sweep "another" ran in experiment "elsewhere"."""
+    written = make_report(report_config(sweep_store, sweep="another", name="another", formats=["csv"], plots=[]))
+    csv = __import__("pandas").read_csv(written["csv"])
+    assert set(csv["n"]) == {1} and "members/mean/test/acc" in set(csv["metric"])
 
 
 @pytest.mark.slow

@@ -42,6 +42,17 @@ def check_style_options(cfg: DictConfig) -> None:
     check_choice("status", cfg.status, STATUSES)
 
 
+def sweep_experiments(uri: str, sweep: str) -> list[str]:
+    """The experiments that hold the parent run of sweep `sweep` (the tag sweep_id), or its jobs."""
+    from runner.tracking.query import RunQueryError, list_experiments, search_runs
+
+    try:
+        names = list_experiments(uri)
+        return sorted({r["experiment"] for r in search_runs(uri, names, f"tags.sweep_id = '{sweep}'")}) if names else []
+    except RunQueryError as e:
+        raise ReportError(str(e)) from None
+
+
 def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None) -> dict[str, Path]:
     """Write the report's files under cfg.out_dir; returns {kind: path}. Raises ReportError."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if not isinstance(cfg, DictConfig) else cfg
@@ -57,9 +68,10 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     sweep = cfg.get("sweep")
     automatic = bool(cfg.get("auto")) or bool(sweep)
     filter_string = cfg.filter or ""
-    if sweep:  # that sweep's job runs
+    if sweep:  # that sweep's job runs, in whichever experiment they are (sweep ids are unique)
         clause = f"tags.sweep_id = '{sweep}'"
         filter_string = f"{filter_string} and {clause}" if filter_string else clause
+        experiments = sweep_experiments(cfg.tracking_uri, str(sweep)) or experiments
     if automatic:
         roles = []
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,9 +153,22 @@ class LoadedModel:
 
 
 def model_uri_of(client: Any, ref: str) -> str:
-    """`models:/<id>` as given, or the model a child run logged (its tag, else its LoggedModel)."""
+    """`models:/<id>` as given; a registered version, `models:/<name>@<alias>` or `models:/<name>/<version>`
+    (python -m runner.register), as the logged model it was registered from; or the model a child run
+    logged (its tag, else its LoggedModel)."""
     if ref.startswith("models:/"):
-        return ref
+        name, at, alias = ref.removeprefix("models:/").partition("@")
+        name, slash, number = name.partition("/")
+        if not at and not slash:
+            return ref
+        version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
+        if getattr(version, "model_id", None):
+            return f"models:/{version.model_id}"
+        logged = (version.source or "").removeprefix("models:/")
+        if version.source.startswith("models:/") and "/" not in logged and "@" not in logged:
+            return version.source  # registered from a logged model's models:/<id>
+        raise LookupError(f"{ref}: version {version.version} of {name!r} was not registered from a logged "
+                          f"model (its source: {version.source}); load it with mlflow.pytorch.load_model")
     run = client.get_run(ref)
     if MODEL_URI_TAG in run.data.tags:
         return run.data.tags[MODEL_URI_TAG]
@@ -171,6 +185,9 @@ def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
     from mlflow import MlflowClient
     from mlflow.models import Model
 
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        raise LookupError(f"tracking_uri={tracking_uri!r}: no MLflow store there (run from the folder of the "
+                          "job's outputs/, or pass the store's tracking_uri)")
     client = MlflowClient(tracking_uri)
     uri = model_uri_of(client, ref)
     logged = client.get_logged_model(uri.removeprefix("models:/"))

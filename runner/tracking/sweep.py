@@ -57,16 +57,19 @@ def sweep_size(config: DictConfig) -> int | None:
     return total
 
 
-def progress_line(done: int, total: int | None, elapsed_s: float) -> str:
-    """`sweep [#####---------------] job 6 of 20, 1m40s elapsed, ETA 4m40s` (the ETA: the mean time
-    per ended job times the jobs left; none before the first ends)."""
+def progress_line(done: int, total: int | None, elapsed_s: float, job: int | None = None) -> str:
+    """`sweep [#####---------------] job 6 of 20, 1m40s elapsed, ETA 4m40s`: the bar and the ETA (the
+    mean time per ended job times the jobs left; none before the first ends) count the `done` jobs;
+    `job` is this job's number from 1 (Hydra's job.num + 1: unique when a launcher runs several at
+    once), `done + 1` when not given."""
     from runner.progress import duration
 
+    job = job or done + 1
     if not total:
-        return f"sweep: job {done + 1}, {duration(elapsed_s)} elapsed"
+        return f"sweep: job {job}, {duration(elapsed_s)} elapsed"
     filled = round(BAR * done / total)
     eta = f", ETA {duration(elapsed_s / done * (total - done))}" if done else ""
-    return f"sweep [{'#' * filled}{'-' * (BAR - filled)}] job {done + 1} of {total}, {duration(elapsed_s)} elapsed{eta}"
+    return f"sweep [{'#' * filled}{'-' * (BAR - filled)}] job {job} of {total}, {duration(elapsed_s)} elapsed{eta}"
 
 
 def sweep_key(config: DictConfig) -> str:
@@ -101,6 +104,9 @@ class SweepRun(Callback):
         (sweep_dir / FILE).write_text(json.dumps({"run_id": run_id, "sweep_id": sweep_id, "jobs": sweep_size(config),
                                                   "started": time.time()}))
         self._open = (tracker, run_id, sweep_dir)
+        experiment = str(config.tracking.experiment)
+        log.info("sweep %s (MLflow run %s, experiment %s); its report: python -m runner.report sweep=%s "
+                 "experiment=%s", sweep_id, run_id, experiment, sweep_id, experiment)
         atexit.register(self._interrupted)  # Hydra raises past on_multirun_end when a job fails
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -111,7 +117,7 @@ class SweepRun(Callback):
         info = read_sweep(str(sweep_dir)) or {}
         if "started" in info:
             done = len(list((sweep_dir / DONE).glob("*")))
-            log.info(progress_line(done, info.get("jobs"), time.time() - info["started"]))
+            log.info(progress_line(done, info.get("jobs"), time.time() - info["started"], int(config.hydra.job.num) + 1))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not _multirun(config):
