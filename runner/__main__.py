@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +18,18 @@ def _interrupt(signum, frame):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from runner.errors import ConfigError
+
+    try:
+        return _main(cfg)
+    except ConfigError as e:  # a bad value: one line (in a sweep the job fails as any job does)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"runner.errors.ConfigError: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(cfg: DictConfig) -> float:
     from runner.config import build, validate
     from runner.tracking.sweep import read_sweep
 

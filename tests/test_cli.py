@@ -89,8 +89,10 @@ def test_multirun_two_jobs(tmp_path):
 @pytest.mark.slow
 def test_bad_config_on_the_command_line_fails_before_training(tmp_path):
     done = cli(tmp_path, "trainer.max_epochs=-3")
-    assert done.returncode != 0
-    assert "trainer.max_epochs=-3; allowed: an integer >= 1" in done.stderr
+    assert done.returncode == 2  # one line, as README shows it, no traceback
+    assert done.stderr.strip().splitlines()[-1] == \
+        "runner.errors.ConfigError: Invalid config: trainer.max_epochs=-3; allowed: an integer >= 1"
+    assert "Traceback" not in done.stderr
     assert "member" not in done.stdout
     done = cli(tmp_path, "model=transformer")
     assert done.returncode != 0 and "Available options in 'model'" in done.stderr
