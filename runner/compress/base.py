@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
