@@ -53,6 +53,19 @@ def test_fast_steps_train_exactly_like_lightnings_wrappers(wine_batches_of_one):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def test_bf16_mixed_steps_are_fast_too_and_train_like_the_wrappers(wine_batches_of_one):
+    """bf16-mixed has no grad scaler: Lightning's autocast wraps the whole step, and the fast path trains
+    to the same weights as the wrappers do (fp16's scaler keeps them)."""
+    fast = train(wine_batches_of_one, precision="bf16-mixed")
+    wrapped = train(wine_batches_of_one, callbacks=[CountBackward()], precision="bf16-mixed")
+    assert fast._raw_steps and not wrapped._raw_steps
+    assert torch.is_autocast_enabled("cpu") is False  # only inside the steps
+    for a, b in zip(fast.parameters(), wrapped.parameters()):
+        assert torch.equal(a, b)
+    full = train(wine_batches_of_one)
+    assert any(not torch.equal(a, b) for a, b in zip(fast.parameters(), full.parameters()))  # bf16 did run
+
+
 def test_max_steps_stops_mid_epoch(wine_batches_of_one):
     assert train(wine_batches_of_one, max_steps=7).trainer.global_step == 7
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.plugins.precision import Precision
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
@@ -31,7 +31,7 @@ class LitClassifier(pl.LightningModule):
     - optimization is manual and one Lightning step may take several optimizer steps: a training
       batch is either one batch (see runner.data.batches) or a Chunk of (x, y) batches (see
       TensorBatches' `chunk`);
-    - on one device in full precision, with no hook overridden that Lightning's step wrappers
+    - on one device in full precision or bf16-mixed, with no hook overridden that Lightning's step wrappers
       would call (see `raw_steps`), a step is the plain PyTorch one plus Lightning's step count;
     - per-batch losses and predictions are kept and reduced every REDUCE_EVERY batches, then
       logged once per epoch (no per-step sync or logging; see `_log_epoch`).
@@ -130,14 +130,17 @@ class LitClassifier(pl.LightningModule):
 
     def raw_steps(self) -> bool:
         """Whether Lightning's step wrappers would only call hooks nobody overrides: one device,
-        full precision (mixed precision needs its grad scaler), no profiler, no STEP_HOOKS or
-        `backward` overridden by this module or a callback."""
+        full precision or bf16-mixed (its autocast wraps the whole training step; only fp16's grad
+        scaler needs the wrappers), no profiler, no STEP_HOOKS or `backward` overridden by this
+        module or a callback."""
         trainer = self.trainer
         overridden = [(self, h) for h in (*STEP_HOOKS, "backward")
                       if getattr(type(self), h) is not getattr(pl.LightningModule, h)]
         overridden += [(cb, h) for cb in trainer.callbacks for h in STEP_HOOKS
                        if getattr(type(cb), h) is not getattr(pl.Callback, h)]
-        return (type(trainer.precision_plugin) is Precision and type(trainer.strategy) is SingleDeviceStrategy
+        plugin = trainer.precision_plugin
+        plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
+        return (plain and type(trainer.strategy) is SingleDeviceStrategy
                 and type(trainer.profiler) is PassThroughProfiler and not overridden)
 
     def on_train_start(self) -> None:
