@@ -158,6 +158,21 @@ def test_the_html_page_renders_in_headless_chromium(sweep_store, tmp_path):
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 200
 
 
+def test_a_sweep_report_is_named_after_its_sweep(sweep_store, tmp_path):
+    """python -m runner.report sweep=<id> writes outputs/reports/<id>/<id>.* (another sweep's report
+    does not overwrite it); name= still wins."""
+    from runner.report.__main__ import default_name
+
+    assert default_name(["sweep=s1"]) == ["sweep=s1", "name=s1"]
+    assert default_name(["sweep=s1", "name=mine"]) == ["sweep=s1", "name=mine"]
+    assert default_name(["preset=fusion"]) == ["preset=fusion"]
+    done = subprocess.run([sys.executable, "-m", "runner.report", f"sweep={SWEEP}", "log_to_mlflow=false",
+                           f"tracking_uri=sqlite:///{sweep_store}/mlflow.db", "formats=[csv]", "plots=[]"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "outputs" / "reports" / SWEEP / f"{SWEEP}.csv").exists()
+
+
 def test_the_command_line_takes_sweep(tmp_path):
     done = subprocess.run([sys.executable, "-m", "runner.report", "sweep=nope", f"tracking_uri=sqlite:///{tmp_path}/none.db",
                            "log_to_mlflow=false", f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,

@@ -18,5 +18,15 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def default_name(argv: list[str]) -> list[str]:
+    """A sweep's report is named after the sweep (outputs/reports/<sweep id>/), so reports of different
+    sweeps do not overwrite each other; `name=` on the command line wins."""
+    sweep = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep=")), "")
+    if sweep and sweep != "null" and not any(a.startswith(("name=", "preset=")) for a in argv):
+        return [*argv, f"name={sweep}"]
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = default_name(sys.argv[1:])
     main()
