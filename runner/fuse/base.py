@@ -114,7 +114,7 @@ class OutputFusion(Fusion):
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
         self.val_probs_, self.val_y_ = member_probs(members, x), y.cpu()  # kept so no one computes them again
-        self.fit_outputs(self.val_probs_, y)
+        self.fit_outputs(self.val_probs_, self.val_y_)  # both on the CPU (y may be on the members' GPU)
         self.members_ = members
 
     def fit_outputs(self, member_probs: Tensor, y: Tensor) -> "OutputFusion":
