@@ -64,6 +64,10 @@ def build_model(name: str) -> torch.nn.Module:
     return build(cfg.model, "model")
 
 
+def accelerator(device: torch.device) -> str:
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,7 +76,7 @@ def sync(device: torch.device) -> None:
 def hand_loop(net: torch.nn.Module, dm: Synthetic, epochs: int, device: torch.device) -> tuple[float, int]:
     """(seconds, samples) of plain PyTorch training on the device tensors."""
     x, y = dm.splits["train"]
-    nhwc = channels_last({"accelerator": "gpu" if device.type == "cuda" else "cpu"}, net)
+    nhwc = channels_last({"accelerator": accelerator(device)}, net)
     net = net.to(device).train()
     if nhwc:
         net = net.to(memory_format=torch.channels_last)
@@ -115,7 +119,7 @@ class StepClock(pl.Callback):
 
 def runner_fit(net: torch.nn.Module, dm: Synthetic, epochs: int, device: torch.device) -> tuple[float, int]:
     """(seconds, samples) of the runner's training: Lightning through runner.train.fit, bf16-mixed."""
-    trainer = {"max_epochs": epochs, "accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1,
+    trainer = {"max_epochs": epochs, "accelerator": accelerator(device), "devices": 1,
                "precision": "bf16-mixed", "limit_val_batches": 0, "enable_progress_bar": False,
                "steps_per_call": 0}  # the trainer group's default: a whole epoch per Lightning step
     clock = StepClock(device)
@@ -137,7 +141,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     dm = Synthetic(args.samples, args.batch)
     dm.setup()
-    data_on_device(dm, device, {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1})
+    data_on_device(dm, device, {"accelerator": accelerator(device), "devices": 1})
 
     rows = []
     for name in args.models:

@@ -23,7 +23,7 @@ def job_device(trainer_cfg: Mapping[str, Any]) -> torch.device:
     """The device of the `trainer` group: the first GPU it names (cuda:0 unless `devices` lists
     indices), Apple's MPS, or the CPU. `auto` picks a GPU when one is visible."""
     accelerator = trainer_cfg.get("accelerator", "cpu")
-    indices = _indices(trainer_cfg.get("devices", 1))
+    indices = device_indices(trainer_cfg.get("devices", 1))
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", indices[0] if indices else 0)
     if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
@@ -31,7 +31,7 @@ def job_device(trainer_cfg: Mapping[str, Any]) -> torch.device:
     return CPU
 
 
-def _indices(devices: Any) -> list[int] | None:
+def device_indices(devices: Any) -> list[int] | None:
     """The device indices `trainer.devices` lists (a list, also an OmegaConf one), else None (a count)."""
     return [int(d) for d in devices] if isinstance(devices, Sequence) and not isinstance(devices, str) else None
 
@@ -68,7 +68,7 @@ def data_on_device(datamodule: Any, device: torch.device, trainer_cfg: Mapping[s
     there (no copy per batch). Only on one device (DDP's processes take the CPU tensors) and for
     sources that slice tensors (`tensor_batches`); says whether it moved them."""
     devices = trainer_cfg.get("devices", 1)
-    indices = _indices(devices)
+    indices = device_indices(devices)
     one_device = str(trainer_cfg.get("strategy", "auto")) in ("auto", "single_device") and \
         (len(indices) == 1 if indices is not None else str(devices) == "1")
     if device.type == "cpu" or not one_device or not hasattr(datamodule, "to_device"):

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
-import torch
 from torch import nn
 
-from runner.device import job_device
+from runner.device import device_indices, job_device
 from runner.errors import check
 from runner.models import LitClassifier
 
@@ -34,8 +34,8 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
     if accelerator in ("gpu", "cuda"):
         check(torch.cuda.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no CUDA GPU is visible)")
         count = torch.cuda.device_count()
-        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, Sequence) \
-            and not isinstance(devices, str) else None  # a list (also an OmegaConf one) of indices
+        indices = device_indices(devices)
+        wanted = len(indices) if indices is not None else devices if isinstance(devices, int) else None
         check(wanted is None or wanted <= count, "trainer.devices", devices, f"at most {count} (the GPUs visible)")
     elif accelerator == "mps":
         check(torch.backends.mps.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no MPS device)")

@@ -505,6 +505,15 @@ def _unbox(data: bytes) -> ScriptBox:
     return ScriptBox(torch.jit.load(io.BytesIO(data), map_location="cpu")).eval()
 
 
+def reloads(data: bytes) -> bool:
+    """Whether torch.save'd bytes load back (torch.load, on the CPU)."""
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001  (whatever breaks unpickling)
+        return False
+    return True
+
+
 def boxed_graphs(model: Any) -> Any:
     """A copy of `model` whose FX graphs that do not reload are ScriptBoxes (the model itself, or
     e.g. the int8 members of a fused ensemble)."""
@@ -512,11 +521,7 @@ def boxed_graphs(model: Any) -> Any:
     def broken(gm: Any) -> bool:
         buffer = io.BytesIO()
         torch.save(gm, buffer)
-        try:
-            torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001  (whatever breaks unpickling)
-            return True
-        return False
+        return not reloads(buffer.getvalue())
 
     if isinstance(model, torch.fx.GraphModule):
         return ScriptBox(torch.jit.script(model)).eval() if broken(model) else model

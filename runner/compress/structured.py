@@ -311,10 +311,10 @@ def _loss_gradients(model: nn.Module, batches: Iterable, n: int = TAYLOR_BATCHES
     running statistics stay as trained)."""
     model.eval()
     model.zero_grad(set_to_none=True)
+    device = device_of(model)
     with torch.enable_grad():
         for _, batch in zip(range(n), batches):
             x, y = split_batch(batch)
-            device = device_of(model)
             F.cross_entropy(model(to_device(x, device)), y.to(device)).backward()
 
 

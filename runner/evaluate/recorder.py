@@ -44,8 +44,8 @@ class Recorder:
         uncompressed member or the gain of the fused model over the best member.
         """
         loader = self.datamodule.test_dataloader()
-        if self.latency_x is None:  # kept on the CPU (logging and export read it), moved for timing
-            self.latency_x = to_device(first_inputs(loader, self.cfg.latency_batch_size), CPU)
+        if self.latency_x is None:  # on the CPU (logging and export read it), moved for timing
+            self.latency_x = first_inputs(loader, self.cfg.latency_batch_size)
         where, why = placement(model, self.device)
         with on_device(model, where):
             metrics, probs, confusion, self.targets = evaluate_model(

@@ -20,9 +20,9 @@ class EpochMetricsLogger(Logger):
     while the UI still shows live curves.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, prefix: str = "", flush_every_s: float = 10.0) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, flush_every_s: float = 10.0) -> None:
         super().__init__()
-        self.tracker, self.run_id, self.prefix, self.flush_every_s = tracker, run_id, prefix, flush_every_s
+        self.tracker, self.run_id, self.flush_every_s = tracker, run_id, flush_every_s
         self._buffer: list[tuple[dict[str, float], int]] = []
         self.history: list[tuple[dict[str, float], int]] = []  # every epoch, for the member cache to replay
         self._history_file: str | None = None
@@ -44,8 +44,9 @@ class EpochMetricsLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         metrics = dict(metrics)
         epoch = int(metrics.pop("epoch", step or 0))
-        self._buffer.append(({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, epoch))
-        self.history.append(({k: float(v) for k, v in metrics.items()}, epoch))
+        entry = ({k: float(v) for k, v in metrics.items()}, epoch)
+        self._buffer.append(entry)
+        self.history.append(entry)
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self._flush()
 
@@ -89,8 +90,7 @@ class EpochMetricsLogger(Logger):
 
     def replay(self, history: list) -> None:
         """Log a member's learning curves from the cache as if it had just trained (same epochs)."""
-        entries = [({f"{self.prefix}{k}": float(v) for k, v in metrics.items()}, int(epoch))
-                   for metrics, epoch in history]
+        entries = [({k: float(v) for k, v in metrics.items()}, int(epoch)) for metrics, epoch in history]
         if entries:
             self.tracker.log_metric_steps(self.run_id, entries)
 

@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
@@ -39,26 +39,17 @@ def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS) -> PackedModel
 
     buffer = io.BytesIO()
     torch.save(model, buffer)
-    if any(isinstance(m, torch.fx.GraphModule) for m in model.modules()) and not _reloads(buffer.getvalue()):
-        from runner.compress.quantize import boxed_graphs
+    if any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
+        from runner.compress.quantize import boxed_graphs, reloads
 
-        buffer = io.BytesIO()
-        torch.save(boxed_graphs(model), buffer)
+        if not reloads(buffer.getvalue()):
+            buffer = io.BytesIO()
+            torch.save(boxed_graphs(model), buffer)
     if isinstance(inputs, dict):
         example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
     else:
         example = inputs[:rows].detach().cpu().numpy()
     return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p])
-
-
-def _reloads(data: bytes) -> bool:
-    import torch
-
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001  (whatever breaks unpickling: the packed model must not)
-        return False
-    return True
 
 
 def unpack_model(packed: PackedModel) -> Any:
