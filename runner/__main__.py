@@ -19,6 +19,9 @@ def _interrupt(signum, frame):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from runner.errors import ConfigError
+    from runner.quiet import quiet_libraries
+
+    quiet_libraries()
 
     try:
         return _main(cfg)

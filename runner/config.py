@@ -87,16 +87,34 @@ class TrainerConf:
         check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
 
 
+FINETUNE_MODES = ("full", "linear_probe", "lp_ft")  # optim.finetune (runner/models/lit.py)
+
+
+def check_finetune(finetune: str, backbone_lr_factor: float, probe_epochs: int) -> None:
+    """The fine-tuning keys of `optim`: which weights train, and the backbone's share of the lr."""
+    check(finetune in FINETUNE_MODES, "optim.finetune", finetune, list(FINETUNE_MODES))
+    check(backbone_lr_factor > 0, "optim.backbone_lr_factor", backbone_lr_factor,
+          "a float > 0 (the backbone's lr is optim.lr times this; the head's is optim.lr)")
+    check(isinstance(probe_epochs, int) and probe_epochs >= 1, "optim.probe_epochs", probe_epochs,
+          "an integer >= 1 (epochs of the linear probe before optim.finetune=lp_ft trains everything)")
+
+
 @dataclass
 class OptimConf:
     name: str = "adam"
     lr: float = 1e-2
     weight_decay: float = 0.0
     momentum: float = 0.0
+    # full: every weight trains; linear_probe: the backbone is frozen (eval mode), only the head trains;
+    # lp_ft: a linear probe for probe_epochs, then every weight (Kumar et al. 2022, LP-FT)
+    finetune: str = "full"
+    backbone_lr_factor: float = 1.0  # the backbone's lr = lr x this (the head keeps lr)
+    probe_epochs: int = 1
 
     def __post_init__(self) -> None:
         check_optimizer(self.name, self.lr, self.weight_decay)
         check(self.momentum >= 0, "optim.momentum", self.momentum, "a float >= 0 (used by sgd)")
+        check_finetune(self.finetune, self.backbone_lr_factor, self.probe_epochs)
 
 
 EXPORTS = ("none", "onnx")  # eval.export (runner/export.py)
@@ -214,6 +232,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer", "optim", "eval", "tracking", "cache"):
         if key in cfg:
             OmegaConf.to_object(cfg[key])
+    if OmegaConf.select(cfg, "optim.finetune") == "lp_ft":
+        probe, epochs = cfg.optim.probe_epochs, OmegaConf.select(cfg, "trainer.max_epochs")
+        check(epochs is None or probe < epochs, "optim.probe_epochs", probe,
+              f"fewer than trainer.max_epochs ({epochs}): lp_ft probes, then trains every weight")
 
 
 def interpolation_error(e: OmegaConfBaseException, key: str) -> ConfigError:

@@ -55,20 +55,31 @@ def state_hash(net: nn.Module) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
 
 
-def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None) -> list[Member]:
+def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_name: str | None = None) -> list[Member]:
     """Every (model config x seed) of the ensemble, built but not trained: bad configs fail here.
 
+    `ensemble.size: n` (with `seeds` null) seeds the members `seed * n + i`: jobs with seed 0, 1, 2
+    train disjoint ensembles, so a sweep over `seed` gives independent replicates.
     With `ensemble.shared_init`, all members start from the weights of the first seed's network
     (a prerequisite of weight averaging); their data order still follows their own seed.
     `ensemble.finetune` gives members their own settings (see `plan_finetune`); a member with data
     overrides gets a datamodule built from `data`, the data config as composed (default: cfg.data;
-    the pipeline passes it from before describe_data wrote in what the data holds).
+    the pipeline passes it from before describe_data wrote in what the data holds). Members are named
+    `<name>-s<seed>`: the ensemble's key, else `model_name` (the model option picked, e.g. minilm), else
+    the model's class.
     """
     ens = cfg.ensemble or {}
     specs = dict(ens.get("members") or {}) or {None: cfg.model}
     check(ens.get("seeds") is None or len(ens.get("seeds")) >= 1, "ensemble.seeds", ens.get("seeds"),
           "a non-empty list of seeds (or null: the top-level seed)")
-    seeds = list(ens.get("seeds") or [cfg.seed])
+    size = ens.get("size")
+    check(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1), "ensemble.size", size,
+          "null or an integer >= 1 (members seeded seed * size + i, i < size)")
+    check(size is None or ens.get("seeds") is None, "ensemble.seeds", ens.get("seeds"),
+          f"null when ensemble.size is set ({size}: the seeds are seed * size + i)")
+    seeds = list(ens.get("seeds") or ([cfg.seed * size + i for i in range(size)] if size else [cfg.seed]))
+    check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds), "ensemble.seeds", seeds,
+          "a list of integers >= 0")
     check(len(set(seeds)) == len(seeds), "ensemble.seeds", seeds, "distinct integers")
     check(int(ens.get("pretrain_epochs") or 0) >= 0, "ensemble.pretrain_epochs", ens.get("pretrain_epochs"),
           "an integer >= 0")
@@ -80,7 +91,8 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None) -> list
             pl.seed_everything(seed, verbose=False)
             config_key = f"ensemble.members.{key}" if key else "model"
             net = build_model(node, config_key)
-            members.append(Member(f"{key or type(net).__name__.lower()}-s{seed}", seed, net, config_key))
+            name = key or model_name or type(net).__name__.lower()
+            members.append(Member(f"{name}-s{seed}", seed, net, config_key))
     if ens.get("shared_init"):
         check(len(specs) == 1, "ensemble.shared_init", True, "false when members differ in architecture")
         for m in members[1:]:
@@ -115,8 +127,9 @@ def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any
         optim, overrides = entry.get("optim") or {}, entry.get("data") or {}
         for name, value in optim.items():
             check(name in OPTIM_KEYS, f"{key}.optim.{name}", value, f"keys of optim: {list(OPTIM_KEYS)}")
-            check(isinstance(value, str) if name == "name" else _number(value), f"{key}.optim.{name}", value,
-                  "a name" if name == "name" else "a number")
+            text = name in ("name", "finetune")
+            check(isinstance(value, str) if text else _number(value), f"{key}.optim.{name}", value,
+                  "a name" if text else "a number")
         with _renamed("optim", f"{key}.optim"):
             OptimConf(**{**cfg.optim, **optim})  # its checks: optimizer name, lr > 0, weight_decay >= 0
         for name, value in overrides.items():

@@ -48,7 +48,7 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     datamodule = as_source(build(cfg.data, "data"))
     composed_data = OmegaConf.to_container(cfg.data, resolve=True)  # members with their own data settings build on it
     spec = describe_data(cfg, datamodule)  # loads the data; model configs read ${data.num_classes} etc.
-    members = plan_members(cfg, composed_data)
+    members = plan_members(cfg, composed_data, (choices or {}).get("choice/model"))
     for member in members:  # one forward pass of every member on real inputs
         check_forward(member.net, spec.example, spec.num_classes, member.key, spec.input_spec)
     strategy = build(cfg.fuse, "fuse") if cfg.fuse else None

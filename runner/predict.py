@@ -219,4 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from runner.quiet import quiet_libraries
+
+    quiet_libraries()
     sys.exit(main())

@@ -55,4 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from runner.quiet import quiet_libraries
+
+    quiet_libraries()
     main()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,13 +16,6 @@ from runner.errors import check
 from runner.models import LitClassifier
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
-warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
-warnings.filterwarnings("ignore", ".*overridden `transfer_batch_to_device` in `LightningModule`.*")
-logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-logging.getLogger("pytorch_lightning.accelerators.cuda").setLevel(logging.WARNING)
 
 
 def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
@@ -103,5 +95,7 @@ def train_classifier(net: nn.Module, datamodule: pl.LightningDataModule, trainer
     """Train `net` in place with cross-entropy and return it (resuming from `ckpt_path` if given)."""
     optim = dict(optim_cfg)
     module = LitClassifier(net, optimizer=optim.pop("name", "adam"), **optim)
+    # Lightning keeps the modes it is given, and from_pretrained returns models in eval mode (no dropout)
+    net.train()
     fit(module, datamodule, trainer_cfg, logger, callbacks, ckpt_path, **overrides)
     return net.eval()

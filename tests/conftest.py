@@ -22,6 +22,15 @@ SPEC = DataSpec(10, torch.randn(8, 40, generator=torch.Generator().manual_seed(0
 FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
 
+def pytest_configure(config):
+    """The library notices a command silences at its entry (runner/quiet.py), silenced for the tests."""
+    from runner.quiet import WARNINGS, quiet_libraries
+
+    quiet_libraries()
+    for message in WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need a CUDA GPU: skipped, saying so, where none is visible."""
     if torch.cuda.is_available():

@@ -39,6 +39,7 @@ def test_data_configs(name, tmp_path):
     """Every data option builds; the offline ones load and tell the models what they need."""
     extra = ["data.path=some/file.csv"] if name in ("image_folder", "table", "text") else []
     extra += ["data.label=y"] if name == "table" else []
+    extra += {"elpv": ["data.max_images=40", "data.image_size=32"], "rotten_tomatoes": ["data.max_rows=200"]}.get(name, [])
     extra += [f"data.{part}={{_target_:test_byo.DictDigits,part:{part}}}" for part in ("train", "test")
               if name == "dataset"]
     cfg = compose_config([f"data={name}", *extra], tmp_path)
@@ -55,13 +56,16 @@ def test_data_configs(name, tmp_path):
 
 # Models for images or token ids are built on data of that kind; the rest on MNIST-1D and wine.
 MODEL_DATA = {"lenet5": ["mnist5k"], "resnet20": ["mnist5k"], "resnet56": ["mnist5k"], "vit_tiny": ["mnist5k"],
-              "timm": ["mnist5k"], "torchvision": ["mnist5k"], "bert_tiny": ["text"], "text_bow": ["text"]}
+              "timm": ["mnist5k"], "torchvision": ["mnist5k"], "bert_tiny": ["text"], "text_bow": ["text"],
+              "minilm": ["rotten_tomatoes"], **{f"efficientnet_lite{i}": ["elpv"] for i in range(3)}}
+# pretrained models on real data: a small subset (the weights load once per model, seconds)
+SMALL = {"rotten_tomatoes": ["data.max_rows=200"], "elpv": ["data.max_images=40", "model.input_size=64"]}
 
 
 @pytest.mark.parametrize("name, data", [(m, d) for m in options("model") for d in MODEL_DATA.get(m, ["mnist1d", "wine"])])
 def test_model_configs(name, data, tmp_path, text_file):
     """Every model option builds from the values its data provides and runs once on real inputs."""
-    extra = [f"data.path={text_file}"] if data == "text" else []
+    extra = [f"data.path={text_file}"] if data == "text" else SMALL.get(data, [])
     cfg = compose_config([f"model={name}", f"data={data}", *extra], tmp_path)
     spec = describe_data(cfg, as_source(build(cfg.data, "data")))
     if name in ("timm", "torchvision") and importlib.util.find_spec(name) is None:
@@ -111,6 +115,9 @@ def test_fuse_configs(name, tmp_path):
     from runner.fuse import Fusion
 
     cfg = compose_config([f"fuse={name}"], tmp_path)
+    if name == "none":  # the baseline as a sweep option: no strategy, as fuse=null
+        assert not cfg.fuse
+        return
     assert isinstance(build(cfg.fuse, "fuse"), Fusion)
 
 
@@ -119,7 +126,8 @@ def test_compress_configs(name, tmp_path):
     from runner.compress import build_recipe
 
     cfg = compose_config([f"compress={name}"], tmp_path)
-    assert len(build_recipe(cfg.compress)) >= 1
+    assert len(build_recipe(cfg.compress)) == (0 if name == "none" else len(cfg.compress.steps)) and (
+        name == "none" or len(cfg.compress.steps) >= 1)
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -128,7 +136,8 @@ def test_experiment_configs(name, tmp_path):
     validate(cfg)
     describe_data(cfg, as_source(build(cfg.data, "data")))
     ens = cfg.ensemble or {}
-    assert len(plan_members(cfg)) == len(ens.get("members") or [None]) * len(ens.get("seeds") or [cfg.seed])
+    seeds = ens.get("seeds") or range(ens.get("size") or 1)
+    assert len(plan_members(cfg)) == len(ens.get("members") or [None]) * len(seeds)
 
 
 # --- bad input: a clear message naming the key, the value and what is allowed -------------------

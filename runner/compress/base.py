@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,6 @@ from runner.evaluate import weight_bytes  # noqa: F401  (re-exported)
 from runner.models import LitClassifier
 from runner.train import fit
 
-warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
@@ -69,7 +67,8 @@ def finetune(net: nn.Module, ctx: CompressContext, epochs: int, lr: float | None
     if epochs <= 0:
         return net
     overrides = {"max_epochs": epochs, "max_steps": -1, "limit_val_batches": 0}
-    optim = {**dict(ctx.optim), **({"lr": lr} if lr is not None else {})}
+    # every weight trains here (optim.finetune's probe modes are for members)
+    optim = {**dict(ctx.optim), **({"lr": lr} if lr is not None else {}), "finetune": "full"}
     module = module_cls(net, optimizer=optim.pop("name", "adam"), **optim, **module_kwargs)
     net.train()  # Lightning keeps the modes it is given: in eval mode BatchNorm and dropout would not train
     fit(module, ctx.datamodule, ctx.trainer, **overrides)

@@ -24,7 +24,6 @@ import dataclasses
 import importlib.util
 import io
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,10 +36,6 @@ from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, spl
 from runner.errors import check
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", ".*torch.ao.quantization is deprecated.*")
-warnings.filterwarnings("ignore", ".*quantized tensor creation functions.*are deprecated.*")
-warnings.filterwarnings("ignore", ".*reduce_range will be deprecated.*")
-warnings.filterwarnings("ignore", ".*must run observer before calling calculate_qparams.*")
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 DYNAMIC_ENGINES = ("auto", "torch_ao")

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from runner.data.base import Split
 from runner.data.table import FileData, require_columns
 from runner.errors import ConfigError, check
+from runner.packages import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,12 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
 
 
 def load_tokenizer(name: str) -> Any:
-    """transformers' AutoTokenizer for `name` (a Hub name or a local directory); one without a
-    padding token pads with its end-of-sequence token (GPT-2 style)."""
+    """transformers' AutoTokenizer for `name` (a Hub name, a local directory, or "pkg:<module>/<folder>":
+    a folder inside an installed package); one without a padding token pads with its end-of-sequence
+    token (GPT-2 style)."""
     from transformers import AutoTokenizer
 
+    name = resolve_weights(name, "data.tokenizer")
     if name.startswith(("/", "./", "../", "~")):  # a directory; else transformers reads it as a Hub name
         name = str(Path(name).expanduser())
         check(Path(name).is_dir(), "data.tokenizer", name, "an existing directory (saved by save_pretrained) or "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,9 +76,11 @@ class Recorder:
 
     def child(self, role: str, name: str, tags: Mapping[str, str] | None = None) -> tuple[str, dict, dict]:
         """(run name, params, tags) of the child run of one evaluated model: the job's params and tags
-        (so filters see them) plus `role` and `member`."""
+        (so filters see them) plus `role`, `member` and `model_name` (the member's name less its seed:
+        minilm-s3 -> minilm, what a report groups members of one model by)."""
+        base = re.sub(r"-s\d+$", "", name) if name else role
         return (f"{role}/{name}" if name else role, {**self.params, "role": role, "member": name or role},
-                {**self.tags, "role": role, "member": name or role, **(tags or {})})
+                {**self.tags, "role": role, "member": name or role, "model_name": base, **(tags or {})})
 
     def job_metrics(self) -> dict[str, float]:
         """The job run's metrics, named the same in every job whatever its members are called:

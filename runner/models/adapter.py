@@ -131,18 +131,67 @@ def build_model(node: Any, key: str = "model") -> nn.Module:
         node = OmegaConf.create(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node))
     except OmegaConfBaseException as e:
         raise interpolation_error(e, key) from None
-    name = None
+    name = checkpoint = None
     target = node.get("_target_")
-    if "head" in node and isinstance(node.get("head"), str) and target and "head" not in _parameters(target):
+    taken = _parameters(target) if target else []
+    if "head" in node and isinstance(node.get("head"), str) and target and "head" not in taken:
         with open_dict(node):
             name = node.pop("head")
+    if "checkpoint" in node and target and "checkpoint" not in taken:
+        with open_dict(node):
+            checkpoint = node.pop("checkpoint")
     net = build(node, key)
     check(isinstance(net, nn.Module), f"{key}._target_", target, "a callable returning an nn.Module "
           "whose forward returns logits")
     if name:
         net.head_name = name
         head_module(net)  # a wrong name fails here, naming model.head
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, f"{key}.checkpoint")
     return net
+
+
+def read_state_dict(path: str, key: str) -> dict[str, Tensor]:
+    """A state_dict from a .safetensors file or a torch file (a state_dict, or a dict holding one
+    under `state_dict`, as Lightning checkpoints do), read on the CPU without running pickled code."""
+    from pathlib import Path
+
+    file = Path(str(path)).expanduser()
+    check(file.is_file(), key, str(path), "an existing weights file (.pt, .pth, .ckpt, .bin or .safetensors)")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, not a tensor file...
+        raise ConfigError(key, str(path), f"a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    check(isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()), key, str(path),
+          "a file holding a state_dict (names -> tensors)")
+    return state
+
+
+def load_checkpoint(net: nn.Module, path: str, key: str, state: dict[str, Tensor] | None = None) -> None:
+    """Load weights into `net`, strictly: every name must match and every shape agree, or a
+    ConfigError naming `key` lists the missing, unexpected and mismatched names."""
+    state = read_state_dict(path, key) if state is None else state
+    own = net.state_dict()
+    if set(state) != set(own) and all(k.startswith(("net.", "model.")) for k in state):
+        prefix = next(iter(state)).split(".", 1)[0] + "."  # a Lightning checkpoint of LitClassifier (net.*)
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    problems = [f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
+                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if names]
+    check(not problems, key, str(path), f"weights for {type(net).__name__} with the same names and shapes; "
+          + "; ".join(problems))
+    net.load_state_dict(state)
 
 
 def _parameters(target: str) -> list[str]:

@@ -12,6 +12,19 @@ from torch import nn
 from runner.errors import check
 
 
+def seeded_head(in_features: int, num_classes: int, seed: int | None) -> nn.Linear:
+    """A new classifier layer, initialised from its own seed (None: torch's global RNG). Fine-tunes of one
+    pretrained model then share one start (encoder and head): every member of any job, whatever its
+    seed, starts from the same weights, as weight averaging needs and the member cache can reuse."""
+    if seed is None:
+        return nn.Linear(in_features, num_classes)
+    check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "model.head_seed", seed,
+          "null (the member's seed) or an integer >= 0")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(in_features, num_classes)
+
+
 class Net(nn.Module):
     """Base class: `feature_dim` is the width of forward_features' output."""
 

@@ -108,6 +108,16 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+def init_convs(model: nn.Module) -> None:
+    """Kaiming normal (fan_out) for 2-d convolutions (He et al. 2015), BatchNorm weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNetCIFAR(Net):
     """He et al. 2016's CIFAR ResNet of depth 6n+2 (ResNet-20: n=3, ResNet-56: n=9).
 
@@ -144,13 +154,7 @@ class ResNetCIFAR(Net):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Kaiming normal for convs (He et al. 2015), as the paper trains from scratch
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs(self)  # as the paper trains from scratch
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(as_images(x, self.input_shape))))

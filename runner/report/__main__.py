@@ -28,5 +28,8 @@ def default_name(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from runner.quiet import quiet_libraries
+
+    quiet_libraries()
     sys.argv[1:] = default_name(sys.argv[1:])
     main()

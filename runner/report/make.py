@@ -67,10 +67,11 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
         raise ReportError("`experiment` is empty: name one MLflow experiment or a list of them")
     sweep = cfg.get("sweep")
     automatic = bool(cfg.get("auto")) or bool(sweep)
-    filter_string = cfg.filter or ""
+    filters = [f for f in as_list(cfg.filter) if f]  # a list: runs matching any of them
     if sweep:  # that sweep's job runs, in whichever experiment they are (sweep ids are unique)
         clause = f"tags.sweep_id = '{sweep}'"
-        filter_string = f"{filter_string} and {clause}" if filter_string else clause
+        filters = [f"{f} and {clause}" for f in filters] or [clause]
+    filter_string = filters if len(filters) > 1 else (filters[0] if filters else "")
         experiments = sweep_experiments(cfg.tracking_uri, str(sweep)) or experiments
     if automatic:
         roles = []
@@ -142,7 +143,7 @@ def _notes(cfg: DictConfig, table: Table, df, command: str) -> list[str]:
              "bold: the best mean per column.",
              f"Runs: {len(df)} from MLflow experiment(s) {', '.join(as_list(cfg.experiment))}"
              + (f", sweep {cfg.sweep}" if cfg.get("sweep") else "")
-             + (f", filter `{cfg.filter}`" if cfg.filter else "")
+             + (f", filter {' or '.join(f'`{f}`' for f in as_list(cfg.filter))}" if cfg.filter else "")
              + (f", role {', '.join(as_list(cfg.role))}" if cfg.role and not cfg.get("sweep") and not cfg.get("auto")
                 else ", job runs")
              + (f"; code commit(s) {', '.join(commits)}" if commits else "") + ".",

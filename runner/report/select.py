@@ -24,21 +24,23 @@ def as_list(value: Any) -> list:
     return list(value)
 
 
-def select_runs(uri: str, experiments: Sequence[str], filter_string: str = "", roles: Sequence[str] = (),
-                status: str | None = "FINISHED", keep: str = "latest") -> pd.DataFrame:
+def select_runs(uri: str, experiments: Sequence[str], filter_string: str | Sequence[str] = "",
+                roles: Sequence[str] = (), status: str | None = "FINISHED", keep: str = "latest") -> pd.DataFrame:
     """One row per selected run: columns run_id, run_name, experiment, start_time and
     `params.<key>`, `tags.<key>`, `metrics.<key>`.
 
     With `roles`, only child runs whose tag `role` is one of them; without, only job runs.
     A child run also carries its parent's tags (e.g. `overrides`, `sweep_id`) where it has none of
     its own, and the filter selects a child run when it matches either the child or its parent.
+    A list of filters selects the runs that match any of them (MLflow's search syntax has no OR).
     With keep="latest", runs with identical params (a re-run of the same config) count once: the newest.
     """
     check_choice("keep", keep, ("latest", "all"))
+    filters = [f for f in as_list(filter_string) if f]
     try:
         runs = search_runs(uri, list(experiments))
-        matched = {r["run_id"] for r in search_runs(uri, list(experiments), filter_string)} \
-            if filter_string else {r["run_id"] for r in runs}
+        matched = {r["run_id"] for f in filters for r in search_runs(uri, list(experiments), f)} \
+            if filters else {r["run_id"] for r in runs}
     except RunQueryError as e:
         raise ReportError(str(e)) from None
     total, by_id = len(runs), {r["run_id"]: r for r in runs}
@@ -65,7 +67,7 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str = "", r
         what = f"child runs with role in {list(roles)}" if roles else "parent runs"
         raise ReportError(
             f"No runs selected: experiment(s) {list(experiments)} in {uri} hold {total} run(s), "
-            f"none of them {status or 'any status'} {what} matching filter {filter_string or '(none)'!r}. "
+            f"none of them {status or 'any status'} {what} matching filter {filters or '(none)'!r}. "
             "Check `experiment`, `filter`, `role` and `status`.")
     rows = [{"run_id": r["run_id"], "run_name": r["run_name"], "experiment": r["experiment"],
              "start_time": r["start_time"],

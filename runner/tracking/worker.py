@@ -97,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from runner.quiet import quiet_libraries
+
+    quiet_libraries()
     main()
