@@ -18,18 +18,18 @@ def _interrupt(signum, frame):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from runner.errors import ConfigError
+    from runner.errors import ConfigError, TrainingDiverged
     from runner.quiet import quiet_libraries
 
     quiet_libraries()
 
     try:
         return _main(cfg)
-    except ConfigError as e:  # a bad value: one line (in a sweep the job fails as any job does)
+    except (ConfigError, TrainingDiverged) as e:  # a bad value: one line (in a sweep the job fails as any job does)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        print(f"runner.errors.ConfigError: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"runner.errors.{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def _main(cfg: DictConfig) -> float:

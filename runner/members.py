@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -101,6 +101,18 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_n
         m.net.init_id = state_hash(m.net)
     plan_finetune(members, cfg, data)
     return members
+
+
+def check_seed_sweep(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """`seed` set on the command line beside an explicit `ensemble.seeds` list changes nothing a member
+    learns: jobs differing only in seed would train and report the same members as if they were
+    replicates. Refused; `ensemble.size` seeds the members from `seed` instead."""
+    seeds = (cfg.ensemble or {}).get("seeds")
+    given = any(o.lstrip("+~").split("=", 1)[0] == "seed" for o in overrides)
+    check(not (given and seeds is not None), "seed", cfg.seed,
+          f"no seed beside ensemble.seeds={list(seeds) if seeds is not None else None} (the members' seeds are "
+          "that list, so jobs differing in seed would repeat the same members); use ensemble.seeds=null "
+          "ensemble.size=N to seed the members seed * N + i")
 
 
 def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any] | None = None) -> None:

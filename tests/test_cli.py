@@ -1,4 +1,5 @@
 """End to end: the real CLI (single run and multirun) on tiny settings, checked in MLflow."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,15 @@ def test_bad_config_on_the_command_line_fails_before_training(tmp_path):
     assert "member" not in done.stdout
     done = cli(tmp_path, "model=transformer")
     assert done.returncode != 0 and "Available options in 'model'" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_divergence_ends_in_one_line_naming_the_learning_rate(tmp_path):
+    done = cli(tmp_path, "optim.lr=1e9", "trainer.max_epochs=2", "data.num_samples=600")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert re.fullmatch(r"runner.errors.TrainingDiverged: optim.lr=1000000000.0: training diverged, the mean "
+                        r"(train|val) loss of epoch 0 is nan \(optim.name=adam\); allowed: a smaller optim.lr",
+                        done.stderr.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])

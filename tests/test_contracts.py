@@ -26,7 +26,7 @@ from runner.fuse import OutputFusion
 from runner.models.adapter import build_model
 
 RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml"))
-STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
 TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
            "limit_train_batches": 2}
 OPTIM = {"name": "adam", "lr": 1e-2}
@@ -42,17 +42,17 @@ FAMILIES = {  # family: overrides of the real configs, shrunk
 }
 
 # Refusals, by family (a ConfigError before training). Everything else must work.
-# The tiny LeNet-5 and BERT are too narrow for prune_structured_macs' channel multiples of 8 (BERT keeps
+# The tiny LeNet-5 and BERT are too narrow for prune_structured_macs' and prune_channels_2x's channel multiples of 8 (BERT keeps
 # its embedding width); dynamic int8 leaves
 # convs in float, so conv-heavy nets (ResNet) are refused, LeNet-5 (mostly Linear weights) is not;
 # static int8 needs convs or fx-traceable nets (not Hugging Face); the default distillation student is
 # an MLP on num_features (text has token ids); distill_features' default pair names `head`.
 REFUSED = {
-    "cnn": {"prune_structured_macs"},
+    "cnn": {"prune_structured_macs", "prune_channels_2x"},
     "resnet": {"deep_compression", "quant_dynamic"},
     "vit": {"distill_features", "qat", "quant_static"},
     "text": {"quant_static", "qat", "distill", "distill_ensemble", "distill_multi", "distill_then_quantize",
-             "distill_features", "prune_structured_macs"},
+             "distill_features", "prune_structured_macs", "prune_channels_2x"},
 }
 REFUSED_FUSION = {family: {"soup_uniform", "soup_greedy", "task_arithmetic", "ties", "dare"} for family in FAMILIES}
 

@@ -37,3 +37,13 @@ def test_bad_seed_keys_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as e:
         members(overrides, tmp_path)
     assert message in str(e.value)
+
+
+def test_seed_beside_explicit_ensemble_seeds_is_refused_before_training(tmp_path):
+    """`-m seed=0,1 ensemble=seeds5 'ensemble.seeds=[0,1]'` would train and report the same members twice."""
+    import runner.pipeline
+
+    overrides = ["ensemble=seeds5", "ensemble.seeds=[0,1]", "seed=1"]
+    with pytest.raises(ConfigError, match=r"^Invalid config: seed=1; allowed: no seed beside ensemble.seeds=\[0, 1\]"):
+        runner.pipeline.run(compose_config(overrides, tmp_path), overrides=overrides)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the job's MLflow run opened

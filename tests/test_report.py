@@ -158,6 +158,25 @@ def test_reruns_count_once_and_mixed_groups_are_flagged(tmp_path):
     assert table.mixed == {("all",): ["optim.lr"]}
 
 
+def test_replicates_that_are_copies_are_flagged(tmp_path):
+    """Two seeds that trained the same members (seed beside ensemble.seeds) log the same numbers: flagged."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = MlflowTracker(uri, "e", str(tmp_path / "a"))
+    for model, seed, acc, nll in [("copy", 0, 0.8, 0.5), ("copy", 1, 0.8, 0.5), ("real", 0, 0.7, 0.6),
+                                  ("real", 1, 0.8, 0.5)]:
+        with tracker.run("job", {"seed": seed, "model": model}) as run_id:
+            tracker.log_metrics(run_id, {"acc": acc, "nll": nll})
+    table = aggregate(select_runs(uri, ["e"], roles=[]), ["model"], [], ["acc", "nll"])
+    assert table.identical == [("copy",)]
+    assert table.cells[("real",)][((), "acc")].mean == pytest.approx(0.75)
+
+
+def test_an_unknown_aggregate_over_key_is_refused(store):
+    df = select_runs(store, ["fake"], roles=["member"])
+    with pytest.raises(ReportError, match=r"Unknown key 'nope' in `aggregate_over`: neither a param nor a tag"):
+        aggregate(df, ["model._target_"], [], ["test/acc"], aggregate_over=["seed", "nope"])
+
+
 # ---- files, plots, MLflow ------------------------------------------------------------------------
 
 def test_make_report_writes_markdown_latex_csv(store, tmp_path):

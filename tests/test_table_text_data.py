@@ -377,3 +377,14 @@ def test_text_yaml(texts):
     assert isinstance(dm, TextData) and dm.max_length == 64 and dm.scaling == "none"
     dm.setup()
     assert dm.config_values()["vocab_size"] == len(dm.tokenizer)
+
+
+def test_an_infinity_in_a_number_column_names_the_file_and_column(tmp_path):
+    from runner.data import TableData
+    from runner.errors import ConfigError
+
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,y\n" + "".join(f"{i},{'inf' if i == 3 else i * 2},{i % 2}\n" for i in range(20)))
+    with pytest.raises(ConfigError, match=r"data.path='.*t.csv'; allowed: finite numbers in every numeric column "
+                                          r"\(column 'b' holds an infinity"):
+        TableData(str(path), label="y").setup()

@@ -92,7 +92,8 @@ def test_member_key_covers_training_code_only(tmp_path):
 
 def test_divergence_fails_the_run_naming_epoch_and_lr(tmp_path):
     cfg = compose_config(["optim.lr=1e9", "trainer.max_epochs=2", "trainer.limit_train_batches=null"], tmp_path)
-    with pytest.raises(TrainingDiverged, match=r"epoch 0 is nan \(optim.lr=1000000000.0"):
+    with pytest.raises(TrainingDiverged, match=r"^optim.lr=1000000000.0: training diverged, the mean (train|val) loss of "
+                                                r"epoch 0 is nan \(optim.name=adam\); allowed: a smaller optim.lr"):
         run(cfg)
     [job] = job_runs(tmp_path)
     assert job.info.status == "FAILED"

@@ -436,3 +436,15 @@ def test_a_model_trains_one_epoch_on_an_image_folder(folder):
     assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
     x, _ = next(iter(dm.test_dataloader()))
     assert trained(x).shape == (len(x), 3)
+
+
+def test_a_folder_of_corrupt_images_names_the_file(tmp_path):
+    from runner.data import ImageFolder
+    from runner.errors import ConfigError
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            (tmp_path / label / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ConfigError, match=r"^Invalid config: data.path='.*\.png'; allowed: readable image files \(Pillow: "):
+        ImageFolder(str(tmp_path)).setup()

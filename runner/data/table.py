@@ -227,6 +227,10 @@ class TableData(FileData):
 
     def inputs(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = frame[self.numeric_columns].astype("float64")
+        infinite = [c for c in self.numeric_columns if np.isinf(x[c].to_numpy()).any()]
+        check(not infinite, "data.path", str(self.path), f"finite numbers in every numeric column (column "
+              f"{infinite[0] if infinite else ''!r} holds an infinity; make it empty to impute it, or list the "
+              "column in data.categorical)")
         for column in self.categorical_columns:
             x[column] = _as_categories(frame[column])
         return x

@@ -102,6 +102,16 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, np.float32(255.0), dtype=np.float32)
 
 
+
+def open_image(path: str) -> Any:
+    """Pillow's image at `path`; an unreadable or corrupt file is a ConfigError naming it."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError, truncated files, bad chunks
+        raise ConfigError("data.path", str(path), f"readable image files (Pillow: {type(e).__name__}: {e})") from None
+    return image
+
 class TorchvisionFormat(ArrayDataModule):
     """MNIST, FashionMNIST, CIFAR-10 or CIFAR-100 (`name`: mnist, fashion_mnist, cifar10, cifar100)
     read from the files torchvision's dataset classes write under `root`:
@@ -202,7 +212,7 @@ class ImageFiles(Dataset):
 
     def read(self, i: int) -> torch.Tensor:
         """Image `i` as a CHW float tensor in [0, 1], neither normalized nor transformed."""
-        with Image.open(self.paths[i]) as image:
+        with open_image(self.paths[i]) as image:
             image = image.convert(self.mode)
             height, width = self.size
             if self.resize and image.size != (width, height):
@@ -321,7 +331,7 @@ class ImageFolder(DatasetDataModule):
     def _mode(self, first: str) -> str:
         if self.channels is not None:
             return "L" if self.channels == 1 else "RGB"
-        with Image.open(first) as image:
+        with open_image(first) as image:
             return "L" if image.mode in GRAYSCALE_MODES else "RGB"
 
     def _size(self, paths: list[str]) -> tuple[tuple[int, int], bool]:
@@ -332,7 +342,7 @@ class ImageFolder(DatasetDataModule):
         probes = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(SIZE_PROBES, len(paths)))})
         sizes = {}
         for i in probes:
-            with Image.open(paths[i]) as image:
+            with open_image(paths[i]) as image:
                 sizes.setdefault((image.height, image.width), paths[i])
         check(len(sizes) == 1, "data.image_size", None, "an int or [H, W] to resize to: the images have "
               "different sizes (" + ", ".join(f"{p}: {h}x{w}" for (h, w), p in list(sizes.items())[:3]) + ")")

@@ -108,9 +108,9 @@ class LitClassifier(pl.LightningModule):
             return
         means = (sums / count).cpu()
         if not torch.isfinite(means[0]):  # NaN metrics must never reach a FINISHED run
-            raise TrainingDiverged(f"training diverged: the mean {split} loss of epoch {self.current_epoch} is "
-                                   f"{float(means[0])} (optim.lr={self.lr}, optim.name={self.optimizer}); "
-                                   "lower the learning rate")
+            raise TrainingDiverged(f"optim.lr={self.lr}: training diverged, the mean {split} loss of epoch "
+                                   f"{self.current_epoch} is {float(means[0])} (optim.name={self.optimizer}); "
+                                   "allowed: a smaller optim.lr")
         metrics = {f"{split}/loss": means[0], f"{split}/acc": means[1]}
         self.trainer.callback_metrics.update(metrics)
         for logger in self.loggers:

@@ -71,8 +71,8 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
     if sweep:  # that sweep's job runs, in whichever experiment they are (sweep ids are unique)
         clause = f"tags.sweep_id = '{sweep}'"
         filters = [f"{f} and {clause}" for f in filters] or [clause]
-    filter_string = filters if len(filters) > 1 else (filters[0] if filters else "")
         experiments = sweep_experiments(cfg.tracking_uri, str(sweep)) or experiments
+    filter_string = filters if len(filters) > 1 else (filters[0] if filters else "")
     if automatic:
         roles = []
 
@@ -150,6 +150,9 @@ def _notes(cfg: DictConfig, table: Table, df, command: str) -> list[str]:
              f"Produced by `{command}`."]
     for group, keys in table.mixed.items():
         notes.append(f"Note: group {' '.join(group)} mixes runs that differ in {', '.join(keys)}.")
+    for group in table.identical:
+        notes.append(f"Warning: the runs of group {' '.join(group)} logged identical numbers: copies of one "
+                     "result, not independent replicates (its ± is not a spread).")
     return notes
 
 

@@ -37,6 +37,7 @@ class Table:
     col_values: list[tuple]
     cells: dict[tuple, dict[tuple, Cell]]
     mixed: dict[tuple, list[str]] = field(default_factory=dict)  # group -> params that vary inside it
+    identical: list[tuple] = field(default_factory=list)  # groups whose n > 1 runs logged the same numbers
 
     @property
     def columns(self) -> list[tuple[tuple, str]]:
@@ -91,6 +92,8 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
               labels: Mapping[str, str] | None = None) -> Table:
     """Mean, std (n-1) and count of each metric per (rows x cols) group; best mean per column marked."""
     labels = dict(labels or {})
+    for key in aggregate_over:  # a key no selected run has would silently aggregate nothing
+        resolve_key(df, key, "aggregate_over")
     row_cols = [resolve_key(df, k, "rows") for k in rows]
     col_cols = [resolve_key(df, k, "cols") for k in cols]
     metric_cols = [resolve_metric(df, m, "metrics") for m in metrics]
@@ -106,12 +109,17 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
 
     cells: dict[tuple, dict[tuple, Cell]] = {}
     mixed: dict[tuple, list[str]] = {}
+    identical: list[tuple] = []
     for (row, col), group in data.groupby(["_row", "_col"], sort=False):
         cells.setdefault(row, {})
         for metric, column in zip(metrics, metric_cols):
             values = group[column].dropna().astype(float)
             std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
             cells[row][(col, metric)] = Cell(float(values.mean()) if len(values) else math.nan, std, len(values))
+        if len(group) > 1 and metric_cols and all(group[c].astype(str).nunique() == 1 for c in metric_cols):
+            identical.append(row + col)  # replicates that are copies, not independent runs (e.g. the same members)
+            log.warning("report: group %s has %d runs with identical metrics: copies, not replicates",
+                        row + col, len(group))
         varying = [c.removeprefix("params.") for c in param_cols if group[c].astype(str).nunique() > 1]
         if varying:
             mixed[row + col] = varying
@@ -119,7 +127,7 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
                         row + col, varying)
 
     table = Table(list(rows), list(cols), list(metrics), order_values(list(cells), labels),
-                  order_values(list({c for r in cells.values() for c, _ in r}), labels), cells, mixed)
+                  order_values(list({c for r in cells.values() for c, _ in r}), labels), cells, mixed, identical)
     for col, metric in table.columns:
         means = [cells[r][(col, metric)].mean for r in table.row_values
                  if (col, metric) in cells[r] and not math.isnan(cells[r][(col, metric)].mean)]
