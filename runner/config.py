@@ -190,7 +190,7 @@ class CacheConf:
 @dataclass
 class RunConf:
     seed: int = 0
-    threads: Optional[int] = None  # torch CPU threads per job (1 for parallel jobs on few cores); null: torch's default
+    threads: Optional[int] = 1  # torch CPU threads per job (1: the same numbers on a busy machine); null: torch's default
     data: Any = MISSING
     model: Any = MISSING
     ensemble: Any = None   # members: {name: model config} x seeds; null -> the `model` group, one seed

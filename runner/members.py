@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -47,6 +48,7 @@ class Member:
     optim: dict[str, Any] = field(default_factory=dict)  # ensemble.finetune[i].optim, over the job's optim
     data: dict[str, Any] = field(default_factory=dict)  # ensemble.finetune[i].data, over the job's data
     datamodule: Any = None  # built from the job's data config with `data`; None: the job's datamodule
+    train_s: float = float("nan")  # seconds its training took (on a cache hit: when it was trained)
 
 
 def state_hash(net: nn.Module) -> str:
@@ -207,18 +209,21 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
         member.net.eval()
         if logger is not None and hasattr(logger, "replay"):  # its learning curves, logged as when it trained
             logger.replay(meta.get("history", []))
+        member.train_s = float(meta.get("train_s", float("nan")))
         return True
     log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
     checkpoint, resume_from = cache.checkpoint(key)
     if resume_from:
         log.info("member %s: resuming from checkpoint %s", member.name, resume_from)
     pl.seed_everything(member.seed, verbose=False)
+    started = time.perf_counter()
     progress = MemberProgress(member.name)
     train_classifier(member.net, datamodule, trainer, optim, logger,
                      callbacks=[progress, checkpoint] if checkpoint else [progress], ckpt_path=resume_from)
     if hasattr(logger, "read_back"):  # DDP: the curves rank 0 logged in its own process
         logger.read_back()
-    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code,
+    member.train_s = time.perf_counter() - started  # a resumed member: since the resume
+    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code, "train_s": member.train_s,
                                  "history": getattr(logger, "history", [])})
     cache.drop_checkpoint(key)
     return False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 
 import torch
@@ -22,10 +23,23 @@ from runner.models import lit
 from runner.models.adapter import check_forward
 from runner.timing import process_start_time
 from runner.train import check_devices
-from runner.tracking import BackgroundTracker, EpochMetricsLogger, Tracker, flatten, source_tags
+from runner.tracking import (BackgroundTracker, EpochMetricsLogger, RunQueryError, Tracker, download_artifact, flatten,
+                             source_tags)
 
 log = logging.getLogger(__name__)
 _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
+
+
+SUMMARY = "summary.txt"
+
+
+def stored_summary(uri: str, run_id: str) -> str:
+    """The summary table a finished job logged (jobs before it was logged: a line saying so)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return download_artifact(uri, run_id, SUMMARY, tmp).read_text().rstrip("\n")
+        except RunQueryError:
+            return f"(run {run_id} has no {SUMMARY}: its metrics are in MLflow)"
 
 
 def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
@@ -71,7 +85,8 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     job = {"role": "job", "job_hash": digest({"config": OmegaConf.to_container(OmegaConf.masked_copy(
         cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True), "code": code})}
     if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
-        log.info("skipping: this config already finished as MLflow run %s", done[0].run_id)
+        log.info("skipping: this config already finished as MLflow run %s; its summary:", done[0].run_id)
+        print(stored_summary(tracker.uri, done[0].run_id))
         return dict(done[0].metrics)
     for stale in tracker.find_runs(job, "RUNNING"):  # a job killed by SIGKILL never said goodbye
         tracker.end_run(stale.run_id, "FAILED")
@@ -98,10 +113,11 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
                 start = time.perf_counter()
                 hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,
                                    EpochMetricsLogger(tracker, member_run))
-                train_s = time.perf_counter() - start
+                # train_s: what training took, also on a cache hit (then cache_load_s: what the hit took)
+                times = {"train_s": member.train_s, **({"cache_load_s": time.perf_counter() - start} if hit else {})}
                 member.metrics, member.probs = recorder.evaluate(
                     "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"},
-                    derive=lambda _, t=train_s: {"train_s": t}, run_id=member_run)
+                    derive=lambda _, t=times: dict(t), run_id=member_run)
         singles = [m.metrics for m in members]
 
         # 4. Fusion: fitted on val only; output-level strategies reuse the members' test outputs.
@@ -148,7 +164,9 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
             timing["timing/startup_s"] = lit.first_step_at - started
         tracker.log_metrics(run_id, {**recorder.job_metrics(), **objective, **timing})
-    print(format_table(recorder.table))
+        summary = format_table(recorder.table)
+        tracker.log_text(run_id, summary + "\n", SUMMARY)  # what the console showed; printed again on a skip
+    print(summary)
     first_step = f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
     log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging%s",
              timing["timing/total_s"], timing["timing/mlflow_setup_s"], timing["timing/mlflow_log_s"], first_step)

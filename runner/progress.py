@@ -33,8 +33,9 @@ class MemberProgress(pl.Callback):
     (Lightning runs callbacks' epoch-end hooks before the module logs the epoch) and at the end."""
 
     def __init__(self, name: str, stream: TextIO | None = None, interval_s: float = INTERVAL_S,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, what: str = "member") -> None:
         self.name, self.stream, self.interval_s, self.clock = name, stream or sys.stderr, interval_s, clock
+        self.what = what  # "member", or a compression step's fine-tuning / distillation
         self.bar: Any = None
         self.lines: list[str] = []  # what was logged (tests)
 
@@ -51,7 +52,7 @@ class MemberProgress(pl.Callback):
         if self.stream.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.first_epoch, desc=f"member {self.name}", unit="epoch",
+            self.bar = tqdm(total=self.total, initial=self.first_epoch, desc=f"{self.what} {self.name}", unit="epoch",
                             file=self.stream, leave=True, dynamic_ncols=True)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -75,7 +76,7 @@ class MemberProgress(pl.Callback):
         now = self.clock()
         if final or epoch == self.first_epoch or self.last is None or now - self.last >= self.interval_s:
             self.last = now
-            line = (f"member {self.name}: epoch {epoch + 1}/{self.total} train/loss {_fmt(loss)} "
+            line = (f"{self.what} {self.name}: epoch {epoch + 1}/{self.total} train/loss {_fmt(loss)} "
                     f"val/acc {_fmt(acc)} ({duration(now - self.started)})")
             self.lines.append(line)
             log.info(line)

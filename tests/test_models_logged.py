@@ -145,3 +145,24 @@ def test_a_model_that_cannot_be_logged_costs_the_model_not_the_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics == {"test/acc": 0.5}
     assert run.data.tags["model_log_error"] == "ValueError: no forward on these inputs"
     assert MODEL_URI_TAG not in run.data.tags
+
+
+def test_a_text_model_is_logged_with_a_signature_and_its_token_example(tmp_path):
+    """Token ids and masks (a dict) are no input example MLflow's PyTorch flavor takes: the signature names
+    both tensors, and the example comes back from a file beside the model."""
+    rows = [f"a {w} film" for w in ("great", "fine", "dull", "bad") for _ in range(30)]
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{t},{int(t[2] in 'gf')}\n" for t in rows))
+    cfg = compose_config(["model=text_bow", "data=text", f"data.path={tmp_path}/t.csv", "tracking.log_models=true"],
+                         tmp_path)
+    runner.pipeline.run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    [member] = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+                if r.data.tags.get("role") == "member"]
+    loaded = runner.load(member.data.tags[MODEL_URI_TAG], tracking_uri=uri)
+    assert sorted(loaded.input_example) == ["attention_mask", "input_ids"]
+    assert loaded.input_example["input_ids"].shape == (5, cfg.data.max_length)
+    assert [s.name for s in loaded.signature.inputs.inputs] == ["input_ids", "attention_mask"]
+    probs, _ = logged_predictions(tmp_path, member)
+    x = {k: torch.as_tensor(v) for k, v in loaded.input_example.items()}
+    np.testing.assert_allclose(loaded.predict_proba(x).numpy(), probs[:5], rtol=1e-5, atol=1e-6)

@@ -90,3 +90,20 @@ def test_sweep_size_and_progress_line():
     # parallel launchers: two jobs start before any ends, each says its own number
     assert progress_line(0, 2, 1.0, job=2) == "sweep [--------------------] job 2 of 2, 1s elapsed"
     assert duration(59.6) == "1m00s"
+
+
+def test_compression_fine_tuning_says_how_far_it_is(caplog):
+    """A compression step's fine-tuning and a distillation report their epochs as members do."""
+    import logging
+
+    from runner.compress.base import CompressContext, finetune
+    from runner.data import SklearnDataset
+    from runner.models import MLP
+
+    dm = SklearnDataset("wine", num_features=13, num_classes=3)
+    ctx = CompressContext(dm, {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+                          {"name": "adam", "lr": 1e-2})
+    with caplog.at_level(logging.INFO, logger="runner.progress"):
+        finetune(MLP(13, 3, hidden=8), ctx, epochs=2, lr=None)
+    lines = [r.getMessage() for r in caplog.records if r.name == "runner.progress"]
+    assert [line.split(" train/loss")[0] for line in lines] == ["fine-tuning MLP: epoch 1/2", "fine-tuning MLP: epoch 2/2"]

@@ -40,6 +40,9 @@ def test_member_cache_hit_and_corrupt_entry_rebuilt(tmp_path, caplog):
     runner.pipeline.run(compose_config(["eval.ece_bins=10"], tmp_path))
     tags = sorted(r.data.tags["cache"] for r in member_runs(uri))
     assert tags == ["hit", "miss"]
+    hit, miss = sorted(member_runs(uri), key=lambda r: r.data.tags["cache"])
+    assert hit.data.metrics["train_s"] == miss.data.metrics["train_s"] > 0  # what training took, not the hit
+    assert 0 < hit.data.metrics["cache_load_s"] and "cache_load_s" not in miss.data.metrics
     [entry] = (tmp_path / "cache" / "members").iterdir()
     (entry / "model.pt").write_bytes(b"truncated")
     runner.pipeline.run(compose_config(["eval.ece_bins=5"], tmp_path))
@@ -49,10 +52,13 @@ def test_member_cache_hit_and_corrupt_entry_rebuilt(tmp_path, caplog):
     assert sorted(r.data.tags["cache"] for r in member_runs(uri)) == ["hit", "hit", "miss", "miss"]
 
 
-def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch):
+def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = runner.pipeline.run(compose_config(["seed=3"], tmp_path))
+    shown = capsys.readouterr().out
+    assert "member/cnn1d-s3" in shown
     again = runner.pipeline.run(compose_config(["seed=3"], tmp_path))
+    assert capsys.readouterr().out == shown  # a skipped job shows the summary it printed when it ran
     common = set(first) & set(again)  # a skipped job returns what its run logged: the job-level metrics
     assert {"members/mean/test/acc", "members/best/test/nll", "objective/val_acc"} <= common
     assert {k: again[k] for k in common} == pytest.approx({k: first[k] for k in common})  # not a new run

@@ -14,6 +14,7 @@ from runner.data.batches import DataSpec
 from runner.errors import ConfigError, check
 from runner.evaluate import weight_bytes  # noqa: F401  (re-exported)
 from runner.models import LitClassifier
+from runner.progress import MemberProgress
 from runner.train import fit
 
 
@@ -71,7 +72,8 @@ def finetune(net: nn.Module, ctx: CompressContext, epochs: int, lr: float | None
     optim = {**dict(ctx.optim), **({"lr": lr} if lr is not None else {}), "finetune": "full"}
     module = module_cls(net, optimizer=optim.pop("name", "adam"), **optim, **module_kwargs)
     net.train()  # Lightning keeps the modes it is given: in eval mode BatchNorm and dropout would not train
-    fit(module, ctx.datamodule, ctx.trainer, **overrides)
+    what = "distillation" if module_cls is not LitClassifier else "fine-tuning"
+    fit(module, ctx.datamodule, ctx.trainer, callbacks=[MemberProgress(type(net).__name__, what=what)], **overrides)
     return net.cpu().eval()
 
 

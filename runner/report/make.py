@@ -90,7 +90,7 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
                   digits=cfg.digits if isinstance(cfg.digits, int) else dict(cfg.digits),
                   reference=OmegaConf.to_container(cfg.reference) if cfg.reference else None)
     if cfg.get("pool"):
-        df = pool_runs(df, rows, as_list(cfg.metrics), OmegaConf.to_container(cfg.pool))
+        df = pool_runs(df, rows, as_list(cfg.metrics), OmegaConf.to_container(cfg.pool), as_list(cfg.get("pool_by")))
     table = aggregate(df, rows, cols, as_list(cfg.metrics), as_list(cfg.aggregate_over),
                       as_list(cfg.lower_is_better), style.labels)
 

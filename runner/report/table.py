@@ -64,9 +64,10 @@ def order_values(values: list[tuple], labels: Mapping[str, str]) -> list[tuple]:
 POOLED = "all"
 
 
-def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any]) -> pd.DataFrame:
+def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any],
+              keep: Sequence[str] = ()) -> pd.DataFrame:
     """Runs where `key == value` (or in a list of values) for a `pool` item form one row per value
-    whatever their other row keys: the
+    whatever their other row keys (but those in `keep`, e.g. the member's model_name): the
     members of a sweep over `fuse=` are the same members in every job (member cache), shown once,
     with identical copies of one member run (same member, same metrics) counted once."""
     for key, value in pool.items():
@@ -75,10 +76,15 @@ def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], poo
         hit = df[column].astype(str).isin(values)
         if not hit.any():
             continue
-        others = [c for c in (resolve_key(df, k, "rows") for k in rows) if c != column]
+        kept = {resolve_key(df, k, "pool_by") for k in keep}
+        others = [c for c in (resolve_key(df, k, "rows") for k in rows) if c != column and c not in kept]
         pooled = df[hit].copy()
         pooled[others] = POOLED
-        same = [column, *others, *(c for c in ("tags.member",) if c in df), *(resolve_metric(df, m, "metrics") for m in metrics)]
+        # a cached member evaluated again in another job: the same member and test predictions (its timings
+        # differ, measured anew), so the first copy stands for all
+        quality = [c for c in ("metrics.test/acc", "metrics.test/nll") if c in df]
+        same = [column, *others, *(c for c in ("tags.member",) if c in df),
+                *(quality or [resolve_metric(df, m, "metrics") for m in metrics])]
         pooled = pooled.drop_duplicates(subset=same)
         varying = [c for c in pooled.columns
                    if c.startswith("params.") and c != column and pooled[c].astype(str).nunique() > 1]

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
+DICT_EXAMPLE = "input_example.npz"  # a dict input example (text models), beside the logged model
 MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
 EXAMPLE_ROWS = 5         # test inputs kept as the input example
 
@@ -110,10 +113,17 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
     signature = infer_signature(x, (out.float() if out.dtype == torch.bfloat16 else out).numpy())  # numpy has no bf16
     # pickle, not MLflow's default pt2 (torch.export): quantized, int8-graph, Hugging Face and ensemble
     # modules do not all export, and the modules must come back as they were evaluated
-    with using_tracking_uri(uri), _quiet_pickle_warning(), \
+    # MLflow's PyTorch flavor refuses a dict input example (token ids and masks): the signature names
+    # the tensors, and the example travels as a file beside the model (read back by load_logged_model)
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri), _quiet_pickle_warning(), \
             mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=x, signature=signature,
-                                        pip_requirements=pip_requirements(), serialization_format="pickle")
+        extra = []
+        if isinstance(x, dict):
+            np.savez(Path(tmp) / DICT_EXAMPLE, **x)
+            extra = [str(Path(tmp) / DICT_EXAMPLE)]
+        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=None if extra else x,
+                                        signature=signature, pip_requirements=pip_requirements(),
+                                        serialization_format="pickle", extra_files=extra or None)
     return f"models:/{info.model_id}"
 
 
@@ -187,5 +197,9 @@ def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
                                                     tracking_uri=tracking_uri)
         meta = Model.load(local)
         example = meta.load_input_example(local)
+        dict_example = Path(local) / "extra_files" / DICT_EXAMPLE
+        if example is None and dict_example.exists():
+            with np.load(dict_example) as arrays:
+                example = {k: arrays[k] for k in arrays.files}
         model = mlflow.pytorch.load_model(local, map_location="cpu")
     return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature)
