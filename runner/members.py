@@ -182,16 +182,14 @@ def shared_start(members: list[Member]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in members[0].net.state_dict().items()}
 
 
-def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any,
-                 cache: MemberCache, logger: Any = None) -> bool:
-    """Train `member.net` in place, or load it from the cache; True on a cache hit.
+def member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any) -> str:
+    """The member cache key: the effective data, trainer and optimizer settings (the member's own over
+    the job's), the model class, its initial weights, the seed and the code that trains it."""
+    return _member_key(member, datamodule, trainer, optim, data)[0]
 
-    The member's own settings apply over the job's: `member.optim` over `optim`, `member.data` over
-    `data` (trained on `member.datamodule`). The cache key covers the effective data, trainer and
-    optimizer settings, the seed, the initial weights and the code of the model, the data source and
-    the runner (runner.cache.code_digest); a long member saves a checkpoint every epoch and resumes
-    from it after a kill.
-    """
+
+def _member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any) -> tuple:
+    """(key, spec, code, datamodule, optim) as train_member uses them."""
     if member.optim:
         optim = {**optim, **member.optim}
     if member.data:
@@ -203,6 +201,20 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
     key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,
                   "code": code})
+    return key, spec, code, datamodule, optim
+
+
+def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any,
+                 cache: MemberCache, logger: Any = None) -> bool:
+    """Train `member.net` in place, or load it from the cache; True on a cache hit.
+
+    The member's own settings apply over the job's: `member.optim` over `optim`, `member.data` over
+    `data` (trained on `member.datamodule`). The cache key covers the effective data, trainer and
+    optimizer settings, the seed, the initial weights and the code of the model, the data source and
+    the runner (runner.cache.code_digest); a long member saves a checkpoint every epoch and resumes
+    from it after a kill.
+    """
+    key, spec, code, datamodule, optim = _member_key(member, datamodule, trainer, optim, data)
     meta = cache.load(key, member.net)
     if meta is not None:
         log.info("member %s: cache hit %s", member.name, key)

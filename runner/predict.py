@@ -17,11 +17,15 @@ $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db.
   NOT applied: the data source's normalization. ImageFolder and the array image sources
   (scaling: channel, standard) subtract a mean and divide by a std computed on the training split;
   that is part of the data source, not of the logged model, so images here reach the model in
-  [0, 1]. Normalize them yourself (and pass a `.npy`) unless the model includes it.
+  [0, 1]. Normalize them yourself (and pass a `.npy`) unless the model includes it (EfficientNet-Lite does).
+- a text model (token inputs): a `.txt` file of texts, one per line, or a `.csv`/`.tsv` with a `text`
+  column; they are tokenized with the tokenizer the model was logged with (its pretrained one, or the
+  one its data source trained).
 
 `output`:
 - `.csv`: columns `id` (the row index, or the image file name), `prediction` (the argmax class
-  index) and `prob_0` .. `prob_{C-1}`;
+  index), `class` (its name, where the data named its classes) and one probability per class
+  (`prob_<name>`, else `prob_0` .. `prob_{C-1}`);
 - `.npy`: the (N, C) float64 probabilities; `.npz`: `predictions`, `probs` and `ids`.
 
 Probabilities are what `ShippedModel.predict_proba` gives (float64, as the evaluation computed them).
@@ -107,9 +111,9 @@ def check_input(path: Path) -> None:
     """A folder, or an existing file with an extension read here (before the model is loaded)."""
     if not path.exists():
         raise PredictError(f"input={str(path)!r}: no such file or folder")
-    if not path.is_dir() and path.suffix.lower() not in (".npy", *TABLE_EXTENSIONS):
+    if not path.is_dir() and path.suffix.lower() not in (".npy", ".txt", *TABLE_EXTENSIONS):
         raise PredictError(f"input={str(path)!r}: unknown extension {path.suffix!r}; expected .npy, "
-                           ".csv, .tsv or a folder of images")
+                           ".csv, .tsv, .txt (texts) or a folder of images")
 
 
 def read_table(path: Path, delimiter: str) -> np.ndarray:
@@ -157,27 +161,36 @@ def read_images(folder: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, list[
     return np.stack(images).astype(np.float32) / np.float32(255.0), [f.name for f in files]
 
 
-def predict(shipped: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(shipped: Any, x: np.ndarray | dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """(N, C) float64 probabilities of `shipped.predict_proba`, batch by batch."""
-    return torch.cat([shipped.predict_proba(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])))
-                      for i in range(0, len(x), batch_size)]).numpy()
+    def batch(i: int) -> Any:
+        if isinstance(x, dict):
+            return {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size])) for k, v in x.items()}
+        return torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))
+
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    return torch.cat([shipped.predict_proba(batch(i)) for i in range(0, n, batch_size)]).numpy()
 
 
-def write_output(path: Path, probs: np.ndarray, ids: list[str]) -> None:
-    """Probabilities and their argmax to .csv, .npy (probabilities only) or .npz."""
+def write_output(path: Path, probs: np.ndarray, ids: list[str], classes: Sequence[str] = ()) -> None:
+    """Probabilities and their argmax (and its class name, where the classes have names) to .csv, .npy
+    (probabilities only) or .npz."""
     predictions = probs.argmax(1)
+    names = [classes[p] for p in predictions] if classes else None
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         np.save(path, probs)
     elif suffix == ".npz":
-        np.savez(path, predictions=predictions, probs=probs, ids=np.array(ids))
+        np.savez(path, predictions=predictions, probs=probs, ids=np.array(ids),
+                 **({"classes": np.array(names)} if names else {}))
     else:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["id", "prediction", *(f"prob_{c}" for c in range(probs.shape[1]))])
-            for i, p, row in zip(ids, predictions, probs):
-                writer.writerow([i, int(p), *(repr(float(v)) for v in row)])
+            writer.writerow(["id", "prediction", *(["class"] if names else []),
+                             *(f"prob_{c}" for c in (classes or range(probs.shape[1])))])
+            for k, (i, p, row) in enumerate(zip(ids, predictions, probs)):
+                writer.writerow([i, int(p), *([names[k]] if names else []), *(repr(float(v)) for v in row)])
 
 
 def run(args: dict[str, Any]) -> Path:
@@ -195,10 +208,31 @@ def run(args: dict[str, Any]) -> Path:
     except Exception as e:  # noqa: BLE001  (MLflow raises many types; the command says which, in one line)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise PredictError(f"model={args['model']!r}: cannot load it ({type(e).__name__}: {reason})") from e
-    shape, dtype = sample_shape(shipped.input_example)
-    x, ids = read_input(source, shape, dtype)
-    write_output(output, predict(shipped, x, args["batch_size"]), ids)
+    if isinstance(shipped.input_example, dict):  # a text model: raw texts, tokenized as it was trained
+        texts, ids = read_texts(source)
+        x = {k: v.numpy() for k, v in shipped.encode(texts).items()}
+    else:
+        shape, dtype = sample_shape(shipped.input_example)
+        x, ids = read_input(source, shape, dtype)
+    write_output(output, predict(shipped, x, args["batch_size"]), ids, shipped.classes)
     return output
+
+
+def read_texts(path: Path) -> tuple[list[str], list[str]]:
+    """Raw texts: a .txt file (one per line) or a .csv/.tsv with a `text` column (else its first column)."""
+    if not path.is_file() or path.suffix.lower() not in (".txt", *TABLE_EXTENSIONS):
+        raise PredictError(f"input={str(path)!r}: a text model reads a .txt file (one text per line) or a .csv/.tsv "
+                           "with a `text` column")
+    if path.suffix.lower() == ".txt":
+        texts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=TABLE_EXTENSIONS[path.suffix.lower()]))
+        column = "text" if rows and "text" in rows[0] else (next(iter(rows[0])) if rows else None)
+        texts = [row[column] or "" for row in rows] if column else []
+    if not texts:
+        raise PredictError(f"input={str(path)!r}: no texts in it")
+    return texts, [str(i) for i in range(len(texts))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

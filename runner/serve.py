@@ -9,7 +9,7 @@ it gives the `predictions/test.npz` the run logged.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,44 @@ class ShippedModel:
     run_id: str | None
     input_example: Any
     signature: Any
+    meta: dict = field(default_factory=dict)  # what it was logged with: class names, its tokenizer
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names in output order ([] where the data had none)."""
+        return list(self.meta.get("classes") or [])
+
+    def tokenizer(self) -> Any:
+        """A text model's tokenizer (its pretrained one, or the one its data source trained); None otherwise."""
+        if self.meta.get("tokenizer_json"):
+            from tokenizers import Tokenizer
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self.meta["tokenizer_json"]),
+                                           pad_token="[PAD]")
+        if self.meta.get("tokenizer"):
+            from runner.data.text import load_tokenizer
+
+            return load_tokenizer(self.meta["tokenizer"])
+        return None
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Raw texts as the model's token inputs: its tokenizer, its length, padded and truncated."""
+        tokenizer = self.tokenizer()
+        if tokenizer is None:
+            raise TypeError("this model was logged without a tokenizer: it does not take raw texts")
+        length = int(self.meta.get("max_length") or next(iter(self.input_example.values())).shape[1])
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        return {k: enc[k].long() for k in self.input_example}
+
+    def predict(self, x: Inputs | Any) -> list:
+        """The predicted class of each input: its name where the classes have names, else its index. Raw
+        texts (a list of str) are tokenized first."""
+        if isinstance(x, (list, tuple)) and x and isinstance(x[0], str):
+            x = self.encode(list(x))
+        index = self.predict_proba(x).argmax(1).tolist()
+        names = self.classes
+        return [names[i] for i in index] if names else index
 
     @torch.no_grad()
     def predict_proba(self, x: Inputs | Any) -> torch.Tensor:
@@ -58,4 +96,4 @@ def load(uri: str, tracking_uri: str | None = None) -> ShippedModel:
     from runner.tracking.models import load_logged_model
 
     found = load_logged_model(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    return ShippedModel(found.model, found.model_uri, found.run_id, found.input_example, found.signature)
+    return ShippedModel(found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta)

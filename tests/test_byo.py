@@ -299,7 +299,7 @@ def test_the_worked_example_runs_from_outside_the_package(tmp_path):
     out = subprocess.run(cmd, cwd=EXAMPLE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split()[0] for line in out.stdout.splitlines() if line.startswith(("member/", "fused", "compressed/"))]
-    assert rows == ["member/smallconvnet-s0", "member/smallconvnet-s1", "member/smallconvnet-s2", "fused",
-                    "compressed/smallconvnet-s0", "compressed/smallconvnet-s1", "compressed/smallconvnet-s2"]
+    assert rows == ["member/small_cnn-s0", "member/small_cnn-s1", "member/small_cnn-s2", "fused",
+                    "compressed/small_cnn-s0", "compressed/small_cnn-s1", "compressed/small_cnn-s2"]
     # 90% of the prunable weights (conv2 and the classifier; conv1 has < 200) are zero: 298 dense + 493 kept
     assert all(line.split()[6] == "791" for line in out.stdout.splitlines() if line.startswith("compressed/"))

@@ -166,3 +166,20 @@ def test_a_text_model_is_logged_with_a_signature_and_its_token_example(tmp_path)
     probs, _ = logged_predictions(tmp_path, member)
     x = {k: torch.as_tensor(v) for k, v in loaded.input_example.items()}
     np.testing.assert_allclose(loaded.predict_proba(x).numpy(), probs[:5], rtol=1e-5, atol=1e-6)
+    # raw texts in, class names out: the tokenizer the data source trained travels with the model
+    assert loaded.classes == ["0", "1"]
+    texts = ["a great film", "a dull film", "a fine film"]
+    encoded = loaded.encode(texts)
+    dm = runner.config.build(cfg.data, "data")
+    dm.setup()
+    expected = dm.encode(texts)
+    assert all(np.array_equal(encoded[k].numpy(), expected[k]) for k in expected)
+    assert loaded.predict(texts) == [loaded.classes[i] for i in loaded.predict_proba(encoded).argmax(1)]
+    from runner.predict import main
+
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    assert main([f"model={member.info.run_id}", f"input={tmp_path}/texts.txt", f"output={tmp_path}/out.csv",
+                 f"tracking_uri={uri}"]) == 0
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0] == "id,prediction,class,prob_0,prob_1"
+    assert [r.split(",")[2] for r in rows[1:]] == loaded.predict(texts)

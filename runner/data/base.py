@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from runner.data.batches import Chunk, Inputs, describe, take, to_device
+from runner.data.batches import Chunk, Inputs, describe, notify, take, to_device, watched, watching
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,16 @@ class TensorBatches:
     its own 1/N of every epoch: the ranks draw the same permutation (same seed) and take every N-th
     sample of it from their rank on, the same count each (the remainder is dropped, as
     DistributedSampler(drop_last=True) does). Evaluation loaders are not split.
+
+    `split` says which split the tensors are (train / val / test), and their batches are shown to split
+    provenance's watchers (runner.data.batches); None: batches of something else, e.g. a fusion head's
+    minibatches of features of the val rows its fit already read, which are not shown.
     """
 
     def __init__(self, x: Inputs, y: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, chunk: int | None = None) -> None:
+                 shuffle: bool = False, seed: int = 0, chunk: int | None = None, split: str | None = None) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.chunk = x, y, batch_size, shuffle, chunk
+        self.split = split
         self.generator = torch.Generator().manual_seed(seed)
 
     def _shard(self) -> tuple[int, int]:
@@ -87,12 +92,13 @@ class TensorBatches:
             yield take(x, window), y[window]
 
     def __iter__(self) -> Iterator:
+        batches = watched(self.split, self.batches()) if self.split and watching() else self.batches()
         if self.chunk is None:
-            yield from self.batches()
+            yield from batches
             return
         size = self.chunk or self.num_batches()
         chunk = Chunk()
-        for batch in self.batches():
+        for batch in batches:
             chunk.append(batch)
             if len(chunk) == size:
                 yield chunk
@@ -153,15 +159,32 @@ class Shuffled(Sampler):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
+class SplitCollate:
+    """torch's default_collate, then the batch shown to split provenance's watchers (runner.data.batches);
+    a class, not a closure, so workers started by spawn can pickle it."""
+
+    def __init__(self, split: str | None) -> None:
+        self.split = split
+
+    def __call__(self, samples: list) -> Any:
+        batch = default_collate(samples)
+        if watching():
+            notify(self.split, batch)
+        return batch
+
+
 def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                  pin_memory: bool) -> DataLoader:
+                  pin_memory: bool, split: str | None = None) -> DataLoader:
     """A DataLoader whose shuffle order follows torch's global RNG (the member's seed), drawn from a
-    generator of its own: the worker seeds come from another, so they do not shift the order."""
+    generator of its own: the worker seeds come from another, so they do not shift the order.
+    `split` becomes `loader.split` (split provenance, runner.data.batches)."""
     seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
     sampler = Shuffled(len(dataset), seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed + 1))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed + 1), collate_fn=SplitCollate(split))
+    loader.split = split
+    return loader
 
 
 def check_loader_settings(loader: str, num_workers: int) -> None:
@@ -313,9 +336,9 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
         if self.mode == "tensors":
             # The shuffle order follows torch's global RNG, i.e. the seed of the member being trained.
             seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
-            return TensorBatches(x, y, size, shuffle=shuffle, seed=seed, chunk=chunk)
+            return TensorBatches(x, y, size, shuffle=shuffle, seed=seed, chunk=chunk, split=split)
         transform = self.train_transform if split == "train" else None
-        return seeded_loader(ArrayDataset(x, y, transform), size, shuffle, self.num_workers, self.pin_memory)
+        return seeded_loader(ArrayDataset(x, y, transform), size, shuffle, self.num_workers, self.pin_memory, split)
 
 
 def _rows(x: Any, index: np.ndarray) -> Any:

@@ -8,7 +8,8 @@ the helpers here, so no step assumes one input type.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -103,3 +104,58 @@ class DataSpec:
 
     def __repr__(self) -> str:
         return f"DataSpec(num_classes={self.num_classes}, input_spec={self.input_spec})"
+
+
+# --- split provenance ---------------------------------------------------------------------------
+# Members train on train, fusion fits on val, every reported number comes from test. Every loader a
+# data source returns carries its split as `loader.split` ("train" / "val" / "test"), and the split
+# loaders the runner makes (TensorBatches, the DataLoaders of runner.data.base.seeded_loader) show each
+# batch they yield to the watchers installed with `watch_batches`: how tests check which split each
+# stage of a job read (tests/test_guard_splits.py). Loaders of no split (a TensorBatches with
+# split=None, e.g. a fusion head's minibatches of features of val rows already read) are not watched.
+# No watcher outside tests: one list check per pass over a loader (TensorBatches) or per batch
+# (DataLoaders), nothing else. DataLoader worker processes have watchers of their own (none): watch
+# with num_workers=0.
+
+Watcher = Callable[[Union[str, None], Any], None]
+_watchers: list[Watcher] = []
+
+
+@contextmanager
+def watch_batches(watcher: Watcher) -> Iterator[Watcher]:
+    """Call `watcher(split, batch)` for every batch a runner loader yields while inside."""
+    _watchers.append(watcher)
+    try:
+        yield watcher
+    finally:
+        _watchers.remove(watcher)
+
+
+def watching() -> bool:
+    return bool(_watchers)
+
+
+def notify(split: str | None, batch: Any) -> None:
+    for watcher in list(_watchers):
+        watcher(split, batch)
+
+
+def watched(split: str | None, batches: Iterable) -> Iterator:
+    """`batches`, each shown to the watchers (with `split`) as it is yielded."""
+    for batch in batches:
+        notify(split, batch)
+        yield batch
+
+
+def split_of(loader: Any) -> str | None:
+    """The split a loader says it holds (None: not said)."""
+    return getattr(loader, "split", None)
+
+
+def tag_split(loader: Any, split: str) -> Any:
+    """`loader` with `loader.split = split`, where the object takes attributes; returns it."""
+    try:
+        loader.split = split
+    except (AttributeError, TypeError):  # a loader that refuses attributes stays untagged
+        pass
+    return loader

@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
 from runner.data.base import ArrayDataModule, SplitLoaders, check_num_classes, check_split_settings, seeded_loader
-from runner.data.batches import DataSpec, describe, first_inputs, split_batch
+from runner.data.batches import DataSpec, describe, first_inputs, split_batch, tag_split
 from runner.errors import ConfigError, check
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class DatasetDataModule(SplitLoaders, pl.LightningDataModule):
     def loader(self, split: str, shuffle: bool = False) -> Any:
         self.setup()
         size = self.batch_size if split == "train" else self.eval_batch_size
-        return seeded_loader(self.data[split], size, shuffle, self.num_workers, self.pin_memory)
+        return seeded_loader(self.data[split], size, shuffle, self.num_workers, self.pin_memory, split)
 
 
 class LightningSource(pl.LightningDataModule):
@@ -117,14 +117,16 @@ class LightningSource(pl.LightningDataModule):
         self.input_spec = describe(first_inputs(self.inner.val_dataloader(), 1))
         self._ready = True
 
+    # the user's loaders, tagged with their split (split provenance, runner.data.batches; their batches
+    # are not shown to watchers: they are the user's objects)
     def train_dataloader(self) -> Any:
-        return self.inner.train_dataloader()
+        return tag_split(self.inner.train_dataloader(), "train")
 
     def val_dataloader(self) -> Any:
-        return self.inner.val_dataloader()
+        return tag_split(self.inner.val_dataloader(), "val")
 
     def test_dataloader(self) -> Any:
-        return self.inner.test_dataloader()
+        return tag_split(self.inner.test_dataloader(), "test")
 
 
 def as_source(obj: Any) -> pl.LightningDataModule:

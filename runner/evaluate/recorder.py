@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 LOWER_IS_BETTER = ("nll", "ece", "loss")  # for members/best/test/<metric>
 
 
+
+def class_names(datamodule: Any) -> list[str]:
+    """The names of the classes in label order (a data source's `classes`), or [] where it has none."""
+    names = [str(c) for c in (getattr(datamodule, "classes", None) or [])]
+    return names if len(names) == getattr(datamodule, "num_classes", None) else []
+
 class Recorder:
     def __init__(self, tracker: Any, run_id: str, datamodule: Any, eval_cfg: Any,
                  params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
@@ -33,6 +39,7 @@ class Recorder:
         self.targets: torch.Tensor | None = None  # test labels, read on the first evaluation
         self.latency_x = None  # one fixed batch of test inputs, the same for every model
         self.by_role: dict[str, dict[str, dict[str, float]]] = {}  # role -> member name (or role) -> metrics
+        self.classes = class_names(datamodule)  # the labels' names, where the data source knows them
 
     def evaluate(self, role: str, name: str, model: nn.Module,
                  derive: Callable[[dict[str, float]], Mapping[str, float]] | None = None,
@@ -71,7 +78,8 @@ class Recorder:
             self.tracker.log_child(self.run_id, name_, params, child_tags, metrics, arrays, files=files, **shipped)
         else:
             self.tracker.log_evaluation(run_id, {**(tags or {}), **export_tags}, metrics, arrays, files=files, **shipped)
-        self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix), f"confusion/{prefix}.png")
+        self.tracker.log_figure(self.run_id, confusion_matrix_figure(confusion, prefix, self.classes),
+                                f"confusion/{prefix}.png")
         return metrics, probs
 
     def child(self, role: str, name: str, tags: Mapping[str, str] | None = None) -> tuple[str, dict, dict]:
@@ -132,12 +140,24 @@ class Recorder:
             log.info("%s: exported as %s; %s", prefix, exported.format, exported.reason)
         return tags, ({f"export/model{exported.suffix}": exported.data} if exported.data else {})
 
+    def model_meta(self, model: nn.Module) -> dict[str, Any]:
+        """What a logged model needs beside its weights to answer raw inputs with class names: the class
+        names, the model's own preprocessing (a pretrained tokenizer, an input size), and a tokenizer the
+        data source trained (its JSON)."""
+        meta: dict[str, Any] = {"classes": self.classes} if self.classes else {}
+        meta.update(getattr(model, "preprocessing", None) or {})
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        if tokenizer is not None and hasattr(tokenizer, "backend_tokenizer") and "tokenizer" not in meta:
+            meta["tokenizer_json"] = tokenizer.backend_tokenizer.to_str()
+            meta["max_length"] = getattr(self.datamodule, "max_length", None)
+        return meta
+
     def _pack(self, model: nn.Module, prefix: str) -> Any:
         """The model as bytes for the tracker (tracking.log_models); None, with a warning, if it does not pickle."""
         from runner.tracking.models import pack_model
 
         try:
-            return pack_model(model, self.latency_x)
+            return pack_model(model, self.latency_x, meta=self.model_meta(model))
         except Exception as e:  # noqa: BLE001 (e.g. a torch.compile'd module): the results still get logged
             log.warning("%s: the model cannot be pickled, so it is not logged to MLflow: %s: %s",
                         prefix, type(e).__name__, e)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 
 MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
 DICT_EXAMPLE = "input_example.npz"  # a dict input example (text models), beside the logged model
+MODEL_META = "runner.json"  # beside the logged model: {"classes": [...], "tokenizer": ..., "max_length": ...}
 MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
 EXAMPLE_ROWS = 5         # test inputs kept as the input example
 
@@ -34,10 +36,12 @@ class PackedModel:
     data: bytes                       # torch.save(model) of the whole module
     example: Any                      # numpy array, or dict of numpy arrays (token ids, masks)
     sys_path: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON: the class names, the preprocessing (MODEL_META)
 
 
-def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS) -> PackedModel:
-    """The model (moved nowhere, copied by pickling) and its first `rows` inputs as numpy."""
+def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str, Any] | None = None) -> PackedModel:
+    """The model (moved nowhere, copied by pickling), its first `rows` inputs as numpy, and `meta`
+    (what predictions need beside the module: class names, a tokenizer)."""
     import torch
 
     buffer = io.BytesIO()
@@ -52,7 +56,7 @@ def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS) -> PackedModel
         example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
     else:
         example = inputs[:rows].detach().cpu().numpy()
-    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p])
+    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p], dict(meta or {}))
 
 
 def unpack_model(packed: PackedModel) -> Any:
@@ -121,7 +125,10 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
         if isinstance(x, dict):
             np.savez(Path(tmp) / DICT_EXAMPLE, **x)
             extra = [str(Path(tmp) / DICT_EXAMPLE)]
-        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=None if extra else x,
+        if packed.meta:
+            (Path(tmp) / MODEL_META).write_text(json.dumps(packed.meta))
+            extra.append(str(Path(tmp) / MODEL_META))
+        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=None if isinstance(x, dict) else x,
                                         signature=signature, pip_requirements=pip_requirements(),
                                         serialization_format="pickle", extra_files=extra or None)
     return f"models:/{info.model_id}"
@@ -151,6 +158,7 @@ class LoadedModel:
     run_id: str | None
     input_example: Any
     signature: Any
+    meta: dict[str, Any] = field(default_factory=dict)  # MODEL_META: class names, tokenizer
 
 
 def model_uri_of(client: Any, ref: str) -> str:
@@ -201,5 +209,7 @@ def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
         if example is None and dict_example.exists():
             with np.load(dict_example) as arrays:
                 example = {k: arrays[k] for k in arrays.files}
+        meta_file = Path(local) / "extra_files" / MODEL_META
+        meta_data = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         model = mlflow.pytorch.load_model(local, map_location="cpu")
-    return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature)
+    return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature, meta_data)
