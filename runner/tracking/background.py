@@ -58,7 +58,7 @@ class BackgroundTracker(Tracker):
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
                  timeout_s: float = 30.0) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
-        self.timeout_s = timeout_s  # the longest any call waits for the worker
+        self.timeout_s = timeout_s  # the longest a call waits while the worker makes no progress
         self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
@@ -70,6 +70,8 @@ class BackgroundTracker(Tracker):
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._answers: collections.deque[Future] = collections.deque()  # in the order of the calls
         self._pending: list[Future] = []
+        self._progress_at = time.monotonic()  # the worker's last answer
+        self._cpu_seen: tuple[float, float] | None = None  # (its CPU seconds, when read)
         threading.Thread(target=self._send_calls, daemon=True, name="mlflow-calls").start()
         threading.Thread(target=self._read_answers, daemon=True, name="mlflow-answers").start()
         self._opening = self._submit("start", uri, experiment, artifact_location)
@@ -90,6 +92,7 @@ class BackgroundTracker(Tracker):
             except (EOFError, OSError):
                 break
             future = self._answers.popleft()
+            self._progress_at = time.monotonic()
             try:
                 ok, value, *details = pickle.loads(message)
             except Exception as e:  # noqa: BLE001 - never let one bad answer stop every later one
@@ -124,13 +127,31 @@ class BackgroundTracker(Tracker):
         return self._result(future, method, timeout_s)
 
     def _result(self, future: Future, what: str, timeout_s: float | None = None) -> Any:
+        """The answer to one call. `timeout_s` bounds how long the worker may make no progress (no answer,
+        no CPU time used), not how long the answer takes: on a machine busy with other work, a queue of
+        model logging ahead of this call is slow, not stuck; a server that does not answer is stuck."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        started = time.monotonic()
+        while True:
+            try:
+                return future.result(timeout=min(1.0, timeout_s))
+            except FutureTimeout:
+                if time.monotonic() - max(started, self._progress_at, self._working_at()) > timeout_s:
+                    raise TrackingTimeout(f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
+                                          f"{timeout_s:g} s ({what}); is the server running and reachable? "
+                                          "(tracking.timeout_s sets the limit)") from None
+
+    def _working_at(self) -> float:
+        """When the worker was last seen using the CPU (Linux: /proc/<pid>/stat; elsewhere never)."""
         try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise TrackingTimeout(f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
-                                  f"{timeout_s:g} s ({what}); is the server running and reachable? "
-                                  "(tracking.timeout_s sets the limit)") from None
+            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        now = time.monotonic()
+        if self._cpu_seen is None or cpu > self._cpu_seen[0]:
+            self._cpu_seen = (cpu, now)
+        return self._cpu_seen[1]
 
     @timed
     def flush(self, timeout_s: float | None = None) -> None:
