@@ -9,8 +9,11 @@ $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db.
 
 `input`, checked against the shape of the model's input example (one sample, batch dim dropped):
 - `.npy`: an array of samples shaped like one input (then a batch of one) or (N, *input shape);
-- `.csv` / `.tsv`: one sample per row of numeric feature columns; a header row is optional and a
-  column named `label` is ignored; the columns fill one input (reshaped when it has several dims);
+- `.csv` / `.tsv`: for a model trained on `data=table`, raw rows with the training file's columns
+  (text categories, gaps and all), encoded by the imputation, scaling and one-hot encoding fitted on
+  its training split, which travel with the model; for other models, one sample per row of numeric
+  feature columns; a header row is optional and a column named `label` is ignored; the columns fill
+  one input (reshaped when it has several dims);
 - a folder: every PNG / JPEG / BMP / GIF / WebP in it (not its subfolders), in sorted name order,
   read with Pillow, converted to grayscale (1-channel inputs) or RGB (3), resized to the input's
   HxW (bilinear) and scaled to [0, 1], as runner.data.vision.ImageFiles reads them.
@@ -211,11 +214,26 @@ def run(args: dict[str, Any]) -> Path:
     if isinstance(shipped.input_example, dict):  # a text model: raw texts, tokenized as it was trained
         texts, ids = read_texts(source)
         x = {k: v.numpy() for k, v in shipped.encode(texts).items()}
+    elif shipped.raw_inputs is not None and source.suffix.lower() in TABLE_EXTENSIONS:  # raw rows, encoded as in training
+        x, ids = read_raw_rows(source, shipped.raw_inputs)
     else:
         shape, dtype = sample_shape(shipped.input_example)
         x, ids = read_input(source, shape, dtype)
     write_output(output, predict(shipped, x, args["batch_size"]), ids, shipped.classes)
     return output
+
+
+def read_raw_rows(path: Path, encode: Any) -> tuple[np.ndarray, list[str]]:
+    """Rows of the training file's columns (any order; a label column and others ignored), encoded by the
+    imputation, scaling and one-hot encoding the data source fitted on its training split."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, sep=TABLE_EXTENSIONS[path.suffix.lower()])
+        x = encode(frame)
+    except ValueError as e:
+        raise PredictError(f"input={str(path)!r}: {e}") from None
+    return x, [str(i) for i in range(len(x))]
 
 
 def read_texts(path: Path) -> tuple[list[str], list[str]]:

@@ -34,6 +34,7 @@ class ShippedModel:
     input_example: Any
     signature: Any
     meta: dict = field(default_factory=dict)  # what it was logged with: class names, its tokenizer
+    raw_inputs: Any = None  # raw table rows (a DataFrame) -> model inputs, fitted on train (data=table)
 
     @property
     def classes(self) -> list[str]:
@@ -68,6 +69,8 @@ class ShippedModel:
         texts (a list of str) are tokenized first."""
         if isinstance(x, (list, tuple)) and x and isinstance(x[0], str):
             x = self.encode(list(x))
+        elif self.raw_inputs is not None and hasattr(x, "columns"):  # raw table rows
+            x = torch.from_numpy(self.raw_inputs(x))
         index = self.predict_proba(x).argmax(1).tolist()
         names = self.classes
         return [names[i] for i in index] if names else index
@@ -96,4 +99,5 @@ def load(uri: str, tracking_uri: str | None = None) -> ShippedModel:
     from runner.tracking.models import load_logged_model
 
     found = load_logged_model(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    return ShippedModel(found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta)
+    return ShippedModel(found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta,
+                        found.raw_inputs)

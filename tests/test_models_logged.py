@@ -183,3 +183,39 @@ def test_a_text_model_is_logged_with_a_signature_and_its_token_example(tmp_path)
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert rows[0] == "id,prediction,class,prob_0,prob_1"
     assert [r.split(",")[2] for r in rows[1:]] == loaded.predict(texts)
+
+
+def test_a_table_model_predicts_raw_rows_with_class_names(tmp_path):
+    """Rows of the training file's own columns (a text category, a gap) in, class names out: the encoding
+    fitted on the training split travels with the logged model."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 120
+    frame = pd.DataFrame({"size": rng.normal(size=n), "color": rng.choice(["blue", "red", "green"], n)})
+    frame["kind"] = np.where((frame["size"] > 0) ^ (frame["color"] == "blue"), "big", "small")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = compose_config(["model=mlp", "data=table", f"data.path={tmp_path}/t.csv", "data.label=kind",
+                          "tracking.log_models=true"], tmp_path)
+    runner.pipeline.run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    [member] = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+                if r.data.tags.get("role") == "member"]
+    new = pd.DataFrame({"color": ["blue", "red", "purple"], "size": [1.5, None, -2.0], "kind": ["?", "?", "?"]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    from runner.predict import main
+
+    assert main([f"model={member.info.run_id}", f"input={tmp_path}/new.csv", f"output={tmp_path}/out.csv",
+                 f"tracking_uri={uri}"]) == 0
+    rows = [r.split(",") for r in (tmp_path / "out.csv").read_text().splitlines()]
+    assert rows[0] == ["id", "prediction", "class", "prob_big", "prob_small"]
+    loaded = runner.load(member.info.run_id, tracking_uri=uri)
+    from runner.data import TableData
+
+    dm = TableData(f"{tmp_path}/t.csv", label="kind")
+    dm.setup()
+    expected = dm.transformer.transform(dm.inputs(new)).astype(np.float32)  # as the training split was encoded
+    np.testing.assert_array_equal(loaded.raw_inputs(new), expected)
+    assert [r[2] for r in rows[1:]] == loaded.predict(new) == [
+        ["big", "small"][i] for i in loaded.predict_proba(torch.from_numpy(expected)).argmax(1)]

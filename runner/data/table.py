@@ -244,8 +244,35 @@ class TableData(FileData):
                  ("categorical", make_pipeline(*categorical), self.categorical_columns)]
         return ColumnTransformer([p for p in parts if p[2]], remainder="drop", sparse_threshold=0.0)
 
+    def raw_inputs(self) -> "TableInputs":
+        """What turns new raw rows into this model's inputs: the encoding fitted on train (it travels
+        with every logged model, so runner.predict takes rows of the training file's columns)."""
+        return TableInputs(list(self.numeric_columns), list(self.categorical_columns), self.transformer)
+
     def preprocess(self, splits: dict[str, Split]) -> dict[str, Split]:
         # replaces the base's scaling, which would also scale the one-hot columns
         self.transformer = self.column_transformer().fit(splits["train"][0])
         self.feature_names = [str(n) for n in self.transformer.get_feature_names_out()]
         return {split: (self.transformer.transform(x).astype(np.float32), y) for split, (x, y) in splits.items()}
+
+
+class TableInputs:
+    """Raw rows (a DataFrame with the training file's feature columns; others ignored) -> float32 model
+    inputs, by the imputation, scaling and one-hot encoding fitted on the training split."""
+
+    def __init__(self, numeric: list[Any], categorical: list[Any], transformer: ColumnTransformer) -> None:
+        self.numeric, self.categorical, self.transformer = numeric, categorical, transformer
+
+    def __call__(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.numeric + self.categorical if c not in frame.columns]
+        if missing:
+            raise ValueError(f"rows without the feature columns {missing} (the model was trained on "
+                             f"{self.numeric + self.categorical})")
+        try:
+            x = frame[self.numeric].astype("float64")
+        except ValueError as e:
+            raise ValueError(f"numeric columns {self.numeric} hold text: {e}") from None
+        for column in self.categorical:
+            x[column] = _as_categories(frame[column])
+        return self.transformer.transform(x).astype(np.float32)
+

@@ -157,7 +157,8 @@ class Recorder:
         from runner.tracking.models import pack_model
 
         try:
-            return pack_model(model, self.latency_x, meta=self.model_meta(model))
+            raw = getattr(self.datamodule, "raw_inputs", None)
+            return pack_model(model, self.latency_x, meta=self.model_meta(model), raw_inputs=raw() if raw else None)
         except Exception as e:  # noqa: BLE001 (e.g. a torch.compile'd module): the results still get logged
             log.warning("%s: the model cannot be pickled, so it is not logged to MLflow: %s: %s",
                         prefix, type(e).__name__, e)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import numpy as np
 
 MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
 DICT_EXAMPLE = "input_example.npz"  # a dict input example (text models), beside the logged model
+RAW_INPUTS = "raw_inputs.pkl"  # beside the logged model: raw rows -> inputs (pickled, like the model)
 MODEL_META = "runner.json"  # beside the logged model: {"classes": [...], "tokenizer": ..., "max_length": ...}
 MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
 EXAMPLE_ROWS = 5         # test inputs kept as the input example
@@ -37,9 +39,11 @@ class PackedModel:
     example: Any                      # numpy array, or dict of numpy arrays (token ids, masks)
     sys_path: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON: the class names, the preprocessing (MODEL_META)
+    raw_inputs: bytes | None = None  # pickled callable: raw rows -> model inputs (a table's fitted encoding)
 
 
-def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str, Any] | None = None) -> PackedModel:
+def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str, Any] | None = None,
+               raw_inputs: Any = None) -> PackedModel:
     """The model (moved nowhere, copied by pickling), its first `rows` inputs as numpy, and `meta`
     (what predictions need beside the module: class names, a tokenizer)."""
     import torch
@@ -56,7 +60,8 @@ def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str
         example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
     else:
         example = inputs[:rows].detach().cpu().numpy()
-    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p], dict(meta or {}))
+    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p], dict(meta or {}),
+                       pickle.dumps(raw_inputs) if raw_inputs is not None else None)
 
 
 def unpack_model(packed: PackedModel) -> Any:
@@ -128,6 +133,9 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
         if packed.meta:
             (Path(tmp) / MODEL_META).write_text(json.dumps(packed.meta))
             extra.append(str(Path(tmp) / MODEL_META))
+        if packed.raw_inputs is not None:
+            (Path(tmp) / RAW_INPUTS).write_bytes(packed.raw_inputs)
+            extra.append(str(Path(tmp) / RAW_INPUTS))
         info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=None if isinstance(x, dict) else x,
                                         signature=signature, pip_requirements=pip_requirements(),
                                         serialization_format="pickle", extra_files=extra or None)
@@ -159,6 +167,7 @@ class LoadedModel:
     input_example: Any
     signature: Any
     meta: dict[str, Any] = field(default_factory=dict)  # MODEL_META: class names, tokenizer
+    raw_inputs: Any = None  # RAW_INPUTS: raw rows -> model inputs
 
 
 def model_uri_of(client: Any, ref: str) -> str:
@@ -211,5 +220,7 @@ def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
                 example = {k: arrays[k] for k in arrays.files}
         meta_file = Path(local) / "extra_files" / MODEL_META
         meta_data = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        raw_file = Path(local) / "extra_files" / RAW_INPUTS
+        raw_inputs = pickle.loads(raw_file.read_bytes()) if raw_file.exists() else None
         model = mlflow.pytorch.load_model(local, map_location="cpu")
-    return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature, meta_data)
+    return LoadedModel(model.eval(), uri, logged.source_run_id, example, meta.signature, meta_data, raw_inputs)
