@@ -113,3 +113,33 @@ def test_errors_name_the_key_and_what_there_is(tmp_path):
         register_best(f"sqlite:///{tmp_path}/none.db", "runner", "test/acc", "m")
     assert not (tmp_path / "none.db").exists()
     assert MlflowClient(uri).search_registered_models() == []
+
+
+def test_models_of_different_data_are_not_mixed_and_data_narrows(tmp_path):
+    from runner.tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri, "runner", str(tmp_path / "art"))
+    job = tracker.start_run("job", tags={"role": "job"})
+    for name, data, acc in (("a", "wine", 0.9), ("b", "mnist1d", 0.7), ("c", "wine", 0.8)):
+        tracker.log_child(job, f"member/{name}", {"choice/data": data, "choice/model": "mlp"},
+                          {"role": "member", MODEL_URI_TAG: f"models:/m-{name}"}, {"val/acc": acc})
+    with pytest.raises(ConfigError, match=r"^Invalid config: data=None; allowed: one dataset per registered model: "
+                                          r"the selection holds models of 2 \(mnist1d, wine\)"):
+        register_best(uri, "runner", "val/acc", "m")
+    with pytest.raises(ConfigError, match=r"data='cifar10'; allowed: a value the selected runs have: \['mnist1d', 'wine'\]"):
+        register_best(uri, "runner", "val/acc", "m", where={"choice/data": "cifar10"})
+    # narrowed to one dataset, the selection gets as far as the best run's model (a fake id here)
+    with pytest.raises(Exception, match="m-a"):
+        register_best(uri, "runner", "val/acc", "m", where={"choice/data": "wine"})
+
+
+@pytest.mark.slow
+def test_selection_is_on_validation_by_default_and_a_test_metric_warns(store, capsys):
+    expected = best_run(store, "val/acc", higher=True, role="member")  # members log val/acc as they train
+    main(["experiment=runner", "name=by-val", f"tracking_uri={store}"])
+    out, err = capsys.readouterr()
+    assert f"run {expected.info.run_id}, val/acc=" in out and "warning" not in err
+    main(["experiment=runner", "name=by-test", "metric=test/acc", f"tracking_uri={store}"])
+    assert "register: warning: selecting on test/acc picks the model that did best on the test set" in \
+        capsys.readouterr().err

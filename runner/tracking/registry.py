@@ -23,12 +23,18 @@ class Candidate:
     tags: dict[str, str]
 
 
+DATA_PARAMS = ("choice/data", "data._target_", "data.path", "data.name", "data.task", "data.label")  # which data
+
+
 def register_best(tracking_uri: str, experiment: str, metric: str, name: str, alias: str = "champion",
-                  sweep: str | None = None, role: str | None = None, mode: str = "max") -> tuple[Any, str, float]:
+                  sweep: str | None = None, role: str | None = None, mode: str = "max",
+                  where: dict[str, str] | None = None, mix_data: bool = False) -> tuple[Any, str, float]:
     """Register the best logged model by `metric` as a new version of `name` and point `alias` at it.
 
     The candidates are the experiment's active runs tagged `model_uri`, narrowed to `sweep`
-    (tag `sweep_id`) and `role` when given. `mode="max"` keeps the highest value, `"min"` the
+    (tag `sweep_id`), `role` and the params in `where` (e.g. {"choice/data": "wine"}) when given.
+    Candidates made on different data (DATA_PARAMS differ) are refused unless `mix_data`: a model
+    of one dataset cannot serve another's inputs. `mode="max"` keeps the highest value, `"min"` the
     lowest (nll, ece); ties go to the earliest run. Returns (ModelVersion, run id, metric value).
     Raises ConfigError naming the key for an unknown experiment, an empty selection, a metric
     none of the candidates has, or a bad mode/role.
@@ -48,7 +54,13 @@ def register_best(tracking_uri: str, experiment: str, metric: str, name: str, al
         known = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
         raise ConfigError("experiment", experiment, f"an experiment of {tracking_uri}: {known}")
     runs = _runs_with_models(client, found.experiment_id)
-    best = _best(_select(runs, experiment, sweep, role), metric, mode)
+    chosen = _where(_select(runs, experiment, sweep, role), where or {})
+    if not mix_data:
+        datasets = sorted({tuple((k, r.data.params.get(k)) for k in DATA_PARAMS if k in r.data.params) for r in chosen})
+        check(len(datasets) <= 1, "data", None, "one dataset per registered model: the selection holds models of "
+              f"{len(datasets)} ({', '.join(str(dict(d).get('choice/data') or dict(d)) for d in datasets)}); pick one "
+              "with data=<option> or param.<key>=<value>, or pass mix_data=true")
+    best = _best(chosen, metric, mode)
     version = _register(client, best, name, metric, mode)
     client.set_registered_model_alias(name, alias, version.version)
     return version, best.run_id, best.value
@@ -82,6 +94,16 @@ def _select(runs: list[Any], experiment: str, sweep: str | None, role: str | Non
         roles = sorted({r.data.tags.get("role", "") for r in runs})
         runs = [r for r in runs if r.data.tags.get("role") == role]
         check(bool(runs), "role", role, f"a role with logged models in this selection: {roles}")
+    return runs
+
+
+def _where(runs: list[Any], where: dict[str, str]) -> list[Any]:
+    """The runs whose params equal every `where` item; an empty result names the key and the values there are."""
+    for key, value in where.items():
+        values = sorted({str(r.data.params.get(key)) for r in runs})
+        runs = [r for r in runs if str(r.data.params.get(key)) == str(value)]
+        check(bool(runs), f"param.{key}" if key != "choice/data" else "data", value,
+              f"a value the selected runs have: {values}")
     return runs
 
 
