@@ -50,6 +50,9 @@ def test_data_configs(name, tmp_path):
     spec = describe_data(cfg, dm)
     labels = torch.cat([split_batch(b)[1] for b in dm.train_dataloader()])
     assert cfg.data.num_classes == spec.num_classes == len(set(labels.tolist()))
+    if isinstance(spec.example, dict):  # token ids: what text models read is the vocabulary and length
+        assert cfg.data.vocab_size == len(dm.tokenizer) and cfg.data.max_length == spec.example["input_ids"].shape[1]
+        return
     assert cfg.data.input_shape == list(spec.example.shape[1:])
     assert cfg.data.num_features == spec.example[0].numel()
 
@@ -75,7 +78,8 @@ def test_model_configs(name, data, tmp_path, text_file):
     [member] = plan_members(cfg)
     check_forward(member.net, spec.example, spec.num_classes)
     with torch.no_grad():
-        assert member.net.eval()(spec.example).shape == (len(spec.example if data != "text" else spec.example["input_ids"]), cfg.data.num_classes)
+        n = len(spec.example["input_ids"] if isinstance(spec.example, dict) else spec.example)
+        assert member.net.eval()(spec.example).shape == (n, cfg.data.num_classes)
 
 
 @pytest.mark.parametrize("name", options("trainer"))
@@ -101,11 +105,18 @@ def test_remote_uri_is_one_override():
     assert build(cfg.tracking, "tracking").uri == "http://mlflow.example:5000"
 
 
+ENSEMBLE_DATA = {  # ensembles of models that need a kind of data (and pretrained ones: a small subset)
+    "mixed_image": ["data=mnist5k"],
+    "efficientnet_pair": ["data=elpv", "model=efficientnet_lite0", "model.input_size=64", "data.max_images=40"],
+    "minilm_bow": ["data=rotten_tomatoes", "data.max_rows=200", "model=minilm"],
+}
+
+
 @pytest.mark.parametrize("name", options("ensemble"))
 def test_ensemble_configs(name, tmp_path):
-    cfg = compose_config([f"ensemble={name}"] + (["data=mnist5k"] if name.endswith("_image") else []), tmp_path)
-    if name.endswith("_image"):
-        describe_data(cfg, as_source(build(cfg.data, "data")))  # image members read ${data.input_shape}
+    cfg = compose_config([f"ensemble={name}", *ENSEMBLE_DATA.get(name, [])], tmp_path)
+    if name in ENSEMBLE_DATA:
+        describe_data(cfg, as_source(build(cfg.data, "data")))  # members read ${data.input_shape}, vocab_size...
     members = plan_members(cfg)
     assert len(members) >= 2 and len({m.name for m in members}) == len(members)
 
@@ -125,7 +136,11 @@ def test_fuse_configs(name, tmp_path):
 def test_compress_configs(name, tmp_path):
     from runner.compress import build_recipe
 
-    cfg = compose_config([f"compress={name}"], tmp_path)
+    text = name in ("distill_text_bow", "distill_bert_tiny")  # students on token ids
+    cfg = compose_config([f"compress={name}", *(["data=rotten_tomatoes", "data.max_rows=200"] if text else [])],
+                         tmp_path)
+    if text:
+        describe_data(cfg, as_source(build(cfg.data, "data")))
     assert len(build_recipe(cfg.compress)) == (0 if name == "none" else len(cfg.compress.steps)) and (
         name == "none" or len(cfg.compress.steps) >= 1)
 

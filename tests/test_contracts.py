@@ -47,10 +47,11 @@ FAMILIES = {  # family: overrides of the real configs, shrunk
 # convs in float, so conv-heavy nets (ResNet) are refused, LeNet-5 (mostly Linear weights) is not;
 # static int8 needs convs or fx-traceable nets (not Hugging Face); the default distillation student is
 # an MLP on num_features (text has token ids); distill_features' default pair names `head`.
+TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}  # students on token ids: ${data.vocab_size}
 REFUSED = {
-    "cnn": {"prune_structured_macs", "prune_channels_2x"},
-    "resnet": {"deep_compression", "quant_dynamic"},
-    "vit": {"distill_features", "qat", "quant_static"},
+    "cnn": {"prune_structured_macs", "prune_channels_2x", *TEXT_STUDENTS},
+    "resnet": {"deep_compression", "quant_dynamic", *TEXT_STUDENTS},
+    "vit": {"distill_features", "qat", "quant_static", *TEXT_STUDENTS},
     "text": {"quant_static", "qat", "distill", "distill_ensemble", "distill_multi", "distill_then_quantize",
              "distill_features", "prune_structured_macs", "prune_channels_2x"},
 }
