@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from runner.config import build
+from runner.models.adapter import build_model as build_net
 from runner.data.base import ArrayDataModule
 from runner.device import data_on_device
 from runner.models import LitClassifier
@@ -61,7 +61,7 @@ def build_model(name: str) -> torch.nn.Module:
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("config", overrides=[f"model={name}", "data=cifar10"])  # composed only: nothing downloads
     pl.seed_everything(0, verbose=False)
-    return build(cfg.model, "model")
+    return build_net(cfg.model, "model")
 
 
 def accelerator(device: torch.device) -> str:

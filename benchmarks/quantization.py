@@ -47,7 +47,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 from runner.compress import quantize as Q  # noqa: E402
-from runner.config import build  # noqa: E402
+from runner.models.adapter import build_model as build_net  # noqa: E402
 from runner.data import MNIST5k  # noqa: E402
 from runner.data.batches import Inputs, num_samples, take  # noqa: E402
 
@@ -61,7 +61,7 @@ def build_model(name: str) -> nn.Module:
     data = {"num_classes": 2, "vocab_size": VOCAB, "max_length": TOKENS} if name == "bert_tiny" else \
         {"num_classes": 10, "num_features": 784, "input_shape": [1, 28, 28]}
     cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
-    return build(cfg.model, "model")
+    return build_net(cfg.model, "model")
 
 
 def token_task(n: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

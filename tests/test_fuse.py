@@ -23,7 +23,7 @@ from runner.models import CNN1D, MLP
 from runner.train import train_classifier
 from conftest import CONF_DIR, FAST_TRAINER, SPEC, compose_config
 
-FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml"))
+FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
 
 
 @lru_cache(maxsize=None)

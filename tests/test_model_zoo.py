@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from runner.config import build
 from runner.errors import ConfigError
+from runner.models.adapter import build_model as build_net
 from runner.models import (BagOfEmbeddings, HuggingFace, LeNet5, LeNet300, ResNetCIFAR, timm_model,
                            torchvision_model)
 
@@ -234,10 +235,10 @@ def test_model_yamls_build_on_mnist_sized_data(name, offline):
             importlib.import_module(name)
         except (ImportError, RuntimeError):
             with pytest.raises(ConfigError, match=f"model.name='resnet18'; allowed: {name} is not installed"):
-                build(cfg.model, "model")
+                build_net(cfg.model, "model")
             return
     torch.manual_seed(0)
-    net = build(cfg.model, "model").eval()
+    net = build_net(cfg.model, "model").eval()
     x = text_batch() if text else torch.randn(2, 1, 28, 28)
     assert net(x).shape == (len(x["input_ids"]) if text else 2, cfg.data.num_classes)
     if name in ("vit_tiny", "bert_tiny"):
