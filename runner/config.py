@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -262,3 +263,14 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
             params = [p for p in inspect.signature(get_class(target)).parameters if p not in ("self", "kwargs")]
             allowed = f"parameters of {target}: {params} ({cause})"
         raise ConfigError(key, OmegaConf.to_container(node, resolve=True), allowed) from e
+
+
+def check_seed_sweep(ensemble_seeds: Any, swept: Mapping[str, Sequence[str]]) -> None:
+    """A sweep over `seed` beside one fixed `ensemble.seeds` list changes nothing a member learns: its jobs
+    would train and report the same members as if they were replicates. Refused before the sweep starts;
+    `ensemble.size` seeds the members from `seed` instead. `swept`: key -> its values in the sweep."""
+    seeds = swept.get("ensemble.seeds") or ([str(ensemble_seeds)] if ensemble_seeds is not None else [])
+    check(not (len(swept.get("seed", [])) > 1 and len(seeds) == 1), "seed", ",".join(swept.get("seed", [])),
+          f"one seed beside ensemble.seeds={seeds[0] if seeds else None} (the members' seeds are that list, so "
+          "the jobs would repeat the same members); sweep ensemble.seeds instead, or use ensemble.seeds=null "
+          "ensemble.size=N to seed the members seed * N + i")

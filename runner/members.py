@@ -105,18 +105,6 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_n
     return members
 
 
-def check_seed_sweep(cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """`seed` set on the command line beside an explicit `ensemble.seeds` list changes nothing a member
-    learns: jobs differing only in seed would train and report the same members as if they were
-    replicates. Refused; `ensemble.size` seeds the members from `seed` instead."""
-    seeds = (cfg.ensemble or {}).get("seeds")
-    given = any(o.lstrip("+~").split("=", 1)[0] == "seed" for o in overrides)
-    check(not (given and seeds is not None), "seed", cfg.seed,
-          f"no seed beside ensemble.seeds={list(seeds) if seeds is not None else None} (the members' seeds are "
-          "that list, so jobs differing in seed would repeat the same members); use ensemble.seeds=null "
-          "ensemble.size=N to seed the members seed * N + i")
-
-
 def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any] | None = None) -> None:
     """Validate `ensemble.finetune` (null, or one entry per member in member order, each a dict with
     optional `optim` and `data` overrides) and give each member its settings; members with the same

@@ -18,7 +18,7 @@ from runner.evaluate import predict_proba
 from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
 from runner.fuse import OutputFusion, gain_over_best
-from runner.members import check_seed_sweep, plan_members, pretrain_shared_start, shared_start, train_member
+from runner.members import plan_members, pretrain_shared_start, shared_start, train_member
 from runner.models import lit
 from runner.models.adapter import check_forward
 from runner.timing import process_start_time
@@ -57,7 +57,6 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
     started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
     # 1. Build everything from config; every bad value fails here, before any training.
     validate(cfg)
-    check_seed_sweep(cfg, overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     datamodule = as_source(build(cfg.data, "data"))

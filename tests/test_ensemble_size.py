@@ -39,11 +39,25 @@ def test_bad_seed_keys_name_the_key(overrides, message, tmp_path):
     assert message in str(e.value)
 
 
-def test_seed_beside_explicit_ensemble_seeds_is_refused_before_training(tmp_path):
+def test_a_seed_sweep_beside_one_fixed_ensemble_seeds_list_is_refused():
     """`-m seed=0,1 ensemble=seeds5 'ensemble.seeds=[0,1]'` would train and report the same members twice."""
-    import runner.pipeline
+    from omegaconf import OmegaConf
 
-    overrides = ["ensemble=seeds5", "ensemble.seeds=[0,1]", "seed=1"]
-    with pytest.raises(ConfigError, match=r"^Invalid config: seed=1; allowed: no seed beside ensemble.seeds=\[0, 1\]"):
-        runner.pipeline.run(compose_config(overrides, tmp_path), overrides=overrides)
-    assert not (tmp_path / "mlflow.db").exists()  # refused before the job's MLflow run opened
+    from runner.config import check_seed_sweep
+    from runner.tracking.sweep import swept_values
+
+    def config(task, params=None, seeds=None):
+        return OmegaConf.create({"ensemble": {"seeds": seeds}, "hydra": {"overrides": {"task": task},
+                                                                         "sweeper": {"params": params or {}}}})
+
+    bad = config(["seed=0,1", "ensemble=seeds5", "ensemble.seeds=[0,1]"], seeds=[0, 1])
+    assert swept_values(bad)["ensemble.seeds"] == ["[0,1]"] and swept_values(bad)["seed"] == ["0", "1"]
+    with pytest.raises(ConfigError, match=r"^Invalid config: seed='0,1'; allowed: one seed beside "
+                                          r"ensemble.seeds=\[0,1\]"):
+        check_seed_sweep(bad.ensemble.seeds, swept_values(bad))
+    with pytest.raises(ConfigError, match="seed='0,1,2'"):  # the sweep in the experiment file's params
+        check_seed_sweep([0, 1], swept_values(config([], {"seed": "0,1,2"}, seeds=[0, 1])))
+    # fine: the seeds swept with the seed, one seed, or members seeded from the seed (ensemble.size)
+    check_seed_sweep([0, 10], swept_values(config(["seed=0,1", "ensemble.seeds=[0,10],[1,11]"], seeds=[0, 10])))
+    check_seed_sweep([0, 1], swept_values(config(["seed=3", "ensemble.seeds=[0,1]"], seeds=[0, 1])))
+    check_seed_sweep(None, swept_values(config(["seed=0,1,2"], seeds=None)))

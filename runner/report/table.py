@@ -83,7 +83,7 @@ def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], poo
         # a cached member evaluated again in another job: the same member and test predictions (its timings
         # differ, measured anew), so the first copy stands for all
         quality = [c for c in ("metrics.test/acc", "metrics.test/nll") if c in df]
-        same = [column, *others, *(c for c in ("tags.member",) if c in df),
+        same = [column, *others, *sorted(kept), *(c for c in ("tags.member",) if c in df),
                 *(quality or [resolve_metric(df, m, "metrics") for m in metrics])]
         pooled = pooled.drop_duplicates(subset=same)
         varying = [c for c in pooled.columns

@@ -24,7 +24,9 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import check_seed_sweep
 
 FILE = "mlflow_sweep.json"
 FAILED = "failed"
@@ -72,6 +74,29 @@ def progress_line(done: int, total: int | None, elapsed_s: float, job: int | Non
     return f"sweep [{'#' * filled}{'-' * (BAR - filled)}] job {job} of {total}, {duration(elapsed_s)} elapsed{eta}"
 
 
+def top_level_split(value: str) -> list[str]:
+    """`0,1,2` -> three values; `[0,1],[2,3]` -> two lists (commas inside brackets stay)."""
+    parts, depth, current = [], 0, ""
+    for char in value:
+        depth += 1 if char in "[{(" else -1 if char in "]})" else 0
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def swept_values(config: DictConfig) -> dict[str, list[str]]:
+    """key -> its values in this sweep: command-line overrides over the sweeper's params."""
+    values = {str(k): top_level_split(str(v)) for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()}
+    for item in OmegaConf.select(config, "hydra.overrides.task") or []:
+        key, sep, value = str(item).lstrip("+~").partition("=")
+        if sep:
+            values[key] = top_level_split(value)
+    return values
+
+
 def sweep_key(config: DictConfig) -> str:
     """The same sweep launched again has the same key: experiment name, overrides and sweep params."""
     what = {"experiment": str(config.tracking.experiment), "overrides": sorted(config.hydra.overrides.task),
@@ -87,6 +112,7 @@ class SweepRun(Callback):
         return {"_open": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_seed_sweep(OmegaConf.select(config, "ensemble.seeds"), swept_values(config))
         sweep_dir = Path(str(config.hydra.sweep.dir))
         tracker, key = instantiate(config.tracking), sweep_key(config)
         earlier = tracker.find_runs({"role": "sweep", "sweep_key": key})
