@@ -174,6 +174,19 @@ def read_state_dict(path: str, key: str) -> dict[str, Tensor]:
     return state
 
 
+def state_dict_problems(own: dict[str, Tensor], state: dict[str, Tensor], exempt: set[str] = frozenset(),
+                        may_miss: set[str] = frozenset()) -> list[str]:
+    """What keeps `state` from loading into a model whose state_dict is `own`: missing keys (bar `may_miss`),
+    unexpected keys, and shape mismatches (bar `exempt`), each a line listing the first 8 names."""
+    missing = sorted(set(own) - set(state) - set(may_miss))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                    for k in set(own) & set(state) - set(exempt) if state[k].shape != own[k].shape)
+    return [f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
+            for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches", shapes)) if names]
+
+
 def load_checkpoint(net: nn.Module, path: str, key: str, state: dict[str, Tensor] | None = None) -> None:
     """Load weights into `net`, strictly: every name must match and every shape agree, or a
     ConfigError naming `key` lists the missing, unexpected and mismatched names."""
@@ -182,13 +195,7 @@ def load_checkpoint(net: nn.Module, path: str, key: str, state: dict[str, Tensor
     if set(state) != set(own) and all(k.startswith(("net.", "model.")) for k in state):
         prefix = next(iter(state)).split(".", 1)[0] + "."  # a Lightning checkpoint of LitClassifier (net.*)
         state = {k[len(prefix):]: v for k, v in state.items()}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    problems = [f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
-                for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if names]
+    problems = state_dict_problems(own, state)
     check(not problems, key, str(path), f"weights for {type(net).__name__} with the same names and shapes; "
           + "; ".join(problems))
     net.load_state_dict(state)

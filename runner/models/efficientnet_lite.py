@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import ConfigError, check
+from runner.models.adapter import state_dict_problems
 from runner.models.nets import seeded_head
 from runner.models.reference import init_convs
 from runner.packages import package_file
@@ -225,13 +226,7 @@ class EfficientNetLite(nn.Module):
         own = self.state_dict()
         head_keys = {"head.weight", "head.bias"}
         fits_head = all(k in state and state[k].shape == own[k].shape for k in head_keys)
-        missing = sorted(set(own) - set(state) - (set() if fits_head else head_keys))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-                        for k in set(own) & set(state) - head_keys if state[k].shape != own[k].shape)
-        problems = [f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
-                    for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("shape mismatches", shapes)) if names]
+        problems = state_dict_problems(own, state, exempt=head_keys, may_miss=set() if fits_head else head_keys)
         check(not problems, key, str(path), f"the weights of efficientnet-{self.variant}: every tensor present, with the "
               "model's shape (a classifier of another size is replaced); " + "; ".join(problems))
         if not fits_head:
