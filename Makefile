@@ -31,7 +31,7 @@ run: setup
 	$(PY) -m runner $(ARGS)
 
 test: setup pretrained browser
-	$(PY) -m pytest -q --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
 # Debian's chromium for the test that renders the HTML report headless (as root where apt-get exists;
 # elsewhere install it yourself, or that one test is skipped and says why)

@@ -131,6 +131,77 @@ def test_a_single_member_is_the_teacher_of_teacher_members():
         recipe("distill_multi", "compress.steps.0.teacher_weights=[1,1]").check(MLP(40, 10), SPEC, members=1)
 
 
+# --- teacher memo: each training row through the teacher once -------------------------------------
+
+class Counting(nn.Module):
+    """A teacher that counts the rows it is run on."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x):
+        self.rows += len(x["a"]) if isinstance(x, dict) else len(x)
+        return self.net(x["a"] + x["b"]) if isinstance(x, dict) else self.net(x)
+
+
+@pytest.mark.parametrize("inputs", ["tensor", "dict"])
+def test_teacher_memo_answers_every_order_and_batching_with_the_teachers_logits(inputs):
+    from runner.compress.distill import TeacherMemo
+    torch.manual_seed(0)
+    teacher = Counting(MLP(40, 10, hidden=8)).eval()
+    x = torch.randn(24, 40) if inputs == "tensor" else {"a": torch.randn(24, 40), "b": torch.randn(24, 40)}
+    rows = lambda i: x[i] if inputs == "tensor" else {k: v[i] for k, v in x.items()}  # noqa: E731
+    memo = TeacherMemo(teacher)
+    first = memo(rows(torch.arange(0, 16)))
+    assert teacher.rows == 16 and memo.misses == 16
+    order = torch.randperm(24)
+    again = memo(rows(order))  # 16 of these were seen: only the other 8 run
+    assert teacher.rows == 24 and memo.misses == 24
+    with torch.no_grad():
+        truth = teacher.net(x if inputs == "tensor" else x["a"] + x["b"])
+    torch.testing.assert_close(first, truth[:16])
+    torch.testing.assert_close(again, truth[order])
+    memo(rows(torch.arange(24).flip(0)))
+    assert teacher.rows == 24  # a whole epoch in another order: nothing runs
+
+
+def test_an_ensemble_teacher_runs_once_for_all_students_and_gives_the_same_students(mnist1d_small):
+    """teacher: ensemble: the fused ensemble sees each training row once per job (not once per epoch and
+    student); the students are those of distilling against the teacher itself on every batch."""
+    torch.manual_seed(0)
+    teacher = Counting(MLP(40, 10, hidden=8)).eval()
+    rows = len(mnist1d_small.splits["train"][1])
+    start = MLP(40, 10, hidden=4)  # every student starts here (Distill trains a copy)
+    step = Distill(student=start, teacher="ensemble", epochs=2, lr=1e-2)
+    ctx = CompressContext(mnist1d_small, TINY_TRAINER, OPTIM, ensemble=teacher)
+    students = []
+    for seed in (0, 1):
+        pl.seed_everything(seed)
+        students.append(step.apply(MLP(40, 10), ctx))
+    assert teacher.rows == rows  # 2 students x 2 epochs, one pass of the teacher
+
+    plain = Distill(student=start, teacher="ensemble", epochs=2, lr=1e-2)
+    plain.memos = lambda teachers: [None] * len(teachers)  # the teacher on every batch, as before the memo
+    pl.seed_everything(1)
+    reference = plain.apply(MLP(40, 10), ctx)
+    assert teacher.rows == rows * 3  # 2 epochs more
+    for a, b in zip(students[1].state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_member_teacher_memo_lives_for_one_student(mnist1d_small):
+    torch.manual_seed(0)
+    teacher = Counting(MLP(40, 10, hidden=8)).eval()
+    rows = len(mnist1d_small.splits["train"][1])
+    step = Distill(student=MLP(40, 10, hidden=4), teacher="member", epochs=3, lr=1e-2)
+    ctx = CompressContext(mnist1d_small, TINY_TRAINER, OPTIM)
+    step.apply(teacher, ctx)
+    assert teacher.rows == rows  # 3 epochs, one pass
+    step.apply(teacher, ctx)
+    assert teacher.rows == 2 * rows  # a member's memo is not kept: the next member is another teacher
+
+
 # --- features: projections and loss ----------------------------------------------------------------
 
 @pytest.mark.parametrize("student, teacher, layer, pool_to, out", [

@@ -21,6 +21,7 @@ The hooks, shape probe and projections live in `runner.compress.feature_taps`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,13 +38,63 @@ from runner.compress.feature_taps import (
     feature_loss, probe_features,
 )
 from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec, Inputs, first_inputs
+from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, take
 from runner.errors import check
 from runner.models import LitClassifier
 from runner.models.adapter import build_model, check_forward
 
 TEACHERS = ("member", "ensemble", "members")
 PROBE_SAMPLES = 64  # validation inputs the feature MSE is reported on (before and after training)
+
+
+# --- teachers ---------------------------------------------------------------------------------
+
+class TeacherMemo(nn.Module):
+    """A frozen teacher whose output per input row is computed once and then looked up.
+
+    A teacher in eval mode gives the same logits for the same input every epoch, so distilling for
+    E epochs runs it on the training set once instead of E times; a fused ensemble (5 MiniLMs: the
+    cost of every student step) is run once per job and shared by the students of all its members.
+    Rows are keyed by a digest of their bytes (every tensor of dict inputs), so any order or batching
+    of the same rows hits. Only for inputs the data gives (mixup's interpolations are new every
+    step and go to the teacher itself: `Distill` never memoizes them) and teachers without feature
+    hooks. `misses` counts the rows the teacher ran on.
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.memo: dict[bytes, Tensor] = {}
+        self.misses = 0
+
+    @staticmethod
+    def keys(x: Inputs) -> list[bytes]:
+        parts = [x[k] for k in sorted(x)] if isinstance(x, dict) else [x]
+        rows = [p.detach().reshape(len(p), -1).cpu().contiguous().numpy() for p in parts]
+        digests = []
+        for i in range(num_samples(x)):
+            h = hashlib.blake2b(digest_size=16)
+            for r in rows:
+                h.update(r[i].tobytes())
+            digests.append(h.digest())
+        return digests
+
+    @torch.no_grad()
+    def forward(self, x: Inputs) -> Tensor:
+        keys = self.keys(x)
+        missing = [i for i, k in enumerate(keys) if k not in self.memo]
+        if missing:
+            index = torch.tensor(missing)
+            out = self.teacher(x if len(missing) == len(keys) else take(x, index.to(_device_of(x)))).float()
+            for i, row in zip(missing, out.detach().cpu()):
+                self.memo[keys[i]] = row
+            self.misses += len(set(keys[i] for i in missing))
+        device = _device_of(x)
+        return torch.stack([self.memo[k] for k in keys]).to(device)
+
+
+def _device_of(x: Inputs) -> torch.device:
+    return next(iter(x.values())).device if isinstance(x, dict) else x.device
 
 
 # --- losses -----------------------------------------------------------------------------------
@@ -95,10 +146,15 @@ class DistillModule(LitClassifier):
     def __init__(self, net: nn.Module, teacher: nn.Module | Sequence[nn.Module], temperature: float, alpha: float,
                  mixup: float = 0.0, teacher_weights: Sequence[float] | None = None,
                  features: Sequence[FeaturePair] = (), projections: Sequence[FeatureProjection] | None = None,
-                 hooks: list[RemovableHandle] | None = None, **optim: Any) -> None:
+                 hooks: list[RemovableHandle] | None = None, memos: Sequence[TeacherMemo] | None = None,
+                 **optim: Any) -> None:
         super().__init__(net, **optim)
         teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
         weights = normalized(teacher_weights, len(teachers))
+        if memos is not None and len(memos) != len(teachers):
+            raise ValueError(f"one memo per teacher: {len(teachers)} teachers, {len(memos)} memos")
+        # each teacher's TeacherMemo (None: run it on every batch), like the teachers not submodules
+        self._memos = [m for m, w in zip(memos or [None] * len(teachers), weights) if w > 0]
         # Not submodules: Lightning must neither train them, switch their mode nor save them; a teacher
         # may be the caller's member or ensemble, which has to come back untouched. Teachers of weight
         # 0 are not run at all.
@@ -123,6 +179,8 @@ class DistillModule(LitClassifier):
             if device != self.device:
                 self._teachers[i] = copy.deepcopy(teacher).to(self.device)
             self._teachers[i].eval()
+            if self._memos[i] is not None:  # the memo runs the teacher where the student trains
+                self._memos[i].teacher = self._teachers[i]
         self.attach_hooks()
 
     def on_fit_end(self) -> None:
@@ -147,15 +205,16 @@ class DistillModule(LitClassifier):
             optimizer.add_param_group({"params": extra})
         return optimizer
 
-    def _soft(self, student_logits: Tensor, x: Inputs) -> Tensor:
+    def _soft(self, student_logits: Tensor, x: Inputs, memos: Sequence[TeacherMemo | None] = ()) -> Tensor:
+        """The soft term on `x`; `memos` (one per teacher, or none) answer for inputs the data gave."""
         with torch.no_grad():
-            teacher_logits = [t(x).float() for t in self._teachers]
+            teacher_logits = [(m or t)(x).float() for t, m in zip(self._teachers, memos or [None] * len(self._teachers))]
         return multi_teacher_soft_loss(student_logits, teacher_logits, self._weights, self.temperature)
 
     def loss(self, logits: Tensor, y: Tensor, x: Inputs) -> Tensor:
         # the student's hooked features are those of the forward that gave `logits`: read them first
         student_feats = list(self._taps[0].values) if self._taps else []
-        soft = self._soft(logits, x)
+        soft = self._soft(logits, x, self._memos)
         teacher_feats = list(self._taps[1].values) if self._taps else []
         if self.mixup > 0:
             # The soft term averages the batch and its mixup (lam ~ Beta(mixup, mixup), a random
@@ -262,6 +321,7 @@ class Distill(Step):
         self.epochs, self.lr, self.mixup = epochs, lr, mixup
         self.teacher_weights, self.features = weights, pairs
         self.needs_ensemble = teacher == "ensemble"
+        self._shared: tuple[nn.Module, TeacherMemo] | None = None  # the ensemble and its memo
 
     def build_student(self) -> nn.Module:
         if isinstance(self.student, nn.Module):
@@ -311,6 +371,18 @@ class Distill(Step):
             return members
         return [model]
 
+    def memos(self, teachers: list[nn.Module]) -> list[TeacherMemo | None]:
+        """A TeacherMemo per teacher (none with feature pairs: their hooks need the teacher's forward).
+        The ensemble's is kept for the next member's student (the same fused ensemble teaches all of
+        a job's students); a member's lives for one student."""
+        if self.features:
+            return [None] * len(teachers)
+        if self.teacher == "ensemble":
+            if self._shared is None or self._shared[0] is not teachers[0]:
+                self._shared = (teachers[0], TeacherMemo(teachers[0]))
+            return [self._shared[1]]
+        return [TeacherMemo(t) for t in teachers]
+
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         teachers = self.teachers(model, ctx)
         student = self.build_student()
@@ -325,7 +397,7 @@ class Distill(Step):
         try:
             student = finetune(student, ctx, self.epochs, self.lr, DistillModule, teacher=teachers,
                                temperature=self.temperature, alpha=self.alpha, mixup=self.mixup,
-                               teacher_weights=self.teacher_weights, **kwargs)
+                               teacher_weights=self.teacher_weights, memos=self.memos(teachers), **kwargs)
         finally:  # a teacher may be the caller's module: it comes back as it came, without hooks
             while hooks:
                 hooks.pop().remove()
