@@ -140,19 +140,21 @@ class MemberCache:
             shutil.rmtree(entry, ignore_errors=True)
             return None
 
-    def save(self, key: str, net: nn.Module, meta: Mapping[str, Any]) -> None:
+    def save(self, key: str, net: nn.Module, meta: Mapping[str, Any]) -> str | None:
+        """Store `net`'s weights and `meta` under `key`; the sha256 of the weights file written (None: no cache)."""
         entry = self.entry(key)
         if entry is None:
-            return
+            return None
         tmp = entry.parent / f".{key}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir(parents=True)
         torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp / "model.pt")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": file_sha256(tmp / "model.pt")},
-                                                  indent=1, default=str))
+        sha256 = file_sha256(tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": sha256}, indent=1, default=str))
         try:
             tmp.rename(entry)
         except OSError:  # another job stored the same member first
             shutil.rmtree(tmp, ignore_errors=True)
+        return sha256
 
     def checkpoint(self, key: str) -> tuple[ModelCheckpoint | None, str | None]:
         """A callback saving `last.ckpt` every epoch, and the checkpoint to resume from, if any."""

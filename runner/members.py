@@ -192,6 +192,13 @@ def _member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data:
     return key, spec, code, datamodule, optim
 
 
+def cache_entry(key: str, sha256: str | None) -> str | None:
+    """What identifies a member's cached weights: its cache key and the sha256 of the weights file (a
+    member whose entry was rebuilt, or stored first by another job, has other weights); None: not cached.
+    Its logged model is tagged with it, so a later job's cache hit points at that model."""
+    return f"{key}:{sha256[:16]}" if sha256 else None
+
+
 def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any,
                  cache: MemberCache, logger: Any = None) -> bool:
     """Train `member.net` in place, or load it from the cache; True on a cache hit.
@@ -210,6 +217,7 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
         if logger is not None and hasattr(logger, "replay"):  # its learning curves, logged as when it trained
             logger.replay(meta.get("history", []))
         member.train_s = float(meta.get("train_s", float("nan")))
+        member.net.cache_entry = cache_entry(key, meta.get("sha256"))
         return True
     log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
     checkpoint, resume_from = cache.checkpoint(key)
@@ -223,8 +231,9 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     if hasattr(logger, "read_back"):  # DDP: the curves rank 0 logged in its own process
         logger.read_back()
     member.train_s = time.perf_counter() - started  # a resumed member: since the resume
-    cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code, "train_s": member.train_s,
-                                 "history": getattr(logger, "history", [])})
+    sha256 = cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code,
+                                          "train_s": member.train_s, "history": getattr(logger, "history", [])})
+    member.net.cache_entry = cache_entry(key, sha256)
     cache.drop_checkpoint(key)
     return False
 

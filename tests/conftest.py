@@ -104,8 +104,11 @@ def logged_predictions(tmp_path: Path, run) -> tuple:
 
 @pytest.fixture(scope="session", autouse=True)
 def repository_outputs_untouched():
-    """The suite writes under pytest's tmp_path only, never into the repository's outputs/."""
+    """The suite writes under pytest's tmp_path only, never into the repository's outputs/ (nor an MLflow
+    default ./mlruns folder there)."""
     outputs = Path(CONF_DIR).parent / "outputs"
+    mlruns = Path(CONF_DIR).parent / "mlruns"
+    existed = mlruns.exists()
 
     def listing() -> set[str]:
         return {str(p.relative_to(outputs)) for p in outputs.glob("*/*")} | {p.name for p in outputs.glob("*")}
@@ -114,3 +117,4 @@ def repository_outputs_untouched():
     yield
     new = sorted(listing() - before)
     assert not new, f"tests wrote into the repository's outputs/: {new[:10]}"
+    assert existed or not mlruns.exists(), f"tests wrote MLflow's default store {mlruns} (a tracking URI was lost)"

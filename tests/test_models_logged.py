@@ -9,7 +9,7 @@ import runner
 import runner.pipeline
 from conftest import compose_config, logged_predictions
 from runner.data.batches import split_batch
-from runner.tracking.models import MODEL_NAME, MODEL_URI_TAG
+from runner.tracking.models import MODEL_URI_TAG
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 
@@ -25,12 +25,14 @@ def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> d
     exp = client.get_experiment_by_name("runner").experiment_id
     children = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
     x = test_inputs(cfg)
+    fuse = str(cfg.fuse._target_).rpartition(".")[2].lower() if cfg.fuse else ""  # no choice/fuse: the class
     loaded = {}
     for name, run in children.items():
         model_uri = run.data.tags[MODEL_URI_TAG]
         found = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
         assert [f"models:/{m.model_id}" for m in found] == [model_uri]
-        assert found[0].name == MODEL_NAME
+        role = run.data.tags["role"]  # named by role and member (member-mlp-s0) or fusion (fused-probabilitymean)
+        assert found[0].name == f"{role}-{fuse if role.startswith('fused') else run.data.tags['member']}"
         by_uri = runner.load(model_uri, tracking_uri=uri)
         assert not by_uri.model.training and by_uri.run_id == run.info.run_id
         probs, _ = logged_predictions(tmp_path, run)

@@ -17,6 +17,7 @@ import runner.pipeline
 from conftest import compose_config
 from runner.report import make_report
 from runner.report import plots
+from runner.report.html import PLOT_TITLES
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = "s-auto"
@@ -146,7 +147,7 @@ def test_the_html_page_renders_in_headless_chromium(sweep_store, tmp_path):
     header, *rows = parsed.rows
     assert header[:3] == ["model", "members acc (%)", "best member acc (%)"]
     assert sorted(r[0] for r in rows) == ["cnn1d", "mlp"]
-    assert [i["alt"] for i in parsed.images] == ["fusion_gain", "pareto_size"]
+    assert [i["alt"] for i in parsed.images] == [PLOT_TITLES["fusion_gain"], PLOT_TITLES["pareto_size"]]  # words
     assert all(i["src"].startswith("data:image/png;base64,") for i in parsed.images)  # self-contained
     assert "Produced by python -m runner.report sweep=s-auto" in dom.stdout
     shot = tmp_path / "shot.png"

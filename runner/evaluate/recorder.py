@@ -13,10 +13,12 @@ from runner.data.batches import first_inputs, to_device
 from runner.device import CPU, on_device, placement
 from runner.evaluate import evaluate_model
 from runner.evaluate.plots import confusion_matrix_figure
+from runner.tracking.models import CACHE_ENTRY_TAG, logged_model_name  # (no mlflow: imported where a model is logged)
 
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("nll", "ece", "loss")  # for members/best/test/<metric>
+SOURCE = "mlflow.source."  # MLflow's source tags: mlflow.source.name, mlflow.source.git.commit
 
 
 
@@ -32,8 +34,9 @@ class Recorder:
         self.tracker, self.run_id, self.datamodule, self.cfg = tracker, run_id, datamodule, eval_cfg
         self.device = device  # the job's (runner/device.py): models are evaluated and timed there
         self.params = params
-        # the job's own tags (overrides, sweep_id, job_hash) go on every child so filters see them
-        self.tags = {k: v for k, v in (tags or {}).items() if not k.startswith("mlflow.")}
+        # the job's own tags (overrides, sweep_id, job_hash) go on every child so filters see them, and
+        # its source (the command, the git commit) on every child and logged model
+        self.tags = {k: v for k, v in (tags or {}).items() if not k.startswith("mlflow.") or k.startswith(SOURCE)}
         self.results: dict[str, float] = {}   # flat, namespaced: member/cnn1d-s0/test/acc
         self.table: dict[str, dict[str, float]] = {}
         self.targets: torch.Tensor | None = None  # test labels, read on the first evaluation
@@ -61,14 +64,19 @@ class Recorder:
                 self.cfg.ece_bins, to_device(self.latency_x, where), self.cfg.latency_repeats, probs, self.targets,
                 latency_warmup_s=self.cfg.latency_warmup_s, latency_min_time_s=self.cfg.latency_min_time_s,
                 latency_max_repeats=self.cfg.latency_max_repeats, latency_threads=self.cfg.latency_threads)
+        # a member's cached weights (runner.members.cache_entry), on its run and its logged model: a later
+        # job's cache hit of the same member finds that model rather than logging it again
+        entry = getattr(model, "cache_entry", None) if role == "member" else None
         # where it ran (its latency is that device's), and why not on the job's device
-        tags = {**(tags or {}), "device": where.type, **({"device_note": why} if why else {})}
+        tags = {**(tags or {}), "device": where.type, **({"device_note": why} if why else {}),
+                **({CACHE_ENTRY_TAG: entry} if entry else {})}
         metrics = {f"test/{k}" if k in self.cfg.metrics else k: v for k, v in metrics.items()}
         metrics.update(derive(metrics) if derive else {})
         prefix = f"{role}/{name}" if name else role
         self.results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         self.table[prefix] = {k.removeprefix("test/"): v for k, v in metrics.items()}
-        shipped = {"model": self._pack(model, prefix)} if getattr(self.tracker, "log_models", False) else {}
+        log_model = getattr(self.tracker, "log_models", False)
+        shipped = {"model": self._pack(model, prefix, role, name, entry)} if log_model else {}
         export_tags, files = self._export(model, prefix, loader, probs, metrics, where) \
             if self.cfg.export != "none" else ({}, {})
         self.by_role.setdefault(role, {})[name or role] = metrics
@@ -152,13 +160,25 @@ class Recorder:
             meta["max_length"] = getattr(self.datamodule, "max_length", None)
         return meta
 
-    def _pack(self, model: nn.Module, prefix: str) -> Any:
-        """The model as bytes for the tracker (tracking.log_models); None, with a warning, if it does not pickle."""
+    def model_name(self, role: str, name: str) -> str:
+        """The logged model's name: role and member (member-cnn1d-s0, compressed-cnn1d-s0), or role and
+        fusion strategy (fused-mean: the fuse option picked, else the strategy's class)."""
+        if not name and role.startswith("fused"):
+            target = str(self.params.get("fuse._target_") or "")
+            name = str(self.params.get("choice/fuse") or target.rpartition(".")[2].lower())
+        return logged_model_name(role, name)
+
+    def _pack(self, model: nn.Module, prefix: str, role: str, name: str, entry: str | None = None) -> Any:
+        """The model as bytes for the tracker (tracking.log_models), named and tagged (the job's source, a
+        member's cache `entry`) as its LoggedModel; None, with a warning, if it does not pickle."""
         from runner.tracking.models import pack_model
 
         try:
             raw = getattr(self.datamodule, "raw_inputs", None)
-            return pack_model(model, self.latency_x, meta=self.model_meta(model), raw_inputs=raw() if raw else None)
+            tags = {k: v for k, v in self.tags.items() if k.startswith(SOURCE)}
+            tags.update({CACHE_ENTRY_TAG: entry} if entry else {})
+            return pack_model(model, self.latency_x, meta=self.model_meta(model), raw_inputs=raw() if raw else None,
+                              name=self.model_name(role, name), tags=tags)
         except Exception as e:  # noqa: BLE001 (e.g. a torch.compile'd module): the results still get logged
             log.warning("%s: the model cannot be pickled, so it is not logged to MLflow: %s: %s",
                         prefix, type(e).__name__, e)

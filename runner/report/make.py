@@ -111,9 +111,10 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
 
     groups = [resolve_key(df, k, "rows") for k in rows + cols]
     label = lambda value: " ".join(value_label(k, v, style) for k, v in zip(rows + cols, value)) or "all"  # noqa: E731
+    captions = {}
     for name in plot_names:
         written[name] = out / f"{cfg.name}_{name}.png"
-        figure = _plot(name, cfg, df, groups, label, style)
+        figure, captions[name] = _plot(name, cfg, df, groups, label, style)
         figure.savefig(written[name])
         plots.plt.close(figure)
     if "html" in formats:  # one self-contained page: the table, the plots inlined, the notes
@@ -121,7 +122,7 @@ def make_report(cfg: DictConfig | Mapping[str, Any], command: str | None = None)
         images = {name: written[name] for name in plot_names}
         written["html"] = _write(out / f"{cfg.name}.html", html_page(
             cfg.title or cfg.name, str(cfg.description or "").strip(), header, body,
-            max(1, len(table.row_keys)), images, _notes(cfg, table, df, command)))
+            max(1, len(table.row_keys)), images, _notes(cfg, table, df, command), captions))
     for kind, path in written.items():
         log.info("report: wrote %s (%s)", path, kind)
     if cfg.log_to_mlflow:
@@ -189,9 +190,14 @@ def _baseline(cfg: DictConfig, df, base: DictConfig, name: str, x: str, label, s
                              {"x": x_metric, "y": y_metric}, f"plots: {name}", style.labels, units)
 
 
-def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style) -> Any:
+def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style) -> tuple[Any, str]:
+    """The figure and its caption: what is drawn, in words and units."""
     p, labels, scale = cfg.plot, style.labels, style.scale
     title = cfg.title or cfg.name
+    per = ", ".join(labels.get(k, k.removeprefix("override.")) for k in as_list(cfg.rows) + as_list(cfg.cols))
+    per = f"one per {per}" if per else "all runs together"
+    over = ", ".join(as_list(cfg.aggregate_over)) or "runs"
+    spread = f"the mean over {over}, with ± one standard deviation where the runs differ"
     if name in ("pareto_size", "pareto_latency"):
         x = p.size if name == "pareto_size" else p.latency
         stats = plots.group_stats(df, groups, label, {"x": x, "y": p.accuracy}, f"plots: {name}", labels, scale)
@@ -199,22 +205,30 @@ def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style
         baseline = _baseline(cfg, df, base, name, x, label, style) if base else None
         # with a baseline both kinds of model share the axes: name them without the role
         plain = (lambda m: m.split("/", 2)[-1] if m.startswith(("members/", "compressed/")) else m) if base else (lambda m: m)
-        return plots.pareto_figure(stats, "x", "y", plots.axis_label(plain(x), {}, {plain(x): scale.get(x, 1.0)}),
-                                   plots.axis_label(plain(p.accuracy), {}, {plain(p.accuracy): scale.get(p.accuracy, 1.0)}),
-                                   title, baseline)
+        xlabel = plots.axis_label(plain(x), {}, {plain(x): scale.get(x, 1.0)})
+        ylabel = plots.axis_label(plain(p.accuracy), {}, {plain(p.accuracy): scale.get(p.accuracy, 1.0)})
+        caption = (f"{ylabel[0].upper()}{ylabel[1:]} against {xlabel}: a point per group ({per}), {spread}"
+                   + (f"; hollow squares: {base.get('label', 'uncompressed')}" if base else "")
+                   + f". The dashed line is the Pareto front: no other model is both {'smaller' if name == 'pareto_size' else 'faster'}"
+                   " and more accurate. Points that coincide are drawn one inside the other.")
+        return plots.pareto_figure(stats, "x", "y", xlabel, ylabel, title, baseline), caption
     if name == "fusion_gain":
         gains = as_list(p.gains)
         stats = plots.group_stats(df, groups, label, {g: g for g in gains}, "plots: fusion_gain", labels, scale)
-        scaled = [g.split("/")[-1] for g in gains if float(scale.get(g, 1.0)) == 100]
-        unit = f" ({', '.join(scaled)} in points)" if scaled else ""
-        return plots.gain_figure(stats, gains, title, {g: plots.axis_label(g, {}, {}) for g in gains},
-                                 f"gain over the best member{unit}")
+        names = {g: plots.axis_label(g.removeprefix("fused/"), {}, {g.removeprefix("fused/"): scale.get(g, 1.0)})
+                 for g in gains}
+        caption = (f"Gain of the fused model over the best single member of its ensemble on the test set ({per}): "
+                   f"{', '.join(names.values())}, each in its own panel and unit. Bars: {spread}; above 0 is better.")
+        return plots.gain_figure(stats, gains, title, names), caption
     if not as_list(cfg.role):
         raise ReportError("plots: reliability needs child runs: set `role` (e.g. role=[member,fused])")
     curves = {}
     for value, part in plots.groups_of(df, groups, labels):
         curves[label(value)] = plots.load_predictions(cfg.tracking_uri, list(part.run_id))
-    return plots.reliability_figure(curves, int(p.bins), title)
+    caption = (f"Reliability diagram: accuracy against confidence (the largest predicted probability) in {int(p.bins)} "
+               f"equal-width bins, a curve per group ({per}) pooling its runs' test predictions. The dotted diagonal is "
+               "perfect calibration; the legend gives each group's ECE, the mean over its runs as in the table.")
+    return plots.reliability_figure(curves, int(p.bins), title), caption
 
 
 def _log_run(cfg: DictConfig, written: dict[str, Path], n_runs: int) -> None:

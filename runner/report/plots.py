@@ -18,22 +18,44 @@ from runner.report.table import order_values  # noqa: E402
 from runner.tracking import RunQueryError, download_artifact  # noqa: E402
 
 PREDICTIONS = "predictions/test.npz"
-AXES = {"test/acc": "test accuracy", "test/nll": "test NLL", "test/ece": "test ECE", "test/f1": "test F1",
-        "size_bytes": "model size (bytes)", "zip_bytes": "compressed file size (bytes)", "params": "parameters",
-        "macs": "MACs per sample", "latency_ms": "latency (ms per batch)", "gain/acc": "accuracy gain",
-        "gain/nll": "NLL gain", "gain/f1": "F1 gain", "gain/ece": "ECE gain"}
+# a metric's last part -> (its name in words, the unit of its logged value)
+QUANTITIES = {"acc": ("accuracy", "fraction"), "f1": ("F1", "fraction"), "ece": ("ECE", "fraction"),
+              "precision": ("precision", "fraction"), "recall": ("recall", "fraction"), "nll": ("NLL", "nats"),
+              "loss": ("loss", "nats"), "size_bytes": ("model size", "bytes"),
+              "zip_bytes": ("compressed file size", "bytes"), "weight_bytes": ("weight size", "bytes"),
+              "params": ("parameters", "count"), "nonzero_params": ("non-zero parameters", "count"),
+              "macs": ("MACs per sample", "count"), "latency_ms": ("latency", "ms per batch"),
+              "compression_ratio": ("size ratio", "x"), "speedup": ("speedup", "x")}
+ROLES = {"members": "members", "compressed": "compressed", "fused": "fused", "fused_compressed": "fused compressed"}
+DIFFERENCES = {"gain": "gain", "delta": "change"}
+
+
+def unit(metric: str, scale: Mapping[str, float]) -> str | None:
+    """The unit a plot shows `metric` in (its logged unit times the table's `scale`): a fraction x 100
+    is in %, a difference of fractions x 100 in points; None for a metric whose unit is unknown."""
+    parts = metric.split("/")
+    logged = QUANTITIES.get(parts[-1], (None, None))[1]
+    factor = float(scale.get(metric, 1.0))
+    if logged is None or factor == 1:
+        return logged
+    if logged == "fraction" and factor == 100:
+        return "points" if any(p in DIFFERENCES for p in parts) else "%"
+    return f"{logged} x {factor:g}"
 
 
 def axis_label(metric: str, labels: Mapping[str, str], scale: Mapping[str, float]) -> str:
-    """A metric's name in words: its table label, else a known name, in the table's unit."""
+    """One quantity and its unit: the metric's table label, else its name in words and the unit
+    it is shown in, e.g. `fused/gain/nll` -> "fused NLL gain (nats)"."""
     if metric in labels:
         return str(labels[metric])
-    suffix = next((k for k in AXES if metric == k or metric.endswith("/" + k)), None)
-    name = AXES[suffix] if suffix else metric
-    if metric.startswith(("members/", "compressed/", "fused/", "fused_compressed/")) and suffix:
-        name = f"{metric.split('/')[0].replace('_', ' ')} {name}"
-    return f"{name} ({'points' if '/gain/' in metric or '/delta/' in metric or metric.startswith(('gain/', 'delta/')) else '%'})" \
-        if float(scale.get(metric, 1.0)) == 100 else name
+    parts = metric.split("/")
+    if parts[-1] not in QUANTITIES:
+        return metric
+    words = ["best member"] if "best" in parts[1:-1] else [ROLES[parts[0]]] if parts[0] in ROLES else []
+    words += ["test"] if "test" in parts[:-1] else []
+    words.append(QUANTITIES[parts[-1]][0])
+    words += [DIFFERENCES[p] for p in parts[:-1] if p in DIFFERENCES]
+    return f"{' '.join(words)} ({unit(metric, scale)})"
 
 
 def _title(ax: plt.Axes, title: str) -> None:
@@ -56,34 +78,51 @@ def _err(value: float) -> float | None:
     return None if value is None or np.isnan(value) or value == 0 else value
 
 
+MARKERS = "oD^v<>ph*"  # squares are the baseline's
+
+
+def _sizes(n: int, largest: float = 11.0, smallest: float = 4.5) -> list[float]:
+    """Marker sizes, largest first: series drawn later are smaller, so points that coincide stay visible."""
+    return [largest - (largest - smallest) * i / max(n - 1, 1) for i in range(n)]
+
+
 def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str,
                   baseline: pd.DataFrame | None = None) -> plt.Figure:
     """`groups`: one line per group with columns label, x_mean, x_std, y_mean, y_std. `baseline`
-    (same columns): the uncompressed models, drawn as squares and part of the front."""
+    (same columns): the uncompressed models, drawn as squares and part of the front.
+
+    Series often coincide (the same uncompressed members behind every compressed row): each has its
+    own marker and colour and is drawn smaller than the one before (the groups half-transparent), so
+    every series shows however many share a point.
+    """
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    markers = "oD^v<>ph*"  # colours repeat after ten groups: the marker changes with them
+    base = baseline if baseline is not None and len(baseline) else groups.iloc[:0]
+    sizes = _sizes(len(groups) + len(base))
     for i, (_, g) in enumerate(groups.iterrows()):
-        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt=markers[i // 10 % len(markers)],
-                    capsize=3, label=g.label)
-    every = groups
-    if baseline is not None and len(baseline):
-        for _, g in baseline.iterrows():
-            ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt="s", mfc="none",
-                        capsize=3, label=g.label)
-        every = pd.concat([groups, baseline], ignore_index=True)
+        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt=MARKERS[i % len(MARKERS)],
+                    ms=sizes[i], color=f"C{i % 10}", mec="k", mew=0.5, alpha=0.8, capsize=3, label=g.label)
+    for j, (_, g) in enumerate(base.iterrows()):
+        i = len(groups) + j
+        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt="s", mfc="none", mew=1.5,
+                    ms=sizes[i], color=f"C{i % 10}", capsize=3, label=g.label)
+    every = pd.concat([groups, base], ignore_index=True)
     front = pareto_front(list(every.x_mean), list(every.y_mean))
     ax.step(every.x_mean.iloc[front], every.y_mean.iloc[front], where="post", color="k", lw=1, ls="--",
-            label="Pareto front")
+            label="Pareto front", zorder=1)
     if (every.x_mean > 0).all() and every.x_mean.max() / max(every.x_mean.min(), 1e-12) > 20:
         ax.set_xscale("log")
+    ax.margins(0.12)  # a point on the edge keeps its whole marker
     ax.set(xlabel=xlabel, ylabel=ylabel)
     _title(ax, title)
     ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    order = sorted(range(len(names)), key=lambda k: names[k] == "Pareto front")  # the series first, in order
+    handles, names = [handles[k] for k in order], [names[k] for k in order]
     if len(every) > 6:  # many groups: the legend beside the axes, not over the points
         fig.set_size_inches(9, 4.8)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(handles, names, fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
@@ -113,7 +152,7 @@ def reliability_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], b
         ece = f"ECE {np.mean(eces):.3f}" + (f" ± {np.std(eces, ddof=1):.3f}, {len(eces)} runs" if len(eces) > 1 else "")
         keep = count > 0
         ax.plot(conf[keep], acc[keep], marker="o", ms=3, label=f"{label} ({ece})")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel="confidence (fraction)", ylabel="accuracy (fraction)", xlim=(0, 1), ylim=(0, 1))
     _title(ax, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
@@ -122,30 +161,28 @@ def reliability_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], b
 
 
 def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str,
-                names: Mapping[str, str] | None = None, ylabel: str = "gain over the best member",
-                ) -> plt.Figure:
-    """`groups`: one line per group with label and `<metric>_mean` / `<metric>_std` columns.
+                names: Mapping[str, str] | None = None) -> plt.Figure:
+    """`groups`: one line per group with label and `<metric>_mean` / `<metric>_std` columns; `names`:
+    metric -> its axis label, one quantity and its unit (plots.axis_label).
 
-    Groups without any gain (e.g. the members beside the fused models) are left out.
+    One panel per metric, each on its own axis and scale: accuracy in points and NLL in nats never
+    share an axis (nor hide each other's bars). Groups without any gain (e.g. the members beside the
+    fused models) are left out.
     """
     groups = groups[groups[[f"{m}_mean" for m in metrics]].notna().any(axis=1)].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(min(14, max(5, 0.3 * len(groups) * len(metrics) + 2)), 4.5), dpi=120)
-    width = 0.8 / len(metrics)
+    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, dpi=120,
+                             figsize=(min(14, max(5, 0.5 * len(groups) + 2.5)), 1.4 + 1.9 * len(metrics)))
     x = np.arange(len(groups))
-    for i, metric in enumerate(metrics):
+    for i, (ax, metric) in enumerate(zip(axes[:, 0], metrics)):
         spread = groups[f"{metric}_std"]
         spread = spread.where(spread > 0)  # NaN: no bar (one run, or runs that agree), not a flat cap
-        ax.bar(x + (i - (len(metrics) - 1) / 2) * width, groups[f"{metric}_mean"], width,
-               yerr=None if spread.isna().all() else spread, capsize=3,
-               label=(names or {}).get(metric, metric))
-    ax.axhline(0, color="k", lw=0.8)
-    ax.text(0.01, 0.99, "above 0: better than the best member", transform=ax.transAxes, va="top", fontsize=7,
-            color="#555")
-    ax.set_xticks(x, groups.label, rotation=20, ha="right")
-    ax.set(ylabel=ylabel)
-    _title(ax, title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.bar(x, groups[f"{metric}_mean"], 0.6, yerr=None if spread.isna().all() else spread, capsize=3,
+               color=f"C{i % 10}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel("\n".join(textwrap.wrap((names or {}).get(metric, metric), 24)), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(x, groups.label, rotation=20, ha="right")
+    fig.suptitle("\n".join(textwrap.wrap(title, 70) + ["gain over the best member (above 0: better)"]), fontsize=9)
     fig.tight_layout()
     return fig
 

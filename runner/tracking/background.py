@@ -35,6 +35,7 @@ from typing import Any
 from runner.errors import ConfigError
 from runner.timing import timed
 from runner.tracking.base import FoundRun, Tracker
+from runner.tracking.retry import LOCK_WAIT_S, MLFLOW_BUSY_WAIT_S, StoreLocked, cpu_seconds, opening_holder, sqlite_path
 from runner.tracking.worker import bound_http_retries, receive, send
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class BackgroundTracker(Tracker):
                  timeout_s: float = 30.0) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.timeout_s = timeout_s  # the longest a call waits while the worker makes no progress
+        # a SQLite store shared with other jobs: the worker waits (without CPU) for their locks, a bounded
+        # time after which it answers with an error of its own (runner/tracking/retry.py); that is not a hang
+        self._lock_wait_s = LOCK_WAIT_S + MLFLOW_BUSY_WAIT_S + 10 if sqlite_path(uri) else 0.0
         self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
@@ -71,7 +75,7 @@ class BackgroundTracker(Tracker):
         self._answers: collections.deque[Future] = collections.deque()  # in the order of the calls
         self._pending: list[Future] = []
         self._progress_at = time.monotonic()  # the worker's last answer
-        self._cpu_seen: tuple[float, float] | None = None  # (its CPU seconds, when read)
+        self._cpu_seen: tuple[tuple, float] | None = None  # ((pid, its CPU seconds), ...), when read
         threading.Thread(target=self._send_calls, daemon=True, name="mlflow-calls").start()
         threading.Thread(target=self._read_answers, daemon=True, name="mlflow-answers").start()
         self._opening = self._submit("start", uri, experiment, artifact_location)
@@ -129,8 +133,12 @@ class BackgroundTracker(Tracker):
     def _result(self, future: Future, what: str, timeout_s: float | None = None) -> Any:
         """The answer to one call. `timeout_s` bounds how long the worker may make no progress (no answer,
         no CPU time used), not how long the answer takes: on a machine busy with other work, a queue of
-        model logging ahead of this call is slow, not stuck; a server that does not answer is stuck."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        model logging ahead of this call is slow, not stuck; a server that does not answer is stuck. On a
+        SQLite store the limit is at least the worker's own wait for other processes' locks."""
+        if timeout_s is None:
+            timeout_s = max(self.timeout_s, self._lock_wait_s)
+        hint = ("is the server running and reachable? (tracking.timeout_s sets the limit)" if not self._lock_wait_s
+                else "is the file on a disk that answers?")
         started = time.monotonic()
         while True:
             try:
@@ -138,18 +146,19 @@ class BackgroundTracker(Tracker):
             except FutureTimeout:
                 if time.monotonic() - max(started, self._progress_at, self._working_at()) > timeout_s:
                     raise TrackingTimeout(f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
-                                          f"{timeout_s:g} s ({what}); is the server running and reachable? "
-                                          "(tracking.timeout_s sets the limit)") from None
+                                          f"{timeout_s:g} s ({what}); {hint}") from None
 
     def _working_at(self) -> float:
-        """When the worker was last seen using the CPU (Linux: /proc/<pid>/stat; elsewhere never)."""
-        try:
-            fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        except (OSError, ValueError, IndexError):
+        """When the worker was last seen using the CPU (Linux: /proc/<pid>/stat; elsewhere never); while it
+        waits to open a SQLite store, also the process opening it first (a fresh store: a minute under load)."""
+        pids = [self._process.pid]
+        if self._lock_wait_s and not self._opening.done() and (holder := opening_holder(self.uri)):
+            pids.append(holder)
+        cpu = tuple((pid, cpu_seconds(pid)) for pid in pids)
+        if cpu[0][1] is None:
             return 0.0
         now = time.monotonic()
-        if self._cpu_seen is None or cpu > self._cpu_seen[0]:
+        if self._cpu_seen is None or cpu != self._cpu_seen[0]:
             self._cpu_seen = (cpu, now)
         return self._cpu_seen[1]
 
@@ -159,7 +168,7 @@ class BackgroundTracker(Tracker):
         start = time.perf_counter()
         try:
             self._result(self._opening, "opening the store", timeout_s)
-        except TrackingTimeout:
+        except (TrackingTimeout, StoreLocked):
             raise
         except Exception as e:  # a store that cannot be reached, created or written
             raise ConfigError("tracking.uri", self.uri, f"a tracking store this job can reach and write "
@@ -170,7 +179,7 @@ class BackgroundTracker(Tracker):
         for future in pending:
             try:
                 self._result(future, "a queued write", timeout_s)
-            except TrackingTimeout:
+            except (TrackingTimeout, StoreLocked):  # each names tracking.uri and says what to check
                 raise
             except Exception as e:  # the store refused or lost a write: say which store
                 raise TrackingWriteError(f"tracking.uri={self.uri!r}: a write to the MLflow store failed: "

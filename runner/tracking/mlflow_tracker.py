@@ -1,6 +1,7 @@
 """A thin wrapper over MlflowClient: explicit run ids, batched logging, a status on every exit."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -15,14 +16,38 @@ from mlflow.exceptions import MlflowException
 
 from runner.timing import timed
 from runner.tracking.base import PARENT_RUN_ID, RUN_NAME, FoundRun, Tracker
-from runner.tracking.models import MODEL_URI_TAG, PackedModel, log_packed_model
+from runner.tracking.models import CACHE_ENTRY_TAG, MODEL_URI_TAG, PackedModel, find_cached_model, log_packed_model
 from runner.tracking.models import prepare as prepare_model_logging
+from runner.tracking.retry import LOCK_WAIT_S, RetryingClient, opening_lock, retry_locked, sqlite_path
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
-# MLflow's UI opens an experiment with this tag in its model-training view (not the GenAI one)
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# The job-level metrics a researcher compares first (runner.report.auto.HEADLINE names them in words)
+HEADLINE_METRICS = ("members/mean/test/acc", "members/best/test/acc", "members/mean/test/nll", "members/mean/test/ece",
+                    "fused/test/acc", "fused/gain/acc", "fused/test/nll", "fused/test/ece", "compressed/mean/test/acc",
+                    "compressed/mean/delta/acc", "compressed/mean/compression_ratio", "compressed/mean/speedup",
+                    "fused_compressed/test/acc")
+# MLflow's UI (3.15-3.18 at least) takes the GenAI/Model training switch from the URL's `workflowType`, else
+# the browser's localStorage (GenAI by default), never from the experimentKind tag (mlflow#24498): the
+# training view is a URL, ui_url(). Its runs table opens with a view kept in an experiment tag
+# (`mlflow.sharedViewState.<key>`, what the UI's Share button writes): one row per job, headline columns.
+TRAINING_VIEW = "runner-headline"
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",  # the experiments list under "Model training"
+    f"mlflow.sharedViewState.{TRAINING_VIEW}": json.dumps({
+        "searchFilter": "tags.role = 'job'", "orderByKey": "attributes.start_time", "orderByAsc": False,
+        "selectedColumns": [f"metrics.`{m}`" for m in HEADLINE_METRICS]}),
+}
+
+
+def ui_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's jobs in the model-training view with the headline columns
+    (`ui`: where `mlflow ui` / `mlflow server` serves, e.g. http://127.0.0.1:5000)."""
+    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={TRAINING_VIEW}")
+
+
 log = logging.getLogger(__name__)
 
 
@@ -34,10 +59,15 @@ class MlflowTracker(Tracker):
     with the experiment); with a server a local folder is ignored and the server's own artifact
     store takes them (`mlflow server` proxies `mlflow-artifacts:` uploads), unless it is a URI
     (s3://...) every client can reach.
+
+    A SQLite store is shared with other processes (runner/tracking/retry.py): one at a time opens
+    it, and a call that finds it locked is retried for up to `lock_wait_s` seconds.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
+                 lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
+        self.lock_wait_s = lock_wait_s
         self._client: MlflowClient | None = None
         self.busy_s = 0.0   # wall time spent in tracking calls, setup included
         self.setup_s = 0.0  # of which: opening the store and finding the experiment
@@ -46,11 +76,15 @@ class MlflowTracker(Tracker):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # Opening the store (SQLAlchemy engine, schema check) is a one-off cost per process.
             start = time.perf_counter()
-            self._client = MlflowClient(tracking_uri=self.uri)
+            if path := sqlite_path(self.uri):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with opening_lock(self.uri, self.lock_wait_s):  # a fresh file is created by one process
+                    client = retry_locked(MlflowClient, self.uri, self.lock_wait_s)(tracking_uri=self.uri)
+                self._client = RetryingClient(client, self.uri, self.lock_wait_s)
+            else:
+                self._client = MlflowClient(tracking_uri=self.uri)
             self.setup_s += time.perf_counter() - start
         return self._client
 
@@ -75,6 +109,9 @@ class MlflowTracker(Tracker):
                     self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
             else:
                 self._experiment_id = found.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():  # made before a tag was added, or the view changed
+                    if found.tags.get(key) != value:
+                        self.client.set_experiment_tag(found.experiment_id, key, value)
             self.setup_s += time.perf_counter() - start
         return self._experiment_id
 
@@ -126,10 +163,13 @@ class MlflowTracker(Tracker):
             self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
 
     @timed
-    def log_metric_steps(self, run_id: str, entries: list[tuple[Mapping[str, float], int]]) -> None:
-        """Metrics of several steps in as few `log_batch` calls as possible: [(metrics, step), ...]."""
+    def log_metric_steps(self, run_id: str, entries: list[tuple[Mapping[str, float], int]],
+                         model_id: str | None = None) -> None:
+        """Metrics of several steps in as few `log_batch` calls as possible: [(metrics, step), ...];
+        with `model_id`, they are that LoggedModel's metrics too."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for metrics, step in entries for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step, model_id=model_id)
+                 for metrics, step in entries for k, v in metrics.items()]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
@@ -175,16 +215,15 @@ class MlflowTracker(Tracker):
         """One evaluated model's results into its (open) run: tags, metrics, the test predictions
         (`arrays` -> predictions/test.npz), `files` (artifact path -> bytes, e.g. export/model.onnx) and,
         with `model` (runner.tracking.models.pack_model), the model itself as the run's LoggedModel,
-        after the metrics so MLflow links them to it, tagged `model_uri`."""
+        tagged `model_uri`: logged before the metrics, which are then logged as its metrics too."""
         if tags:
             self.set_tags(run_id, tags)
-        self.log_metrics(run_id, metrics)
         if arrays:
             self.log_arrays(run_id, "predictions/test.npz", **arrays)
         for path, data in (files or {}).items():
             self.log_bytes(run_id, data, path)
-        if model is not None:
-            self.log_model(run_id, model)
+        model_id = self.log_model(run_id, model) if model is not None else None
+        self.log_metric_steps(run_id, [(metrics, 0)], model_id=model_id)
 
     def prepare_model_logging(self) -> None:
         """Start the imports model logging needs in a thread: the worker answers other calls meanwhile,
@@ -192,21 +231,26 @@ class MlflowTracker(Tracker):
         threading.Thread(target=prepare_model_logging, daemon=True, name="prepare-model-logging").start()
 
     @timed
-    def log_model(self, run_id: str, model: PackedModel) -> str:
-        """Log a packed model as run `run_id`'s LoggedModel; tag the run with its models:/ URI.
+    def log_model(self, run_id: str, model: PackedModel) -> str | None:
+        """Log a packed model as run `run_id`'s LoggedModel and tag the run with its models:/ URI; the
+        new model's id, for the run's metrics to be linked to.
 
-        A model MLflow cannot log (one that does not unpickle here, an output it cannot describe)
-        costs the job its model, not its results: a warning and a `model_log_error` tag say why.
+        A member loaded from the member cache is logged by the first run that evaluates it: a later run
+        of the same cache entry (CACHE_ENTRY_TAG) is tagged with that model's URI and returns None (the
+        model keeps the metrics of the run that logged it). A model MLflow cannot log (one that does not
+        unpickle here, an output it cannot describe) costs the job its model, not its results: a warning
+        and a `model_log_error` tag say why; None.
         """
         self.experiment_id  # noqa: B018 (the experiment exists before MLflow's fluent API looks for it)
         try:
-            uri = log_packed_model(self.uri, run_id, model)
+            cached = find_cached_model(self.client, self.experiment_id, model.tags.get(CACHE_ENTRY_TAG))
+            model_id = None if cached else log_packed_model(self.uri, run_id, model, self.client)
         except Exception as e:  # noqa: BLE001
             log.warning("run %s: the model was not logged: %s: %s", run_id, type(e).__name__, e)
             self.client.set_tag(run_id, "model_log_error", f"{type(e).__name__}: {str(e)[:400]}")
-            return ""
-        self.client.set_tag(run_id, MODEL_URI_TAG, uri)
-        return uri
+            return None
+        self.client.set_tag(run_id, MODEL_URI_TAG, f"models:/{cached or model_id}")
+        return model_id
 
     def log_bytes(self, run_id: str, data: bytes, path: str) -> None:
         """`data` as the artifact file `path` (folder/name) of run `run_id`."""

@@ -4,8 +4,11 @@
 real test inputs, and the import path the job had, so a worker process can unpickle the user's own
 classes too. `log_packed_model` (in the tracker, hence in the MLflow worker by default) unpickles
 it, infers the signature from one forward pass on those inputs and logs it with
-`mlflow.pytorch.log_model` into the evaluated model's child run; MLflow then links the run's
-metrics to the model. `load_logged_model` brings one back by `models:/<id>` URI or child run id.
+`mlflow.pytorch.log_model` as a LoggedModel of the evaluated model's child run, named by role and
+member (`member-cnn1d-s0`, `fused-mean`); the tracker then logs the run's test metrics linked to it.
+A cached member is logged once: its LoggedModel carries the member cache entry (CACHE_ENTRY_TAG) and
+later runs of that member point at it (`find_cached_model`). `load_logged_model` brings one back by
+`models:/<id>` URI or child run id.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-MODEL_NAME = "model"     # the LoggedModel's name (MLflow: an artifact-safe name)
+NOT_IN_NAMES = re.compile(r"[/:.%\"']")  # what MLflow refuses in a LoggedModel's name (artifact-safe)
 DICT_EXAMPLE = "input_example.npz"  # a dict input example (text models), beside the logged model
 RAW_INPUTS = "raw_inputs.pkl"  # beside the logged model: raw rows -> inputs (pickled, like the model)
 MODEL_META = "runner.json"  # beside the logged model: {"classes": [...], "tokenizer": ..., "max_length": ...}
 MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
+CACHE_ENTRY_TAG = "member_cache_entry"  # a cached member's weights (<cache key>:<file sha256>), on its runs and model
 EXAMPLE_ROWS = 5         # test inputs kept as the input example
 
 
@@ -40,12 +45,20 @@ class PackedModel:
     sys_path: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON: the class names, the preprocessing (MODEL_META)
     raw_inputs: bytes | None = None  # pickled callable: raw rows -> model inputs (a table's fitted encoding)
+    name: str = "model"               # the LoggedModel's name (logged_model_name)
+    tags: dict[str, str] = field(default_factory=dict)  # the LoggedModel's tags: its source, CACHE_ENTRY_TAG
+
+
+def logged_model_name(role: str, name: str) -> str:
+    """`<role>-<name>` (member-cnn1d-s0, fused-mean) with what MLflow refuses in a name replaced by `_`."""
+    return NOT_IN_NAMES.sub("_", f"{role}-{name}" if name else role)
 
 
 def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str, Any] | None = None,
-               raw_inputs: Any = None) -> PackedModel:
+               raw_inputs: Any = None, name: str = "model", tags: dict[str, str] | None = None) -> PackedModel:
     """The model (moved nowhere, copied by pickling), its first `rows` inputs as numpy, and `meta`
-    (what predictions need beside the module: class names, a tokenizer)."""
+    (what predictions need beside the module: class names, a tokenizer); `name` and `tags` are the
+    LoggedModel's."""
     import torch
 
     buffer = io.BytesIO()
@@ -61,7 +74,7 @@ def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str
     else:
         example = inputs[:rows].detach().cpu().numpy()
     return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p], dict(meta or {}),
-                       pickle.dumps(raw_inputs) if raw_inputs is not None else None)
+                       pickle.dumps(raw_inputs) if raw_inputs is not None else None, name, dict(tags or {}))
 
 
 def unpack_model(packed: PackedModel) -> Any:
@@ -108,10 +121,14 @@ def prepare() -> None:
     from mlflow.models import infer_signature  # noqa: F401
 
 
-def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
-    """Log `packed` as a LoggedModel of run `run_id` (its source run, metrics linked); its models:/ URI."""
+def log_packed_model(uri: str, run_id: str, packed: PackedModel, client: Any = None) -> str:
+    """Log `packed` as a LoggedModel of run `run_id` (its source run, and one of the run's outputs)
+    through `client` (default: a new MlflowClient of `uri`); its model id. No metrics are linked
+    here: the caller logs the run's own with this id."""
     import mlflow
     import torch
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     model = unpack_model(packed)
@@ -120,12 +137,18 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
         out = model({k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x))
     out = out.detach()
     signature = infer_signature(x, (out.float() if out.dtype == torch.bfloat16 else out).numpy())  # numpy has no bf16
+    # The LoggedModel is created here, not by log_model inside the run: log_model would link every metric
+    # of the run's step 0 to it (the first epoch of the learning curves too) and tag it with this process's
+    # script (worker.py) as its source; `packed.tags` carry the job's.
+    client = client or MlflowClient(uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=packed.name, source_run_id=run_id,
+                                        tags=packed.tags, params=run.data.params)
     # pickle, not MLflow's default pt2 (torch.export): quantized, int8-graph, Hugging Face and ensemble
     # modules do not all export, and the modules must come back as they were evaluated
     # MLflow's PyTorch flavor refuses a dict input example (token ids and masks): the signature names
     # the tensors, and the example travels as a file beside the model (read back by load_logged_model)
-    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri), _quiet_pickle_warning(), \
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with tempfile.TemporaryDirectory() as tmp, using_tracking_uri(uri), _quiet_pickle_warning():
         extra = []
         if isinstance(x, dict):
             np.savez(Path(tmp) / DICT_EXAMPLE, **x)
@@ -136,10 +159,23 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel) -> str:
         if packed.raw_inputs is not None:
             (Path(tmp) / RAW_INPUTS).write_bytes(packed.raw_inputs)
             extra.append(str(Path(tmp) / RAW_INPUTS))
-        info = mlflow.pytorch.log_model(model, name=MODEL_NAME, input_example=None if isinstance(x, dict) else x,
-                                        signature=signature, pip_requirements=pip_requirements(),
-                                        serialization_format="pickle", extra_files=extra or None)
-    return f"models:/{info.model_id}"
+        mlflow.pytorch.log_model(model, name=packed.name, model_id=logged.model_id,
+                                 input_example=None if isinstance(x, dict) else x,
+                                 signature=signature, pip_requirements=pip_requirements(),
+                                 serialization_format="pickle", extra_files=extra or None)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists it
+    return logged.model_id
+
+
+def find_cached_model(client: Any, experiment_id: str, entry: str | None) -> str | None:
+    """The id of the newest READY LoggedModel of the experiment logged from member cache entry `entry`
+    (CACHE_ENTRY_TAG: the same cache key and weights file), if there is one. Jobs that run at the same
+    time may each log a member the other one is logging: two copies, never a wrong one."""
+    if not entry:
+        return None
+    found = client.search_logged_models([experiment_id], filter_string=f"tags.`{CACHE_ENTRY_TAG}` = '{entry}'")
+    ready = [m for m in found if str(m.status) == "READY"]  # (a status filter does not match in SQLite stores)
+    return max(ready, key=lambda m: m.creation_timestamp).model_id if ready else None
 
 
 class _NotThePickleWarning(logging.Filter):
