@@ -40,7 +40,10 @@ browser:
 		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
 		  apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || echo "make: chromium not installed"
 
+# the UI, and for each experiment the URL of its model-training view with the headline columns
 ui: setup
+	@test ! -f outputs/mlflow.db || $(PY) -c "from runner.tracking.mlflow_tracker import print_ui_urls; \
+		print_ui_urls('sqlite:///outputs/mlflow.db')"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db
 
 clean:

@@ -33,6 +33,9 @@ LOGGERS = {
     "torch.utils._pytree": logging.ERROR,
     "pytorch_lightning.utilities.rank_zero": logging.WARNING,
     "pytorch_lightning.accelerators.cuda": logging.WARNING,
+    # a traceback per "database is locked" try on a shared SQLite store; the error itself is raised, and
+    # runner/tracking/retry.py retries it, then fails in one line naming tracking.uri
+    "mlflow.store.db.utils": logging.CRITICAL,
 }
 
 

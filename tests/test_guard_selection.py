@@ -430,7 +430,9 @@ def test_the_loss_distill_trains_with_is_the_formula(monkeypatch):
         return net
 
     monkeypatch.setattr(runner.compress.distill, "finetune", capture)
-    x, y = torch.zeros(5, 6), torch.tensor([0, 3, 1, 2, 3])
+    # distinct rows: the memo of a teacher's outputs (TeacherMemo) answers equal rows alike, as a real teacher
+    # would; Fixed gives each row its own logits whatever the row
+    x, y = torch.arange(30.0).reshape(5, 6), torch.tensor([0, 3, 1, 2, 3])
     t1, t2 = Fixed(logits(1).float()), Fixed(logits(2).float())
     student = nn.Linear(6, 4)
     for teacher, weights, teachers, ctx_members in (("member", None, [t1], None),

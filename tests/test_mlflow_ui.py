@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 import runner.pipeline
 from conftest import compose_config
 from runner.report.auto import HEADLINE
-from runner.tracking.mlflow_tracker import EXPERIMENT_TAGS, HEADLINE_METRICS, MlflowTracker, ui_url
+from runner.tracking.mlflow_tracker import EXPERIMENT_TAGS, HEADLINE_METRICS, MlflowTracker, print_ui_urls, ui_url
 from test_sweeps import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,18 @@ def test_an_experiment_made_before_the_view_gets_its_tags(tmp_path):
     assert MlflowTracker(uri, "runner").experiment_id == old
     tags = client.get_experiment(old).tags
     assert {k: tags.get(k) for k in EXPERIMENT_TAGS} == EXPERIMENT_TAGS
+
+
+def test_make_ui_prints_each_experiments_training_view_url(tmp_path, capsys):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    ids = [client.create_experiment(name) for name in ("first", "second")]
+    print_ui_urls(f"sqlite:///{tmp_path}/mlflow.db")
+    lines = capsys.readouterr().out.splitlines()
+    view = "runs?workflowType=machine_learning&viewStateShareKey=runner-headline"
+    assert sorted(line.split() for line in lines) == [
+        ["first", f"http://127.0.0.1:5000/#/experiments/{ids[0]}/{view}"],
+        ["second", f"http://127.0.0.1:5000/#/experiments/{ids[1]}/{view}"]]
+    assert "print_ui_urls" in (Path(__file__).parents[1] / "Makefile").read_text()
 
 
 def test_readme_gives_the_training_view_url():

@@ -48,6 +48,15 @@ def ui_url(ui: str, experiment_id: str) -> str:
             f"?workflowType=machine_learning&viewStateShareKey={TRAINING_VIEW}")
 
 
+def print_ui_urls(uri: str, ui: str = "http://127.0.0.1:5000") -> None:
+    """One line per experiment of the store at `uri`: its name and ui_url() (`make ui` prints them)."""
+    from mlflow import MlflowClient
+
+    for experiment in MlflowClient(uri).search_experiments():
+        if experiment.name != "Default":
+            print(f"{experiment.name:24s} {ui_url(ui, experiment.experiment_id)}")
+
+
 log = logging.getLogger(__name__)
 
 
