@@ -196,7 +196,9 @@ class BackgroundTracker(Tracker):
         self.closed = True
         atexit.unregister(self.close)
         try:
-            if not self.broken and self._opening.done():  # a store never opened holds nothing to wait for
+            # a store never opened holds nothing to wait for; one that failed to open was reported (a second
+            # report from the atexit hook would be a second traceback after the job's one-line error)
+            if not self.broken and self._opening.done() and self._opening.exception() is None:
                 self.flush(min(self.timeout_s, 5.0))
         finally:
             self._outbox.put(None)
