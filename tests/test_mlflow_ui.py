@@ -12,11 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ import runner.pipeline
 from conftest import compose_config
 from runner.report.auto import HEADLINE
 from runner.tracking.mlflow_tracker import EXPERIMENT_TAGS, HEADLINE_METRICS, MlflowTracker, print_ui_urls, ui_url
-from test_sweeps import free_port
+from test_sweeps import running_mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -71,28 +68,9 @@ def ui(tmp_path_factory):
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("runner").experiment_id
     [job] = client.search_runs([experiment], "tags.role = 'job'")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
-    yield base, experiment, job, tmp
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
+    with running_mlflow_server(tmp / "mlflow.db", env=env, start_s=180) as base:
+        yield base, experiment, job, tmp
 
 
 def browse(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,13 @@
 """Sweeps: member cache, skipping finished jobs, interruption, parallel launchers, concurrent logging."""
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,26 +121,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextlib.contextmanager
+def running_mlflow_server(db: Path, *args: str, env: dict | None = None, start_s: float = 90) -> Iterator[str]:
+    """`mlflow server` on a free loopback port over the SQLite file `db` (more server `args`), its address
+    once /health answers; stopped (SIGTERM, then SIGKILL after 30 s) at the end."""
     port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "srv-art"),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--backend-store-uri", f"sqlite:///{db}", "--workers", "1", *args], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
+    try:
+        deadline = time.time() + start_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
         try:
-            import urllib.request
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with running_mlflow_server(tmp_path / "server.db", "--artifacts-destination", str(tmp_path / "srv-art")) as uri:
+        yield uri
 
 
 @pytest.mark.slow
