@@ -81,15 +81,13 @@ class TeacherMemo(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Inputs) -> Tensor:
-        keys = self.keys(x)
+        keys, device = self.keys(x), _device_of(x)
         missing = [i for i, k in enumerate(keys) if k not in self.memo]
         if missing:
-            index = torch.tensor(missing)
-            out = self.teacher(x if len(missing) == len(keys) else take(x, index.to(_device_of(x)))).float()
-            for i, row in zip(missing, out.detach().cpu()):
+            out = self.teacher(x if len(missing) == len(keys) else take(x, torch.tensor(missing, device=device)))
+            for i, row in zip(missing, out.float().cpu()):
                 self.memo[keys[i]] = row
-            self.misses += len(set(keys[i] for i in missing))
-        device = _device_of(x)
+            self.misses += len({keys[i] for i in missing})
         return torch.stack([self.memo[k] for k in keys]).to(device)
 
 
