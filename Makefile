@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup pretrained run test ui clean browser
+.PHONY: setup pretrained run test lint ui clean browser
 setup: $(VENV)/.installed
 pretrained: $(VENV)/.pretrained
 
@@ -30,8 +30,13 @@ $(VENV)/.pretrained: $(VENV)/.installed
 run: setup
 	$(PY) -m runner $(ARGS)
 
-test: setup pretrained browser
+test: setup pretrained browser lint
 	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
+
+# ruff: lint and format check (config in pyproject.toml); `ruff format .` and `ruff check --fix .` repair
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Debian's chromium for the test that renders the HTML report headless (as root where apt-get exists;
 # elsewhere install it yourself, or that one test is skipped and says why)

@@ -7,6 +7,7 @@ does in the pipeline), since averaging independently initialised weights collaps
 
     .venv/bin/python benchmarks/fusion.py [--epochs 40] [--seeds 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ LOWER_IS_BETTER = {"nll", "ece"}
 
 def train_members(dm: MNIST1D, seeds: list[int], epochs: int, shared_init: bool) -> list[CNN1D]:
     trainer = {"max_epochs": epochs, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
-    nets = []
+    nets, first_init = [], None
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
         net = CNN1D(40, 10)
@@ -82,8 +83,9 @@ def main() -> None:
         for path in sorted((CONF / "fuse").glob("*.yaml")):
             strategy = build(compose("config", overrides=[f"fuse={path.stem}"]).fuse, "fuse")
             soup = isinstance(strategy, (UniformSoup, GreedySoup))
-            nets, probs, best = (shared, probs_shared, best_shared) if soup else \
-                (independent, probs_independent, best_independent)
+            nets, probs, best = (
+                (shared, probs_shared, best_shared) if soup else (independent, probs_independent, best_independent)
+            )
             t = time.time()
             strategy.fit(nets, dm.val_dataloader())
             fused = strategy.combine(probs) if isinstance(strategy, OutputFusion) else strategy.predict_proba(xt)

@@ -17,6 +17,7 @@ samples/s of each, the ratio (runner / hand: 1.00 = no overhead; the target is >
     python benchmarks/gpu.py [--epochs 3] [--repeats 3] [--samples 50000] [--batch 256]
     python benchmarks/gpu.py --device cpu --samples 512 --epochs 1 --repeats 1   # a smoke run, no GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from runner.models.adapter import build_model as build_net
 from runner.data.base import ArrayDataModule
 from runner.device import data_on_device
 from runner.models import LitClassifier
+from runner.models.adapter import build_model as build_net
 from runner.train import channels_last, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def hand_loop(net: torch.nn.Module, dm: Synthetic, epochs: int, device: torch.de
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for i in range(0, len(y), batch):
-            index = order[i:i + batch]
+            index = order[i : i + batch]
             xb, yb = x[index], y[index]
             if nhwc:
                 xb = xb.contiguous(memory_format=torch.channels_last)
@@ -119,9 +120,15 @@ class StepClock(pl.Callback):
 
 def runner_fit(net: torch.nn.Module, dm: Synthetic, epochs: int, device: torch.device) -> tuple[float, int]:
     """(seconds, samples) of the runner's training: Lightning through runner.train.fit, bf16-mixed."""
-    trainer = {"max_epochs": epochs, "accelerator": accelerator(device), "devices": 1,
-               "precision": "bf16-mixed", "limit_val_batches": 0, "enable_progress_bar": False,
-               "steps_per_call": 0}  # the trainer group's default: a whole epoch per Lightning step
+    trainer = {
+        "max_epochs": epochs,
+        "accelerator": accelerator(device),
+        "devices": 1,
+        "precision": "bf16-mixed",
+        "limit_val_batches": 0,
+        "enable_progress_bar": False,
+        "steps_per_call": 0,
+    }  # the trainer group's default: a whole epoch per Lightning step
     clock = StepClock(device)
     fit(LitClassifier(net, "sgd", lr=LR, momentum=MOMENTUM), dm, trainer, callbacks=[clock])
     return clock.end - clock.start, epochs * len(dm.splits["train"][1])
@@ -155,18 +162,37 @@ def main() -> None:
             seconds, samples = runner_fit(copy.deepcopy(model), dm, args.epochs, device)
             ours.append(samples / seconds)
         ratios = [o / h for o, h in zip(ours, hand)]
-        rows.append({"model": name, "params": sum(p.numel() for p in model.parameters()),
-                     "hand samples/s": statistics.median(hand), "runner samples/s": statistics.median(ours),
-                     "ratio": statistics.median(ratios), "ratio min-max": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+        rows.append(
+            {
+                "model": name,
+                "params": sum(p.numel() for p in model.parameters()),
+                "hand samples/s": statistics.median(hand),
+                "runner samples/s": statistics.median(ours),
+                "ratio": statistics.median(ratios),
+                "ratio min-max": f"{min(ratios):.3f}-{max(ratios):.3f}",
+            }
+        )
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:,.0f}" if isinstance(v, (int, float))
-                                else str(v) for v in r.values()) + " |")
+        print(
+            "| "
+            + " | ".join(
+                f"{v:.3f}"
+                if isinstance(v, float) and v < 10
+                else f"{v:,.0f}"
+                if isinstance(v, (int, float))
+                else str(v)
+                for v in r.values()
+            )
+            + " |"
+        )
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\n{where}; {args.samples} samples 3x32x32, batch {args.batch}, {args.epochs} epochs, SGD lr {LR} momentum "
-          f"{MOMENTUM}, bf16 autocast; median of {args.repeats} alternating runs (ratio = runner / hand, per pair).")
+    print(
+        f"\n{where}; {args.samples} samples 3x32x32, batch {args.batch}, {args.epochs} epochs, SGD lr {LR} momentum "
+        f"{MOMENTUM}, bf16 autocast; median of {args.repeats} alternating runs (ratio = runner / hand, per pair)."
+    )
 
 
 if __name__ == "__main__":

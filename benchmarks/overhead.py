@@ -12,6 +12,7 @@ whose imports of torch and Lightning are the floor), and both final test accurac
 
     python benchmarks/overhead.py [--epochs 40] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,6 @@ def hand_loop(model: str, epochs: int, seed: int) -> None:
 
     import runner.models as models
     from runner.data import MNIST1D
-
     from runner.timing import process_start_time
 
     dm = MNIST1D()
@@ -52,7 +52,7 @@ def hand_loop(model: str, epochs: int, seed: int) -> None:
         order = torch.randperm(len(y), generator=generator)
         xs, ys = x[order], y[order]
         for i in range(0, len(ys), 100):
-            loss = F.cross_entropy(net(xs[i:i + 100]), ys[i:i + 100])
+            loss = F.cross_entropy(net(xs[i : i + 100]), ys[i : i + 100])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -62,38 +62,60 @@ def hand_loop(model: str, epochs: int, seed: int) -> None:
     train_s = time.perf_counter() - start
     with torch.no_grad():
         acc = float((net(xt).argmax(1) == yt).float().mean())
-    print(json.dumps({"train_s": train_s, "acc": acc, "steps": epochs * ((len(y) + 99) // 100), "startup_s": first_step}))
+    print(
+        json.dumps({"train_s": train_s, "acc": acc, "steps": epochs * ((len(y) + 99) // 100), "startup_s": first_step})
+    )
 
 
 def run_hand(model: str, epochs: int) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--hand", model, "--epochs", str(epochs)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--hand", model, "--epochs", str(epochs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - start}
 
 
 def run_runner(model: str, epochs: int, store: Path) -> dict:
     from mlflow import MlflowClient
 
-    args = [f"model={model}", f"trainer.max_epochs={epochs}", f"tracking.uri=sqlite:///{store}/mlflow.db",
-            f"tracking.artifact_location={store}/art", "cache.dir=null", "cache.skip_finished=false"]
+    args = [
+        f"model={model}",
+        f"trainer.max_epochs={epochs}",
+        f"tracking.uri=sqlite:///{store}/mlflow.db",
+        f"tracking.artifact_location={store}/art",
+        "cache.dir=null",
+        "cache.skip_finished=false",
+    ]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
-    [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id],
-                               "tags.role = 'job'", order_by=["start_time DESC"], max_results=1)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("runner").experiment_id],
+        "tags.role = 'job'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
     m = run.data.metrics
-    return {"train_s": m["members/mean/train_s"], "acc": m["members/mean/test/acc"], "wall_s": wall,  # one member
-            "mlflow_wait_s": m["timing/mlflow_setup_s"] + m["timing/mlflow_log_s"],
-            **{k.removeprefix("timing/"): v for k, v in m.items() if k.startswith("timing/")}}
+    return {
+        "train_s": m["members/mean/train_s"],
+        "acc": m["members/mean/test/acc"],
+        "wall_s": wall,  # one member
+        "mlflow_wait_s": m["timing/mlflow_setup_s"] + m["timing/mlflow_log_s"],
+        **{k.removeprefix("timing/"): v for k, v in m.items() if k.startswith("timing/")},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="alternating runs of each; the best time of each kind is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="alternating runs of each; the best time of each kind is reported"
+    )
     parser.add_argument("--hand", choices=sorted(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hand:
@@ -110,27 +132,42 @@ def main() -> None:
             # best of the repeats: on a shared machine, the run least disturbed by other load
             best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731
             steps = hand[0]["steps"]
-            rows.append({
-                "model": model, "steps": steps,
-                "hand train s": best(hand, "train_s"), "runner train s": best(ours, "train_s"),
-                "train ratio": best(ours, "train_s") / best(hand, "train_s"),
-                "median ratio": statistics.median(r["train_s"] for r in ours) / statistics.median(r["train_s"] for r in hand),
-                "overhead ms/step": 1000 * (best(ours, "train_s") - best(hand, "train_s")) / steps,
-                "wall ratio": best(ours, "wall_s") / best(hand, "wall_s"),
-                "MLflow wait %": 100 * best(ours, "mlflow_wait_s") / best(ours, "total_s"),
-                "MLflow worker s": best(ours, "mlflow_worker_s"),
-                "first step s": best(ours, "startup_s"), "hand first step s": best(hand, "startup_s"),
-                "acc hand": hand[0]["acc"], "acc runner": ours[0]["acc"],
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "steps": steps,
+                    "hand train s": best(hand, "train_s"),
+                    "runner train s": best(ours, "train_s"),
+                    "train ratio": best(ours, "train_s") / best(hand, "train_s"),
+                    "median ratio": statistics.median(r["train_s"] for r in ours)
+                    / statistics.median(r["train_s"] for r in hand),
+                    "overhead ms/step": 1000 * (best(ours, "train_s") - best(hand, "train_s")) / steps,
+                    "wall ratio": best(ours, "wall_s") / best(hand, "wall_s"),
+                    "MLflow wait %": 100 * best(ours, "mlflow_wait_s") / best(ours, "total_s"),
+                    "MLflow worker s": best(ours, "mlflow_worker_s"),
+                    "first step s": best(ours, "startup_s"),
+                    "hand first step s": best(hand, "startup_s"),
+                    "acc hand": hand[0]["acc"],
+                    "acc runner": ours[0]["acc"],
+                }
+            )
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and v < 1 else f"{v:.2f}" if isinstance(v, float)
-                                else str(v) for v in r.values()) + " |")
-    print(f"\n{args.epochs} epochs, batch 100, Adam lr 1e-2, seed 0; best of {args.repeats} interleaved runs; "
-          "train s = fit time inside each process (validation each epoch in both); wall = whole process; "
-          "first step s = process start to first optimizer step; median ratio = the train ratio of the medians.")
+        print(
+            "| "
+            + " | ".join(
+                f"{v:.3f}" if isinstance(v, float) and v < 1 else f"{v:.2f}" if isinstance(v, float) else str(v)
+                for v in r.values()
+            )
+            + " |"
+        )
+    print(
+        f"\n{args.epochs} epochs, batch 100, Adam lr 1e-2, seed 0; best of {args.repeats} interleaved runs; "
+        "train s = fit time inside each process (validation each epoch in both); wall = whole process; "
+        "first step s = process start to first optimizer step; median ratio = the train ratio of the medians."
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ runner >= 1.00x Trainer and >= 0.95x the hand loop.
     python benchmarks/pretrained.py [--rows 2000] [--epochs 1] [--repeats 3] [--threads 2]
     python benchmarks/pretrained.py --smoke    # 96 rows, 1 epoch, 1 round: a test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,7 @@ warnings.filterwarnings("ignore", ".*pin_memory.*")
 
 # ---------------------------------------------------------------- shared pieces
 
+
 def load_data(rows: int, max_length: int, batch: int) -> RottenTomatoes:
     dm = RottenTomatoes(task="sentiment", max_rows=rows, tokenizer=WEIGHTS, max_length=max_length, batch_size=batch)
     dm.setup()
@@ -125,6 +127,7 @@ def accuracy(net: nn.Module, x: dict, y: torch.Tensor) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- (1) the runner
 
+
 class StepClock(pl.Callback):
     """When the first training step began and training ended; steps taken; whether LitClassifier
     took its raw step path (runner/models/lit.py). Overrides none of the hooks that would turn that off."""
@@ -149,11 +152,16 @@ def run_runner(net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, max
     start = time.perf_counter()
     train_classifier(net, dm, trainer, optim, callbacks=[clock])
     end = time.perf_counter()
-    return {"seconds": end - start, "setup": clock.first - start, "steps": clock.steps,
-            "note": f"raw steps: {clock.raw}"}
+    return {
+        "seconds": end - start,
+        "setup": clock.first - start,
+        "steps": clock.steps,
+        "note": f"raw steps: {clock.raw}",
+    }
 
 
 # ---------------------------------------------------------------- (2) transformers.Trainer
+
 
 class Classifier(nn.Module):
     """The encoder as Trainer takes a model: keyword inputs, a dict with the loss."""
@@ -162,8 +170,9 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> dict:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict:
         logits = self.net({"input_ids": input_ids, "attention_mask": attention_mask})
         out = {"logits": logits}
         if labels is not None:
@@ -231,12 +240,27 @@ def run_trainer(net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, ma
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         training = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=args.batch, num_train_epochs=args.epochs, max_steps=max_steps,
-            learning_rate=args.lr, weight_decay=WEIGHT_DECAY, optim=args.trainer_optim, lr_scheduler_type="constant",
-            warmup_steps=0, max_grad_norm=0.0, seed=args.seed, eval_strategy="no", save_strategy="no",
-            report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=True)
-        trainer = OrderedTrainer(model=model, args=training, train_dataset=dataset, callbacks=[clock],
-                                 order_seed=order_seed(args.seed))
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            num_train_epochs=args.epochs,
+            max_steps=max_steps,
+            learning_rate=args.lr,
+            weight_decay=WEIGHT_DECAY,
+            optim=args.trainer_optim,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=0.0,
+            seed=args.seed,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=True,
+        )
+        trainer = OrderedTrainer(
+            model=model, args=training, train_dataset=dataset, callbacks=[clock], order_seed=order_seed(args.seed)
+        )
         trainer.remove_callback(PrinterCallback)  # prints the final log dict; no speed cost either way
         trainer.train()
         end = time.perf_counter()
@@ -244,6 +268,7 @@ def run_trainer(net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, ma
 
 
 # ---------------------------------------------------------------- (3) the hand-written loop
+
 
 def run_loop(net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, max_steps: int = -1) -> dict:
     x, y = dm.splits["train"]
@@ -274,6 +299,7 @@ RUNS = {"runner": run_runner, "Trainer": run_trainer, "loop": run_loop}
 
 # ---------------------------------------------------------------- the benchmark
 
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -299,9 +325,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the three, alternating")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for all three")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps of each first (0: none)")
-    parser.add_argument("--trainer-optim", default="adamw_torch_fused", choices=["adamw_torch", "adamw_torch_fused"],
-                        help="Trainer's optimizer: adamw_torch_fused (its default since torch 2.8) is the kernel the "
-                             "runner and the loop use; adamw_torch the per-tensor one")
+    parser.add_argument(
+        "--trainer-optim",
+        default="adamw_torch_fused",
+        choices=["adamw_torch", "adamw_torch_fused"],
+        help="Trainer's optimizer: adamw_torch_fused (its default since torch 2.8) is the kernel the "
+        "runner and the loop use; adamw_torch the per-tensor one",
+    )
     parser.add_argument("--smoke", action="store_true", help="96 rows, 1 epoch, 1 round, 1 warm-up step")
     args = parser.parse_args()
     if args.smoke:
@@ -311,11 +341,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     dm = load_data(args.rows, args.max_length, args.batch)
-    (x, y), (xt, yt) = dm.splits["train"], dm.splits["test"]
+    (_, y), (xt, yt) = dm.splits["train"], dm.splits["test"]
     n_train, samples = len(y), args.epochs * len(y)
-    print(f"data: Rotten Tomatoes sentiment, {args.rows} rows: {n_train} train, {len(dm.splits['val'][1])} val "
-          f"(unused), {len(yt)} test; {args.max_length} tokens, batch {args.batch}, {args.epochs} epoch(s) = "
-          f"{samples} samples, {args.epochs * -(-n_train // args.batch)} steps per run", flush=True)
+    print(
+        f"data: Rotten Tomatoes sentiment, {args.rows} rows: {n_train} train, {len(dm.splits['val'][1])} val "
+        f"(unused), {len(yt)} test; {args.max_length} tokens, batch {args.batch}, {args.epochs} epoch(s) = "
+        f"{samples} samples, {args.epochs * -(-n_train // args.batch)} steps per run",
+        flush=True,
+    )
 
     if args.warmup_steps:  # first-call costs (kernels, allocator, lazy imports) outside the timed runs
         net = build_net(dm.num_classes, args.max_length, args.seed)
@@ -323,14 +356,13 @@ def main() -> None:
             RUNS[method](copy.deepcopy(net), dm, args, max_steps=args.warmup_steps)
         torch.set_num_threads(args.threads)
 
-
     speed = {m: [] for m in METHODS}
     setup = {m: [] for m in METHODS}
     accs = {m: [] for m in METHODS}
     starts, ends = set(), []
     for r in range(args.repeats):
         k = r % len(METHODS)
-        order = METHODS[len(METHODS) - k:] + METHODS[:len(METHODS) - k]  # runner first, then rotated right
+        order = METHODS[len(METHODS) - k :] + METHODS[: len(METHODS) - k]  # runner first, then rotated right
         finals = {}
         for method in order:
             net = build_net(dm.num_classes, args.max_length, args.seed)
@@ -348,35 +380,52 @@ def main() -> None:
             speed[method].append(samples / result["seconds"])
             setup[method].append(result["setup"])
             accs[method].append((correct, total))
-            print(f"round {r + 1} {method:8s} {result['seconds']:8.2f} s  {samples / result['seconds']:7.2f} samples/s  "
-                  f"setup {result['setup']:.2f} s  steps {result['steps']}  test acc {correct / total:.4f} "
-                  f"({correct}/{total})  {result['note']}".rstrip(), flush=True)
+            print(
+                f"round {r + 1} {method:8s} {result['seconds']:8.2f} s  {samples / result['seconds']:7.2f} samples/s  "
+                f"setup {result['setup']:.2f} s  steps {result['steps']}  test acc {correct / total:.4f} "
+                f"({correct}/{total})  {result['note']}".rstrip(),
+                flush=True,
+            )
         ends.append(finals)
 
     ratios = {m: [a / b for a, b in zip(speed["runner"], speed[m])] for m in METHODS}
-    print("\n| method | samples/s (median) | samples/s min-max | setup s (median) | runner / method (median) "
-          "| ratio min-max | target | met | test acc per round |")
+    print(
+        "\n| method | samples/s (median) | samples/s min-max | setup s (median) | runner / method (median) "
+        "| ratio min-max | target | met | test acc per round |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for m in METHODS:
         target = TARGETS.get(m)
         ratio = statistics.median(ratios[m])
-        cells = [m, fmt(statistics.median(speed[m])), f"{fmt(min(speed[m]))}-{fmt(max(speed[m]))}",
-                 f"{statistics.median(setup[m]):.2f}", f"{ratio:.3f}",
-                 f"{min(ratios[m]):.3f}-{max(ratios[m]):.3f}",
-                 f">= {target:.2f}" if target else "-", ("yes" if ratio >= target else "no") if target else "-",
-                 ", ".join(f"{c / t:.4f}" for c, t in accs[m])]
+        cells = [
+            m,
+            fmt(statistics.median(speed[m])),
+            f"{fmt(min(speed[m]))}-{fmt(max(speed[m]))}",
+            f"{statistics.median(setup[m]):.2f}",
+            f"{ratio:.3f}",
+            f"{min(ratios[m]):.3f}-{max(ratios[m]):.3f}",
+            f">= {target:.2f}" if target else "-",
+            ("yes" if ratio >= target else "no") if target else "-",
+            ", ".join(f"{c / t:.4f}" for c, t in accs[m]),
+        ]
         print("| " + " | ".join(cells) + " |")
     same_end = all(len(set(f.values())) == 1 for f in ends)
-    print(f"\nsame start weights in every run: {'yes' if len(starts) == 1 else 'NO'} ({', '.join(sorted(starts))}); "
-          f"same trained weights across the three in every round: {'yes' if same_end else 'no'}")
+    print(
+        f"\nsame start weights in every run: {'yes' if len(starts) == 1 else 'NO'} ({', '.join(sorted(starts))}); "
+        f"same trained weights across the three in every round: {'yes' if same_end else 'no'}"
+    )
     print(f"test set: {len(yt)} rows; accuracy = correct / {len(yt)}")
     print(f"command: python {shlex.join(sys.argv)}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, pytorch_lightning {pl.__version__}; "
-          f"{args.threads} thread(s) (torch.set_num_threads); CPU: {cpu_model()} ({torch.get_num_threads()} torch "
-          f"threads at the end)")
-    print(f"AdamW lr {args.lr} (Trainer: optim={args.trainer_optim}), weight decay {WEIGHT_DECAY}, constant lr, no "
-          f"clipping, seed {args.seed}; no validation during training; median of {args.repeats} rotating round(s), ratios per round; samples/s over the whole "
-          "training call (setup s: its part before the first step).")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, pytorch_lightning {pl.__version__}; "
+        f"{args.threads} thread(s) (torch.set_num_threads); CPU: {cpu_model()} ({torch.get_num_threads()} torch "
+        f"threads at the end)"
+    )
+    print(
+        f"AdamW lr {args.lr} (Trainer: optim={args.trainer_optim}), weight decay {WEIGHT_DECAY}, constant lr, no "
+        f"clipping, seed {args.seed}; no validation during training; median of {args.repeats} rotating round(s), ratios per round; samples/s over the whole "
+        "training call (setup s: its part before the first step)."
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ prepacked for oneDNN: PT2E's int8 kernels need it); Inductor's caches are off, s
 (quantize + calibrate + lower + compile + first calls at both batch sizes) is the true one-off
 cost. agree: fraction of test inputs whose argmax equals fp32's. size_kb: torch.save(state_dict).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 from runner.compress import quantize as Q  # noqa: E402
-from runner.models.adapter import build_model as build_net  # noqa: E402
 from runner.data import MNIST5k  # noqa: E402
 from runner.data.batches import Inputs, num_samples, take  # noqa: E402
+from runner.models.adapter import build_model as build_net  # noqa: E402
 
 MODELS = ("lenet300", "mlp", "cnn1d", "lenet5", "resnet20", "vit_tiny", "bert_tiny")
 CNNS = ("lenet5", "resnet20")
@@ -58,8 +59,11 @@ VOCAB, TOKENS = 8000, 16
 
 def build_model(name: str) -> nn.Module:
     """The model as its YAML builds it, with MNIST's (or the token task's) data fields filled in."""
-    data = {"num_classes": 2, "vocab_size": VOCAB, "max_length": TOKENS} if name == "bert_tiny" else \
-        {"num_classes": 10, "num_features": 784, "input_shape": [1, 28, 28]}
+    data = (
+        {"num_classes": 2, "vocab_size": VOCAB, "max_length": TOKENS}
+        if name == "bert_tiny"
+        else {"num_classes": 10, "num_features": 784, "input_shape": [1, 28, 28]}
+    )
     cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")})
     return build_net(cfg.model, "model")
 
@@ -195,11 +199,16 @@ def bench_model(name: str, args) -> None:
     batches = (1, args.batch)
     inputs = {b: take(x_test, slice(0, b)) for b in batches}
     reference = predictions(model, x_test, args.batch)
-    print(f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, trained {args.epochs} epochs on "
-          f"{len(y)} samples in {time.time() - t0:.0f}s; agreement on {len(reference)} test inputs; "
-          f"{auto_choice(model, take(x, slice(0, 2)))}", flush=True)
-    print(f"  {'engine':28} {'b1 ms':>8} {'iqr':>6} {f'b{args.batch} ms':>9} {'iqr':>6} {'x fp32':>7} "
-          f"{'agree':>6} {'size_kb':>8} {'setup_s':>7}")
+    print(
+        f"\n{name}: {sum(p.numel() for p in model.parameters()):,} params, trained {args.epochs} epochs on "
+        f"{len(y)} samples in {time.time() - t0:.0f}s; agreement on {len(reference)} test inputs; "
+        f"{auto_choice(model, take(x, slice(0, 2)))}",
+        flush=True,
+    )
+    print(
+        f"  {'engine':28} {'b1 ms':>8} {'iqr':>6} {f'b{args.batch} ms':>9} {'iqr':>6} {'x fp32':>7} "
+        f"{'agree':>6} {'size_kb':>8} {'setup_s':>7}"
+    )
     base = None
     for label, make in engines(name, model, x, args).items():
         start = time.time()
@@ -215,8 +224,11 @@ def bench_model(name: str, args) -> None:
         t = {b: timings(run, inputs[b], args.warmup, args.repeats) for b in batches}
         base = base or t[args.batch][0]
         agree = float((predictions(run, x_test, args.batch) == reference).double().mean())
-        print(f"  {label:28} {t[1][0]:8.3f} {t[1][1]:6.3f} {t[args.batch][0]:9.3f} {t[args.batch][1]:6.3f} "
-              f"{base / t[args.batch][0]:7.2f} {agree:6.3f} {state_bytes(module) / 1024:8.1f} {setup:7.1f}", flush=True)
+        print(
+            f"  {label:28} {t[1][0]:8.3f} {t[1][1]:6.3f} {t[args.batch][0]:9.3f} {t[args.batch][1]:6.3f} "
+            f"{base / t[args.batch][0]:7.2f} {agree:6.3f} {state_bytes(module) / 1024:8.1f} {setup:7.1f}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -244,10 +256,12 @@ def main() -> None:
     for logger in ("torch._inductor", "torch._dynamo", "torch.utils._pytree"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     torchao = Q.import_torchao()
-    print(f"torch {torch.__version__}, torchao {torchao.__version__}, threads {torch.get_num_threads()}, "
-          f"quantized engine {torch.backends.quantized.engine}, batches 1 and {args.batch}, "
-          f"median and IQR of {args.repeats} calls after {args.warmup}; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f} (other processes share the cores: compare rows of one run)")
+    print(
+        f"torch {torch.__version__}, torchao {torchao.__version__}, threads {torch.get_num_threads()}, "
+        f"quantized engine {torch.backends.quantized.engine}, batches 1 and {args.batch}, "
+        f"median and IQR of {args.repeats} calls after {args.warmup}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f} (other processes share the cores: compare rows of one run)"
+    )
     start = time.time()
     for name in names:
         bench_model(name, args)

@@ -7,6 +7,7 @@
 (2) Four seeds of the CNN: one after another (basic launcher) vs two at a time (joblib, n_jobs=2).
 Each figure is the wall time of the whole `python -m runner -m ...` command, fresh MLflow store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sweep(tmp: Path, name: str, *overrides: str) -> float:
     folder = tmp / name
-    args = [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"tracking.artifact_location={folder}/art",
-            f"hydra.sweep.dir={folder}/sweep", "model=cnn1d", *overrides]
+    args = [
+        f"tracking.uri=sqlite:///{folder}/mlflow.db",
+        f"tracking.artifact_location={folder}/art",
+        f"hydra.sweep.dir={folder}/sweep",
+        "model=cnn1d",
+        *overrides,
+    ]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "runner", "-m", *args], cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -41,9 +47,19 @@ def main() -> None:
         uncached = sweep(tmp, "nocache", epochs, recipes, "cache.dir=null")
         seeds = "seed=0,1,2,3"
         basic = sweep(tmp, "basic", epochs, seeds, "cache.dir=null")
-        joblib = sweep(tmp, "joblib", epochs, seeds, "cache.dir=null", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-        joblib1 = sweep(tmp, "joblib1", epochs, seeds, "cache.dir=null", "hydra/launcher=joblib",
-                        "hydra.launcher.n_jobs=2", "threads=1")
+        joblib = sweep(
+            tmp, "joblib", epochs, seeds, "cache.dir=null", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+        )
+        joblib1 = sweep(
+            tmp,
+            "joblib1",
+            epochs,
+            seeds,
+            "cache.dir=null",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "threads=1",
+        )
     print("| sweep | jobs | wall s | ratio |")
     print("|---|---|---|---|")
     print(f"| 3 recipes x 1 CNN member, no cache | 3 | {uncached:.1f} | 1.00 |")

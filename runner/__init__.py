@@ -7,6 +7,7 @@
 def __getattr__(name: str):
     if name in ("load", "ShippedModel"):  # lazily: `python -m runner` imports no torch before it needs it
         from runner import serve
+
         return getattr(serve, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

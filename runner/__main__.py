@@ -1,4 +1,5 @@
 """Command line: `python -m runner [group=option ...] [key=value ...]` (Hydra; -m for multirun)."""
+
 from __future__ import annotations
 
 import signal
@@ -44,10 +45,19 @@ def _main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     # the option picked in every config group (model=cnn1d, fuse=mean), comparable across runs
-    choices = {f"choice/{group}": option for group, option in hydra_cfg.runtime.choices.items()
-               if not group.startswith("hydra") and "@" not in group}
-    results = run(cfg, overrides=list(hydra_cfg.overrides.task), tracker=tracker, choices=choices,
-                  parent_id=sweep and sweep["run_id"], tags=sweep and {"sweep_id": sweep["sweep_id"]})
+    choices = {
+        f"choice/{group}": option
+        for group, option in hydra_cfg.runtime.choices.items()
+        if not group.startswith("hydra") and "@" not in group
+    }
+    results = run(
+        cfg,
+        overrides=list(hydra_cfg.overrides.task),
+        tracker=tracker,
+        choices=choices,
+        parent_id=sweep and sweep["run_id"],
+        tags=sweep and {"sweep_id": sweep["sweep_id"]},
+    )
     return results.get("objective/val_acc", float("nan"))  # what sweepers such as Optuna maximize
 
 

@@ -5,6 +5,7 @@ its initial weights. An entry is a folder `<dir>/members/<key>/` with `model.pt`
 (which records model.pt's sha256); it is written to a temporary folder and renamed, so a killed
 job never leaves a half-written entry, and an entry whose checksum does not match is rebuilt.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,9 @@ def code_digest(objects: Iterable[Any], training: bool = False) -> dict[str, str
         path = getattr(module, "__file__", None)
         if module is None or path is None or cls.__module__.split(".")[0] in ("runner", "builtins"):
             continue
-        if any(part in ("site-packages", "dist-packages") for part in Path(path).parts) \
-                or Path(path).is_relative_to(sys.base_prefix):
+        if any(part in ("site-packages", "dist-packages") for part in Path(path).parts) or Path(path).is_relative_to(
+            sys.base_prefix
+        ):
             version = _module_version(module)
             if version:
                 covered[cls.__module__.split(".")[0]] = version
@@ -117,8 +119,11 @@ class MemberCache:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ConfigError("cache.dir", str(self.root), f"a folder this process can write, or null to disable "
-                              f"the cache ({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                "cache.dir",
+                str(self.root),
+                f"a folder this process can write, or null to disable the cache ({type(e).__name__}: {e})",
+            ) from None
 
     def entry(self, key: str) -> Path | None:
         return self.root / "members" / key if self.root else None
@@ -162,14 +167,16 @@ class MemberCache:
             return None, None
         folder = self.root / "checkpoints" / key
         last = folder / "last.ckpt"
-        callback = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, every_n_epochs=1,
-                                   enable_version_counter=False)
+        callback = ModelCheckpoint(
+            dirpath=folder, filename="last", save_top_k=1, every_n_epochs=1, enable_version_counter=False
+        )
         if last.exists():
             try:  # a job killed while writing it leaves a truncated file: start over rather than crash
                 torch.load(last, map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001 - any damage means: train from scratch
-                log.warning("checkpoint %s is unreadable (%s: %s); discarded, training from scratch",
-                            last, type(e).__name__, e)
+                log.warning(
+                    "checkpoint %s is unreadable (%s: %s); discarded, training from scratch", last, type(e).__name__, e
+                )
                 last.unlink(missing_ok=True)
         return callback, str(last) if last.exists() else None
 

@@ -4,6 +4,7 @@ The schema is registered as `schema` and sits first in conf/config.yaml's defaul
 rejects a wrong type or an unknown key while composing; `validate` adds the range checks.
 Every object is built from config through `build`, before any training starts.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -11,7 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
@@ -71,20 +72,38 @@ class TrainerConf:
     enable_progress_bar: bool = False
     strategy: str = "auto"
     compile: bool = False  # train through torch.compile(net.forward) (runner/models/lit.py)
-    channels_last: Optional[bool] = None  # NHWC weights and image batches in training; null: CNNs on a GPU
+    channels_last: bool | None = None  # NHWC weights and image batches in training; null: CNNs on a GPU
 
     def __post_init__(self) -> None:
         for key in ("limit_train_batches", "limit_val_batches"):
             value = getattr(self, key)
-            check(_limit(value), f"trainer.{key}", value, "null, a number of batches (an integer >= 0) or a "
-                  "fraction in [0.0, 1.0]")
-        check(_devices(self.devices), "trainer.devices", self.devices, "'auto', an integer >= 1, -1 (all) or a "
-              "list of device indices")
+            check(
+                _limit(value),
+                f"trainer.{key}",
+                value,
+                "null, a number of batches (an integer >= 0) or a fraction in [0.0, 1.0]",
+            )
+        check(
+            _devices(self.devices),
+            "trainer.devices",
+            self.devices,
+            "'auto', an integer >= 1, -1 (all) or a list of device indices",
+        )
         check(str(self.precision) in PRECISIONS, "trainer.precision", self.precision, list(PRECISIONS))
         check(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, list(STRATEGIES))
         check(self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs, "an integer >= 1")
-        check(self.max_steps == -1 or self.max_steps >= 1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 1")
-        check(self.steps_per_call >= 0, "trainer.steps_per_call", self.steps_per_call, "0 (a whole epoch) or an integer >= 1")
+        check(
+            self.max_steps == -1 or self.max_steps >= 1,
+            "trainer.max_steps",
+            self.max_steps,
+            "-1 (no limit) or an integer >= 1",
+        )
+        check(
+            self.steps_per_call >= 0,
+            "trainer.steps_per_call",
+            self.steps_per_call,
+            "0 (a whole epoch) or an integer >= 1",
+        )
         check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
 
 
@@ -94,10 +113,18 @@ FINETUNE_MODES = ("full", "linear_probe", "lp_ft")  # optim.finetune (runner/mod
 def check_finetune(finetune: str, backbone_lr_factor: float, probe_epochs: int) -> None:
     """The fine-tuning keys of `optim`: which weights train, and the backbone's share of the lr."""
     check(finetune in FINETUNE_MODES, "optim.finetune", finetune, list(FINETUNE_MODES))
-    check(backbone_lr_factor > 0, "optim.backbone_lr_factor", backbone_lr_factor,
-          "a float > 0 (the backbone's lr is optim.lr times this; the head's is optim.lr)")
-    check(isinstance(probe_epochs, int) and probe_epochs >= 1, "optim.probe_epochs", probe_epochs,
-          "an integer >= 1 (epochs of the linear probe before optim.finetune=lp_ft trains everything)")
+    check(
+        backbone_lr_factor > 0,
+        "optim.backbone_lr_factor",
+        backbone_lr_factor,
+        "a float > 0 (the backbone's lr is optim.lr times this; the head's is optim.lr)",
+    )
+    check(
+        isinstance(probe_epochs, int) and probe_epochs >= 1,
+        "optim.probe_epochs",
+        probe_epochs,
+        "an integer >= 1 (epochs of the linear probe before optim.finetune=lp_ft trains everything)",
+    )
 
 
 @dataclass
@@ -126,12 +153,12 @@ class EvalConf:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     ece_bins: int = 15
     latency_batch_size: int = 256
-    latency_repeats: int = 30         # timed calls at least (runner/evaluate/latency.py) ...
-    latency_min_time_s: float = 0.5   # ... and more until they add up to this ...
+    latency_repeats: int = 30  # timed calls at least (runner/evaluate/latency.py) ...
+    latency_min_time_s: float = 0.5  # ... and more until they add up to this ...
     latency_max_repeats: int = 10000  # ... but no more than this
-    latency_warmup_s: float = 0.2     # untimed calls first (3 at least) for at least this long
-    latency_threads: Optional[int] = None  # torch threads while timing; null: the job's `threads` (or torch's)
-    export: str = "none"              # onnx: export every evaluated model, run it in ONNX Runtime (runner/export.py)
+    latency_warmup_s: float = 0.2  # untimed calls first (3 at least) for at least this long
+    latency_threads: int | None = None  # torch threads while timing; null: the job's `threads` (or torch's)
+    export: str = "none"  # onnx: export every evaluated model, run it in ONNX Runtime (runner/export.py)
 
     def __post_init__(self) -> None:
         check(self.export in EXPORTS, "eval.export", self.export, list(EXPORTS))
@@ -140,13 +167,22 @@ class EvalConf:
         check(self.ece_bins >= 1, "eval.ece_bins", self.ece_bins, "an integer >= 1")
         check(self.latency_batch_size >= 1, "eval.latency_batch_size", self.latency_batch_size, "an integer >= 1")
         check(self.latency_repeats >= 1, "eval.latency_repeats", self.latency_repeats, "an integer >= 1")
-        check(self.latency_min_time_s >= 0, "eval.latency_min_time_s", self.latency_min_time_s,
-              "a number of seconds >= 0")
-        check(self.latency_max_repeats >= self.latency_repeats, "eval.latency_max_repeats", self.latency_max_repeats,
-              f"an integer >= eval.latency_repeats ({self.latency_repeats})")
+        check(
+            self.latency_min_time_s >= 0, "eval.latency_min_time_s", self.latency_min_time_s, "a number of seconds >= 0"
+        )
+        check(
+            self.latency_max_repeats >= self.latency_repeats,
+            "eval.latency_max_repeats",
+            self.latency_max_repeats,
+            f"an integer >= eval.latency_repeats ({self.latency_repeats})",
+        )
         check(self.latency_warmup_s >= 0, "eval.latency_warmup_s", self.latency_warmup_s, "a number of seconds >= 0")
-        check(self.latency_threads is None or self.latency_threads >= 1, "eval.latency_threads", self.latency_threads,
-              "null (the job's threads) or an integer >= 1")
+        check(
+            self.latency_threads is None or self.latency_threads >= 1,
+            "eval.latency_threads",
+            self.latency_threads,
+            "null (the job's threads) or an integer >= 1",
+        )
 
 
 @dataclass
@@ -154,7 +190,7 @@ class TrackingConf:
     _target_: str = "runner.tracking.make_tracker"
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str = "runner"
-    artifact_location: Optional[str] = "outputs/mlartifacts"
+    artifact_location: str | None = "outputs/mlartifacts"
     background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
     timeout_s: float = 30.0  # the longest a job waits for an answer from the tracking store
     log_models: bool = True  # every evaluated model as an MLflow LoggedModel of its child run (runner.load)
@@ -171,8 +207,13 @@ URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "datab
 def check_tracking_uri(uri: str) -> None:
     """A scheme MLflow can track to; a SQLite file this process can write (else MLflow retries for minutes)."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
-    check(scheme in URI_SCHEMES, "tracking.uri", uri, f"an MLflow tracking URI with one of the schemes {list(URI_SCHEMES)}, "
-          "e.g. sqlite:///outputs/mlflow.db or http://host:5000")
+    check(
+        scheme in URI_SCHEMES,
+        "tracking.uri",
+        uri,
+        f"an MLflow tracking URI with one of the schemes {list(URI_SCHEMES)}, "
+        "e.g. sqlite:///outputs/mlflow.db or http://host:5000",
+    )
     if scheme == "sqlite":
         path = Path(uri.split("://", 1)[1].removeprefix("/"))
         if str(path) in ("", ":memory:"):
@@ -184,19 +225,19 @@ def check_tracking_uri(uri: str) -> None:
 
 @dataclass
 class CacheConf:
-    dir: Optional[str] = "outputs/cache"  # trained members and checkpoints; null disables both
-    skip_finished: bool = True           # a job whose config already FINISHED in MLflow is skipped
+    dir: str | None = "outputs/cache"  # trained members and checkpoints; null disables both
+    skip_finished: bool = True  # a job whose config already FINISHED in MLflow is skipped
 
 
 @dataclass
 class RunConf:
     seed: int = 0
-    threads: Optional[int] = 1  # torch CPU threads per job (1: the same numbers on a busy machine); null: torch's default
+    threads: int | None = 1  # torch CPU threads per job (1: the same numbers on a busy machine); null: torch's default
     data: Any = MISSING
     model: Any = MISSING
-    ensemble: Any = None   # members: {name: model config} x seeds; null -> the `model` group, one seed
-    compress: Any = None   # a recipe from conf/compress/, or null for none
-    fuse: Any = None       # a strategy from conf/fuse/, or null for none
+    ensemble: Any = None  # members: {name: model config} x seeds; null -> the `model` group, one seed
+    compress: Any = None  # a recipe from conf/compress/, or null for none
+    fuse: Any = None  # a strategy from conf/fuse/, or null for none
     trainer: TrainerConf = field(default_factory=TrainerConf)
     optim: OptimConf = field(default_factory=OptimConf)
     eval: EvalConf = field(default_factory=EvalConf)
@@ -222,12 +263,20 @@ def validate(cfg: DictConfig) -> None:
     seed = OmegaConf.select(cfg, "seed")
     check(isinstance(seed, int) and 0 <= seed < SEED_RANGE, "seed", seed, f"an integer in [0, {SEED_RANGE})")
     unknown = sorted(set(cfg) - set(RunConf.__dataclass_fields__))
-    check(not unknown, unknown[0] if unknown else "", cfg.get(unknown[0]) if unknown else None,
-          f"no keys beyond the top-level ones {sorted(RunConf.__dataclass_fields__)}")
+    check(
+        not unknown,
+        unknown[0] if unknown else "",
+        cfg.get(unknown[0]) if unknown else None,
+        f"no keys beyond the top-level ones {sorted(RunConf.__dataclass_fields__)}",
+    )
     for key in ("split_seed", "dataset_seed"):
         value = OmegaConf.select(cfg, f"data.{key}")
-        check(value is None or (isinstance(value, int) and 0 <= value < SEED_RANGE), f"data.{key}", value,
-              f"an integer in [0, {SEED_RANGE})")
+        check(
+            value is None or (isinstance(value, int) and 0 <= value < SEED_RANGE),
+            f"data.{key}",
+            value,
+            f"an integer in [0, {SEED_RANGE})",
+        )
     threads = OmegaConf.select(cfg, "threads")
     check(threads is None or threads >= 1, "threads", threads, "null or an integer >= 1")
     for key in ("trainer", "optim", "eval", "tracking", "cache"):
@@ -235,16 +284,23 @@ def validate(cfg: DictConfig) -> None:
             OmegaConf.to_object(cfg[key])
     if OmegaConf.select(cfg, "optim.finetune") == "lp_ft":
         probe, epochs = cfg.optim.probe_epochs, OmegaConf.select(cfg, "trainer.max_epochs")
-        check(epochs is None or probe < epochs, "optim.probe_epochs", probe,
-              f"fewer than trainer.max_epochs ({epochs}): lp_ft probes, then trains every weight")
+        check(
+            epochs is None or probe < epochs,
+            "optim.probe_epochs",
+            probe,
+            f"fewer than trainer.max_epochs ({epochs}): lp_ft probes, then trains every weight",
+        )
 
 
 def interpolation_error(e: OmegaConfBaseException, key: str) -> ConfigError:
     """A config that does not resolve, e.g. ${data.vocab_size} in a model config on data without one."""
     if isinstance(e, MissingMandatoryValue):
         return ConfigError(getattr(e, "full_key", None) or key, "???", "a value: this key is required")
-    return ConfigError(getattr(e, "full_key", None) or key, (getattr(e, "msg", None) or str(e)).split("\n")[0],
-                       "a value this data provides (see runner.config.DATA_KEYS), or one set in the config")
+    return ConfigError(
+        getattr(e, "full_key", None) or key,
+        (getattr(e, "msg", None) or str(e)).split("\n")[0],
+        "a value this data provides (see runner.config.DATA_KEYS), or one set in the config",
+    )
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -270,7 +326,11 @@ def check_seed_sweep(ensemble_seeds: Any, swept: Mapping[str, Sequence[str]]) ->
     would train and report the same members as if they were replicates. Refused before the sweep starts;
     `ensemble.size` seeds the members from `seed` instead. `swept`: key -> its values in the sweep."""
     seeds = swept.get("ensemble.seeds") or ([str(ensemble_seeds)] if ensemble_seeds is not None else [])
-    check(not (len(swept.get("seed", [])) > 1 and len(seeds) == 1), "seed", ",".join(swept.get("seed", [])),
-          f"one seed beside ensemble.seeds={seeds[0] if seeds else None} (the members' seeds are that list, so "
-          "the jobs would repeat the same members); sweep ensemble.seeds instead, or use ensemble.seeds=null "
-          "ensemble.size=N to seed the members seed * N + i")
+    check(
+        not (len(swept.get("seed", [])) > 1 and len(seeds) == 1),
+        "seed",
+        ",".join(swept.get("seed", [])),
+        f"one seed beside ensemble.seeds={seeds[0] if seeds else None} (the members' seeds are that list, so "
+        "the jobs would repeat the same members); sweep ensemble.seeds instead, or use ensemble.seeds=null "
+        "ensemble.size=N to seed the members seed * N + i",
+    )

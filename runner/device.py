@@ -7,6 +7,7 @@ there for one step and back to the CPU after it, so what comes next (compression
 finds them where it always does. int8 models keep to the CPU (their kernels exist only there) and
 say why (`cpu_only`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,8 +70,9 @@ def data_on_device(datamodule: Any, device: torch.device, trainer_cfg: Mapping[s
     sources that slice tensors (`tensor_batches`); says whether it moved them."""
     devices = trainer_cfg.get("devices", 1)
     indices = device_indices(devices)
-    one_device = str(trainer_cfg.get("strategy", "auto")) in ("auto", "single_device") and \
-        (len(indices) == 1 if indices is not None else str(devices) == "1")
+    one_device = str(trainer_cfg.get("strategy", "auto")) in ("auto", "single_device") and (
+        len(indices) == 1 if indices is not None else str(devices) == "1"
+    )
     if device.type == "cpu" or not one_device or not hasattr(datamodule, "to_device"):
         return False
     return datamodule.to_device(device)

@@ -1,4 +1,5 @@
 """One error type for bad configuration, raised before any training starts."""
+
 from __future__ import annotations
 
 from typing import Any

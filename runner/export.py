@@ -16,6 +16,7 @@ that torch.export cannot trace: they are not exported, and the reason says so.
 `python -m runner.export model=<models:/ URI or child run id> output=<file.onnx>` exports a model a
 job logged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ TORCH_AO_QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"
 class Exported:
     """What an export made: `format` (onnx | torch.export | none), the file's bytes, why ONNX (or
     anything) could not be made, and the seconds it took."""
+
     format: str
     data: bytes | None
     reason: str | None
@@ -101,10 +103,14 @@ def export_model(model: nn.Module, example: Inputs) -> Exported:
     start = time.perf_counter()
     quantized = _torch_ao_quantized(model)
     if quantized:
-        return Exported("none", None, f"torch.ao quantized modules ({', '.join(quantized)}) hold packed int8 "
-                        "weights that torch.export cannot trace, so neither ONNX nor torch.export can express "
-                        "them; export the float model and quantize it with onnxruntime.quantization",
-                        time.perf_counter() - start)
+        return Exported(
+            "none",
+            None,
+            f"torch.ao quantized modules ({', '.join(quantized)}) hold packed int8 "
+            "weights that torch.export cannot trace, so neither ONNX nor torch.export can express "
+            "them; export the float model and quantize it with onnxruntime.quantization",
+            time.perf_counter() - start,
+        )
     subject = exportable(model)
     x = _on_cpu(example)
     x = x if num_samples(x) >= 2 else take(x, [0, 0])  # a batch of one would fix the batch size to 1
@@ -112,8 +118,12 @@ def export_model(model: nn.Module, example: Inputs) -> Exported:
         with torch.no_grad():
             program = torch.export.export(subject, (x,), dynamic_shapes=_batch_dims(x))
     except Exception as e:  # noqa: BLE001  (torch.export raises many types; the reason is what matters)
-        hint = ("the forward leaves torch (numpy or scikit-learn code, e.g. stacking's meta-learner), which "
-                "no graph can hold; " if "numpy" in str(e) else "")
+        hint = (
+            "the forward leaves torch (numpy or scikit-learn code, e.g. stacking's meta-learner), which "
+            "no graph can hold; "
+            if "numpy" in str(e)
+            else ""
+        )
         return Exported("none", None, f"torch.export: {hint}{_summary(e)}", time.perf_counter() - start)
     try:
         with _quiet_exporter():
@@ -189,8 +199,15 @@ def load_exported(data: bytes, fmt: str, threads: int | None = None) -> nn.Modul
     raise ValueError(f"format {fmt!r}: nothing to load (allowed: onnx, torch.export)")
 
 
-def check_export(model: nn.Module, exported: Exported, loader: Any, probs: torch.Tensor, latency_x: Inputs,
-                 latency: dict[str, float], latency_kwargs: dict[str, Any]) -> dict[str, float]:
+def check_export(
+    model: nn.Module,
+    exported: Exported,
+    loader: Any,
+    probs: torch.Tensor,
+    latency_x: Inputs,
+    latency: dict[str, float],
+    latency_kwargs: dict[str, Any],
+) -> dict[str, float]:
     """The exported model on the test split beside the PyTorch one: `export/agreement` (share of equal
     argmax), `export/max_abs_diff` (of the probabilities), `export/acc`, its latency on the same batch
     measured the same way (`export/latency_ms`, quartiles) and `export/speedup` = PyTorch median /
@@ -205,14 +222,17 @@ def check_export(model: nn.Module, exported: Exported, loader: Any, probs: torch
     runnable = load_exported(exported.data, exported.format, latency_kwargs.get("threads"))
     ported, targets = predict_proba(runnable, loader)
     stats = latency_stats(runnable, _on_cpu(latency_x), **latency_kwargs)
-    metrics.update({
-        "export/bytes": float(len(exported.data)),
-        "export/agreement": float((ported.argmax(1) == probs.argmax(1)).double().mean()),
-        "export/max_abs_diff": float((ported - probs).abs().max()),
-        "export/acc": float((ported.argmax(1) == targets).double().mean()),
-        "export/latency_ms": stats.median_ms, "export/latency_q25_ms": stats.q25_ms,
-        "export/latency_q75_ms": stats.q75_ms,
-    })
+    metrics.update(
+        {
+            "export/bytes": float(len(exported.data)),
+            "export/agreement": float((ported.argmax(1) == probs.argmax(1)).double().mean()),
+            "export/max_abs_diff": float((ported - probs).abs().max()),
+            "export/acc": float((ported.argmax(1) == targets).double().mean()),
+            "export/latency_ms": stats.median_ms,
+            "export/latency_q25_ms": stats.q25_ms,
+            "export/latency_q75_ms": stats.q75_ms,
+        }
+    )
     if latency.get("latency_ms"):
         metrics["export/speedup"] = latency["latency_ms"] / stats.median_ms
     return metrics
@@ -235,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = dict(a.partition("=")[::2] for a in argv)
     bad = [k for k in args if k not in KEYS] + [k for k in ("model", "output") if not args.get(k)]
     if bad:
-        print(f"runner.export: error: argument {bad[0]!r}: expected model=<models:/ URI or child run id> "
-              f"output=<file> [tracking_uri=...], keys {list(KEYS)}", file=sys.stderr)
+        print(
+            f"runner.export: error: argument {bad[0]!r}: expected model=<models:/ URI or child run id> "
+            f"output=<file> [tracking_uri=...], keys {list(KEYS)}",
+            file=sys.stderr,
+        )
         return 2
     from runner.serve import load
 
@@ -257,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ported = torch.softmax(load_exported(exported.data, exported.format)(x).double(), dim=1)
     diff = float((ported - shipped.predict_proba(x)).abs().max())
     why = f" (not ONNX: {exported.reason})" if exported.reason else ""
-    print(f"runner.export: wrote {output} ({exported.format}, {len(exported.data):,} bytes, "
-          f"max |p - p_torch| {diff:.2g} on the input example){why}")
+    print(
+        f"runner.export: wrote {output} ({exported.format}, {len(exported.data):,} bytes, "
+        f"max |p - p_torch| {diff:.2g} on the input example){why}"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Each member may have its own training settings (`ensemble.finetune[i]`: optimizer and training-data
 overrides), so members fine-tuned from one shared start differ by more than their data order.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,8 +25,8 @@ from torch import nn
 from runner.cache import MemberCache, code_digest, digest
 from runner.config import OptimConf, build
 from runner.data import as_source
-from runner.models.adapter import build_model
 from runner.errors import ConfigError, check
+from runner.models.adapter import build_model
 from runner.progress import MemberProgress
 from runner.train import train_classifier
 
@@ -72,19 +73,39 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_n
     """
     ens = cfg.ensemble or {}
     specs = dict(ens.get("members") or {}) or {None: cfg.model}
-    check(ens.get("seeds") is None or len(ens.get("seeds")) >= 1, "ensemble.seeds", ens.get("seeds"),
-          "a non-empty list of seeds (or null: the top-level seed)")
+    check(
+        ens.get("seeds") is None or len(ens.get("seeds")) >= 1,
+        "ensemble.seeds",
+        ens.get("seeds"),
+        "a non-empty list of seeds (or null: the top-level seed)",
+    )
     size = ens.get("size")
-    check(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1), "ensemble.size", size,
-          "null or an integer >= 1 (members seeded seed * size + i, i < size)")
-    check(size is None or ens.get("seeds") is None, "ensemble.seeds", ens.get("seeds"),
-          f"null when ensemble.size is set ({size}: the seeds are seed * size + i)")
+    check(
+        size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1),
+        "ensemble.size",
+        size,
+        "null or an integer >= 1 (members seeded seed * size + i, i < size)",
+    )
+    check(
+        size is None or ens.get("seeds") is None,
+        "ensemble.seeds",
+        ens.get("seeds"),
+        f"null when ensemble.size is set ({size}: the seeds are seed * size + i)",
+    )
     seeds = list(ens.get("seeds") or ([cfg.seed * size + i for i in range(size)] if size else [cfg.seed]))
-    check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds), "ensemble.seeds", seeds,
-          "a list of integers >= 0")
+    check(
+        all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+        "ensemble.seeds",
+        seeds,
+        "a list of integers >= 0",
+    )
     check(len(set(seeds)) == len(seeds), "ensemble.seeds", seeds, "distinct integers")
-    check(int(ens.get("pretrain_epochs") or 0) >= 0, "ensemble.pretrain_epochs", ens.get("pretrain_epochs"),
-          "an integer >= 0")
+    check(
+        int(ens.get("pretrain_epochs") or 0) >= 0,
+        "ensemble.pretrain_epochs",
+        ens.get("pretrain_epochs"),
+        "an integer >= 0",
+    )
     lr = ens.get("finetune_lr")
     check(lr is None or _number(lr) and lr > 0, "ensemble.finetune_lr", lr, "null (the job's optim.lr) or a float > 0")
     members = []
@@ -114,10 +135,13 @@ def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any
         return
     entries = OmegaConf.to_container(entries, resolve=True) if OmegaConf.is_config(entries) else entries
     names = [m.name for m in members]
-    check(isinstance(entries, list) and len(entries) == len(members), "ensemble.finetune",
-          entries if not isinstance(entries, list) else f"{len(entries)} entries",
-          f"null or a list of {len(members)} entries (dicts with optional optim and data), one per member in "
-          f"order {names}")
+    check(
+        isinstance(entries, list) and len(entries) == len(members),
+        "ensemble.finetune",
+        entries if not isinstance(entries, list) else f"{len(entries)} entries",
+        f"null or a list of {len(members)} entries (dicts with optional optim and data), one per member in "
+        f"order {names}",
+    )
     datamodules: dict[str, Any] = {}
     for i, (member, entry) in enumerate(zip(members, entries)):
         key = f"ensemble.finetune[{i}]"
@@ -130,13 +154,21 @@ def plan_finetune(members: list[Member], cfg: DictConfig, data: Mapping[str, Any
         for name, value in optim.items():
             check(name in OPTIM_KEYS, f"{key}.optim.{name}", value, f"keys of optim: {list(OPTIM_KEYS)}")
             text = name in ("name", "finetune")
-            check(isinstance(value, str) if text else _number(value), f"{key}.optim.{name}", value,
-                  "a name" if text else "a number")
+            check(
+                isinstance(value, str) if text else _number(value),
+                f"{key}.optim.{name}",
+                value,
+                "a name" if text else "a number",
+            )
         with _renamed("optim", f"{key}.optim"):
             OptimConf(**{**cfg.optim, **optim})  # its checks: optimizer name, lr > 0, weight_decay >= 0
         for name, value in overrides.items():
-            check(name in FINETUNE_DATA_KEYS, f"{key}.data.{name}", value, f"training-time data keys "
-                  f"{list(FINETUNE_DATA_KEYS)} (the splits stay the job's)")
+            check(
+                name in FINETUNE_DATA_KEYS,
+                f"{key}.data.{name}",
+                value,
+                f"training-time data keys {list(FINETUNE_DATA_KEYS)} (the splits stay the job's)",
+            )
         member.optim, member.data = optim, overrides
         if overrides:
             node = OmegaConf.merge(OmegaConf.to_container(cfg.data, resolve=True) if data is None else data, overrides)
@@ -156,7 +188,7 @@ def _renamed(prefix: str, to: str) -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        key = to + e.key[len(prefix):] if e.key.startswith(prefix) else f"{to} ({e.key})"
+        key = to + e.key[len(prefix) :] if e.key.startswith(prefix) else f"{to} ({e.key})"
         raise ConfigError(key, e.value, e.allowed) from None
 
 
@@ -165,8 +197,12 @@ def shared_start(members: list[Member]) -> dict[str, torch.Tensor]:
     the theta_0 that weight-space merging (runner.fuse.merge) takes task vectors from."""
     ids = {m.net.init_id for m in members}
     check(len(ids) == 1, "ensemble.shared_init", False, "true: members that start from one shared checkpoint")
-    check(state_hash(members[0].net) == members[0].net.init_id, "ensemble (shared start)", members[0].name,
-          "members not trained yet: the shared start is read before training")
+    check(
+        state_hash(members[0].net) == members[0].net.init_id,
+        "ensemble (shared start)",
+        members[0].name,
+        "members not trained yet: the shared start is read before training",
+    )
     return {k: v.detach().clone() for k, v in members[0].net.state_dict().items()}
 
 
@@ -181,14 +217,16 @@ def _member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data:
     if member.optim:
         optim = {**optim, **member.optim}
     if member.data:
-        data = OmegaConf.merge(OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else data,
-                               member.data)
+        data = OmegaConf.merge(
+            OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else data, member.data
+        )
     if member.datamodule is not None:
         datamodule = member.datamodule
     spec = OmegaConf.to_container(OmegaConf.create({"data": data, "trainer": trainer, "optim": optim}), resolve=True)
     code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
-    key = digest({**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed,
-                  "code": code})
+    key = digest(
+        {**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed, "code": code}
+    )
     return key, spec, code, datamodule, optim
 
 
@@ -199,8 +237,9 @@ def cache_entry(key: str, sha256: str | None) -> str | None:
     return f"{key}:{sha256[:16]}" if sha256 else None
 
 
-def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any,
-                 cache: MemberCache, logger: Any = None) -> bool:
+def train_member(
+    member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any, cache: MemberCache, logger: Any = None
+) -> bool:
     """Train `member.net` in place, or load it from the cache; True on a cache hit.
 
     The member's own settings apply over the job's: `member.optim` over `optim`, `member.data` over
@@ -226,13 +265,29 @@ def train_member(member: Member, datamodule: Any, trainer: Any, optim: Any, data
     pl.seed_everything(member.seed, verbose=False)
     started = time.perf_counter()
     progress = MemberProgress(member.name)
-    train_classifier(member.net, datamodule, trainer, optim, logger,
-                     callbacks=[progress, checkpoint] if checkpoint else [progress], ckpt_path=resume_from)
+    train_classifier(
+        member.net,
+        datamodule,
+        trainer,
+        optim,
+        logger,
+        callbacks=[progress, checkpoint] if checkpoint else [progress],
+        ckpt_path=resume_from,
+    )
     if hasattr(logger, "read_back"):  # DDP: the curves rank 0 logged in its own process
         logger.read_back()
     member.train_s = time.perf_counter() - started  # a resumed member: since the resume
-    sha256 = cache.save(key, member.net, {"member": member.name, "spec": spec, "code": code,
-                                          "train_s": member.train_s, "history": getattr(logger, "history", [])})
+    sha256 = cache.save(
+        key,
+        member.net,
+        {
+            "member": member.name,
+            "spec": spec,
+            "code": code,
+            "train_s": member.train_s,
+            "history": getattr(logger, "history", []),
+        },
+    )
     member.net.cache_entry = cache_entry(key, sha256)
     cache.drop_checkpoint(key)
     return False

@@ -1,4 +1,5 @@
 """run(cfg): the whole experiment, top to bottom. Details live in the packages it calls."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,16 @@ from runner.members import plan_members, pretrain_shared_start, shared_start, tr
 from runner.models import lit
 from runner.models.adapter import check_forward
 from runner.timing import process_start_time
+from runner.tracking import (
+    BackgroundTracker,
+    EpochMetricsLogger,
+    RunQueryError,
+    Tracker,
+    download_artifact,
+    flatten,
+    source_tags,
+)
 from runner.train import check_devices
-from runner.tracking import (BackgroundTracker, EpochMetricsLogger, RunQueryError, Tracker, download_artifact, flatten,
-                             source_tags)
 
 log = logging.getLogger(__name__)
 _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
@@ -42,9 +50,14 @@ def stored_summary(uri: str, run_id: str) -> str:
             return f"(run {run_id} has no {SUMMARY}: its metrics are in MLflow)"
 
 
-def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id: str | None = None,
-        tags: dict[str, str] | None = None, tracker: Tracker | None = None,
-        choices: dict[str, str] | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig,
+    overrides: list[str] | tuple[str, ...] = (),
+    parent_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    tracker: Tracker | None = None,
+    choices: dict[str, str] | None = None,
+) -> dict[str, float]:
     """Train, compress, fuse, evaluate and log one job; returns the flat dict of its metrics: every
     model's under `<role>/<name>/` (also in the child runs) and the job run's (Recorder.job_metrics).
     A job skipped because it already finished returns what its run logged.
@@ -79,10 +92,20 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
 
     # 2. A job whose exact config already finished is not run again.
     # ... the same config run by the same code, that is: the runner's and the user's own modules.
-    code = code_digest([*(m.net for m in members), datamodule, getattr(datamodule, "inner", None),
-                        *recipe.steps, strategy])
-    job = {"role": "job", "job_hash": digest({"config": OmegaConf.to_container(OmegaConf.masked_copy(
-        cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True), "code": code})}
+    code = code_digest(
+        [*(m.net for m in members), datamodule, getattr(datamodule, "inner", None), *recipe.steps, strategy]
+    )
+    job = {
+        "role": "job",
+        "job_hash": digest(
+            {
+                "config": OmegaConf.to_container(
+                    OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True
+                ),
+                "code": code,
+            }
+        ),
+    }
     if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
         log.info("skipping: this config already finished as MLflow run %s; its summary:", done[0].run_id)
         print(stored_summary(tracker.uri, done[0].run_id))
@@ -110,13 +133,19 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             # per epoch) go there live, or are replayed from the cache on a hit
             with tracker.run(*recorder.child("member", member.name), parent_id=run_id, wait=False) as member_run:
                 start = time.perf_counter()
-                hit = train_member(member, datamodule, cfg.trainer, optim, cfg.data, cache,
-                                   EpochMetricsLogger(tracker, member_run))
+                hit = train_member(
+                    member, datamodule, cfg.trainer, optim, cfg.data, cache, EpochMetricsLogger(tracker, member_run)
+                )
                 # train_s: what training took, also on a cache hit (then cache_load_s: what the hit took)
                 times = {"train_s": member.train_s, **({"cache_load_s": time.perf_counter() - start} if hit else {})}
                 member.metrics, member.probs = recorder.evaluate(
-                    "member", member.name, member.net, tags={"cache": "hit" if hit else "miss"},
-                    derive=lambda _, t=times: dict(t), run_id=member_run)
+                    "member",
+                    member.name,
+                    member.net,
+                    tags={"cache": "hit" if hit else "miss"},
+                    derive=lambda _, t=times: dict(t),
+                    run_id=member_run,
+                )
         singles = [m.metrics for m in members]
 
         # 4. Fusion: fitted on val only; output-level strategies reuse the members' test outputs.
@@ -125,9 +154,17 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
             with on_device([m.net for m in members], device):
                 strategy.fit([m.net for m in members], datamodule.val_dataloader())
             fused = strategy.as_module()
-            recorder.evaluate("fused", "", fused, derive=lambda m: {**gain_over_best(m, singles), **strategy.stats()}, probs=(
-                strategy.combine(torch.stack([m.probs for m in members]))
-                if isinstance(strategy, OutputFusion) else None))
+            recorder.evaluate(
+                "fused",
+                "",
+                fused,
+                derive=lambda m: {**gain_over_best(m, singles), **strategy.stats()},
+                probs=(
+                    strategy.combine(torch.stack([m.probs for m in members]))
+                    if isinstance(strategy, OutputFusion)
+                    else None
+                ),
+            )
 
         # The value a sweeper (Optuna) maximizes: validation accuracy of the fused model, else of the
         # best member; never a test number. Output-level fusion reuses the val outputs it was fitted on.
@@ -144,20 +181,41 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         compressed = []
         for member in members if recipe else []:
             log.info("member %s: compressing with %s", member.name, recipe)
-            small = recipe.apply(member.net, CompressContext(datamodule, cfg.trainer, cfg.optim, teacher=member.net,
-                                                             ensemble=fused, members=[m.net for m in members]))
-            _, probs = recorder.evaluate("compressed", member.name, small, derive=lambda m, base=member.metrics: {
-                **compression_report(base, m), **recipe.stats_})
+            small = recipe.apply(
+                member.net,
+                CompressContext(
+                    datamodule,
+                    cfg.trainer,
+                    cfg.optim,
+                    teacher=member.net,
+                    ensemble=fused,
+                    members=[m.net for m in members],
+                ),
+            )
+            _, probs = recorder.evaluate(
+                "compressed",
+                member.name,
+                small,
+                derive=lambda m, base=member.metrics: {**compression_report(base, m), **recipe.stats_},
+            )
             compressed.append((small, probs))
         if compressed and isinstance(strategy, OutputFusion):  # any model type fuses at the output
             with on_device([net for net, _ in compressed], device):
                 again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())
-            recorder.evaluate("fused_compressed", "", again.as_module(), derive=lambda m: gain_over_best(m, singles),
-                              probs=again.combine(torch.stack([p for _, p in compressed])))
+            recorder.evaluate(
+                "fused_compressed",
+                "",
+                again.as_module(),
+                derive=lambda m: gain_over_best(m, singles),
+                probs=again.combine(torch.stack([p for _, p in compressed])),
+            )
 
         setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
-        timing = {"timing/total_s": time.time() - started, "timing/mlflow_setup_s": setup_s,
-                  "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s}
+        timing = {
+            "timing/total_s": time.time() - started,
+            "timing/mlflow_setup_s": setup_s,
+            "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s,
+        }
         if isinstance(tracker, BackgroundTracker):  # the worker's own time, spent alongside this process
             timing["timing/mlflow_worker_s"] = tracker.time_spent()[0]  # since it started (jobs may share it)
         if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
@@ -166,7 +224,14 @@ def run(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = (), parent_id:
         summary = format_table(recorder.table)
         tracker.log_text(run_id, summary + "\n", SUMMARY)  # what the console showed; printed again on a skip
     print(summary)
-    first_step = f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
-    log.info("wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging%s",
-             timing["timing/total_s"], timing["timing/mlflow_setup_s"], timing["timing/mlflow_log_s"], first_step)
+    first_step = (
+        f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
+    )
+    log.info(
+        "wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging%s",
+        timing["timing/total_s"],
+        timing["timing/mlflow_setup_s"],
+        timing["timing/mlflow_log_s"],
+        first_step,
+    )
     return {**recorder.results, **recorder.job_metrics()}

@@ -35,6 +35,7 @@ Probabilities are what `ShippedModel.predict_proba` gives (float64, as the evalu
 A bad model, a missing input, an unknown extension or an input of the wrong shape exits with status
 2 and one line on stderr.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TABLE_EXTENSIONS = {".csv": ",", ".tsv": "\t"}
 OUTPUT_EXTENSIONS = (".csv", ".npy", ".npz")
 KEYS = ("model", "input", "output", "tracking_uri", "batch_size")
-NOT_NORMALIZED = ("images scaled to [0, 1] only: the data source's per-channel mean/std normalization "
-                  "is not applied (it is not part of the logged model)")
+NOT_NORMALIZED = (
+    "images scaled to [0, 1] only: the data source's per-channel mean/std normalization "
+    "is not applied (it is not part of the logged model)"
+)
 
 
 class PredictError(ValueError):
@@ -72,8 +75,10 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         args[key] = value
     missing = [k for k in ("model", "input", "output") if not args.get(k)]
     if missing:
-        raise PredictError(f"missing {', '.join(k + '=' for k in missing)} (usage: python -m runner.predict "
-                           "model=<URI or run id> input=<file or folder> output=<.csv|.npy|.npz>)")
+        raise PredictError(
+            f"missing {', '.join(k + '=' for k in missing)} (usage: python -m runner.predict "
+            "model=<URI or run id> input=<file or folder> output=<.csv|.npy|.npz>)"
+        )
     size = str(args["batch_size"])
     if not size.isdigit() or int(size) < 1:
         raise PredictError(f"batch_size={size!r}: expected a positive integer")
@@ -84,8 +89,10 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
 def sample_shape(example: Any) -> tuple[tuple[int, ...], np.dtype]:
     """The shape of one input (the example's batch dim dropped) and its dtype."""
     if isinstance(example, dict) or example is None:
-        raise PredictError("this model takes token inputs (a dict of arrays): runner.predict reads "
-                           "arrays, tables and images only; use runner.load(...).predict_proba")
+        raise PredictError(
+            "this model takes token inputs (a dict of arrays): runner.predict reads "
+            "arrays, tables and images only; use runner.load(...).predict_proba"
+        )
     example = np.asarray(example)
     return tuple(example.shape[1:]), example.dtype
 
@@ -103,8 +110,10 @@ def read_input(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.
         if x.ndim == 2 and len(shape) > 1 and x.shape[1] == int(np.prod(shape)):
             x = x.reshape(len(x), *shape)
     if x.ndim == 0 or tuple(x.shape[1:]) != shape:
-        raise PredictError(f"input={str(path)!r}: samples of shape {tuple(x.shape[1:])} (array {tuple(x.shape)}); "
-                           f"the model expects {shape} per sample, i.e. (N, {', '.join(map(str, shape))})")
+        raise PredictError(
+            f"input={str(path)!r}: samples of shape {tuple(x.shape[1:])} (array {tuple(x.shape)}); "
+            f"the model expects {shape} per sample, i.e. (N, {', '.join(map(str, shape))})"
+        )
     if not path.is_dir():
         ids = [str(i) for i in range(len(x))]
     return x.astype(dtype, copy=False), ids
@@ -115,8 +124,10 @@ def check_input(path: Path) -> None:
     if not path.exists():
         raise PredictError(f"input={str(path)!r}: no such file or folder")
     if not path.is_dir() and path.suffix.lower() not in (".npy", ".txt", *TABLE_EXTENSIONS):
-        raise PredictError(f"input={str(path)!r}: unknown extension {path.suffix!r}; expected .npy, "
-                           ".csv, .tsv, .txt (texts) or a folder of images")
+        raise PredictError(
+            f"input={str(path)!r}: unknown extension {path.suffix!r}; expected .npy, "
+            ".csv, .tsv, .txt (texts) or a folder of images"
+        )
 
 
 def read_table(path: Path, delimiter: str) -> np.ndarray:
@@ -146,8 +157,10 @@ def read_images(folder: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, list[
     from PIL import Image
 
     if len(shape) != 3 or shape[0] not in (1, 3):
-        raise PredictError(f"input={str(folder)!r}: a folder of images, but the model expects {shape} per "
-                           "sample, not (C, H, W) with 1 or 3 channels")
+        raise PredictError(
+            f"input={str(folder)!r}: a folder of images, but the model expects {shape} per "
+            "sample, not (C, H, W) with 1 or 3 channels"
+        )
     channels, height, width = shape
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
@@ -166,10 +179,11 @@ def read_images(folder: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, list[
 
 def predict(shipped: Any, x: np.ndarray | dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """(N, C) float64 probabilities of `shipped.predict_proba`, batch by batch."""
+
     def batch(i: int) -> Any:
         if isinstance(x, dict):
-            return {k: torch.from_numpy(np.ascontiguousarray(v[i:i + batch_size])) for k, v in x.items()}
-        return torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))
+            return {k: torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size])) for k, v in x.items()}
+        return torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))
 
     n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     return torch.cat([shipped.predict_proba(batch(i)) for i in range(0, n, batch_size)]).numpy()
@@ -185,13 +199,24 @@ def write_output(path: Path, probs: np.ndarray, ids: list[str], classes: Sequenc
     if suffix == ".npy":
         np.save(path, probs)
     elif suffix == ".npz":
-        np.savez(path, predictions=predictions, probs=probs, ids=np.array(ids),
-                 **({"classes": np.array(names)} if names else {}))
+        np.savez(
+            path,
+            predictions=predictions,
+            probs=probs,
+            ids=np.array(ids),
+            **({"classes": np.array(names)} if names else {}),
+        )
     else:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["id", "prediction", *(["class"] if names else []),
-                             *(f"prob_{c}" for c in (classes or range(probs.shape[1])))])
+            writer.writerow(
+                [
+                    "id",
+                    "prediction",
+                    *(["class"] if names else []),
+                    *(f"prob_{c}" for c in (classes or range(probs.shape[1]))),
+                ]
+            )
             for k, (i, p, row) in enumerate(zip(ids, predictions, probs)):
                 writer.writerow([i, int(p), *([names[k]] if names else []), *(repr(float(v)) for v in row)])
 
@@ -200,8 +225,9 @@ def run(args: dict[str, Any]) -> Path:
     """Load the model, read and check the input, predict, write; returns the output path."""
     output = Path(args["output"])
     if output.suffix.lower() not in OUTPUT_EXTENSIONS:
-        raise PredictError(f"output={str(output)!r}: unknown extension {output.suffix!r}; expected one of "
-                           f"{list(OUTPUT_EXTENSIONS)}")
+        raise PredictError(
+            f"output={str(output)!r}: unknown extension {output.suffix!r}; expected one of {list(OUTPUT_EXTENSIONS)}"
+        )
     source = Path(args["input"])
     check_input(source)
     from runner.serve import load
@@ -214,7 +240,9 @@ def run(args: dict[str, Any]) -> Path:
     if isinstance(shipped.input_example, dict):  # a text model: raw texts, tokenized as it was trained
         texts, ids = read_texts(source)
         x = {k: v.numpy() for k, v in shipped.encode(texts).items()}
-    elif shipped.raw_inputs is not None and source.suffix.lower() in TABLE_EXTENSIONS:  # raw rows, encoded as in training
+    elif (
+        shipped.raw_inputs is not None and source.suffix.lower() in TABLE_EXTENSIONS
+    ):  # raw rows, encoded as in training
         x, ids = read_raw_rows(source, shipped.raw_inputs)
     else:
         shape, dtype = sample_shape(shipped.input_example)
@@ -239,8 +267,10 @@ def read_raw_rows(path: Path, encode: Any) -> tuple[np.ndarray, list[str]]:
 def read_texts(path: Path) -> tuple[list[str], list[str]]:
     """Raw texts: a .txt file (one per line) or a .csv/.tsv with a `text` column (else its first column)."""
     if not path.is_file() or path.suffix.lower() not in (".txt", *TABLE_EXTENSIONS):
-        raise PredictError(f"input={str(path)!r}: a text model reads a .txt file (one text per line) or a .csv/.tsv "
-                           "with a `text` column")
+        raise PredictError(
+            f"input={str(path)!r}: a text model reads a .txt file (one text per line) or a .csv/.tsv "
+            "with a `text` column"
+        )
     if path.suffix.lower() == ".txt":
         texts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
     else:

@@ -2,6 +2,7 @@
 plain log lines otherwise (files, pipes, SLURM logs), at most one every `interval_s` seconds plus the
 first and the last epoch. The sweep's own progress (job k of n, elapsed, ETA) is
 runner/tracking/sweep.py's."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,14 @@ class MemberProgress(pl.Callback):
     """Epochs of one member's training. The metrics of an epoch are read when the next one starts
     (Lightning runs callbacks' epoch-end hooks before the module logs the epoch) and at the end."""
 
-    def __init__(self, name: str, stream: TextIO | None = None, interval_s: float = INTERVAL_S,
-                 clock: Any = time.monotonic, what: str = "member") -> None:
+    def __init__(
+        self,
+        name: str,
+        stream: TextIO | None = None,
+        interval_s: float = INTERVAL_S,
+        clock: Any = time.monotonic,
+        what: str = "member",
+    ) -> None:
         self.name, self.stream, self.interval_s, self.clock = name, stream or sys.stderr, interval_s, clock
         self.what = what  # "member", or a compression step's fine-tuning / distillation
         self.bar: Any = None
@@ -52,8 +59,15 @@ class MemberProgress(pl.Callback):
         if self.stream.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.first_epoch, desc=f"{self.what} {self.name}", unit="epoch",
-                            file=self.stream, leave=True, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.first_epoch,
+                desc=f"{self.what} {self.name}",
+                unit="epoch",
+                file=self.stream,
+                leave=True,
+                dynamic_ncols=True,
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch > self.first_epoch:
@@ -76,7 +90,9 @@ class MemberProgress(pl.Callback):
         now = self.clock()
         if final or epoch == self.first_epoch or self.last is None or now - self.last >= self.interval_s:
             self.last = now
-            line = (f"{self.what} {self.name}: epoch {epoch + 1}/{self.total} train/loss {_fmt(loss)} "
-                    f"val/acc {_fmt(acc)} ({duration(now - self.started)})")
+            line = (
+                f"{self.what} {self.name}: epoch {epoch + 1}/{self.total} train/loss {_fmt(loss)} "
+                f"val/acc {_fmt(acc)} ({duration(now - self.started)})"
+            )
             self.lines.append(line)
             log.info(line)

@@ -4,6 +4,7 @@ Importing a runner module changes nothing global; `python -m runner` (and the re
 register and export commands) call `quiet_libraries()` first. The tests filter the same warnings in
 pyproject.toml's pytest settings.
 """
+
 from __future__ import annotations
 
 import logging

@@ -15,6 +15,7 @@ those runs by `metric` becomes a new version of `name`, and `alias` moves to it;
 tags say which run, metric and value chose it. Serve it with `runner.load` or
 `mlflow.pytorch.load_model("models:/<name>@<alias>")`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,12 @@ def parse_args(argv: list[str]) -> dict[str, Any]:
         if sep and key.startswith("param.") and len(key) > len("param."):
             where[key.removeprefix("param.")] = value
             continue
-        check(bool(sep) and key in KEYS, key if sep else item, value if sep else None,
-              f"key=value with keys {list(KEYS)} or param.<key>=<value>")
+        check(
+            bool(sep) and key in KEYS,
+            key if sep else item,
+            value if sep else None,
+            f"key=value with keys {list(KEYS)} or param.<key>=<value>",
+        )
         args[key] = value
     if "data" in args:
         where["choice/data"] = args.pop("data")
@@ -66,16 +71,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if args["metric"].startswith("test/"):
-            print(f"register: warning: selecting on {args['metric']} picks the model that did best on the test "
-                  "set, so its test number is no longer an unbiased estimate; select on val/* (the default "
-                  "val/acc) and report test", file=sys.stderr)
+            print(
+                f"register: warning: selecting on {args['metric']} picks the model that did best on the test "
+                "set, so its test number is no longer an unbiased estimate; select on val/* (the default "
+                "val/acc) and report test",
+                file=sys.stderr,
+            )
         version, run_id, value = register_best(**args)
     except ConfigError as e:
         print(f"register: error: {e}", file=sys.stderr)
         sys.exit(2)
     alias = args.get("alias", "champion")
-    print(f"registered {args['name']} version {version.version} as @{alias}: run {run_id}, "
-          f"{args['metric']}={value:.6g} ({args.get('mode', 'max')})")
+    print(
+        f"registered {args['name']} version {version.version} as @{alias}: run {run_id}, "
+        f"{args['metric']}={value:.6g} ({args.get('mode', 'max')})"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ evaluated, its own forward included: members and compressed members return logit
 log-probabilities. `predict_proba` turns either into probabilities the way the evaluation did, so
 it gives the `predictions/test.npz` the run logged.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ class ShippedModel:
     them for token inputs): their shape after the batch dimension and their dtype are what the
     model takes; `signature` is MLflow's description of inputs and outputs.
     """
+
     model: nn.Module
     model_uri: str
     run_id: str | None
@@ -47,8 +49,9 @@ class ShippedModel:
             from tokenizers import Tokenizer
             from transformers import PreTrainedTokenizerFast
 
-            return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self.meta["tokenizer_json"]),
-                                           pad_token="[PAD]")
+            return PreTrainedTokenizerFast(
+                tokenizer_object=Tokenizer.from_str(self.meta["tokenizer_json"]), pad_token="[PAD]"
+            )
         if self.meta.get("tokenizer"):
             from runner.data.text import load_tokenizer
 
@@ -99,5 +102,6 @@ def load(uri: str, tracking_uri: str | None = None) -> ShippedModel:
     from runner.tracking.models import load_logged_model
 
     found = load_logged_model(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    return ShippedModel(found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta,
-                        found.raw_inputs)
+    return ShippedModel(
+        found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta, found.raw_inputs
+    )

@@ -1,4 +1,5 @@
 """Wall-clock helpers for the overhead figures a run logs (timing/*)."""
+
 from __future__ import annotations
 
 import functools

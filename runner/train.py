@@ -1,4 +1,5 @@
 """Lightning training of one network; also used by compression steps that fine-tune."""
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,12 @@ def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
         check(torch.backends.mps.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no MPS device)")
 
 
-def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
-                  callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+def build_trainer(
+    trainer_cfg: Mapping[str, Any],
+    logger: Logger | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    **overrides: Any,
+) -> pl.Trainer:
     """A Trainer from the `trainer` config group; no checkpoints, summaries or sanity checks."""
     kwargs = {k: v for k, v in {**dict(trainer_cfg), **overrides}.items() if v is not None}
     kwargs.pop("steps_per_call", None)
@@ -51,13 +56,25 @@ def build_trainer(trainer_cfg: Mapping[str, Any], logger: Logger | None = None,
 
         torch.multiprocessing.set_sharing_strategy("file_system")
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    return pl.Trainer(logger=logger or False, callbacks=list(callbacks), enable_checkpointing=checkpointing,
-                      enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    return pl.Trainer(
+        logger=logger or False,
+        callbacks=list(callbacks),
+        enable_checkpointing=checkpointing,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
-def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
-        logger: Logger | None = None, callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
-        **overrides: Any) -> pl.LightningModule:
+def fit(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    trainer_cfg: Mapping[str, Any],
+    logger: Logger | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    ckpt_path: str | None = None,
+    **overrides: Any,
+) -> pl.LightningModule:
     """Fit `module`; in-memory data goes in chunks of `trainer.steps_per_call` optimizer steps."""
     settings = {**dict(trainer_cfg), **overrides}
     trainer = build_trainer(settings, logger, callbacks)
@@ -69,8 +86,12 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         module.compile_net()
     try:
         if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
-            trainer.fit(module, train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
-                        val_dataloaders=datamodule.val_dataloader(), ckpt_path=ckpt_path)
+            trainer.fit(
+                module,
+                train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
+                val_dataloaders=datamodule.val_dataloader(),
+                ckpt_path=ckpt_path,
+            )
         else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -88,10 +109,16 @@ def channels_last(settings: Mapping[str, Any], net: nn.Module | None) -> bool:
     return bool(wanted) if wanted is not None else job_device(settings).type == "cuda"
 
 
-def train_classifier(net: nn.Module, datamodule: pl.LightningDataModule, trainer_cfg: Mapping[str, Any],
-                     optim_cfg: Mapping[str, Any], logger: Logger | None = None,
-                     callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
-                     **overrides: Any) -> nn.Module:
+def train_classifier(
+    net: nn.Module,
+    datamodule: pl.LightningDataModule,
+    trainer_cfg: Mapping[str, Any],
+    optim_cfg: Mapping[str, Any],
+    logger: Logger | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    ckpt_path: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Train `net` in place with cross-entropy and return it (resuming from `ckpt_path` if given)."""
     optim = dict(optim_cfg)
     module = LitClassifier(net, optimizer=optim.pop("name", "adam"), **optim)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny data and quickly trained tiny models (seconds, offline)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,7 @@ from runner.train import train_classifier
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # What checks before training see of MNIST-1D-shaped data: 10 classes, 8 real-looking inputs of 40 floats.
-SPEC = DataSpec(10, torch.randn(8, 40, generator=torch.Generator().manual_seed(0)),
-                {"shape": [40], "dtype": "float32"})
+SPEC = DataSpec(10, torch.randn(8, 40, generator=torch.Generator().manual_seed(0)), {"shape": [40], "dtype": "float32"})
 FAST_TRAINER = {"max_epochs": 3, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 
 
@@ -47,12 +47,21 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path |
         mnist1d = compose("config", overrides=list(overrides)).data.get("_target_") == "runner.data.MNIST1D"
         # MLflow in-process: a worker per test store would add seconds per test (tests/test_tracking.py
         # and the command-line tests cover the default, background=true)
-        tiny = ["trainer=fast", "eval.latency_repeats=2", "eval.latency_min_time_s=0", "eval.latency_warmup_s=0",
-                "tracking.background=false", "tracking.log_models=false"]
+        tiny = [
+            "trainer=fast",
+            "eval.latency_repeats=2",
+            "eval.latency_min_time_s=0",
+            "eval.latency_warmup_s=0",
+            "tracking.background=false",
+            "tracking.log_models=false",
+        ]
         tiny += ["data.num_samples=600"] if mnist1d else []
         if tmp_path is not None:
-            tiny += [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                     f"tracking.artifact_location={tmp_path}/mlartifacts", f"cache.dir={tmp_path}/cache"]
+            tiny += [
+                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"tracking.artifact_location={tmp_path}/mlartifacts",
+                f"cache.dir={tmp_path}/cache",
+            ]
             tiny += [f"data.cache_dir={tmp_path}/data"] if mnist1d else []
         return compose("config", overrides=tiny + list(overrides))
 

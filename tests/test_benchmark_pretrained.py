@@ -1,5 +1,6 @@
 """benchmarks/pretrained.py --smoke: MiniLM fine-tuned through the runner, transformers.Trainer and a
 hand-written loop; each prints a positive samples/s and a test accuracy computed on the real test set."""
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,14 @@ def test_the_pretrained_benchmark_runs_as_a_smoke_run():
     data.setup()
     n = len(data.splits["test"][1])  # the test split the smoke run evaluates on
 
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pretrained.py"), "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pretrained.py"), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    ).stdout
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -1,5 +1,6 @@
 """A busy machine: jobs share one SQLite store with other jobs while other processes take every core.
 A locked store is waited for (a bounded time, then an error naming tracking.uri), never a lost run."""
+
 from __future__ import annotations
 
 import os
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from test_sweeps import ROOT, cli, client_for
 
 from runner.tracking.background import BackgroundTracker
 from runner.tracking.mlflow_tracker import MlflowTracker
 from runner.tracking.retry import MLFLOW_BUSY_WAIT_S, StoreLocked, retry_locked
-from test_sweeps import ROOT, cli, client_for
 
 HOLD = """import sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -158,8 +159,9 @@ with opening_lock(sys.argv[1]):
 
 def opening(uri: str, seconds: float, how: str) -> subprocess.Popen:
     """Another process that holds the lock on opening `uri` for `seconds`, working ("works") or hung ("sleeps")."""
-    holder = subprocess.Popen([sys.executable, "-c", OPENING, uri, str(seconds), how], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", OPENING, uri, str(seconds), how], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -193,8 +195,11 @@ def printed_acc(output: str) -> dict[str, float]:
 def jobs_ended(tmp_path: Path) -> bool:
     """The job and both jobs of the sweep have ended their runs (what is left: the sweep's run, exiting)."""
     job_log = tmp_path / "run" / "__main__.log"
-    return (job_log.exists() and "wall time" in job_log.read_text()
-            and len(list((tmp_path / "sweep" / "done").glob("*"))) == 2)
+    return (
+        job_log.exists()
+        and "wall time" in job_log.read_text()
+        and len(list((tmp_path / "sweep" / "done").glob("*"))) == 2
+    )
 
 
 @pytest.mark.slow
@@ -204,15 +209,23 @@ def test_a_job_and_a_parallel_sweep_on_a_saturated_cpu_lose_nothing(tmp_path):
 
     The burners stop once every job has ended its run: exiting is then all that is left, and a process
     that imported torch spends seconds of CPU in torch's C++ destructors at exit (minutes at that load)."""
-    tiny = ("model=mlp", "trainer=fast", "data.num_samples=600", "eval.latency_repeats=2",
-            "eval.latency_min_time_s=0", "eval.latency_warmup_s=0", "tracking.log_models=false")
+    tiny = (
+        "model=mlp",
+        "trainer=fast",
+        "data.num_samples=600",
+        "eval.latency_repeats=2",
+        "eval.latency_min_time_s=0",
+        "eval.latency_warmup_s=0",
+        "tracking.log_models=false",
+    )
     cores = len(os.sched_getaffinity(0))
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
     commands = []
     try:
         commands.append(cli(tmp_path, *tiny, "seed=2", background=True))
-        commands.append(cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny, "seed=0,1",
-                            background=True))
+        commands.append(
+            cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny, "seed=0,1", background=True)
+        )
         with ThreadPoolExecutor(len(commands)) as pool:  # reading their output as it comes
             answers = [pool.submit(command.communicate, timeout=900) for command in commands]
             while not jobs_ended(tmp_path) and not all(answer.done() for answer in answers):

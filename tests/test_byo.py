@@ -1,6 +1,7 @@
 """Your own models and data: the data contract, the features/head adapter, checks before training,
 and every data source and model family through training, one compression recipe and one fusion
 strategy (tiny settings)."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
+from test_vision_data import write_cifar, write_folder, write_mnist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import compose_config
 from runner.config import build
 from runner.data import DatasetDataModule, SklearnDataset, as_source, describe_data
 from runner.data.batches import Chunk, split_batch
@@ -25,7 +27,6 @@ from runner.evaluate import size_metrics
 from runner.models.adapter import build_model, check_split, features, head, head_name
 from runner.pipeline import run
 from runner.train import train_classifier
-from test_vision_data import write_cifar, write_folder, write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "byo"
@@ -37,6 +38,7 @@ TRAINER = {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "enable_progress
 
 
 # --- batches and the two loader paths --------------------------------------------------------------
+
 
 def test_batches_in_every_form_split_into_inputs_and_labels():
     x, y = torch.zeros(4, 3), torch.arange(4)
@@ -62,7 +64,9 @@ def test_tensor_and_dataloader_paths_train_identically(steps_per_call):
         pl.seed_everything(0, verbose=False)
         net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
         pl.seed_everything(1, verbose=False)
-        nets.append(train_classifier(net, dm, {**TRAINER, "steps_per_call": steps_per_call}, {"name": "adam", "lr": 1e-2}))
+        nets.append(
+            train_classifier(net, dm, {**TRAINER, "steps_per_call": steps_per_call}, {"name": "adam", "lr": 1e-2})
+        )
         assert isinstance(dm.train_dataloader(), DataLoader) == (loader == "dataloader")
     start = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
     a, b = (n.state_dict() for n in nets)
@@ -78,6 +82,7 @@ def test_train_transforms_switch_to_the_dataloader_path():
 
 
 # --- the features/head adapter -------------------------------------------------------------------
+
 
 class TwoHeads(nn.Module):
     """A classifier whose last registered Linear is not its classifier (an auxiliary projection)."""
@@ -129,6 +134,7 @@ def test_nonzero_params_count_parameters_not_batchnorm_buffers():
 
 # --- checks before training ------------------------------------------------------------------------
 
+
 def finished_runs(tmp_path) -> int:
     import mlflow
 
@@ -136,11 +142,16 @@ def finished_runs(tmp_path) -> int:
     return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["data=wine", "model=lenet5"], "model.input_shape"),   # a conv net on flat rows: its own check
-    (["data=wine", f"hydra.searchpath=[file://{EXAMPLE}/conf]", "model=small_cnn", "model.in_channels=1"],
-     "model / data"),                                        # a user's Conv2d net on flat rows: the forward pass
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["data=wine", "model=lenet5"], "model.input_shape"),  # a conv net on flat rows: its own check
+        (
+            ["data=wine", f"hydra.searchpath=[file://{EXAMPLE}/conf]", "model=small_cnn", "model.in_channels=1"],
+            "model / data",
+        ),  # a user's Conv2d net on flat rows: the forward pass
+    ],
+)
 def test_a_model_that_does_not_fit_the_data_fails_before_training(overrides, key, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     with pytest.raises(ConfigError) as e:
@@ -165,6 +176,7 @@ def test_text_models_need_text_data(tmp_path):
 
 # --- every data source and model family, end to end ---------------------------------------------
 
+
 class DictDigits(Dataset):
     """A user's torch Dataset of Hugging Face-style dict samples."""
 
@@ -188,12 +200,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     write_cifar(root, "cifar10")
     write_folder(root / "folder", per_class=12)
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"a": rng.normal(size=240), "b": rng.normal(size=240),
-                          "colour": rng.choice(["red", "green", "blue"], 240)})
+    frame = pd.DataFrame(
+        {"a": rng.normal(size=240), "b": rng.normal(size=240), "colour": rng.choice(["red", "green", "blue"], 240)}
+    )
     frame["kind"] = np.where(frame.a + (frame.colour == "red") > 0.5, "x", np.where(frame.b > 0, "y", "z"))
     frame.to_csv(root / "table.csv", index=False)
     words = {"pos": ["great", "fine", "lovely", "superb"], "neg": ["awful", "bad", "dull", "poor"]}
-    rows = [{"text": f"a {rng.choice(w)} and {rng.choice(w)} film", "label": k} for _ in range(60) for k, w in words.items()]
+    rows = [
+        {"text": f"a {rng.choice(w)} and {rng.choice(w)} film", "label": k} for _ in range(60) for k, w in words.items()
+    ]
     (root / "reviews.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return {"root": root}
 
@@ -204,18 +219,42 @@ SOURCES = {  # id: (overrides, recipe that applies); every one: 2 seeds, probabi
     "digits_image-resnet20": (["data=digits_image", "model=resnet20"], "prune_global"),
     "mnist_idx-lenet300": (["data=mnist", "data.root={root}", "model=lenet300"], "deep_compression"),
     "cifar10-resnet20": (["data=cifar10", "data.root={root}", "model=resnet20"], "prune_global"),
-    "image_folder-cnn1d": (["data=image_folder", "data.path={root}/folder", "data.image_size=8", "model=cnn1d"],
-                           "prune_structured"),
+    "image_folder-cnn1d": (
+        ["data=image_folder", "data.path={root}/folder", "data.image_size=8", "model=cnn1d"],
+        "prune_structured",
+    ),
     "table-mlp": (["data=table", "data.path={root}/table.csv", "data.label=kind", "model=mlp"], "quant_dynamic"),
-    "text-bert_tiny": (["data=text", "data.path={root}/reviews.jsonl", "data.max_length=12", "model=bert_tiny"],
-                       "quant_dynamic"),
-    "text-text_bow": (["data=text", "data.path={root}/reviews.jsonl", "data.max_length=12", "model=text_bow",
-                       "model@compress.student=text_bow", "model.dim=32", "compress.steps.0.mixup=0"], "distill"),
-    "user_datamodule-user_model": ([f"hydra.searchpath=[file://{EXAMPLE}/conf]", "data=digits_dm", "model=small_cnn"],
-                                   "prune_global"),
-    "torch_datasets-lenet300": (["data=dataset", "+data.train._target_=test_byo.DictDigits", "+data.train.part=train",
-                                 "+data.test._target_=test_byo.DictDigits", "+data.test.part=test", "model=lenet300"],
-                                "distill"),
+    "text-bert_tiny": (
+        ["data=text", "data.path={root}/reviews.jsonl", "data.max_length=12", "model=bert_tiny"],
+        "quant_dynamic",
+    ),
+    "text-text_bow": (
+        [
+            "data=text",
+            "data.path={root}/reviews.jsonl",
+            "data.max_length=12",
+            "model=text_bow",
+            "model@compress.student=text_bow",
+            "model.dim=32",
+            "compress.steps.0.mixup=0",
+        ],
+        "distill",
+    ),
+    "user_datamodule-user_model": (
+        [f"hydra.searchpath=[file://{EXAMPLE}/conf]", "data=digits_dm", "model=small_cnn"],
+        "prune_global",
+    ),
+    "torch_datasets-lenet300": (
+        [
+            "data=dataset",
+            "+data.train._target_=test_byo.DictDigits",
+            "+data.train.part=train",
+            "+data.test._target_=test_byo.DictDigits",
+            "+data.test.part=test",
+            "model=lenet300",
+        ],
+        "distill",
+    ),
 }
 
 
@@ -237,8 +276,10 @@ def logged_probs(tmp_path: Path, role: str) -> list[np.ndarray]:
 def test_every_source_trains_compresses_and_fuses(source, files, tmp_path):
     overrides, recipe = SOURCES[source]
     overrides = [o.format(root=files["root"]) for o in overrides]
-    cfg = compose_config(overrides + [f"compress={recipe}", "fuse=mean", "ensemble=seeds5", "ensemble.seeds=[0,1]",
-                                      "optim.lr=0.003"], tmp_path)
+    cfg = compose_config(
+        overrides + [f"compress={recipe}", "fuse=mean", "ensemble=seeds5", "ensemble.seeds=[0,1]", "optim.lr=0.003"],
+        tmp_path,
+    )
     results = run(cfg)
     members = sorted(k.split("/")[1] for k in results if k.startswith("member/") and k.endswith("/test/acc"))
     assert len(members) == 2 and [m[-3:] for m in members] == ["-s0", "-s1"]
@@ -256,8 +297,11 @@ def test_every_source_trains_compresses_and_fuses(source, files, tmp_path):
         else:  # quantization or structured pruning makes the file smaller
             assert ratio > 1.2
         if recipe == "prune_structured":  # the rebuilt layers: as many parameters as the step reported
-            assert results[f"compressed/{m}/params"] == results[f"compressed/{m}/prune/params_after"] \
+            assert (
+                results[f"compressed/{m}/params"]
+                == results[f"compressed/{m}/prune/params_after"]
                 < results[f"member/{m}/params"]
+            )
 
 
 def test_a_user_datamodule_without_num_classes_is_counted_once():
@@ -280,8 +324,9 @@ def test_datasets_without_val_get_a_stratified_val_split():
 
 
 def test_describe_data_fills_what_models_interpolate(tmp_path, files):
-    cfg = compose_config(["data=text", f"data.path={files['root']}/reviews.jsonl", "data.max_length=12",
-                          "model=bert_tiny"], tmp_path)
+    cfg = compose_config(
+        ["data=text", f"data.path={files['root']}/reviews.jsonl", "data.max_length=12", "model=bert_tiny"], tmp_path
+    )
     dm = as_source(build(cfg.data, "data"))
     spec = describe_data(cfg, dm)
     assert cfg.data.max_length == 12 and cfg.data.num_classes == 2 == spec.num_classes
@@ -292,14 +337,31 @@ def test_describe_data_fills_what_models_interpolate(tmp_path, files):
 @pytest.mark.slow
 def test_the_worked_example_runs_from_outside_the_package(tmp_path):
     """examples/byo: a user's model file, datamodule file and YAML, with --config-dir."""
-    cmd = [sys.executable, "-m", "runner", "--config-dir", "conf", "experiment=byo", "trainer=fast",
-           "compress.steps.0.finetune_epochs=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-           f"tracking.artifact_location={tmp_path}/art", f"cache.dir={tmp_path}/cache",
-           f"hydra.run.dir={tmp_path}/run"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runner",
+        "--config-dir",
+        "conf",
+        "experiment=byo",
+        "trainer=fast",
+        "compress.steps.0.finetune_epochs=1",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/art",
+        f"cache.dir={tmp_path}/cache",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
     out = subprocess.run(cmd, cwd=EXAMPLE, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split()[0] for line in out.stdout.splitlines() if line.startswith(("member/", "fused", "compressed/"))]
-    assert rows == ["member/small_cnn-s0", "member/small_cnn-s1", "member/small_cnn-s2", "fused",
-                    "compressed/small_cnn-s0", "compressed/small_cnn-s1", "compressed/small_cnn-s2"]
+    assert rows == [
+        "member/small_cnn-s0",
+        "member/small_cnn-s1",
+        "member/small_cnn-s2",
+        "fused",
+        "compressed/small_cnn-s0",
+        "compressed/small_cnn-s1",
+        "compressed/small_cnn-s2",
+    ]
     # 90% of the prunable weights (conv2 and the classifier; conv1 has < 200) are zero: 298 dense + 493 kept
     assert all(line.split()[6] == "791" for line in out.stdout.splitlines() if line.startswith("compressed/"))

@@ -1,4 +1,5 @@
 """Contract tests for every recipe in conf/compress, plus the steps' own guarantees and errors."""
+
 from __future__ import annotations
 
 import copy
@@ -7,13 +8,22 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR, SPEC, compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF_DIR, SPEC, compose_config
 from runner.compress import (
-    CompressContext, Distill, DynamicQuantize, MagnitudePrune, Recipe, StaticQuantize, StructuredPrune,
-    build_recipe, compression_report, is_quantized, weight_bytes,
+    CompressContext,
+    Distill,
+    DynamicQuantize,
+    MagnitudePrune,
+    Recipe,
+    StaticQuantize,
+    StructuredPrune,
+    build_recipe,
+    compression_report,
+    is_quantized,
+    weight_bytes,
 )
 from runner.compress.distill import distillation_loss
 from runner.compress.prune import prunable, weight_sparsity
@@ -23,9 +33,16 @@ from runner.models import CNN1D, GRU, MLP, LogReg
 
 # none: no steps (tests/test_config.py); text students need token ids (tests/test_contracts.py's text family)
 TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}
-RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml") if p.stem != "none" and p.stem not in TEXT_STUDENTS)
-TINY_TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                "limit_train_batches": 2}
+RECIPES = sorted(
+    p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml") if p.stem != "none" and p.stem not in TEXT_STUDENTS
+)
+TINY_TRAINER = {
+    "max_epochs": 1,
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_progress_bar": False,
+    "limit_train_batches": 2,
+}
 OPTIM = {"name": "adam", "lr": 1e-2}
 
 
@@ -90,9 +107,16 @@ def test_recipe_contract(name, mnist1d_small, trained_mlps, trained_cnn):
         assert model.training == mode and out is not model
         logits = out(x[:50])
         assert logits.shape == (50, 10) and torch.isfinite(logits).all()
-        metrics, probs, _, targets = evaluate_model(out, mnist1d_small.test_dataloader(), 10, ["acc", "f1"],
-                                                    latency_batch=x[:64], latency_repeats=2,
-                                                    latency_min_time_s=0.0, latency_warmup_s=0.0)
+        metrics, probs, _, targets = evaluate_model(
+            out,
+            mnist1d_small.test_dataloader(),
+            10,
+            ["acc", "f1"],
+            latency_batch=x[:64],
+            latency_repeats=2,
+            latency_min_time_s=0.0,
+            latency_warmup_s=0.0,
+        )
         # the metrics are those of the model's own outputs (accuracy itself: benchmarks/compression.py)
         with torch.no_grad():
             assert torch.equal(probs.argmax(1), out(x).argmax(1)) and torch.equal(targets, y)
@@ -137,8 +161,14 @@ def test_every_recipe_checks_the_gru_clearly():
             assert e.key.startswith("compress.steps[") and "GRU" in str(e)
             refused.add(name)
     # recurrent layers have no static int8 kernels and no structured pruning here
-    assert refused == {"prune_structured", "prune_structured_macs", "prune_channels_2x", "prune_heads_ffn", "qat",
-                       "quant_static"}
+    assert refused == {
+        "prune_structured",
+        "prune_structured_macs",
+        "prune_channels_2x",
+        "prune_heads_ffn",
+        "qat",
+        "quant_static",
+    }
 
 
 def test_int8_dynamic_is_over_3x_smaller_for_linear_heavy_models(mnist1d_small):
@@ -155,8 +185,10 @@ def test_weight_bytes_count_tensor_data_only(mnist1d_small, trained_cnn):
     assert weight_bytes(mlp) == 4 * sum(p.numel() for p in mlp.parameters())
     # a 5k-parameter CNN: serialization overhead hides most of int8's saving, the tensor bytes do not
     out = StaticQuantize(calibration_batches=2).apply(copy.deepcopy(trained_cnn), context(mnist1d_small, [trained_cnn]))
-    report = compression_report({**size_metrics(trained_cnn), "weight_bytes": weight_bytes(trained_cnn)},
-                                {**size_metrics(out), "weight_bytes": weight_bytes(out)})
+    report = compression_report(
+        {**size_metrics(trained_cnn), "weight_bytes": weight_bytes(trained_cnn)},
+        {**size_metrics(out), "weight_bytes": weight_bytes(out)},
+    )
     assert report["weight_ratio"] > 2.5 and report["weight_ratio"] > report["compression_ratio"] + 1
 
 
@@ -210,14 +242,19 @@ def test_structured_prune_equals_zeroing_the_removed_units(net):
 
 def test_gradual_schedule_is_cubic_and_ends_at_target():
     from runner.compress import GradualPrune
+
     values = GradualPrune(sparsity=0.8, rounds=4).schedule_values()
     assert values[-1] == pytest.approx(0.8) and values == sorted(values)
     assert values[0] > 0.8 / 4  # front-loaded
 
 
 def test_finetune_keeps_pruned_weights_at_zero(mnist1d_small, trained_mlps):
-    r = Recipe([MagnitudePrune(sparsity=0.7), build_recipe(OmegaConf.create(
-        {"steps": [{"_target_": "runner.compress.FineTune", "epochs": 1}]})).steps[0]])
+    r = Recipe(
+        [
+            MagnitudePrune(sparsity=0.7),
+            build_recipe(OmegaConf.create({"steps": [{"_target_": "runner.compress.FineTune", "epochs": 1}]})).steps[0],
+        ]
+    )
     out = r.apply(trained_mlps[0], context(mnist1d_small, trained_mlps))
     assert weight_sparsity(out) == pytest.approx(0.7, abs=0.01)
 
@@ -228,12 +265,14 @@ def test_distillation_loss():
     assert distillation_loss(s, t, y, 3.0, 0.0) == pytest.approx(float(nn.functional.cross_entropy(s, y)))
     assert float(distillation_loss(t, t, y, 3.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(distillation_loss(s, t.log_softmax(1), y, 2.0, 1.0)) == pytest.approx(
-        float(distillation_loss(s, t, y, 2.0, 1.0)), rel=1e-5)
+        float(distillation_loss(s, t, y, 2.0, 1.0)), rel=1e-5
+    )
 
 
 def test_mixup_distillation_matches_a_teacher_equal_to_the_student():
     """With the student as its own teacher the soft terms vanish, mixup or not: only (1-alpha) CE is left."""
     from runner.compress.distill import DistillModule
+
     torch.manual_seed(0)
     net, x, y = MLP(40, 10, hidden=8), torch.randn(16, 40), torch.randint(0, 10, (16,))
     module = DistillModule(net, teacher=net, temperature=2.0, alpha=0.7, mixup=1.0)
@@ -244,8 +283,14 @@ def test_mixup_distillation_matches_a_teacher_equal_to_the_student():
 
 def test_compression_report():
     base = {"test/acc": 0.9, "test/f1": 0.8, "size_bytes": 400.0, "latency_ms": 2.0, "params": 10.0}
-    comp = {"test/acc": 0.85, "test/f1": 0.8, "size_bytes": 100.0, "latency_ms": 0.5, "params": 10.0,
-            "nonzero_params": 2.0}
+    comp = {
+        "test/acc": 0.85,
+        "test/f1": 0.8,
+        "size_bytes": 100.0,
+        "latency_ms": 0.5,
+        "params": 10.0,
+        "nonzero_params": 2.0,
+    }
     report = compression_report(base, comp)
     assert report["delta/acc"] == pytest.approx(-0.05) and report["delta/f1"] == 0.0
     assert report["compression_ratio"] == 4.0 and report["speedup"] == 4.0
@@ -267,33 +312,39 @@ def test_empty_recipe_copies(trained_cnn, mnist1d_small):
     assert_same_state(snapshot(trained_cnn), out)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["compress=prune_global", "compress.steps.0.sparsity=1.0"], "compress.steps[0].sparsity"),
-    (["compress=prune_global", "compress.steps.0.sparsity=-0.1"], "compress.steps[0].sparsity"),
-    (["compress=prune_layerwise", "compress.steps.0.scope=row"], "compress.steps[0].scope"),
-    (["compress=prune_gradual", "compress.steps.0.rounds=0"], "compress.steps[0].rounds"),
-    (["compress=prune_structured", "compress.steps.0.amount=1.5"], "compress.steps[0].amount"),
-    (["compress=distill", "compress.steps.0.teacher=oracle"], "compress.steps[0].teacher"),
-    (["compress=distill", "compress.steps.0.alpha=2"], "compress.steps[0].alpha"),
-    (["compress=distill", "compress.steps.0.mixup=-1"], "compress.steps[0].mixup"),
-    (["compress=prune_global", "compress.steps.0.min_params=-1"], "compress.steps[0].min_params"),
-    (["compress=deep_compression", "compress.steps.2.dtype=int4"], "compress.steps[2].dtype"),
-    (["compress=quant_static", "compress.steps.0.backend=tpu"], "compress.steps[0].backend"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["compress=prune_global", "compress.steps.0.sparsity=1.0"], "compress.steps[0].sparsity"),
+        (["compress=prune_global", "compress.steps.0.sparsity=-0.1"], "compress.steps[0].sparsity"),
+        (["compress=prune_layerwise", "compress.steps.0.scope=row"], "compress.steps[0].scope"),
+        (["compress=prune_gradual", "compress.steps.0.rounds=0"], "compress.steps[0].rounds"),
+        (["compress=prune_structured", "compress.steps.0.amount=1.5"], "compress.steps[0].amount"),
+        (["compress=distill", "compress.steps.0.teacher=oracle"], "compress.steps[0].teacher"),
+        (["compress=distill", "compress.steps.0.alpha=2"], "compress.steps[0].alpha"),
+        (["compress=distill", "compress.steps.0.mixup=-1"], "compress.steps[0].mixup"),
+        (["compress=prune_global", "compress.steps.0.min_params=-1"], "compress.steps[0].min_params"),
+        (["compress=deep_compression", "compress.steps.2.dtype=int4"], "compress.steps[2].dtype"),
+        (["compress=quant_static", "compress.steps.0.backend=tpu"], "compress.steps[0].backend"),
+    ],
+)
 def test_bad_values_fail_when_the_recipe_is_built(overrides, key):
     with pytest.raises(ConfigError) as e:
         build_recipe(compose_config(overrides).compress)
     assert e.value.key == key
 
 
-@pytest.mark.parametrize("name, model, key", [
-    ("quant_static", GRU(40, 10), "compress.steps[0]"),
-    ("qat", GRU(40, 10), "compress.steps[0]"),
-    ("quant_dynamic", CNN1D(40, 10), "compress.steps[0]"),
-    ("deep_compression", CNN1D(40, 10), "compress.steps[2]"),
-    ("prune_structured", GRU(40, 10), "compress.steps[0]"),
-    ("prune_structured", LogReg(40, 10), "compress.steps[0]"),
-])
+@pytest.mark.parametrize(
+    "name, model, key",
+    [
+        ("quant_static", GRU(40, 10), "compress.steps[0]"),
+        ("qat", GRU(40, 10), "compress.steps[0]"),
+        ("quant_dynamic", CNN1D(40, 10), "compress.steps[0]"),
+        ("deep_compression", CNN1D(40, 10), "compress.steps[2]"),
+        ("prune_structured", GRU(40, 10), "compress.steps[0]"),
+        ("prune_structured", LogReg(40, 10), "compress.steps[0]"),
+    ],
+)
 def test_models_a_step_cannot_handle_fail_in_check(name, model, key):
     with pytest.raises(ConfigError) as e:
         recipe(name).check(model, SPEC)

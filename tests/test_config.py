@@ -1,11 +1,13 @@
 """Every YAML in every config group composes and instantiates; bad configs fail before training."""
+
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
 import torch
+from conftest import CONF_DIR, compose_config
+from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from runner.config import build, validate
@@ -14,7 +16,6 @@ from runner.errors import ConfigError
 from runner.members import plan_members
 from runner.models.adapter import check_forward
 from runner.pipeline import run
-from conftest import CONF_DIR, compose_config
 
 CONF = Path(CONF_DIR)
 
@@ -39,9 +40,12 @@ def test_data_configs(name, tmp_path):
     """Every data option builds; the offline ones load and tell the models what they need."""
     extra = ["data.path=some/file.csv"] if name in ("image_folder", "table", "text") else []
     extra += ["data.label=y"] if name == "table" else []
-    extra += {"elpv": ["data.max_images=40", "data.image_size=32"], "rotten_tomatoes": ["data.max_rows=200"]}.get(name, [])
-    extra += [f"data.{part}={{_target_:test_byo.DictDigits,part:{part}}}" for part in ("train", "test")
-              if name == "dataset"]
+    extra += {"elpv": ["data.max_images=40", "data.image_size=32"], "rotten_tomatoes": ["data.max_rows=200"]}.get(
+        name, []
+    )
+    extra += [
+        f"data.{part}={{_target_:test_byo.DictDigits,part:{part}}}" for part in ("train", "test") if name == "dataset"
+    ]
     cfg = compose_config([f"data={name}", *extra], tmp_path)
     validate(cfg)
     dm = as_source(build(cfg.data, "data"))
@@ -58,14 +62,25 @@ def test_data_configs(name, tmp_path):
 
 
 # Models for images or token ids are built on data of that kind; the rest on MNIST-1D and wine.
-MODEL_DATA = {"lenet5": ["mnist5k"], "resnet20": ["mnist5k"], "resnet56": ["mnist5k"], "vit_tiny": ["mnist5k"],
-              "timm": ["mnist5k"], "torchvision": ["mnist5k"], "bert_tiny": ["text"], "text_bow": ["text"],
-              "minilm": ["rotten_tomatoes"], **{f"efficientnet_lite{i}": ["elpv"] for i in range(3)}}
+MODEL_DATA = {
+    "lenet5": ["mnist5k"],
+    "resnet20": ["mnist5k"],
+    "resnet56": ["mnist5k"],
+    "vit_tiny": ["mnist5k"],
+    "timm": ["mnist5k"],
+    "torchvision": ["mnist5k"],
+    "bert_tiny": ["text"],
+    "text_bow": ["text"],
+    "minilm": ["rotten_tomatoes"],
+    **{f"efficientnet_lite{i}": ["elpv"] for i in range(3)},
+}
 # pretrained models on real data: a small subset (the weights load once per model, seconds)
 SMALL = {"rotten_tomatoes": ["data.max_rows=200"], "elpv": ["data.max_images=40", "model.input_size=64"]}
 
 
-@pytest.mark.parametrize("name, data", [(m, d) for m in options("model") for d in MODEL_DATA.get(m, ["mnist1d", "wine"])])
+@pytest.mark.parametrize(
+    "name, data", [(m, d) for m in options("model") for d in MODEL_DATA.get(m, ["mnist1d", "wine"])]
+)
 def test_model_configs(name, data, tmp_path, text_file):
     """Every model option builds from the values its data provides and runs once on real inputs."""
     extra = [f"data.path={text_file}"] if data == "text" else SMALL.get(data, [])
@@ -137,12 +152,14 @@ def test_compress_configs(name, tmp_path):
     from runner.compress import build_recipe
 
     text = name in ("distill_text_bow", "distill_bert_tiny")  # students on token ids
-    cfg = compose_config([f"compress={name}", *(["data=rotten_tomatoes", "data.max_rows=200"] if text else [])],
-                         tmp_path)
+    cfg = compose_config(
+        [f"compress={name}", *(["data=rotten_tomatoes", "data.max_rows=200"] if text else [])], tmp_path
+    )
     if text:
         describe_data(cfg, as_source(build(cfg.data, "data")))
     assert len(build_recipe(cfg.compress)) == (0 if name == "none" else len(cfg.compress.steps)) and (
-        name == "none" or len(cfg.compress.steps) >= 1)
+        name == "none" or len(cfg.compress.steps) >= 1
+    )
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -156,6 +173,7 @@ def test_experiment_configs(name, tmp_path):
 
 
 # --- bad input: a clear message naming the key, the value and what is allowed -------------------
+
 
 def test_unknown_group_option_lists_the_available_ones():
     with pytest.raises(ConfigCompositionException, match=r"(?s)model/transformer.*cnn1d.*gru.*logreg.*mlp"):
@@ -174,14 +192,20 @@ def test_unknown_key_is_rejected():
         compose_config(["trainer.max_epoch=3"])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("trainer.max_epochs=-1", r"trainer.max_epochs=-1; allowed: an integer >= 1"),
-    ("eval.metrics=[acc,auroc]", r"eval.metrics='auroc'; allowed: \['acc', 'ece', 'f1', 'nll', 'precision', 'recall'\]"),
-    ("optim.name=rmsprop", r"optim.name='rmsprop'; allowed: \['adam', 'adamw', 'sgd'\]"),
-    ("model.channels=0", r"model.channels=0"),
-    ("+model.width=3", r"model=.*parameters of runner.models.CNN1D"),
-    ("data.num_features=41", r"data.num_features=41"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.max_epochs=-1", r"trainer.max_epochs=-1; allowed: an integer >= 1"),
+        (
+            "eval.metrics=[acc,auroc]",
+            r"eval.metrics='auroc'; allowed: \['acc', 'ece', 'f1', 'nll', 'precision', 'recall'\]",
+        ),
+        ("optim.name=rmsprop", r"optim.name='rmsprop'; allowed: \['adam', 'adamw', 'sgd'\]"),
+        ("model.channels=0", r"model.channels=0"),
+        ("+model.width=3", r"model=.*parameters of runner.models.CNN1D"),
+        ("data.num_features=41", r"data.num_features=41"),
+    ],
+)
 def test_bad_values_fail_before_training(override, message, tmp_path, monkeypatch):
     import runner.members
 
@@ -206,4 +230,6 @@ def test_schema_names_match_the_implementations_and_import_no_torch():
     assert all(issubclass(getattr(torch.optim, cls), torch.optim.Optimizer) for cls in config.OPTIMIZERS.values())
     # checking a config must stay light: the command line validates it before the heavy imports
     code = "import sys, runner.config, runner.tracking, runner.tracking.sweep; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )

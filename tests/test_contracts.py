@@ -5,6 +5,7 @@ naming its key, or works: a new model with finite outputs of the right shape, th
 untouched. Which ones refuse is asserted exactly, so a refusal that appears or disappears fails.
 (The MNIST-1D MLP/CNN/GRU contracts: tests/test_compress.py, tests/test_fuse.py.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR, compose_config
 from omegaconf import open_dict
 
-from conftest import CONF_DIR, compose_config
 from runner.compress import CompressContext, build_recipe
 from runner.config import build
 from runner.data import as_source, describe_data
@@ -27,18 +28,30 @@ from runner.models.adapter import build_model
 
 RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
-TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-           "limit_train_batches": 2}
+TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "limit_train_batches": 2}
 OPTIM = {"name": "adam", "lr": 1e-2}
-VIT = ["model=vit_tiny", "model.config.hidden_size=16", "model.config.intermediate_size=32",
-       "model.config.num_hidden_layers=1", "model.config.num_attention_heads=2", "model.config.patch_size=7"]
+VIT = [
+    "model=vit_tiny",
+    "model.config.hidden_size=16",
+    "model.config.intermediate_size=32",
+    "model.config.num_hidden_layers=1",
+    "model.config.num_attention_heads=2",
+    "model.config.patch_size=7",
+]
 FAMILIES = {  # family: overrides of the real configs, shrunk
     "cnn": ["data=mnist5k", "model=lenet5", "model.channels=[4,8]", "model.hidden=32"],
     "resnet": ["data=mnist5k", "model=resnet20", "model.width=8"],
     "vit": ["data=mnist5k", *VIT],
-    "text": ["data=text", "data.max_length=12", "data.vocab_size=60", "model=bert_tiny",
-             "model.config.hidden_size=16", "model.config.intermediate_size=32",
-             "model.config.num_hidden_layers=1", "model.config.num_attention_heads=2"],
+    "text": [
+        "data=text",
+        "data.max_length=12",
+        "data.vocab_size=60",
+        "model=bert_tiny",
+        "model.config.hidden_size=16",
+        "model.config.intermediate_size=32",
+        "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2",
+    ],
 }
 
 # Refusals, by family (a ConfigError before training). Everything else must work.
@@ -52,8 +65,17 @@ REFUSED = {
     "cnn": {"prune_structured_macs", "prune_channels_2x", *TEXT_STUDENTS},
     "resnet": {"deep_compression", "quant_dynamic", *TEXT_STUDENTS},
     "vit": {"distill_features", "qat", "quant_static", *TEXT_STUDENTS},
-    "text": {"quant_static", "qat", "distill", "distill_ensemble", "distill_multi", "distill_then_quantize",
-             "distill_features", "prune_structured_macs", "prune_channels_2x"},
+    "text": {
+        "quant_static",
+        "qat",
+        "distill",
+        "distill_ensemble",
+        "distill_multi",
+        "distill_then_quantize",
+        "distill_features",
+        "prune_structured_macs",
+        "prune_channels_2x",
+    },
 }
 REFUSED_FUSION = {family: {"soup_uniform", "soup_greedy", "task_arithmetic", "ties", "dare"} for family in FAMILIES}
 
@@ -62,7 +84,9 @@ REFUSED_FUSION = {family: {"soup_uniform", "soup_greedy", "task_arithmetic", "ti
 def text_file(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     words = {"pos": ["great", "fine", "lovely", "superb"], "neg": ["awful", "bad", "dull", "poor"]}
-    rows = [{"text": f"a {rng.choice(w)} and {rng.choice(w)} film", "label": k} for _ in range(60) for k, w in words.items()]
+    rows = [
+        {"text": f"a {rng.choice(w)} and {rng.choice(w)} film", "label": k} for _ in range(60) for k, w in words.items()
+    ]
     path = tmp_path_factory.mktemp("text") / "reviews.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
@@ -138,8 +162,9 @@ def test_every_recipe_on_every_family(family, sources):
             continue
         before = copy.deepcopy(nets[0].state_dict())
         pl.seed_everything(0, verbose=False)
-        out = recipe.apply(nets[0], CompressContext(dm, TRAINER, OPTIM, teacher=nets[0], ensemble=MeanLogProbs(nets),
-                                                    members=nets))
+        out = recipe.apply(
+            nets[0], CompressContext(dm, TRAINER, OPTIM, teacher=nets[0], ensemble=MeanLogProbs(nets), members=nets)
+        )
         assert all(torch.equal(before[k], v) for k, v in nets[0].state_dict().items()), name
         with torch.no_grad():
             logits = out(spec.example)

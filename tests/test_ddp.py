@@ -1,5 +1,6 @@
 """trainer.strategy=ddp on the CPU (gloo, 2 processes): each rank trains on its own shard of in-memory
 data, and the job goes on in one process: one MLflow job run, one evaluation, the curves of rank 0."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from mlflow import MlflowClient
 
 import runner.data.base
 import runner.pipeline
-from conftest import compose_config
 from runner.data.base import TensorBatches
 
 
@@ -34,6 +35,7 @@ def test_shuffled_batches_split_between_ranks(monkeypatch):
 
 class CountSamples(pl.Callback):
     """Writes how many training samples each rank saw (it runs in the spawned processes)."""
+
     def __init__(self, folder: str) -> None:
         self.folder = folder
 
@@ -53,16 +55,22 @@ def test_ddp_ranks_train_on_shards_and_the_job_runs_once(tmp_path, mnist1d_small
 
     net = MLP(40, 10, hidden=16)
     before = [p.detach().clone() for p in net.parameters()]
-    train_classifier(net, mnist1d_small, {"max_epochs": 2, "accelerator": "cpu", "devices": 2, "strategy": "ddp",
-                                          "enable_progress_bar": False}, {"name": "adam", "lr": 1e-2},
-                     callbacks=[CountSamples(str(tmp_path))])
+    train_classifier(
+        net,
+        mnist1d_small,
+        {"max_epochs": 2, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "enable_progress_bar": False},
+        {"name": "adam", "lr": 1e-2},
+        callbacks=[CountSamples(str(tmp_path))],
+    )
     n_train = len(mnist1d_small.splits["train"][1])
     counts = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
     assert counts == {"rank0": 2 * (n_train // 2), "rank1": 2 * (n_train // 2)}  # half each, per epoch
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # rank 0's weights came back
 
-    cfg = compose_config(["model=mlp", "trainer=cpu", "trainer.max_epochs=2", "trainer.strategy=ddp",
-                          "trainer.devices=2"], tmp_path / "job")
+    cfg = compose_config(
+        ["model=mlp", "trainer=cpu", "trainer.max_epochs=2", "trainer.strategy=ddp", "trainer.devices=2"],
+        tmp_path / "job",
+    )
     results = runner.pipeline.run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/job/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])

@@ -1,5 +1,6 @@
 """Where models and data live (runner/device.py) and the channels_last layout, checked on the CPU.
 The same paths on a real GPU are in tests/test_gpu.py (marked `gpu`)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -7,29 +8,31 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from mlflow import MlflowClient
+from test_quantize import inputs, quantize_step, seeded
+from torch import nn
 
 import runner.pipeline
-from conftest import compose_config
 from runner.compress import DynamicQuantize, StaticQuantize
 from runner.compress.quantize import ScriptBox
 from runner.data import SklearnDataset
 from runner.device import cpu_only, data_on_device, job_device, placement
-from torch import nn
-
 from runner.models import MLP, LeNet5, LitClassifier
 from runner.train import channels_last, fit
-from test_quantize import inputs, quantize_step, seeded
 
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("trainer, device", [
-    ({"accelerator": "cpu"}, "cpu"),
-    ({"accelerator": "gpu", "devices": 1}, "cuda:0"),
-    ({"accelerator": "cuda", "devices": [1, 2]}, "cuda:1"),
-    ({"accelerator": "mps"}, "mps"),
-])
+@pytest.mark.parametrize(
+    "trainer, device",
+    [
+        ({"accelerator": "cpu"}, "cpu"),
+        ({"accelerator": "gpu", "devices": 1}, "cuda:0"),
+        ({"accelerator": "cuda", "devices": [1, 2]}, "cuda:1"),
+        ({"accelerator": "mps"}, "mps"),
+    ],
+)
 def test_the_job_device_is_the_trainers(trainer, device):
     assert job_device(trainer) == torch.device(device)
 
@@ -45,8 +48,9 @@ def test_device_lists_from_a_config_name_their_gpu():
 
 
 def test_auto_is_the_gpu_when_one_is_visible():
-    assert job_device({"accelerator": "auto"}).type == ("cuda" if torch.cuda.is_available() else
-                                                        "mps" if torch.backends.mps.is_available() else "cpu")
+    assert job_device({"accelerator": "auto"}).type == (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    )
 
 
 def test_int8_models_stay_on_the_cpu_and_say_why():
@@ -88,8 +92,12 @@ class Layouts(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         weight = module.net[2].weight  # 4 in, 4 out channels: one layout or the other, not both
         rgb = module._layout(torch.zeros(2, 3, 4, 4))  # what a step does to an image batch
-        self.seen.append((weight.is_contiguous(memory_format=torch.channels_last),
-                          rgb.is_contiguous(memory_format=torch.channels_last)))
+        self.seen.append(
+            (
+                weight.is_contiguous(memory_format=torch.channels_last),
+                rgb.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
 
 
 def train_lenet(**trainer):
@@ -98,8 +106,12 @@ def train_lenet(**trainer):
     layouts = Layouts()
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
     module = LitClassifier(net, "adam", lr=1e-2)
-    fit(module, dm, {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "steps_per_call": 1, **trainer},
-        callbacks=[layouts])
+    fit(
+        module,
+        dm,
+        {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "steps_per_call": 1, **trainer},
+        callbacks=[layouts],
+    )
     return module.net, layouts.seen
 
 
@@ -122,14 +134,21 @@ def test_channels_last_is_for_2d_convolutions_and_by_default_on_a_gpu():
 
 
 def test_every_evaluated_model_says_where_it_ran(tmp_path):
-    cfg = compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean",
-                          "compress=quant_dynamic"], tmp_path)
+    cfg = compose_config(
+        ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean", "compress=quant_dynamic"], tmp_path
+    )
     runner.pipeline.run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     children = {r.info.run_name: r.data.tags for r in runs if r.data.tags["role"] != "job"}
-    assert sorted(children) == ["compressed/mlp-s0", "compressed/mlp-s1", "fused", "fused_compressed",
-                                "member/mlp-s0", "member/mlp-s1"]
+    assert sorted(children) == [
+        "compressed/mlp-s0",
+        "compressed/mlp-s1",
+        "fused",
+        "fused_compressed",
+        "member/mlp-s0",
+        "member/mlp-s1",
+    ]
     assert {name: tags["device"] for name, tags in children.items()} == dict.fromkeys(children, "cpu")
     assert not any("device_note" in tags for tags in children.values())  # a CPU job: nothing moved elsewhere
 
@@ -138,9 +157,28 @@ def test_every_evaluated_model_says_where_it_ran(tmp_path):
 def test_the_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run():
     """benchmarks/gpu.py --device cpu: both loops train ResNet-20 and print samples/s and their ratio."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--samples", "256", "--batch", "128",
-                          "--epochs", "1", "--repeats", "1", "--models", "resnet20"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--device",
+            "cpu",
+            "--samples",
+            "256",
+            "--batch",
+            "128",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--models",
+            "resnet20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     [row] = [line for line in out.splitlines() if line.startswith("| resnet20")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     hand, ours, ratio = (float(c.replace(",", "")) for c in cells[2:5])
@@ -157,13 +195,16 @@ def test_mixed_precision_reaches_fine_tuning_and_distillation(tmp_path, monkeypa
 
     steps = []
     for cls in (LitClassifier, DistillModule):
+
         def loss(self, logits, y, x, original=cls.loss, cls=cls):
             if type(self) is cls:
                 steps.append((cls.__name__, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
             return original(self, logits, y, x)
+
         monkeypatch.setattr(cls, "loss", loss)
-    cfg = compose_config(["model=mlp", "trainer.precision=bf16-mixed", f"compress={compress}",
-                          "trainer.steps_per_call=1"], tmp_path)
+    cfg = compose_config(
+        ["model=mlp", "trainer.precision=bf16-mixed", f"compress={compress}", "trainer.steps_per_call=1"], tmp_path
+    )
     runner.pipeline.run(cfg)
     assert {name for name, *_ in steps} == {"LitClassifier", module}
     assert all(on and dtype == torch.bfloat16 for _, on, dtype in steps)

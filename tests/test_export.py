@@ -1,34 +1,52 @@
 """Export (runner/export.py): ONNX for every model kind ONNX can express, torch.export where only it can,
 a reason where nothing can; ONNX Runtime's predictions and latency logged beside PyTorch's (eval.export)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
+from test_models_logged import test_inputs
 from torch import nn
 
 import runner.pipeline
-from conftest import compose_config, logged_predictions
 from runner.errors import ConfigError
 from runner.export import OrtModel, export_model, load_exported, main
 from runner.models import CNN1D, MLP, HuggingFace
 from runner.models.reference import LeNet5, ResNetCIFAR
-from test_models_logged import test_inputs
 
 IMAGES = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 SIGNALS = torch.randn(16, 40, generator=torch.Generator().manual_seed(0))
-VIT = {"model_type": "vit", "image_size": 28, "num_channels": 1, "patch_size": 4, "hidden_size": 32,
-       "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-BERT = {"model_type": "bert", "vocab_size": 50, "max_position_embeddings": 12, "hidden_size": 32,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+VIT = {
+    "model_type": "vit",
+    "image_size": 28,
+    "num_channels": 1,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 50,
+    "max_position_embeddings": 12,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 
 
 def tokens(n: int) -> dict[str, torch.Tensor]:
     mask = torch.ones(n, 12, dtype=torch.long)
     mask[::2, 8:] = 0  # padded rows
-    return {"input_ids": torch.randint(0, 50, (n, 12), generator=torch.Generator().manual_seed(0)),
-            "attention_mask": mask}
+    return {
+        "input_ids": torch.randint(0, 50, (n, 12), generator=torch.Generator().manual_seed(0)),
+        "attention_mask": mask,
+    }
 
 
 FLOAT_MODELS = {
@@ -107,6 +125,7 @@ def test_what_cannot_be_exported_says_why():
 
 class CumMax(nn.Module):
     """A model with an op ONNX has no function for (aten.cummax): torch.export holds it, ONNX cannot."""
+
     def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(40, 10)
@@ -121,8 +140,9 @@ def test_torch_export_where_onnx_cannot_express_the_model():
     assert exported.format == "torch.export" and exported.suffix == ".pt2"
     assert exported.reason.startswith("ONNX:") and "aten.cummax" in exported.reason
     with torch.no_grad():
-        np.testing.assert_allclose(load_exported(exported.data, "torch.export")(SIGNALS[:3]).numpy(),
-                                   model(SIGNALS[:3]).numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            load_exported(exported.data, "torch.export")(SIGNALS[:3]).numpy(), model(SIGNALS[:3]).numpy(), atol=1e-6
+        )
 
 
 def test_bad_export_option_is_refused_before_training(tmp_path):
@@ -134,8 +154,18 @@ def test_bad_export_option_is_refused_before_training(tmp_path):
 def test_a_job_exports_every_model_and_logs_onnx_runtime_beside_pytorch(tmp_path):
     """Members and the mean-fused model: ONNX files on their child runs whose ONNX Runtime predictions
     are the logged test probabilities; dynamic int8 members: no file, the reason as a tag."""
-    cfg = compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "compress=quant_dynamic",
-                          "fuse=mean", "eval.export=onnx", "tracking.log_models=true"], tmp_path)
+    cfg = compose_config(
+        [
+            "model=mlp",
+            "ensemble=seeds5",
+            "ensemble.seeds=[0,1]",
+            "compress=quant_dynamic",
+            "fuse=mean",
+            "eval.export=onnx",
+            "tracking.log_models=true",
+        ],
+        tmp_path,
+    )
     runner.pipeline.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -144,8 +174,14 @@ def test_a_job_exports_every_model_and_logs_onnx_runtime_beside_pytorch(tmp_path
     children = {n: r for n, r in runs.items() if r.data.tags.get("role") != "job"}
     [job] = [r for r in runs.values() if r.data.tags.get("role") == "job"]
     formats = {n: r.data.tags["export"] for n, r in children.items()}
-    assert formats == {"member/mlp-s0": "onnx", "member/mlp-s1": "onnx", "fused": "onnx",
-                       "compressed/mlp-s0": "none", "compressed/mlp-s1": "none", "fused_compressed": "none"}
+    assert formats == {
+        "member/mlp-s0": "onnx",
+        "member/mlp-s1": "onnx",
+        "fused": "onnx",
+        "compressed/mlp-s0": "none",
+        "compressed/mlp-s1": "none",
+        "fused_compressed": "none",
+    }
     x = test_inputs(cfg)
     for name, run in children.items():
         metrics, tags = run.data.metrics, run.data.tags

@@ -1,11 +1,12 @@
 """Fine-tuning modes (optim.finetune, optim.backbone_lr_factor) and starting any model from a
 weights file (model.checkpoint): what trains, by how much, and what a bad file says."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
 from runner.data import SklearnDataset
 from runner.errors import ConfigError
 from runner.members import plan_members
@@ -91,12 +92,19 @@ def test_full_fine_tuning_trains_the_backbone_too(wine):
 
 def test_backbone_lr_factor_scales_the_backbone_step_only(wine):
     """One plain SGD step: the backbone moves by factor x the step it takes at factor 1, the head alike."""
+
     def one_step(factor):
         pl.seed_everything(0, verbose=False)
         net = MLP(13, 3, hidden=8)
         start = snapshot(net)
-        train(wine, net, trainer={"max_steps": 1, "max_epochs": 1, "steps_per_call": 1}, optimizer="sgd",
-              lr=0.1, backbone_lr_factor=factor)
+        train(
+            wine,
+            net,
+            trainer={"max_steps": 1, "max_epochs": 1, "steps_per_call": 1},
+            optimizer="sgd",
+            lr=0.1,
+            backbone_lr_factor=factor,
+        )
         return {k: net.state_dict()[k] - start[k] for k in start}
 
     full, tenth = one_step(1.0), one_step(0.1)
@@ -106,11 +114,14 @@ def test_backbone_lr_factor_scales_the_backbone_step_only(wine):
         assert full[name].abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.finetune=probe", "optim.finetune"),
-    ("optim.backbone_lr_factor=0", "optim.backbone_lr_factor"),
-    ("optim.probe_epochs=0", "optim.probe_epochs"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.finetune=probe", "optim.finetune"),
+        ("optim.backbone_lr_factor=0", "optim.backbone_lr_factor"),
+        ("optim.probe_epochs=0", "optim.probe_epochs"),
+    ],
+)
 def test_bad_fine_tuning_keys_name_the_key(override, key):
     from runner.config import validate
 
@@ -127,6 +138,7 @@ def test_lp_ft_needs_more_epochs_than_the_probe():
 
 
 # --- model.checkpoint: any `_target_` model starts from a weights file -------------------------------
+
 
 def mlp_node(path=None):
     return {"_target_": "runner.models.MLP", "in_features": 13, "num_classes": 3, "hidden": 8, "checkpoint": path}
@@ -154,8 +166,11 @@ def test_a_checkpoint_with_other_keys_or_shapes_lists_them(tmp_path):
     assert message.startswith(f"Invalid config: model.checkpoint='{tmp_path}/keys.pt'")
     assert "missing keys (1): ['head.bias']" in message and "unexpected keys (1): ['extra.weight']" in message
     torch.save(MLP(13, 4, hidden=8).state_dict(), tmp_path / "shape.pt")
-    with pytest.raises(ConfigError, match=r"shape mismatches \(2\): \['head.bias: \(4,\) in the file, \(3,\) in the "
-                                          r"model', 'head.weight: \(4, 8\) in the file, \(3, 8\) in the model'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shape mismatches \(2\): \['head.bias: \(4,\) in the file, \(3,\) in the "
+        r"model', 'head.weight: \(4, 8\) in the file, \(3, 8\) in the model'\]",
+    ):
         build_model(mlp_node(str(tmp_path / "shape.pt")))
 
 

@@ -1,14 +1,16 @@
 """Fusion strategies: the contract over every conf/fuse YAML, scikit-learn oracles, member checks, soups."""
+
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF_DIR, FAST_TRAINER, SPEC, compose_config
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import StackingClassifier, VotingClassifier
 from sklearn.exceptions import NotFittedError
@@ -17,16 +19,27 @@ from sklearn.linear_model import LogisticRegression
 
 from runner.config import build
 from runner.errors import ConfigError
-from runner.fuse import (CaruanaSelection, FeatureFusion, FeatureNet, GreedySoup, HardVoting, OutputFusion,
-                         ProbabilityMean, SoftVoting, Stacking, UniformSoup, WeightedAverage, member_probs)
+from runner.fuse import (
+    CaruanaSelection,
+    FeatureFusion,
+    FeatureNet,
+    GreedySoup,
+    HardVoting,
+    OutputFusion,
+    ProbabilityMean,
+    SoftVoting,
+    Stacking,
+    UniformSoup,
+    WeightedAverage,
+    member_probs,
+)
 from runner.models import CNN1D, MLP
 from runner.train import train_classifier
-from conftest import CONF_DIR, FAST_TRAINER, SPEC, compose_config
 
 FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
 
 
-@lru_cache(maxsize=None)
+@cache
 def fuse_config(name: str):
     """The composed real config for `fuse=<name>` (composing costs ~1 s, so once per name)."""
     return compose_config([f"fuse={name}"])
@@ -44,8 +57,9 @@ def shared_init_mlps(mnist1d_small) -> list[MLP]:
     nets = []
     for seed in (1, 2, 3):
         pl.seed_everything(seed, verbose=False)
-        net = train_classifier(copy.deepcopy(base).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 2},
-                               {"name": "adam", "lr": 1e-3})
+        net = train_classifier(
+            copy.deepcopy(base).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 2}, {"name": "adam", "lr": 1e-3}
+        )
         net.init_id = "pretrained-s0"
         net.shared_start = copy.deepcopy(base.state_dict())  # what merging takes task vectors from
         nets.append(net)
@@ -89,6 +103,7 @@ def rows(n: int, offset: int = 0) -> np.ndarray:
 
 # --- the contract, for every YAML in conf/fuse ----------------------------------------------------
 
+
 @pytest.mark.parametrize("name", FUSE_CONFIGS)
 def test_fuse_config_contract(name, shared_init_mlps, mnist1d_small):
     strategy = build_strategy(name)
@@ -125,6 +140,7 @@ def test_bad_parameters_fail_at_build():
 
 
 # --- oracles: scikit-learn on the same member outputs ---------------------------------------------
+
 
 @pytest.mark.parametrize("weights", [None, [1.0, 2.0, 1.0, 0.5]])
 def test_soft_voting_matches_sklearn(weights, four_members, mnist1d_small):
@@ -169,6 +185,7 @@ def test_stacking_cross_fitting(four_members, mnist1d_small):
 
 # --- learnt weights never lose on what they optimise ----------------------------------------------
 
+
 def val_nll(probs, y):
     return float(-probs[torch.arange(len(y)), y].clamp_min(1e-12).log().mean())
 
@@ -196,16 +213,23 @@ def test_feature_head_starts_as_mean_of_member_logits(trained_mlps, mnist1d_smal
 def test_feature_finetune_leaves_members_unchanged(trained_mlps, mnist1d_small):
     before = [copy.deepcopy(m.state_dict()) for m in trained_mlps]
     FeatureFusion(epochs=1, finetune_members=True, finetune_epochs=1, finetune_lr=1e-2).fit(
-        trained_mlps, mnist1d_small.val_dataloader())
+        trained_mlps, mnist1d_small.val_dataloader()
+    )
     for m, state in zip(trained_mlps, before):
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
 
 
 # --- incompatible members fail with ConfigError, before any training -------------------------------
 
+
 @pytest.mark.parametrize("name", FUSE_CONFIGS)
-@pytest.mark.parametrize("other, what", [(MLP(40, 3), r"ensemble.members\[1\] \(MLP\) / data.num_classes"),
-                                         (MLP(13, 10), r"ensemble.members\[1\] \(MLP\) / data")])
+@pytest.mark.parametrize(
+    "other, what",
+    [
+        (MLP(40, 3), r"ensemble.members\[1\] \(MLP\) / data.num_classes"),
+        (MLP(13, 10), r"ensemble.members\[1\] \(MLP\) / data"),
+    ],
+)
 def test_incompatible_members_raise(name, other, what):
     strategy = build_strategy(name)
     first = MLP(40, 10)

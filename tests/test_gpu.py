@@ -1,19 +1,20 @@
 """On a CUDA GPU (marked `gpu`: skipped where none is visible, see conftest.py): the whole job runs on
 it, not only member training. Run them with `pytest -m gpu` on a machine with a GPU."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from mlflow import MlflowClient
+from test_device import train_lenet
 
 import runner.device
 import runner.pipeline
-from conftest import compose_config
 from runner.data import SklearnDataset
 from runner.device import on_device
 from runner.evaluate import predict_proba
 from runner.models import LitClassifier
 from runner.train import fit
-from test_device import train_lenet
 
 pytestmark = pytest.mark.gpu
 # two real epochs (not trainer=fast's 3 batches), so accuracies mean something
@@ -27,8 +28,9 @@ def child_tags(tmp_path) -> dict[str, dict[str, str]]:
     return {r.info.run_name: r.data.tags for r in runs if r.data.tags["role"] != "job"}
 
 
-@pytest.mark.parametrize("fuse, compress", [("mean", "quant_static"), ("feature", "distill"),
-                                            ("stacking", "prune_structured")])
+@pytest.mark.parametrize(
+    "fuse, compress", [("mean", "quant_static"), ("feature", "distill"), ("stacking", "prune_structured")]
+)
 def test_the_whole_job_runs_on_the_gpu_and_int8_on_the_cpu(tmp_path, fuse, compress):
     results = runner.pipeline.run(compose_config([*LENETS, *GPU, f"fuse={fuse}", f"compress={compress}"], tmp_path))
     tags = child_tags(tmp_path)
@@ -57,14 +59,16 @@ def test_in_memory_data_live_on_the_gpu_and_models_come_back_to_the_cpu():
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_trains_members_fine_tunes_and_distills(tmp_path, precision):
-    results = runner.pipeline.run(compose_config(
-        [*LENETS, *GPU, f"trainer.precision={precision}", "fuse=mean", "compress=distill"], tmp_path))
+    results = runner.pipeline.run(
+        compose_config([*LENETS, *GPU, f"trainer.precision={precision}", "fuse=mean", "compress=distill"], tmp_path)
+    )
     assert results["compressed/mean/test/acc"] > 0.5
 
 
 def test_qat_runs_in_fp32_on_the_gpu_and_its_int8_model_on_the_cpu(tmp_path):
-    results = runner.pipeline.run(compose_config(
-        [*LENETS, *GPU, "trainer.precision=bf16-mixed", "compress=qat"], tmp_path))
+    results = runner.pipeline.run(
+        compose_config([*LENETS, *GPU, "trainer.precision=bf16-mixed", "compress=qat"], tmp_path)
+    )
     assert results["compressed/lenet5-s0/quant/precision_bits"] == 32
     assert child_tags(tmp_path)["compressed/lenet5-s0"]["device"] == "cpu"
 
@@ -89,10 +93,10 @@ def test_latency_on_the_gpu_is_timed_with_synchronize(monkeypatch):
     assert stats.metrics()["latency_repeats"] >= 5 and len(calls) >= 10  # before and after each timed call
 
 
-
 def test_onnx_export_of_a_gpu_job_compares_cpu_with_cpu(tmp_path):
     results = runner.pipeline.run(compose_config([*LENETS, *GPU, "eval.export=onnx"], tmp_path))
     for name in ("member/lenet5-s0", "member/lenet5-s1"):
         assert results[f"{name}/export/agreement"] > 0.99
         assert results[f"{name}/export/speedup"] == pytest.approx(
-            results[f"{name}/export/torch_cpu_latency_ms"] / results[f"{name}/export/latency_ms"])
+            results[f"{name}/export/torch_cpu_latency_ms"] / results[f"{name}/export/latency_ms"]
+        )

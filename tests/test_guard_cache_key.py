@@ -16,6 +16,7 @@ REFACTOR NOTE: if runner.members grows `member_key(member, datamodule, trainer, 
 (the key computation factored out of train_member), `test_member_key_function_is_the_one_train_member_uses`
 checks it returns train_member's key; until then that test is skipped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,12 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
 import runner.cache
 import runner.members
 import runner.pipeline
-from conftest import compose_config
 from runner.cache import MemberCache, source_digest
 from runner.config import CacheConf, EvalConf, OptimConf, RunConf, TrackingConf, TrainerConf, build, validate
 from runner.data import as_source, describe_data
@@ -48,16 +49,23 @@ UNCLASSIFIED = {"threads"}
 KEY_NEUTRAL = {("trainer", "enable_progress_bar"), ("data", "cache_dir"), ("data", "eval_batch_size")}
 # Values checked against the data: changed alone, the job may refuse them before training (if it
 # takes them, the key must change like any other input's).
-MAY_BE_REFUSED = {("data", "num_features"), ("data", "num_classes"), ("model", "in_features"),
-                  ("model", "num_classes")}
+MAY_BE_REFUSED = {("data", "num_features"), ("data", "num_classes"), ("model", "in_features"), ("model", "num_classes")}
 # Second values for text fields (numbers and booleans are changed by type).
-ALTERNATIVES = {("optim", "name"): "sgd", ("optim", "finetune"): "linear_probe",
-                ("trainer", "accelerator"): "auto", ("trainer", "precision"): "bf16-mixed",
-                ("trainer", "strategy"): "ddp", ("trainer", "channels_last"): True,
-                ("trainer", "limit_train_batches"): 2, ("trainer", "limit_val_batches"): 2,
-                ("data", "scaling"): "standard", ("data", "cache_dir"): "<tmp>/other_data",
-                ("data", "_target_"): None, ("model", "_target_"): None,  # data=wine, model=cnn1d below
-                ("model", "checkpoint"): "<checkpoint>"}
+ALTERNATIVES = {
+    ("optim", "name"): "sgd",
+    ("optim", "finetune"): "linear_probe",
+    ("trainer", "accelerator"): "auto",
+    ("trainer", "precision"): "bf16-mixed",
+    ("trainer", "strategy"): "ddp",
+    ("trainer", "channels_last"): True,
+    ("trainer", "limit_train_batches"): 2,
+    ("trainer", "limit_val_batches"): 2,
+    ("data", "scaling"): "standard",
+    ("data", "cache_dir"): "<tmp>/other_data",
+    ("data", "_target_"): None,
+    ("model", "_target_"): None,  # data=wine, model=cnn1d below
+    ("model", "checkpoint"): "<checkpoint>",
+}
 
 
 def changed(group: str, key: str, value):
@@ -140,7 +148,7 @@ def variations(group: str, node, checkpoint: str) -> list[tuple[str, str, object
         if new == "<checkpoint>":
             new = checkpoint
         if isinstance(new, str) and new.startswith("<tmp>"):
-            new = str(Path(checkpoint).parent) + new[len("<tmp>"):]
+            new = str(Path(checkpoint).parent) + new[len("<tmp>") :]
         if new is not None:
             out.append((group, key, new))
     return out
@@ -206,15 +214,20 @@ def test_other_data_and_model_change_the_key(tmp, base):
         assert set(keys) == set(base) or overrides[0].startswith("model"), overrides
 
 
-@pytest.mark.parametrize("entry", [*[("optim", k) for k in OPTIM_KEYS], *[("data", k) for k in FINETUNE_DATA_KEYS]],
-                         ids=lambda entry: ".".join(entry))
+@pytest.mark.parametrize(
+    "entry",
+    [*[("optim", k) for k in OPTIM_KEYS], *[("data", k) for k in FINETUNE_DATA_KEYS]],
+    ids=lambda entry: ".".join(entry),
+)
 def test_every_finetune_entry_changes_its_members_key_only(entry, tmp, base):
     """ensemble.finetune[i] (per-member optimizer and training-data settings): the member it names gets
     another key, the others keep theirs."""
     group, key = entry
     cfg = compose_config(BASE, tmp)
-    values = {("data", "train_transforms"): [{"_target_": "runner.data.RandomShift", "max_shift": 2}],
-              ("data", "num_workers"): 1}
+    values = {
+        ("data", "train_transforms"): [{"_target_": "runner.data.RandomShift", "max_shift": 2}],
+        ("data", "num_workers"): 1,
+    }
     value = values.get(entry) or changed(group, key, cfg[group][key] if key in cfg[group] else cfg.data[key])
     with open_dict(cfg):
         cfg.ensemble.finetune = [None, {group: {key: value}}]
@@ -227,11 +240,14 @@ def test_every_finetune_entry_changes_its_members_key_only(entry, tmp, base):
 def test_the_seed_alone_changes_the_key(tmp):
     """Members with one shared start differ only in their seed (their data order): different keys."""
     keys = member_keys(compose_config([*BASE, "ensemble.shared_init=true"], tmp))
-    assert len(keys) == 2 and len(set(keys.values())) == 2, f"members that differ only in their seed share a key: {keys}"
+    assert len(keys) == 2 and len(set(keys.values())) == 2, (
+        f"members that differ only in their seed share a key: {keys}"
+    )
     one = member_keys(compose_config(["model=mlp"], tmp))
     other = member_keys(compose_config(["model=mlp", "seed=1"], tmp))
-    assert len(one) == len(other) == 1 and set(one.values()).isdisjoint(other.values()), \
+    assert len(one) == len(other) == 1 and set(one.values()).isdisjoint(other.values()), (
         f"seed=0 and seed=1 give the same key: {one} {other}"
+    )
 
 
 def test_the_start_changes_the_key(tmp, base):
@@ -286,9 +302,13 @@ def test_training_code_covers_training_only(tmp_path):
         before = digest()
 
 
-NEUTRAL_VALUES = {("tracking", "uri"): "sqlite:///<tmp>/other.db", ("tracking", "artifact_location"): "<tmp>/other_art",
-                  ("tracking", "experiment"): "other", ("cache", "dir"): "<tmp>/other_cache",
-                  ("eval", "metrics"): ["acc", "nll"]}
+NEUTRAL_VALUES = {
+    ("tracking", "uri"): "sqlite:///<tmp>/other.db",
+    ("tracking", "artifact_location"): "<tmp>/other_art",
+    ("tracking", "experiment"): "other",
+    ("cache", "dir"): "<tmp>/other_cache",
+    ("eval", "metrics"): ["acc", "nll"],
+}
 # kept as they are: the tracker's class; a background MLflow worker process (slow to start); ONNX export
 # of every model (slow); skip_finished (a job whose config already finished is not run: no keys to read)
 NEUTRAL_KEPT = {("tracking", "_target_"), ("tracking", "background"), ("eval", "export"), ("cache", "skip_finished")}
@@ -310,8 +330,11 @@ def neutral_overrides(tmp: Path) -> dict[str, list[str]]:
         groups[group] = out
     groups["fuse"] = ["fuse=mean"]
     groups["compress"] = ["compress=quant_dynamic"]
-    groups["neutral keys"] = [f"{g}.{k}={_literal(changed(g, k, cfg[g][k]))}" for g, k in sorted(KEY_NEUTRAL)
-                              if (g, k) != ("data", "cache_dir")] + [f"data.cache_dir='{tmp}/other_data'"]
+    groups["neutral keys"] = [
+        f"{g}.{k}={_literal(changed(g, k, cfg[g][k]))}"
+        for g, k in sorted(KEY_NEUTRAL)
+        if (g, k) != ("data", "cache_dir")
+    ] + [f"data.cache_dir='{tmp}/other_data'"]
     return groups
 
 
@@ -367,12 +390,22 @@ def test_members_of_one_ensemble_learn_different_weights(shared_init, tmp, monke
 
     monkeypatch.setattr(runner.pipeline, "train_member", keep)
     cache = f"cache.dir={tmp}/cache_{shared_init}"
-    runner.pipeline.run(compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1,2]",
-                                        f"ensemble.shared_init={str(shared_init).lower()}", cache], tmp))
+    runner.pipeline.run(
+        compose_config(
+            [
+                "model=mlp",
+                "ensemble=seeds5",
+                "ensemble.seeds=[0,1,2]",
+                f"ensemble.shared_init={str(shared_init).lower()}",
+                cache,
+            ],
+            tmp,
+        )
+    )
     names = sorted(trained)
     assert len(names) == 3
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             same = [k for k in trained[a] if torch.equal(trained[a][k], trained[b][k])]
             assert not same, f"members {a} and {b} have identical {same}"
     if shared_init:

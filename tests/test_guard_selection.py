@@ -14,6 +14,7 @@ computation done here (numpy or plain torch), not against the step's own helpers
 A swapped scope, a step that removes the largest weights or the wrong channels, an observer
 changed to an asymmetric one, a temperature or alpha passed the wrong way round fails here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,15 +30,31 @@ import runner.compress.distill
 import runner.compress.prune
 import runner.compress.quantize
 from runner.compress import (
-    CompressContext, Distill, DynamicQuantize, FineTune, GradualPrune, MagnitudePrune, QATQuantize, StaticQuantize,
-    Step, StructuredPrune,
+    CompressContext,
+    Distill,
+    DynamicQuantize,
+    FineTune,
+    GradualPrune,
+    MagnitudePrune,
+    QATQuantize,
+    StaticQuantize,
+    Step,
+    StructuredPrune,
 )
 from runner.compress.distill import DistillModule, distillation_loss
 from runner.models import CNN1D, MLP
 
 # Every step class runner.compress exports has a selection check in this file.
-CHECKED = {MagnitudePrune, GradualPrune, FineTune, StructuredPrune, DynamicQuantize, StaticQuantize, QATQuantize,
-           Distill}
+CHECKED = {
+    MagnitudePrune,
+    GradualPrune,
+    FineTune,
+    StructuredPrune,
+    DynamicQuantize,
+    StaticQuantize,
+    QATQuantize,
+    Distill,
+}
 
 
 class Data:
@@ -65,7 +82,7 @@ def planted_mlp(seed: int = 0) -> MLP:
     with torch.no_grad():
         for layer, scale in zip((net.body[0], net.body[2], net.head), (0.3, 1.0, 3.0)):
             n = layer.weight.numel()
-            magnitudes = (torch.randperm(n, generator=g).double() + 1 + torch.rand(n, generator=g, dtype=torch.double))
+            magnitudes = torch.randperm(n, generator=g).double() + 1 + torch.rand(n, generator=g, dtype=torch.double)
             signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
             layer.weight.copy_((signs * magnitudes * scale / n).reshape(layer.weight.shape).float())
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
@@ -87,7 +104,7 @@ def expected_masks(weights: list[np.ndarray], sparsity: float, scope: str) -> li
     keep[np.argsort(flat, kind="stable")[:k]] = False
     out, start = [], 0
     for w in weights:
-        out.append(keep[start:start + w.size].reshape(w.shape))
+        out.append(keep[start : start + w.size].reshape(w.shape))
         start += w.size
     return out
 
@@ -99,6 +116,7 @@ def test_every_step_has_a_selection_check():
 
 
 # --- unstructured pruning ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("min_params", [0, 30])
@@ -159,8 +177,9 @@ def test_gradual_prune_extends_its_mask_by_magnitude_each_round(scope, monkeypat
         previous = masks
     final = [m.weight.detach().numpy() for m in layers(out)]
     zeros = sum(int((w == 0).sum()) for w in final)
-    assert zeros == (round(0.8 * sum(w.size for w in final)) if scope == "global"
-                     else sum(round(0.8 * w.size) for w in final)), "the last round is not at the target sparsity"
+    assert zeros == (
+        round(0.8 * sum(w.size for w in final)) if scope == "global" else sum(round(0.8 * w.size) for w in final)
+    ), "the last round is not at the target sparsity"
     for w, keep in zip(final, previous):
         assert np.array_equal(w != 0, keep)
 
@@ -194,7 +213,7 @@ def test_finetune_masks_exactly_the_zeros_it_was_given(keep_sparsity, monkeypatc
 # --- structured pruning --------------------------------------------------------------------------
 
 TINY_0 = {1: 1e-3, 3: 2e-3, 5: 3e-3, 6: 4e-3}  # hidden layer 0: four channels with tiny weights
-WEAK_1 = {2: 0.1, 7: 0.2}                       # hidden layer 1: two weak channels
+WEAK_1 = {2: 0.1, 7: 0.2}  # hidden layer 1: two weak channels
 
 
 def planted_channels() -> MLP:
@@ -215,6 +234,7 @@ def planted_channels() -> MLP:
 
 def kept_channels(before: MLP, after: MLP) -> tuple[list[int], list[int]]:
     """Which hidden channels of each layer survive, found by their (unchanged) weights."""
+
     def find(rows_before: torch.Tensor, rows_after: torch.Tensor) -> list[int]:
         found = [i for i in range(len(rows_before)) if any(torch.equal(rows_before[i], r) for r in rows_after)]
         assert len(found) == len(rows_after), "a surviving channel's weights changed"
@@ -287,8 +307,11 @@ def same_steps(got: np.ndarray, expected: np.ndarray) -> bool:
 
 
 def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight() for name, m in model.named_modules()
-            if callable(getattr(m, "weight", None)) and m.weight().is_quantized}
+    return {
+        name: m.weight()
+        for name, m in model.named_modules()
+        if callable(getattr(m, "weight", None)) and m.weight().is_quantized
+    }
 
 
 def test_dynamic_int8_scales_are_max_abs_over_127_5_per_tensor():
@@ -366,8 +389,9 @@ def test_qat_scales_come_from_the_calibrated_weights_and_freeze_for_the_last_epo
     assert set(found) == {"body.0", "body.2", "head"}
     for name, q in found.items():
         scale, values = symmetric(dict(net.named_modules())[name].weight, per_channel=True)
-        assert np.allclose(q.q_per_channel_scales().numpy(), scale, rtol=1e-6), \
+        assert np.allclose(q.q_per_channel_scales().numpy(), scale, rtol=1e-6), (
             f"{name}: the scales are not the calibrated max|w| / 127.5 (did they move in the last epoch?)"
+        )
         if epochs == 0:
             assert same_steps(q.int_repr().numpy(), values), name
         else:  # the trained weights, rounded on the calibrated (float weights') scales
@@ -378,9 +402,17 @@ def test_qat_scales_come_from_the_calibrated_weights_and_freeze_for_the_last_epo
 
 # --- distillation --------------------------------------------------------------------------------
 
-def hand_loss(student: np.ndarray, teachers: list[np.ndarray], weights: list[float], y: np.ndarray,
-              temperature: float, alpha: float) -> float:
+
+def hand_loss(
+    student: np.ndarray,
+    teachers: list[np.ndarray],
+    weights: list[float],
+    y: np.ndarray,
+    temperature: float,
+    alpha: float,
+) -> float:
     """alpha * sum_k w_k * T^2 * KL(softmax(t_k/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), by hand."""
+
     def log_softmax(z):
         z = z - z.max(1, keepdims=True)
         return z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -389,7 +421,7 @@ def hand_loss(student: np.ndarray, teachers: list[np.ndarray], weights: list[flo
     soft = 0.0
     for t, w in zip(teachers, weights):
         log_p = log_softmax(t / temperature)
-        soft += w * temperature ** 2 * (np.exp(log_p) * (log_p - log_q)).sum(1).mean()
+        soft += w * temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(1).mean()
     ce = -log_softmax(student)[np.arange(len(y)), y].mean()
     return alpha * soft + (1 - alpha) * ce
 
@@ -435,17 +467,21 @@ def test_the_loss_distill_trains_with_is_the_formula(monkeypatch):
     x, y = torch.arange(30.0).reshape(5, 6), torch.tensor([0, 3, 1, 2, 3])
     t1, t2 = Fixed(logits(1).float()), Fixed(logits(2).float())
     student = nn.Linear(6, 4)
-    for teacher, weights, teachers, ctx_members in (("member", None, [t1], None),
-                                                    ("members", [1.0, 3.0], [t1, t2], [t1, t2])):
-        step = Distill(student=student, teacher=teacher, temperature=3.0, alpha=0.7, epochs=1,
-                       teacher_weights=weights)
+    for teacher, weights, teachers, ctx_members in (
+        ("member", None, [t1], None),
+        ("members", [1.0, 3.0], [t1, t2], [t1, t2]),
+    ):
+        step = Distill(student=student, teacher=teacher, temperature=3.0, alpha=0.7, epochs=1, teacher_weights=weights)
         step.apply(t1, CompressContext(None, {}, {}, teacher=t1, members=ctx_members))
         kwargs = {k: v for k, v in captured.items() if k not in ("module_cls", "net")}
         module = captured["module_cls"](captured["net"], optimizer="adam", lr=0.01, **kwargs)
         s = module.net(x)
         got = float(module.loss(s, y, x).detach())
         share = [1.0] if weights is None else [w / sum(weights) for w in weights]
-        expected = hand_loss(s.detach().double().numpy(), [t.logits.double().numpy() for t in teachers], share,
-                             y.numpy(), 3.0, 0.7)
-        assert got == pytest.approx(expected, rel=1e-5), f"teacher={teacher}: the loss it trains with is not the formula"
+        expected = hand_loss(
+            s.detach().double().numpy(), [t.logits.double().numpy() for t in teachers], share, y.numpy(), 3.0, 0.7
+        )
+        assert got == pytest.approx(expected, rel=1e-5), (
+            f"teacher={teacher}: the loss it trains with is not the formula"
+        )
         assert captured["module_cls"] is DistillModule or issubclass(captured["module_cls"], DistillModule)

@@ -12,6 +12,7 @@ not trust the tags: it checks them too.
 A plausible one-line bug (fusion fitted on datamodule.test_dataloader(), a compression step that
 fine-tunes on val, an objective computed on test, a stacker fitted on every row it scores) fails here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,14 +23,14 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import CONF_DIR, compose_config
 from hydra.utils import get_class
 from sklearn.base import clone as sklearn_clone
+from torch.utils.data import DataLoader, TensorDataset
 
 import runner.fuse.stacking
 import runner.members
 import runner.pipeline
-from conftest import CONF_DIR, compose_config
 from runner.compress.base import Recipe
 from runner.data import DatasetDataModule, SklearnDataset, as_source
 from runner.data.batches import Chunk, split_batch, split_of, watch_batches
@@ -44,8 +45,11 @@ SPLITS = ("train", "val", "test")
 STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")
 # none has no steps; the text-student distillations are the `distill` step (checked here) with students that
 # need token ids, which these row checks (tensors) do not read
-RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml")
-                 if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny"))
+RECIPES = sorted(
+    p.stem
+    for p in Path(CONF_DIR, "compress").glob("*.yaml")
+    if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny")
+)
 ONE_MLP = ["model=mlp"]
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 # weight-space fusion (soups, merges) needs members fine-tuned from one shared start
@@ -68,11 +72,11 @@ class Provenance:
     def __init__(self) -> None:
         self.stages = ["setup"]
         self.iterated: list[tuple[str, str | None, list[bytes]]] = []  # (stage, loader's split tag, rows)
-        self.gradient: list[tuple[str, list[bytes]]] = []               # (stage, rows)
+        self.gradient: list[tuple[str, list[bytes]]] = []  # (stage, rows)
         self.datamodules: list = []
-        self.members: list = []                                         # runner.members.Member, in order
-        self.fusions: list[tuple[Fusion, list]] = []                    # (strategy, the nets it fused)
-        self.compressed: list = []                                      # what Recipe.apply returned, in order
+        self.members: list = []  # runner.members.Member, in order
+        self.fusions: list[tuple[Fusion, list]] = []  # (strategy, the nets it fused)
+        self.compressed: list = []  # what Recipe.apply returned, in order
 
     @property
     def stage(self) -> str:
@@ -89,6 +93,7 @@ class Provenance:
             if keep is not None:
                 keep(args, out)
             return out
+
         return wrapper
 
     def on_batch(self, split: str | None, batch) -> None:
@@ -124,16 +129,24 @@ def job(store: Path, overrides: list[str], monkeypatch) -> tuple[dict, Provenanc
     cfg = compose_config([*overrides, "cache.dir=null", "cache.skip_finished=false"], store)
     prov = Provenance()
     keep_member = lambda args, out: prov.members.append(args[0])  # noqa: E731
-    monkeypatch.setattr(runner.pipeline, "as_source", prov.within(
-        "setup", runner.pipeline.as_source, keep=lambda args, out: prov.datamodules.append(out)))
-    monkeypatch.setattr(runner.pipeline, "train_member", prov.within("member", runner.pipeline.train_member,
-                                                                     keep=keep_member))
+    monkeypatch.setattr(
+        runner.pipeline,
+        "as_source",
+        prov.within("setup", runner.pipeline.as_source, keep=lambda args, out: prov.datamodules.append(out)),
+    )
+    monkeypatch.setattr(
+        runner.pipeline, "train_member", prov.within("member", runner.pipeline.train_member, keep=keep_member)
+    )
     monkeypatch.setattr(runner.members, "train_member", prov.within("member", runner.members.train_member))
-    monkeypatch.setattr(Fusion, "fit", prov.within(
-        "fuse.fit", Fusion.fit, keep=lambda args, out: prov.fusions.append((out, list(args[1])))))
+    monkeypatch.setattr(
+        Fusion,
+        "fit",
+        prov.within("fuse.fit", Fusion.fit, keep=lambda args, out: prov.fusions.append((out, list(args[1])))),
+    )
     monkeypatch.setattr(runner.pipeline, "predict_proba", prov.within("objective", runner.pipeline.predict_proba))
-    monkeypatch.setattr(Recipe, "apply", prov.within(
-        "compress", Recipe.apply, keep=lambda args, out: prov.compressed.append(out)))
+    monkeypatch.setattr(
+        Recipe, "apply", prov.within("compress", Recipe.apply, keep=lambda args, out: prov.compressed.append(out))
+    )
     monkeypatch.setattr(Recorder, "evaluate", prov.within("evaluate", Recorder.evaluate))
     training_step = LitClassifier.training_step
 
@@ -197,10 +210,14 @@ def check_provenance(results: dict, prov: Provenance, fits_fusion: bool, fine_tu
         trained = prov.splits_read(stage, "gradient")
         assert set(trained) <= {"train"}, f"{stage}: gradient steps on {dict(trained)}"
     assert prov.splits_read("member", "gradient")["train"] > 0, "members did not train on train"
-    assert set(prov.splits_read("member")) <= {"train", "val"}, f"member training read {dict(prov.splits_read('member'))}"
+    assert set(prov.splits_read("member")) <= {"train", "val"}, (
+        f"member training read {dict(prov.splits_read('member'))}"
+    )
     if fine_tunes:
         assert prov.splits_read("compress", "gradient")["train"] > 0, "the recipe fine-tunes, but no train rows"
-    assert set(prov.splits_read("compress")) <= {"train", "val"}, f"compression read {dict(prov.splits_read('compress'))}"
+    assert set(prov.splits_read("compress")) <= {"train", "val"}, (
+        f"compression read {dict(prov.splits_read('compress'))}"
+    )
     # fusion fits on val, all of it, nothing else
     dm = prov.datamodules[0]
     val_rows = set(rows(dm.splits["val"][0]))
@@ -229,16 +246,19 @@ def check_provenance(results: dict, prov: Provenance, fits_fusion: bool, fine_tu
     for member in prov.members:
         if f"member/{member.name}/test/acc" in results:  # (the pre-trained shared start is no member)
             assert results[f"member/{member.name}/test/acc"] == pytest.approx(
-                accuracy(*predict_proba(member.net, test_loader)), abs=1e-9), member.name
+                accuracy(*predict_proba(member.net, test_loader)), abs=1e-9
+            ), member.name
     reported = [m for m in prov.members if f"member/{m.name}/test/acc" in results]
     for member, small in zip(reported, prov.compressed):
         assert results[f"compressed/{member.name}/test/acc"] == pytest.approx(
-            accuracy(*predict_proba(small, test_loader)), abs=1e-9), f"compressed {member.name}"
+            accuracy(*predict_proba(small, test_loader)), abs=1e-9
+        ), f"compressed {member.name}"
     if prov.fusions:
         strategy = prov.fusions[0][0]
         if isinstance(strategy, OutputFusion):
-            fused = accuracy(strategy.combine(torch.stack([predict_proba(n, test_loader)[0] for n in nets])),
-                             dm.splits["test"][1])
+            fused = accuracy(
+                strategy.combine(torch.stack([predict_proba(n, test_loader)[0] for n in nets])), dm.splits["test"][1]
+            )
         else:
             fused = accuracy(*predict_proba(strategy.as_module(), test_loader))
         assert results["fused/test/acc"] == pytest.approx(fused, abs=1e-9), "fused/test/acc"
@@ -288,9 +308,12 @@ def test_every_loader_says_its_split_and_shows_its_rows(source):
         dm = SklearnDataset("wine", num_features=13, num_classes=3, scaling="standard", loader=source)
     elif source == "datasets":
         g = torch.Generator().manual_seed(0)
-        dm = DatasetDataModule(train=TensorDataset(torch.randn(40, 4, generator=g), torch.arange(40) % 2),
-                               test=TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 2),
-                               batch_size=8, val_fraction=0.25)
+        dm = DatasetDataModule(
+            train=TensorDataset(torch.randn(40, 4, generator=g), torch.arange(40) % 2),
+            test=TensorDataset(torch.randn(10, 4, generator=g), torch.arange(10) % 2),
+            batch_size=8,
+            val_fraction=0.25,
+        )
     else:
         dm = as_source(UserData())
     dm.setup()
@@ -298,14 +321,18 @@ def test_every_loader_says_its_split_and_shows_its_rows(source):
         loader = getattr(dm, f"{split}_dataloader")()
         assert split_of(loader) == split
         seen = []
-        with watch_batches(lambda tag, batch: seen.append((tag, batch))):
+        with watch_batches(lambda tag, batch, seen=seen: seen.append((tag, batch))):
             batches = list(loader)
         if source == "lightning":
             assert not seen
             continue
         assert [tag for tag, _ in seen] == [split] * len(batches)
         shown = torch.cat([split_batch(b)[0] for _, b in seen])
-        data = dm.splits[split][0] if source != "datasets" else torch.stack([dm.data[split][i][0] for i in range(len(dm.data[split]))])
+        data = (
+            dm.splits[split][0]
+            if source != "datasets"
+            else torch.stack([dm.data[split][i][0] for i in range(len(dm.data[split]))])
+        )
         assert sorted(rows(shown)) == sorted(rows(data)), f"{split}: the rows shown are not that split's"
     with watch_batches(lambda tag, batch: pytest.fail("watched after the watcher left")):
         pass
@@ -316,8 +343,17 @@ def test_every_loader_says_its_split_and_shows_its_rows(source):
 def test_dataloader_path_keeps_provenance(store, monkeypatch):
     """The same invariants when batches go through DataLoaders (SplitCollate) instead of tensor slices;
     a fusion, a fine-tuning recipe and the objective in one job."""
-    results, prov = job(store, [*TWO_MLPS, "+data.loader=dataloader", "fuse=stacking", "compress=prune_global",
-                                "compress.steps.0.finetune_epochs=1"], monkeypatch)
+    results, prov = job(
+        store,
+        [
+            *TWO_MLPS,
+            "+data.loader=dataloader",
+            "fuse=stacking",
+            "compress=prune_global",
+            "compress.steps.0.finetune_epochs=1",
+        ],
+        monkeypatch,
+    )
     assert {tag for _, tag, _ in prov.iterated} >= {"train", "val", "test"}
     check_provenance(results, prov, fits_fusion=True, fine_tunes=True)
 

@@ -1,14 +1,15 @@
 """The LoggedModels of the default path (tracking.background and log_models on): named by role and
 member, carrying their child run's final test metrics and the job's source, a cached member logged
 once, and text models logged with a signature of both token tensors."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
 
 import runner
 import runner.pipeline
-from conftest import compose_config, logged_predictions
 from runner.tracking.models import CACHE_ENTRY_TAG, MODEL_URI_TAG, using_tracking_uri
 
 DEFAULT_PATH = ["tracking.background=true", "tracking.log_models=true"]
@@ -28,8 +29,9 @@ def run_job(store, overrides: list[str], choices: dict[str, str] | None = None) 
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name("runner").experiment_id
     job = client.search_runs([exp], "tags.role = 'job'", order_by=["attributes.start_time DESC"], max_results=1)[0]
-    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{job.info.run_id}'",
-                                  order_by=["attributes.start_time ASC"])
+    children = client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{job.info.run_id}'", order_by=["attributes.start_time ASC"]
+    )
     return client, exp, list(children)
 
 
@@ -43,9 +45,17 @@ def test_models_are_named_by_role_carry_final_test_metrics_and_a_cached_member_i
     runs = job1 + job2
     uri = f"sqlite:///{store}/mlflow.db"
     models = [m for m in client.search_logged_models([exp]) if m.source_run_id in {r.info.run_id for r in runs}]
-    assert sorted(m.name for m in models) == sorted([
-        "member-mlp-s0", "member-mlp-s1", "fused-mean", "compressed-mlp-s0", "compressed-mlp-s1",
-        "fused_compressed-mean", "fused-soft_vote"])  # each cached member once, not once per job
+    assert sorted(m.name for m in models) == sorted(
+        [
+            "member-mlp-s0",
+            "member-mlp-s1",
+            "fused-mean",
+            "compressed-mlp-s0",
+            "compressed-mlp-s1",
+            "fused_compressed-mean",
+            "fused-soft_vote",
+        ]
+    )  # each cached member once, not once per job
 
     # every model: its run's final evaluation as its metrics, none of the learning curves' epochs
     for model in models:
@@ -73,23 +83,27 @@ def test_models_are_named_by_role_carry_final_test_metrics_and_a_cached_member_i
         loaded = runner.load(second.info.run_id, tracking_uri=uri)
         assert loaded.model_uri == second.data.tags[MODEL_URI_TAG]
         probs, _ = logged_predictions(store, second)
-        np.testing.assert_allclose(loaded.predict_proba(torch.as_tensor(loaded.input_example)).numpy(), probs[:5],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            loaded.predict_proba(torch.as_tensor(loaded.input_example)).numpy(), probs[:5], rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.slow
 def test_a_text_model_gets_a_signature_of_both_token_tensors(store, tmp_path):
     rows = [f"a {w} film" for w in ("great", "fine", "dull", "bad") for _ in range(30)]
     (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{t},{int(t[2] in 'gf')}\n" for t in rows))
-    _, _, [member] = run_job(store, ["model=text_bow", "data=text", f"data.path={tmp_path}/t.csv",
-                                     "data.max_length=16"])
+    _, _, [member] = run_job(
+        store, ["model=text_bow", "data=text", f"data.path={tmp_path}/t.csv", "data.max_length=16"]
+    )
     uri, model_uri = f"sqlite:///{store}/mlflow.db", member.data.tags[MODEL_URI_TAG]
     from mlflow.models import get_model_info
 
     with using_tracking_uri(uri):
         info = get_model_info(model_uri)
     assert [(s.name, s.type, s.shape) for s in info.signature.inputs.inputs] == [
-        ("input_ids", np.dtype("int64"), (-1, 16)), ("attention_mask", np.dtype("int64"), (-1, 16))]
+        ("input_ids", np.dtype("int64"), (-1, 16)),
+        ("attention_mask", np.dtype("int64"), (-1, 16)),
+    ]
     assert [(s.type, s.shape) for s in info.signature.outputs.inputs] == [(np.dtype("float32"), (-1, 2))]
     # MLflow keeps no input example of its own: it would check it through its PyTorch pyfunc, which takes
     # no dict ("Got error: The PyTorch flavor does not support List or Dict input types"); the token
@@ -97,7 +111,9 @@ def test_a_text_model_gets_a_signature_of_both_token_tensors(store, tmp_path):
     assert info.saved_input_example_info is None
     example = runner.load(model_uri, tracking_uri=uri).input_example
     assert {k: (v.shape, v.dtype) for k, v in example.items()} == {
-        "input_ids": ((5, 16), np.dtype("int64")), "attention_mask": ((5, 16), np.dtype("int64"))}
+        "input_ids": ((5, 16), np.dtype("int64")),
+        "attention_mask": ((5, 16), np.dtype("int64")),
+    }
 
 
 def test_names_are_what_mlflow_takes():

@@ -1,5 +1,6 @@
 """Model merging (task arithmetic, TIES, DARE) against hand computations; the shared start; per-member
 fine-tuning settings (ensemble.finetune) from validation to the member cache and the whole pipeline."""
+
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import FAST_TRAINER, compose_config, logged_predictions
 from omegaconf import OmegaConf
 from sklearn.metrics import log_loss
 from torch import nn
@@ -23,13 +25,14 @@ from runner.fuse.merge import SCALING_GRID, dare, disjoint_mean, elect_signs, tr
 from runner.members import Member, plan_members, shared_start, state_hash, train_member
 from runner.models import MLP
 from runner.train import train_classifier
-from conftest import FAST_TRAINER, compose_config, logged_predictions
 
 # --- tiny nets with hand-made task vectors -------------------------------------------------------
 
 START = {"weight": torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]), "bias": torch.tensor([0.5, -0.5])}
-TAU = [{"weight": torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.25, -1.0]]), "bias": torch.tensor([1.0, 0.0])},
-       {"weight": torch.tensor([[-0.5, -1.0, 0.5], [2.0, -0.25, 0.0]]), "bias": torch.tensor([-3.0, 0.75])}]
+TAU = [
+    {"weight": torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.25, -1.0]]), "bias": torch.tensor([1.0, 0.0])},
+    {"weight": torch.tensor([[-0.5, -1.0, 0.5], [2.0, -0.25, 0.0]]), "bias": torch.tensor([-3.0, 0.75])},
+]
 VAL = [(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 1]))]
 
 
@@ -69,8 +72,11 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
 
 
 def test_ties_sign_election_and_disjoint_mean_by_hand():
-    vectors = [{"w": torch.tensor([3.0, 1.0, 2.0, 1.0])}, {"w": torch.tensor([-1.0, -2.0, 4.0, -1.0])},
-               {"w": torch.tensor([-1.0, -2.0, -1.0, 0.0])}]
+    vectors = [
+        {"w": torch.tensor([3.0, 1.0, 2.0, 1.0])},
+        {"w": torch.tensor([-1.0, -2.0, 4.0, -1.0])},
+        {"w": torch.tensor([-1.0, -2.0, -1.0, 0.0])},
+    ]
     signs = elect_signs(vectors)  # sums 1, -3, 5, 0; the 0 takes the majority of the elected signs (+)
     assert torch.equal(signs["w"], torch.tensor([1.0, -1.0, 1.0, 1.0]))
     # entry 0: only 3 agrees; 1: mean(-2, -2); 2: mean(2, 4); 3: only 1 agrees (the 0 does not count)
@@ -105,10 +111,13 @@ def test_dare_drops_the_expected_fraction_reproducibly():
     assert all(torch.allclose(first[k], expected[k], rtol=0, atol=1e-5) for k in first)  # float32 rounding
 
 
-@pytest.mark.parametrize("strategy,x,best", [
-    (TaskArithmetic, [0.35, 0.45], 0.4),  # class 1 iff x > scaling
-    (lambda: TIES(density=1.0), [0.375, 0.425], 0.8),  # disjoint mean: class 1 iff x > scaling / 2
-])
+@pytest.mark.parametrize(
+    "strategy,x,best",
+    [
+        (TaskArithmetic, [0.35, 0.45], 0.4),  # class 1 iff x > scaling
+        (lambda: TIES(density=1.0), [0.375, 0.425], 0.8),  # disjoint mean: class 1 iff x > scaling / 2
+    ],
+)
 def test_scaling_null_picks_the_grid_value_with_the_best_val_accuracy(strategy, x, best):
     start = {"weight": torch.tensor([[0.0], [1.0]]), "bias": torch.tensor([0.0, 0.0])}
     taus = [{"weight": torch.zeros(2, 1), "bias": torch.tensor([0.0, -0.5])}] * 2
@@ -161,16 +170,19 @@ def test_members_must_share_architecture_init_and_a_start():
 
 
 def test_bad_parameters_fail_at_build():
-    for overrides, key in ((["fuse=ties", "fuse.density=0"], "fuse.density"),
-                           (["fuse=dare", "fuse.drop_rate=1.0"], "fuse.drop_rate"),
-                           (["fuse=dare", "fuse.combine=mean"], "fuse.combine"),
-                           (["fuse=task_arithmetic", "fuse.scaling=-1"], "fuse.scaling")):
+    for overrides, key in (
+        (["fuse=ties", "fuse.density=0"], "fuse.density"),
+        (["fuse=dare", "fuse.drop_rate=1.0"], "fuse.drop_rate"),
+        (["fuse=dare", "fuse.combine=mean"], "fuse.combine"),
+        (["fuse=task_arithmetic", "fuse.scaling=-1"], "fuse.scaling"),
+    ):
         with pytest.raises(ConfigError) as info:
             build(compose_config(overrides).fuse, "fuse")
         assert info.value.key == key
 
 
 # --- the YAMLs on members fine-tuned from one trained start --------------------------------------
+
 
 @pytest.fixture(scope="module")
 def finetuned(mnist1d_small):
@@ -180,8 +192,9 @@ def finetuned(mnist1d_small):
     state, nets = copy.deepcopy(start.state_dict()), []
     for seed, lr in ((1, 1e-3), (2, 3e-3), (3, 1e-3)):
         pl.seed_everything(seed, verbose=False)
-        net = train_classifier(copy.deepcopy(start).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 1},
-                               {"name": "adam", "lr": lr})
+        net = train_classifier(
+            copy.deepcopy(start).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 1}, {"name": "adam", "lr": lr}
+        )
         net.init_id = "start"
         nets.append(net)
     return state, nets
@@ -214,6 +227,7 @@ def test_task_arithmetic_at_one_over_m_is_the_uniform_soup(finetuned, mnist1d_sm
 
 # --- the shared start and per-member settings ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_mlps_cfg():
     return compose_config(["model=mlp", "ensemble=finetune5", "ensemble.seeds=[0,1]", "ensemble.finetune=null"])
@@ -238,17 +252,20 @@ def test_shared_start_is_the_members_first_weights(two_mlps_cfg):
         shared_start(independent)
 
 
-@pytest.mark.parametrize("finetune,key", [
-    ([{"optim": {"lr": 0.1}}], "ensemble.finetune"),  # 1 entry for 2 members
-    ([{"optimizer": {"lr": 0.1}}, None], "ensemble.finetune[0].optimizer"),
-    ([None, {"optim": {"learning_rate": 0.1}}], "ensemble.finetune[1].optim.learning_rate"),
-    ([None, {"optim": {"lr": -1.0}}], "ensemble.finetune[1].optim.lr"),
-    ([None, {"optim": {"lr": "fast"}}], "ensemble.finetune[1].optim.lr"),
-    ([None, {"optim": {"name": "lion"}}], "ensemble.finetune[1].optim.name"),
-    ([None, {"data": {"split_seed": 3}}], "ensemble.finetune[1].data.split_seed"),
-    ([None, {"data": {"batch_size": 0}}], "ensemble.finetune[1].data.batch_size"),
-    ([None, {"data": {"train_transforms": [3]}}], "ensemble.finetune[1].data.train_transforms[0]"),
-])
+@pytest.mark.parametrize(
+    "finetune,key",
+    [
+        ([{"optim": {"lr": 0.1}}], "ensemble.finetune"),  # 1 entry for 2 members
+        ([{"optimizer": {"lr": 0.1}}, None], "ensemble.finetune[0].optimizer"),
+        ([None, {"optim": {"learning_rate": 0.1}}], "ensemble.finetune[1].optim.learning_rate"),
+        ([None, {"optim": {"lr": -1.0}}], "ensemble.finetune[1].optim.lr"),
+        ([None, {"optim": {"lr": "fast"}}], "ensemble.finetune[1].optim.lr"),
+        ([None, {"optim": {"name": "lion"}}], "ensemble.finetune[1].optim.name"),
+        ([None, {"data": {"split_seed": 3}}], "ensemble.finetune[1].data.split_seed"),
+        ([None, {"data": {"batch_size": 0}}], "ensemble.finetune[1].data.batch_size"),
+        ([None, {"data": {"train_transforms": [3]}}], "ensemble.finetune[1].data.train_transforms[0]"),
+    ],
+)
 def test_bad_finetune_settings_name_the_key(finetune, key, two_mlps_cfg):
     with pytest.raises(ConfigError) as info:
         plan_members(with_finetune(two_mlps_cfg, finetune))
@@ -256,9 +273,17 @@ def test_bad_finetune_settings_name_the_key(finetune, key, two_mlps_cfg):
 
 
 def test_finetune_settings_reach_each_member_with_the_jobs_splits(tmp_path):
-    cfg = compose_config(["data=digits_image", "model=mlp", "ensemble=finetune5", "ensemble.seeds=[0,1,2]",
-                          "ensemble.finetune=[{optim:{lr:0.003}},null,{data:{batch_size:8,train_transforms:"
-                          "[{_target_:torch.nn.Dropout,p:0.5}]}}]"], tmp_path)
+    cfg = compose_config(
+        [
+            "data=digits_image",
+            "model=mlp",
+            "ensemble=finetune5",
+            "ensemble.seeds=[0,1,2]",
+            "ensemble.finetune=[{optim:{lr:0.003}},null,{data:{batch_size:8,train_transforms:"
+            "[{_target_:torch.nn.Dropout,p:0.5}]}}]",
+        ],
+        tmp_path,
+    )
     job = as_source(build(cfg.data, "data"))
     composed = OmegaConf.to_container(cfg.data, resolve=True)
     describe_data(cfg, job)
@@ -282,6 +307,7 @@ def test_members_with_different_lr_get_different_cache_keys_and_weights(tmp_path
     cache, job_optim = MemberCache(str(tmp_path)), {"name": "adam", "lr": 0.01}
     seen = []
     real = runner.members.train_classifier
+
     def spy(net, dm, trainer_cfg, optim, *args, **kwargs):  # records what each member trains with
         seen.append((dm, dict(optim)))
         return real(net, dm, trainer_cfg, optim, *args, **kwargs)
@@ -295,24 +321,37 @@ def test_members_with_different_lr_get_different_cache_keys_and_weights(tmp_path
 
     slow, fast, slow_again = member(optim={"lr": 0.001}), member(optim={"lr": 0.003}), member(optim={"lr": 0.001})
     own_data = member(data={"batch_size": 50}, datamodule=copy.copy(mnist1d_small))
-    hits = [train_member(m, mnist1d_small, trainer, job_optim, {"name": "mnist1d"}, cache)
-            for m in (slow, fast, slow_again, own_data)]
+    hits = [
+        train_member(m, mnist1d_small, trainer, job_optim, {"name": "mnist1d"}, cache)
+        for m in (slow, fast, slow_again, own_data)
+    ]
     assert hits == [False, False, True, False]
     assert [optim["lr"] for _, optim in seen] == [0.001, 0.003, 0.01]
     assert seen[2][0] is own_data.datamodule and seen[0][0] is mnist1d_small
     entries = sorted((tmp_path / "members").iterdir())
-    specs = sorted((json.loads((e / "meta.json").read_text())["spec"]["optim"]["lr"],
-                    json.loads((e / "meta.json").read_text())["spec"]["data"]) for e in entries)
-    assert specs == [(0.001, {"name": "mnist1d"}), (0.003, {"name": "mnist1d"}),
-                     (0.01, {"name": "mnist1d", "batch_size": 50})]
+    specs = sorted(
+        (
+            json.loads((e / "meta.json").read_text())["spec"]["optim"]["lr"],
+            json.loads((e / "meta.json").read_text())["spec"]["data"],
+        )
+        for e in entries
+    )
+    assert specs == [
+        (0.001, {"name": "mnist1d"}),
+        (0.003, {"name": "mnist1d"}),
+        (0.01, {"name": "mnist1d", "batch_size": 50}),
+    ]
     assert not torch.equal(slow.net.head.weight, fast.net.head.weight)
     assert torch.equal(slow.net.head.weight, slow_again.net.head.weight)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=ties"], "ensemble.shared_init"),
-    (["ensemble=finetune5", "ensemble.seeds=[0,1]", "fuse=dare"], "ensemble.finetune"),  # 5 entries, 2 members
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=ties"], "ensemble.shared_init"),
+        (["ensemble=finetune5", "ensemble.seeds=[0,1]", "fuse=dare"], "ensemble.finetune"),  # 5 entries, 2 members
+    ],
+)
 def test_refused_before_training(overrides, key, tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: trained.append(a))
@@ -325,10 +364,18 @@ def test_refused_before_training(overrides, key, tmp_path, monkeypatch):
 def test_ties_of_members_finetuned_with_their_own_settings(tmp_path):
     """ensemble=finetune5 shrunk: a pre-trained start, three members with their own lr and augmentation,
     merged by TIES; the logged fused metrics are those of the merged network's logged predictions."""
-    cfg = compose_config(["model=mlp", "ensemble=finetune5", "ensemble.seeds=[0,1,2]", "ensemble.pretrain_epochs=1",
-                          "ensemble.finetune=[{optim:{lr:0.001}},{optim:{lr:0.003}},{optim:{lr:0.001},data:"
-                          "{batch_size:50,train_transforms:[{_target_:torch.nn.Dropout,p:0.1}]}}]", "fuse=ties"],
-                         tmp_path)
+    cfg = compose_config(
+        [
+            "model=mlp",
+            "ensemble=finetune5",
+            "ensemble.seeds=[0,1,2]",
+            "ensemble.pretrain_epochs=1",
+            "ensemble.finetune=[{optim:{lr:0.001}},{optim:{lr:0.003}},{optim:{lr:0.001},data:"
+            "{batch_size:50,train_transforms:[{_target_:torch.nn.Dropout,p:0.1}]}}]",
+            "fuse=ties",
+        ],
+        tmp_path,
+    )
     results = runner.pipeline.run(cfg)
     from mlflow import MlflowClient
 

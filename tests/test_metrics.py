@@ -1,4 +1,5 @@
 """Our torchmetrics-based metrics against scikit-learn on the same predictions."""
+
 import numpy as np
 import pytest
 import torch
@@ -51,13 +52,16 @@ def test_size_and_latency():
 
 def test_macs_are_counted_per_sample_for_any_architecture():
     from runner.evaluate import count_macs
-    from runner.models.reference import LeNet300, LeNet5
+    from runner.models.reference import LeNet5, LeNet300
 
     assert count_macs(LeNet300(784, 10), torch.randn(3, 1, 28, 28)) == 784 * 300 + 300 * 100 + 100 * 10
     # conv1 20x24x24 outputs of 25 MACs, conv2 50x8x8 of 500, fc 800->500, 500->10
-    assert count_macs(LeNet5((1, 28, 28), 10), torch.randn(1, 1, 28, 28)) == \
-        20 * 24 * 24 * 25 + 50 * 8 * 8 * 500 + 800 * 500 + 500 * 10
+    assert (
+        count_macs(LeNet5((1, 28, 28), 10), torch.randn(1, 1, 28, 28))
+        == 20 * 24 * 24 * 25 + 50 * 8 * 8 * 500 + 800 * 500 + 500 * 10
+    )
     from torch.ao.quantization import quantize_dynamic
+
     assert count_macs(quantize_dynamic(LeNet300(784, 10), {torch.nn.Linear}), torch.randn(1, 1, 28, 28)) is None
 
 
@@ -104,6 +108,7 @@ class _Timed(torch.nn.Module):
 
 def _stats(model, clock, **kw):
     from runner.evaluate import latency_stats
+
     return latency_stats(model, torch.zeros(2, 3), **{"warmup_s": 0.0, "min_time_s": 0.0, "clock": clock, **kw})
 
 
@@ -114,9 +119,14 @@ def test_latency_median_and_quartiles_are_the_timed_calls_without_warmup():
     stats = _stats(model, clock, repeats=5, warmup=3)
     assert (stats.median_ms, stats.q25_ms, stats.q75_ms) == (3000 / 256, 2000 / 256, 4000 / 256)
     assert stats.iqr_ms == 2000 / 256 and stats.repeats == 5 and len(model.threads) == 8
-    assert stats.metrics() == {"latency_ms": 3000 / 256, "latency_q25_ms": 2000 / 256, "latency_q75_ms": 4000 / 256,
-                               "latency_iqr_ms": 2000 / 256, "latency_repeats": 5.0,
-                               "latency_threads": float(torch.get_num_threads())}
+    assert stats.metrics() == {
+        "latency_ms": 3000 / 256,
+        "latency_q25_ms": 2000 / 256,
+        "latency_q75_ms": 4000 / 256,
+        "latency_iqr_ms": 2000 / 256,
+        "latency_repeats": 5.0,
+        "latency_threads": float(torch.get_num_threads()),
+    }
 
 
 def test_latency_warmup_lasts_its_time_budget():
@@ -128,12 +138,15 @@ def test_latency_warmup_lasts_its_time_budget():
     assert len(model.threads) == 5
 
 
-@pytest.mark.parametrize("repeats, min_time_s, max_repeats, expected", [
-    (3, 0.0, 100, 3),   # no time floor: exactly `repeats`
-    (3, 1.0, 100, 8),   # 8 calls of 0.125 s reach 1 s
-    (3, 1.0, 5, 5),     # capped
-    (12, 1.0, 5, 12),   # the cap never cuts below `repeats`
-])
+@pytest.mark.parametrize(
+    "repeats, min_time_s, max_repeats, expected",
+    [
+        (3, 0.0, 100, 3),  # no time floor: exactly `repeats`
+        (3, 1.0, 100, 8),  # 8 calls of 0.125 s reach 1 s
+        (3, 1.0, 5, 5),  # capped
+        (12, 1.0, 5, 12),  # the cap never cuts below `repeats`
+    ],
+)
 def test_latency_repeats_extend_to_the_minimum_time(repeats, min_time_s, max_repeats, expected):
     clock = _Clock()
     model = _Timed(clock, rest=0.125)
@@ -166,33 +179,49 @@ def test_evaluate_model_logs_latency_spread_repeats_and_threads():
 
     net = MLP(40, 10, hidden=16)
     x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
-    metrics, _, _, _ = evaluate_model(net, [(x, y)], 10, ["acc"], latency_batch=x, latency_repeats=7,
-                                      latency_warmup_s=0.0, latency_min_time_s=0.0, latency_threads=1)
+    metrics, _, _, _ = evaluate_model(
+        net,
+        [(x, y)],
+        10,
+        ["acc"],
+        latency_batch=x,
+        latency_repeats=7,
+        latency_warmup_s=0.0,
+        latency_min_time_s=0.0,
+        latency_threads=1,
+    )
     assert metrics["latency_repeats"] == 7.0 and metrics["latency_threads"] == 1.0
     assert metrics["latency_iqr_ms"] == metrics["latency_q75_ms"] - metrics["latency_q25_ms"]
     assert metrics["latency_q25_ms"] <= metrics["latency_ms"] <= metrics["latency_q75_ms"]
 
 
-@pytest.mark.parametrize("quartiles, low, high, meaningful", [
-    ((8.0, 12.0, 2.0, 4.0), 2.0, 6.0, 1.0),        # apart: a real speedup
-    ((8.0, 12.0, 3.0, 10.0), 0.8, 4.0, 0.0),       # overlapping IQRs: noise can explain it
-    ((8.0, 12.0, 4.0, 8.0), 1.0, 3.0, 0.0),        # touching counts as overlap
-    ((2.0, 4.0, 8.0, 16.0), 0.125, 0.5, 1.0),      # apart the other way: a real slowdown
-])
+@pytest.mark.parametrize(
+    "quartiles, low, high, meaningful",
+    [
+        ((8.0, 12.0, 2.0, 4.0), 2.0, 6.0, 1.0),  # apart: a real speedup
+        ((8.0, 12.0, 3.0, 10.0), 0.8, 4.0, 0.0),  # overlapping IQRs: noise can explain it
+        ((8.0, 12.0, 4.0, 8.0), 1.0, 3.0, 0.0),  # touching counts as overlap
+        ((2.0, 4.0, 8.0, 16.0), 0.125, 0.5, 1.0),  # apart the other way: a real slowdown
+    ],
+)
 def test_latency_speedup_interval_from_quartiles(quartiles, low, high, meaningful):
     from runner.compress.base import speedup_interval
 
     assert speedup_interval(*quartiles) == {"speedup_low": low, "speedup_high": high, "speedup_meaningful": meaningful}
 
 
-@pytest.mark.parametrize("override, key", [
-    ("eval.latency_min_time_s=-1", "eval.latency_min_time_s"),
-    ("eval.latency_warmup_s=-0.5", "eval.latency_warmup_s"),
-    ("eval.latency_max_repeats=1", "eval.latency_max_repeats"),  # below latency_repeats
-    ("eval.latency_threads=0", "eval.latency_threads"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("eval.latency_min_time_s=-1", "eval.latency_min_time_s"),
+        ("eval.latency_warmup_s=-0.5", "eval.latency_warmup_s"),
+        ("eval.latency_max_repeats=1", "eval.latency_max_repeats"),  # below latency_repeats
+        ("eval.latency_threads=0", "eval.latency_threads"),
+    ],
+)
 def test_latency_config_errors_name_the_key(override, key):
     from conftest import compose_config
+
     from runner.config import validate
     from runner.errors import ConfigError
 

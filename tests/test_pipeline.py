@@ -1,13 +1,14 @@
 """The whole pipeline in-process on tiny settings: ensembles, fusion, compression, nested MLflow runs."""
+
 import numpy as np
 import pytest
+from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
 from sklearn.metrics import log_loss
 
 import runner.members
 import runner.pipeline
 from runner.errors import ConfigError
-from conftest import compose_config, logged_predictions
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 
@@ -37,8 +38,14 @@ def test_fused_and_compressed_ensemble(tmp_path):
     again = logged["fused_compressed"][0]
     assert np.allclose(again, (logged["compressed/mlp-s0"][0] + logged["compressed/mlp-s1"][0]) / 2)
     assert results["fused_compressed/test/acc"] == pytest.approx((again.argmax(1) == logged["fused"][1]).mean())
-    assert set(runs) == {"member/mlp-s0", "member/mlp-s1", "fused", "compressed/mlp-s0", "compressed/mlp-s1",
-                         "fused_compressed"}
+    assert set(runs) == {
+        "member/mlp-s0",
+        "member/mlp-s1",
+        "fused",
+        "compressed/mlp-s0",
+        "compressed/mlp-s1",
+        "fused_compressed",
+    }
     assert runs["fused"].data.metrics["gain/acc"] == pytest.approx(results["fused/gain/acc"])
     assert runs["compressed/mlp-s1"].data.tags["role"] == "compressed"
 
@@ -54,8 +61,10 @@ def test_strategies_that_need_members_or_val(fuse, tmp_path):
 
 
 def test_soup_members_share_a_pretrained_start(tmp_path):
-    cfg = compose_config(["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1",
-                          "fuse=soup_greedy"], tmp_path)
+    cfg = compose_config(
+        ["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1", "fuse=soup_greedy"],
+        tmp_path,
+    )
     results = runner.pipeline.run(cfg)
     # one network of the members' architecture, whose logged predictions give its logged accuracy
     assert results["fused/params"] == results["member/mlp-s0/params"]
@@ -69,13 +78,16 @@ def test_ensemble_distillation_uses_the_fused_teacher(tmp_path):
     assert results["compressed/mlp-s0/params"] < results["member/mlp-s0/params"]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["ensemble=mixed", "fuse=soup_uniform"], "one shared initial checkpoint"),
-    (["compress=distill_ensemble"], r"compress.steps\[0\].teacher"),
-    (["model=gru", "compress=quant_static"], r"compress.steps\[0\]"),
-    (["compress=prune_global", "compress.steps.0.sparsity=1.5"], r"sparsity=1.5"),
-    (["fuse=mean"], "2 or more members"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["ensemble=mixed", "fuse=soup_uniform"], "one shared initial checkpoint"),
+        (["compress=distill_ensemble"], r"compress.steps\[0\].teacher"),
+        (["model=gru", "compress=quant_static"], r"compress.steps\[0\]"),
+        (["compress=prune_global", "compress.steps.0.sparsity=1.5"], r"sparsity=1.5"),
+        (["fuse=mean"], "2 or more members"),
+    ],
+)
 def test_incompatible_choices_fail_before_training(overrides, message, tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(runner.members, "train_classifier", lambda *a, **k: trained.append(a))
@@ -89,9 +101,18 @@ def test_objective_is_the_fused_models_val_accuracy_whatever_the_compression(fus
     """Compressing the members (here: 99% of the weights zeroed, no fine-tuning) and fusing them again
     changes neither the fused model nor the objective; the members come from the cache."""
     fused = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}"], tmp_path))
-    ruined = runner.pipeline.run(compose_config([*TWO_MLPS, f"fuse={fuse}", "compress=prune_global",
-                                                 "compress.steps.0.sparsity=0.99",
-                                                 "compress.steps.0.finetune_epochs=0"], tmp_path))
+    ruined = runner.pipeline.run(
+        compose_config(
+            [
+                *TWO_MLPS,
+                f"fuse={fuse}",
+                "compress=prune_global",
+                "compress.steps.0.sparsity=0.99",
+                "compress.steps.0.finetune_epochs=0",
+            ],
+            tmp_path,
+        )
+    )
     assert ruined["fused_compressed/test/acc"] < ruined["fused/test/acc"] - 0.1
     assert ruined["fused/test/acc"] == fused["fused/test/acc"]
     assert ruined["objective/val_acc"] == fused["objective/val_acc"] > 0.2

@@ -1,5 +1,6 @@
 """python -m runner.predict: a logged model predicts from .npy, .csv and image folders exactly as
 the run's evaluation did (its logged predictions/test.npz), and bad input fails in one line."""
+
 from __future__ import annotations
 
 import csv
@@ -10,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
 from PIL import Image
 
 import runner
 import runner.pipeline
-from conftest import compose_config, logged_predictions
 from runner.data.batches import split_batch
 from runner.predict import main
 
@@ -52,8 +53,11 @@ def read_csv_output(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     header, body = rows[0], rows[1:]
     classes = len(header) - 2
     assert header == ["id", "prediction", *(f"prob_{c}" for c in range(classes))]
-    return ([r[0] for r in body], np.array([int(r[1]) for r in body]),
-            np.array([[float(v) for v in r[2:]] for r in body]))
+    return (
+        [r[0] for r in body],
+        np.array([int(r[1]) for r in body]),
+        np.array([[float(v) for v in r[2:]] for r in body]),
+    )
 
 
 def write_table(path: Path, x: np.ndarray, header: bool, delimiter: str = ",") -> None:
@@ -73,24 +77,52 @@ def test_npy_and_csv_inputs_give_the_logged_test_predictions(logged_mlp, tmp_pat
     write_table(tmp_path / "x.tsv", x, header=False, delimiter="\t")
     model_uri = member.data.tags["model_uri"]
 
-    assert main([f"model={model_uri}", f"input={tmp_path / 'x.npy'}", f"output={tmp_path / 'a.csv'}",
-                 f"tracking_uri={uri}", "batch_size=7"]) == 0
+    assert (
+        main(
+            [
+                f"model={model_uri}",
+                f"input={tmp_path / 'x.npy'}",
+                f"output={tmp_path / 'a.csv'}",
+                f"tracking_uri={uri}",
+                "batch_size=7",
+            ]
+        )
+        == 0
+    )
     ids, predictions, found = read_csv_output(tmp_path / "a.csv")
     assert ids == [str(i) for i in range(len(x))]
     np.testing.assert_allclose(found, probs, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(predictions, probs.argmax(1))
 
     for table in ("x.csv", "x.tsv"):  # by child run id, to .npz
-        assert main([f"model={member.info.run_id}", f"input={tmp_path / table}", f"output={tmp_path / 'b.npz'}",
-                     f"tracking_uri={uri}"]) == 0
+        assert (
+            main(
+                [
+                    f"model={member.info.run_id}",
+                    f"input={tmp_path / table}",
+                    f"output={tmp_path / 'b.npz'}",
+                    f"tracking_uri={uri}",
+                ]
+            )
+            == 0
+        )
         with np.load(tmp_path / "b.npz") as f:
             np.testing.assert_allclose(f["probs"], probs, rtol=0, atol=1e-6)
             np.testing.assert_array_equal(f["predictions"], probs.argmax(1))
             np.testing.assert_array_equal(f["ids"], [str(i) for i in range(len(x))])
 
     np.save(tmp_path / "one.npy", x[3])  # one sample without its batch dim, to .npy
-    assert main([f"model={model_uri}", f"input={tmp_path / 'one.npy'}", f"output={tmp_path / 'c.npy'}",
-                 f"tracking_uri={uri}"]) == 0
+    assert (
+        main(
+            [
+                f"model={model_uri}",
+                f"input={tmp_path / 'one.npy'}",
+                f"output={tmp_path / 'c.npy'}",
+                f"tracking_uri={uri}",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / "c.npy"), probs[3:4], rtol=0, atol=1e-6)
 
 
@@ -104,12 +136,15 @@ def test_wrong_shapes_and_bad_arguments_fail_in_one_line(logged_mlp, tmp_path, c
     np.save(tmp_path / "x.npy", x[:2])
     cases = {
         (model, f"input={tmp_path / 'wide.npy'}"): f"input='{tmp_path / 'wide.npy'}': samples of shape (41,) "
-                                                   "(array (4, 41)); the model expects (40,) per sample",
+        "(array (4, 41)); the model expects (40,) per sample",
         (model, f"input={tmp_path / 'narrow.csv'}"): "samples of shape (39,) (array (4, 39)); the model expects (40,)",
         (model, f"input={tmp_path / 'missing.npy'}"): f"input='{tmp_path / 'missing.npy'}': no such file or folder",
         (model, f"input={tmp_path / 'images'}"): "a folder of images, but the model expects (40,) per sample",
         (model, f"input={tmp_path / 'x.parquet'}"): "unknown extension '.parquet'; expected .npy, .csv, .tsv",
-        ("model=models:/m-doesnotexist", f"input={tmp_path / 'x.npy'}"): "model='models:/m-doesnotexist': cannot load it",
+        (
+            "model=models:/m-doesnotexist",
+            f"input={tmp_path / 'x.npy'}",
+        ): "model='models:/m-doesnotexist': cannot load it",
         ("model=0123456789abcdef", f"input={tmp_path / 'x.npy'}"): "model='0123456789abcdef': cannot load it",
     }
     for (model_arg, input_arg), message in cases.items():
@@ -124,8 +159,12 @@ def test_wrong_shapes_and_bad_arguments_fail_in_one_line(logged_mlp, tmp_path, c
     assert "missing input=" in capsys.readouterr().err
     # a store that is not there (e.g. run from another folder) is said, not created empty
     missing = tmp_path / "elsewhere" / "mlflow.db"
-    assert main([model, f"input={tmp_path / 'x.npy'}", f"output={tmp_path / 'o.csv'}",
-                 f"tracking_uri=sqlite:///{missing}"]) == 2
+    assert (
+        main(
+            [model, f"input={tmp_path / 'x.npy'}", f"output={tmp_path / 'o.csv'}", f"tracking_uri=sqlite:///{missing}"]
+        )
+        == 2
+    )
     assert f"tracking_uri='sqlite:///{missing}': no MLflow store there" in capsys.readouterr().err
     assert not missing.parent.exists() and not (tmp_path / "out.csv").exists()
     assert main(["--help"]) == 0 and "python -m runner.predict model=" in capsys.readouterr().out
@@ -135,18 +174,42 @@ def test_wrong_shapes_and_bad_arguments_fail_in_one_line(logged_mlp, tmp_path, c
 def test_the_real_command_line(logged_mlp, tmp_path):
     member, x, uri, probs, _ = logged_mlp
     np.save(tmp_path / "x.npy", x)
-    done = subprocess.run([sys.executable, "-m", "runner.predict", f"model={member.data.tags['model_uri']}",
-                           f"input={tmp_path / 'x.npy'}", f"output={tmp_path / 'out.npz'}", f"tracking_uri={uri}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner.predict",
+            f"model={member.data.tags['model_uri']}",
+            f"input={tmp_path / 'x.npy'}",
+            f"output={tmp_path / 'out.npz'}",
+            f"tracking_uri={uri}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     with np.load(tmp_path / "out.npz") as f:
         np.testing.assert_allclose(f["probs"], probs, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(f["predictions"], probs.argmax(1))
-    bad = subprocess.run([sys.executable, "-m", "runner.predict", f"model={member.data.tags['model_uri']}",
-                          f"input={tmp_path / 'nothing.npy'}", f"output={tmp_path / 'o.csv'}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner.predict",
+            f"model={member.data.tags['model_uri']}",
+            f"input={tmp_path / 'nothing.npy'}",
+            f"output={tmp_path / 'o.csv'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"runner.predict: error: input='{tmp_path / 'nothing.npy'}': no such file or folder"]
+        f"runner.predict: error: input='{tmp_path / 'nothing.npy'}': no such file or folder"
+    ]
 
 
 def test_an_image_folder(tmp_path):
@@ -163,8 +226,12 @@ def test_an_image_folder(tmp_path):
     Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8), mode="RGB").save(folder / "rgb_16x16.jpg")
     (folder / "notes.txt").write_text("not an image")
 
-    assert main([f"model={member.info.run_id}", f"input={folder}", f"output={tmp_path / 'out.csv'}",
-                 f"tracking_uri={uri}"]) == 0
+    assert (
+        main(
+            [f"model={member.info.run_id}", f"input={folder}", f"output={tmp_path / 'out.csv'}", f"tracking_uri={uri}"]
+        )
+        == 0
+    )
     ids, predictions, probs = read_csv_output(tmp_path / "out.csv")
     assert ids == sorted([*names, "rgb_16x16.jpg"])
     np.testing.assert_allclose(probs.sum(1), np.ones(len(ids)), rtol=0, atol=1e-12)
@@ -175,4 +242,3 @@ def test_an_image_folder(tmp_path):
     expected = runner.load(member.info.run_id, tracking_uri=uri).predict_proba(expected_x).numpy()
     np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(predictions, expected.argmax(1))
-

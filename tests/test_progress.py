@@ -1,16 +1,16 @@
 """Progress: a line (or a terminal bar) per member's epochs, a line per sweep job with its ETA."""
+
 from __future__ import annotations
 
 import io
 
+from conftest import FAST_TRAINER
 from omegaconf import OmegaConf
 
-from conftest import FAST_TRAINER
 from runner.models import MLP
 from runner.progress import MemberProgress, duration
 from runner.tracking.sweep import progress_line, sweep_size
 from runner.train import train_classifier
-
 
 
 class Terminal(io.StringIO):
@@ -20,14 +20,13 @@ class Terminal(io.StringIO):
 
 class Clock:
     """Each call is `step` seconds after the previous one."""
+
     def __init__(self, step: float) -> None:
         self.now, self.step = 0.0, step
 
     def __call__(self) -> float:
         self.now += self.step
         return self.now
-
-
 
 
 def train(progress: MemberProgress, mnist1d_small, epochs: int = 4) -> dict:
@@ -38,15 +37,24 @@ def train(progress: MemberProgress, mnist1d_small, epochs: int = 4) -> dict:
     class Keep(Callback):
         def on_train_epoch_start(self, trainer, module):
             if trainer.current_epoch:
-                seen[trainer.current_epoch - 1] = (float(trainer.callback_metrics["train/loss"]),
-                                                   float(trainer.callback_metrics["val/acc"]))
+                seen[trainer.current_epoch - 1] = (
+                    float(trainer.callback_metrics["train/loss"]),
+                    float(trainer.callback_metrics["val/acc"]),
+                )
 
         def on_train_end(self, trainer, module):
-            seen[trainer.current_epoch - 1] = (float(trainer.callback_metrics["train/loss"]),
-                                               float(trainer.callback_metrics["val/acc"]))
+            seen[trainer.current_epoch - 1] = (
+                float(trainer.callback_metrics["train/loss"]),
+                float(trainer.callback_metrics["val/acc"]),
+            )
 
-    train_classifier(MLP(40, 10, hidden=16), mnist1d_small, {**FAST_TRAINER, "max_epochs": epochs},
-                     {"name": "adam", "lr": 1e-2}, callbacks=[progress, Keep()])
+    train_classifier(
+        MLP(40, 10, hidden=16),
+        mnist1d_small,
+        {**FAST_TRAINER, "max_epochs": epochs},
+        {"name": "adam", "lr": 1e-2},
+        callbacks=[progress, Keep()],
+    )
     return seen
 
 
@@ -54,7 +62,9 @@ def test_member_progress_lines_when_not_a_terminal(mnist1d_small):
     every = MemberProgress("mlp-s0", stream=io.StringIO(), interval_s=0.0)
     seen = train(every, mnist1d_small)
     assert [line.split(" (")[0] for line in every.lines] == [
-        f"member mlp-s0: epoch {e + 1}/4 train/loss {loss:.4f} val/acc {acc:.4f}" for e, (loss, acc) in sorted(seen.items())]
+        f"member mlp-s0: epoch {e + 1}/4 train/loss {loss:.4f} val/acc {acc:.4f}"
+        for e, (loss, acc) in sorted(seen.items())
+    ]
     # a long interval: the first and the last epoch only
     sparse = MemberProgress("mlp-s0", stream=io.StringIO(), interval_s=3600.0, clock=Clock(1.0))
     train(sparse, mnist1d_small)
@@ -101,9 +111,15 @@ def test_compression_fine_tuning_says_how_far_it_is(caplog):
     from runner.models import MLP
 
     dm = SklearnDataset("wine", num_features=13, num_classes=3)
-    ctx = CompressContext(dm, {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-                          {"name": "adam", "lr": 1e-2})
+    ctx = CompressContext(
+        dm,
+        {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        {"name": "adam", "lr": 1e-2},
+    )
     with caplog.at_level(logging.INFO, logger="runner.progress"):
         finetune(MLP(13, 3, hidden=8), ctx, epochs=2, lr=None)
     lines = [r.getMessage() for r in caplog.records if r.name == "runner.progress"]
-    assert [line.split(" train/loss")[0] for line in lines] == ["fine-tuning MLP: epoch 1/2", "fine-tuning MLP: epoch 2/2"]
+    assert [line.split(" train/loss")[0] for line in lines] == [
+        "fine-tuning MLP: epoch 1/2",
+        "fine-tuning MLP: epoch 2/2",
+    ]

@@ -1,5 +1,6 @@
 """Int8 engines (runner.compress.quantize): exact weights, outputs checked against what the int8
 scales imply, sizes, any model family, refusals, stats, copies."""
+
 from __future__ import annotations
 
 import copy
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
 from runner.compress import CompressContext, DynamicQuantize, QATQuantize, Recipe, StaticQuantize, build_recipe
 from runner.compress.quantize import Int8Graph, is_quantized, static_pt2e, static_torch_ao
 from runner.data.batches import DataSpec, Inputs, num_samples, take
@@ -21,10 +22,25 @@ from runner.evaluate import count_macs, size_metrics, weight_bytes
 from runner.models import CNN1D, GRU, MLP, HuggingFace, LeNet5, LogReg, ResNetCIFAR
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_VIT = {"model_type": "vit", "image_size": 8, "num_channels": 1, "patch_size": 4, "hidden_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
-TINY_BERT = {"model_type": "bert", "vocab_size": 50, "max_position_embeddings": 12, "hidden_size": 16,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+TINY_VIT = {
+    "model_type": "vit",
+    "image_size": 8,
+    "num_channels": 1,
+    "patch_size": 4,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 50,
+    "max_position_embeddings": 12,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
 
 
 class Batches:
@@ -32,8 +48,9 @@ class Batches:
 
     def __init__(self, x: Inputs, batch: int = 16) -> None:
         n = num_samples(x)
-        self.batches = [(take(x, slice(i, i + batch)), torch.zeros(min(batch, n - i), dtype=torch.long))
-                        for i in range(0, n, batch)]
+        self.batches = [
+            (take(x, slice(i, i + batch)), torch.zeros(min(batch, n - i), dtype=torch.long)) for i in range(0, n, batch)
+        ]
 
     def train_dataloader(self) -> list:
         return self.batches
@@ -72,6 +89,7 @@ def quantize_step(step, model: nn.Module, x: Inputs) -> nn.Module:
 
 
 # ---- numerics: each engine computes what its int8 weights and scales say -----------------------
+
 
 def test_dynamic_weights_are_rounded_to_the_symmetric_scale_and_error_is_within_the_bound():
     model, x = seeded(lambda: LogReg(40, 10)), inputs((40,))
@@ -128,6 +146,7 @@ def test_static_output_is_the_int8_arithmetic_of_its_scales(engine):
 
 # ---- sizes -----------------------------------------------------------------------------------
 
+
 def test_weight_bytes_of_each_engine_are_the_int8_layout():
     model, x = seeded(lambda: MLP(40, 10, hidden=64)), inputs((40,))
     layers = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
@@ -147,10 +166,14 @@ def test_weight_bytes_of_each_engine_are_the_int8_layout():
 
 # ---- every model family ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, make, x", [
-    ("vit_tiny", lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8))),
-    ("bert_tiny", lambda: HuggingFace("text", 10, TINY_BERT), tokens()),
-])
+
+@pytest.mark.parametrize(
+    "name, make, x",
+    [
+        ("vit_tiny", lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8))),
+        ("bert_tiny", lambda: HuggingFace("text", 10, TINY_BERT), tokens()),
+    ],
+)
 def test_transformers_quantize_dynamically_and_run(name, make, x):
     model = seeded(make)
     step = DynamicQuantize()
@@ -236,8 +259,11 @@ def test_static_pt2e_runs_a_transformer_when_asked():
 def test_quantized_models_are_detected_and_not_quantized_twice():
     model, x = seeded(lambda: MLP(40, 10, hidden=16)), inputs((40,))
     fx = static_torch_ao(model, x[:2], lambda prepared: prepared(x))
-    for out in (quantize_step(DynamicQuantize(), model, x), fx,
-                quantize_step(StaticQuantize(engine="pt2e", calibration_batches=1), model, x)):
+    for out in (
+        quantize_step(DynamicQuantize(), model, x),
+        fx,
+        quantize_step(StaticQuantize(engine="pt2e", calibration_batches=1), model, x),
+    ):
         assert is_quantized(out) and is_quantized(copy.deepcopy(out))
         for step in (DynamicQuantize(), StaticQuantize(), StaticQuantize(engine="pt2e")):
             with pytest.raises(ConfigError) as e:
@@ -248,25 +274,32 @@ def test_quantized_models_are_detected_and_not_quantized_twice():
 
 # ---- refusals --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step, make, x, says", [
-    (DynamicQuantize(), lambda: ResNetCIFAR(20, 10, [3, 8, 8], width=4), inputs((3, 8, 8), 4), "StaticQuantize"),
-    (StaticQuantize(), lambda: GRU(40, 10), inputs((40,), 4), "DynamicQuantize"),
-    (StaticQuantize(engine="pt2e"), lambda: GRU(40, 10), inputs((40,), 4), "DynamicQuantize"),
-    (StaticQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
-    (StaticQuantize(engine="torch_ao"), lambda: HuggingFace("text", 10, TINY_BERT), tokens(4), "DynamicQuantize"),
-    (QATQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
-])
+
+@pytest.mark.parametrize(
+    "step, make, x, says",
+    [
+        (DynamicQuantize(), lambda: ResNetCIFAR(20, 10, [3, 8, 8], width=4), inputs((3, 8, 8), 4), "StaticQuantize"),
+        (StaticQuantize(), lambda: GRU(40, 10), inputs((40,), 4), "DynamicQuantize"),
+        (StaticQuantize(engine="pt2e"), lambda: GRU(40, 10), inputs((40,), 4), "DynamicQuantize"),
+        (StaticQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
+        (StaticQuantize(engine="torch_ao"), lambda: HuggingFace("text", 10, TINY_BERT), tokens(4), "DynamicQuantize"),
+        (QATQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
+    ],
+)
 def test_models_an_engine_cannot_handle_are_refused_in_check(step, make, x, says):
     with pytest.raises(ConfigError) as e:
         Recipe([step]).check(make(), DataSpec(10, x, {}))
     assert e.value.key == "compress.steps[0]" and says in str(e.value)
 
 
-@pytest.mark.parametrize("recipe, override, key", [
-    ("quant_static", "compress.steps.0.engine=tensorrt", "compress.steps[0].engine"),
-    ("quant_dynamic", "compress.steps.0.engine=pt2e", "compress.steps[0].engine"),
-    ("deep_compression", "compress.steps.2.engine=torchao", "compress.steps[2].engine"),
-])
+@pytest.mark.parametrize(
+    "recipe, override, key",
+    [
+        ("quant_static", "compress.steps.0.engine=tensorrt", "compress.steps[0].engine"),
+        ("quant_dynamic", "compress.steps.0.engine=pt2e", "compress.steps[0].engine"),
+        ("deep_compression", "compress.steps.2.engine=torchao", "compress.steps[2].engine"),
+    ],
+)
 def test_bad_engines_fail_when_the_recipe_is_built(recipe, override, key):
     with pytest.raises(ConfigError) as e:
         build_recipe(compose_config([f"compress={recipe}", override]).compress)
@@ -284,9 +317,20 @@ def test_the_pipeline_logs_the_int8_cnn(tmp_path):
     """quant_static on a LeNet-5 member through the whole job: pt2e, its MACs and agreement logged."""
     import runner.pipeline
 
-    results = runner.pipeline.run(compose_config(
-        ["data=mnist5k", "model=lenet5", "model.channels=[4,8]", "model.hidden=32", "ensemble=seeds5",
-         "ensemble.seeds=[0]", "compress=quant_static"], tmp_path))
+    results = runner.pipeline.run(
+        compose_config(
+            [
+                "data=mnist5k",
+                "model=lenet5",
+                "model.channels=[4,8]",
+                "model.hidden=32",
+                "ensemble=seeds5",
+                "ensemble.seeds=[0]",
+                "compress=quant_static",
+            ],
+            tmp_path,
+        )
+    )
     member = "compressed/lenet5-s0"
     assert results[f"{member}/macs"] == results["member/lenet5-s0/macs"]  # the float model's, from the step
     assert 0.9 <= results[f"{member}/quant/fp32_agreement"] <= 1.0
@@ -294,8 +338,9 @@ def test_the_pipeline_logs_the_int8_cnn(tmp_path):
     lenet5 = LeNet5([1, 28, 28], 10, channels=(4, 8), hidden=32)
     layers = [m for m in lenet5.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     float_bytes = sum(4 * (m.weight.numel() + m.bias.numel()) for m in layers)
-    assert results[f"{member}/weight_ratio"] == pytest.approx(float_bytes / sum(m.weight.numel() + 16 * m.bias.numel()
-                                                                                for m in layers))
+    assert results[f"{member}/weight_ratio"] == pytest.approx(
+        float_bytes / sum(m.weight.numel() + 16 * m.bias.numel() for m in layers)
+    )
     assert results[f"{member}/params"] == results["member/lenet5-s0/params"]
 
 
@@ -303,8 +348,13 @@ def test_the_pipeline_logs_the_int8_cnn(tmp_path):
 def test_the_benchmark_runs():
     """benchmarks/quantization.py --quick on LeNet-5: every engine, torch.compile included, runs."""
     script = str(ROOT / "benchmarks" / "quantization.py")
-    out = subprocess.run([sys.executable, script, "--quick", "--models", "lenet5"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, script, "--quick", "--models", "lenet5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "ms" not in line]
     assert "n/a" not in out and len(rows) == 8, out
     assert "auto: DynamicQuantize torch_ao, StaticQuantize pt2e" in out
@@ -316,7 +366,11 @@ def test_qat_runs_in_fp32_under_mixed_precision_and_says_so(tmp_path):
     step) run in fp32: under autocast torch.ao's fake-quantize raised after the member had trained."""
     from runner.pipeline import run
 
-    results = run(compose_config(["model=mlp", "compress=qat", "compress.steps.0.finetune_epochs=1",
-                                  "trainer.precision=bf16-mixed"], tmp_path))
+    results = run(
+        compose_config(
+            ["model=mlp", "compress=qat", "compress.steps.0.finetune_epochs=1", "trainer.precision=bf16-mixed"],
+            tmp_path,
+        )
+    )
     assert results["compressed/mlp-s0/quant/precision_bits"] == 32
     assert results["compressed/mlp-s0/quant/fp32_agreement"] > 0.9  # a working int8 model of the member

@@ -1,13 +1,30 @@
 """Every table README shows from results/ is the one the report tool wrote there."""
+
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_README = ["mnist1d_paper", "fusion_members", "fusion", "compression_members", "compression",
-             "image_mnist5k", "image_mnist5k_fusion", "deep_compression_lenet300", "prune_resnet20", "distill_lenet5",
-             "merge_lenet5", "minilm_rt_finetune", "minilm_rt_fusion", "minilm_rt_compress", "minilm_rt_distill",
-             "efficientnet_elpv_finetune", "efficientnet_elpv_compress", "efficientnet_elpv_fusion"]
+IN_README = [
+    "mnist1d_paper",
+    "fusion_members",
+    "fusion",
+    "compression_members",
+    "compression",
+    "image_mnist5k",
+    "image_mnist5k_fusion",
+    "deep_compression_lenet300",
+    "prune_resnet20",
+    "distill_lenet5",
+    "merge_lenet5",
+    "minilm_rt_finetune",
+    "minilm_rt_fusion",
+    "minilm_rt_compress",
+    "minilm_rt_distill",
+    "efficientnet_elpv_finetune",
+    "efficientnet_elpv_compress",
+    "efficientnet_elpv_fusion",
+]
 
 
 def first_table(markdown: str) -> str:

@@ -1,12 +1,13 @@
 """runner.register: the best logged model by a metric becomes a registered version under an alias."""
+
 import mlflow
 import pytest
 import torch
+from conftest import compose_config
 from mlflow import MlflowClient
 
 import runner
 import runner.pipeline
-from conftest import compose_config
 from runner.errors import ConfigError
 from runner.register import main, register_best
 from runner.tracking.models import MODEL_URI_TAG
@@ -16,8 +17,11 @@ from runner.tracking.models import MODEL_URI_TAG
 def store(tmp_path_factory) -> str:
     """A tiny job with two MLP members fused by their mean, every model logged; its tracking URI."""
     tmp = tmp_path_factory.mktemp("register")
-    runner.pipeline.run(compose_config(["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean",
-                                        "tracking.log_models=true"], tmp))
+    runner.pipeline.run(
+        compose_config(
+            ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean", "tracking.log_models=true"], tmp
+        )
+    )
     return f"sqlite:///{tmp}/mlflow.db"
 
 
@@ -25,8 +29,14 @@ def best_run(uri: str, metric: str, higher: bool, role: str | None = None):
     """The best child run by hand: over the logged metrics, the earliest run wins a tie."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("runner").experiment_id
-    runs = sorted((r for r in client.search_runs([exp]) if r.data.tags.get("role") not in ("job", None)
-                   and (role is None or r.data.tags["role"] == role)), key=lambda r: r.info.start_time)
+    runs = sorted(
+        (
+            r
+            for r in client.search_runs([exp])
+            if r.data.tags.get("role") not in ("job", None) and (role is None or r.data.tags["role"] == role)
+        ),
+        key=lambda r: r.info.start_time,
+    )
     best = runs[0]
     for r in runs[1:]:
         value, top = r.data.metrics[metric], best.data.metrics[metric]
@@ -47,9 +57,14 @@ def test_best_by_accuracy_any_role_loads_by_alias(store):
     model_id = expected.data.tags[MODEL_URI_TAG].removeprefix("models:/")
     assert (found.version, found.run_id, found.source) == (1, expected.info.run_id, f"models:/{model_id}")
     assert client.get_logged_model(model_id).source_run_id == expected.info.run_id
-    assert found.tags == {"run_id": expected.info.run_id, "metric": "test/acc", "mode": "max",
-                          "metric_value": repr(value), "role": expected.data.tags["role"],
-                          **({"member": expected.data.tags["member"]} if "member" in expected.data.tags else {})}
+    assert found.tags == {
+        "run_id": expected.info.run_id,
+        "metric": "test/acc",
+        "mode": "max",
+        "metric_value": repr(value),
+        "role": expected.data.tags["role"],
+        **({"member": expected.data.tags["member"]} if "member" in expected.data.tags else {}),
+    }
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
@@ -71,16 +86,25 @@ def test_best_by_accuracy_any_role_loads_by_alias(store):
 @pytest.mark.slow
 def test_command_line_lowest_nll_among_members_moves_its_alias(store, capsys):
     expected = best_run(store, "test/nll", higher=False, role="member")
-    args = ["experiment=runner", "metric=test/nll", "mode=min", "role=member", "name=mnist1d-member",
-            "alias=best-nll", f"tracking_uri={store}"]
+    args = [
+        "experiment=runner",
+        "metric=test/nll",
+        "mode=min",
+        "role=member",
+        "name=mnist1d-member",
+        "alias=best-nll",
+        f"tracking_uri={store}",
+    ]
     main(args)
     main(args)  # a second registration: a new version, the alias follows it
     found = MlflowClient(store).get_model_version_by_alias("mnist1d-member", "best-nll")
     assert (found.version, found.run_id, found.tags["role"]) == (2, expected.info.run_id, "member")
     lines = capsys.readouterr().out.splitlines()
     value = expected.data.metrics["test/nll"]
-    assert lines == [f"registered mnist1d-member version {v} as @best-nll: run {expected.info.run_id}, "
-                     f"test/nll={value:.6g} (min)" for v in (1, 2)]
+    assert lines == [
+        f"registered mnist1d-member version {v} as @best-nll: run {expected.info.run_id}, test/nll={value:.6g} (min)"
+        for v in (1, 2)
+    ]
 
 
 def test_errors_name_the_key_and_what_there_is(tmp_path):
@@ -98,8 +122,13 @@ def test_errors_name_the_key_and_what_there_is(tmp_path):
         register_best(uri, "runner", "test/acc", "m", mode="high")
 
     # runs that point at a model (selection only: no model is loaded before a run is chosen)
-    tracker.log_child(job, "member/b", {}, {"role": "member", MODEL_URI_TAG: "models:/m-b", "sweep_id": "s1"},
-                      {"test/acc": 0.5, "test/nll": 1.0})
+    tracker.log_child(
+        job,
+        "member/b",
+        {},
+        {"role": "member", MODEL_URI_TAG: "models:/m-b", "sweep_id": "s1"},
+        {"test/acc": 0.5, "test/nll": 1.0},
+    )
     with pytest.raises(ConfigError, match=r"metric='test/f1'.*\['test/acc', 'test/nll'\]"):
         register_best(uri, "runner", "test/f1", "m")
     with pytest.raises(ConfigError, match=r"role='fused'.*\['member'\]"):
@@ -122,12 +151,22 @@ def test_models_of_different_data_are_not_mixed_and_data_narrows(tmp_path):
     tracker = MlflowTracker(uri, "runner", str(tmp_path / "art"))
     job = tracker.start_run("job", tags={"role": "job"})
     for name, data, acc in (("a", "wine", 0.9), ("b", "mnist1d", 0.7), ("c", "wine", 0.8)):
-        tracker.log_child(job, f"member/{name}", {"choice/data": data, "choice/model": "mlp"},
-                          {"role": "member", MODEL_URI_TAG: f"models:/m-{name}"}, {"val/acc": acc})
-    with pytest.raises(ConfigError, match=r"^Invalid config: data=None; allowed: one dataset per registered model: "
-                                          r"the selection holds models of 2 \(mnist1d, wine\)"):
+        tracker.log_child(
+            job,
+            f"member/{name}",
+            {"choice/data": data, "choice/model": "mlp"},
+            {"role": "member", MODEL_URI_TAG: f"models:/m-{name}"},
+            {"val/acc": acc},
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"^Invalid config: data=None; allowed: one dataset per registered model: "
+        r"the selection holds models of 2 \(mnist1d, wine\)",
+    ):
         register_best(uri, "runner", "val/acc", "m")
-    with pytest.raises(ConfigError, match=r"data='cifar10'; allowed: a value the selected runs have: \['mnist1d', 'wine'\]"):
+    with pytest.raises(
+        ConfigError, match=r"data='cifar10'; allowed: a value the selected runs have: \['mnist1d', 'wine'\]"
+    ):
         register_best(uri, "runner", "val/acc", "m", where={"choice/data": "cifar10"})
     # narrowed to one dataset, the selection gets as far as the best run's model (a fake id here)
     with pytest.raises(Exception, match="m-a"):
@@ -141,5 +180,7 @@ def test_selection_is_on_validation_by_default_and_a_test_metric_warns(store, ca
     out, err = capsys.readouterr()
     assert f"run {expected.info.run_id}, val/acc=" in out and "warning" not in err
     main(["experiment=runner", "name=by-test", "metric=test/acc", f"tracking_uri={store}"])
-    assert "register: warning: selecting on test/acc picks the model that did best on the test set" in \
-        capsys.readouterr().err
+    assert (
+        "register: warning: selecting on test/acc picks the model that did best on the test set"
+        in capsys.readouterr().err
+    )

@@ -1,5 +1,6 @@
 """The report tool: a temporary SQLite store filled by the real MlflowTracker with fake runs,
 plus the CLI (error paths and one end-to-end run of `python -m runner` -> `python -m runner.report`)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf" / "report")
 LOGREG, CNN = "runner.models.LogReg", "runner.models.CNN1D"
 # model -> per-seed (acc, nll, ece): means 0.32 / 0.92, std 0.02 each
-FAKE = {LOGREG: [(0.30, 1.6, 0.04), (0.32, 1.7, 0.05), (0.34, 1.8, 0.06)],
-        CNN: [(0.90, 0.3, 0.09), (0.92, 0.4, 0.10), (0.94, 0.5, 0.11)]}
+FAKE = {
+    LOGREG: [(0.30, 1.6, 0.04), (0.32, 1.7, 0.05), (0.34, 1.8, 0.06)],
+    CNN: [(0.90, 0.3, 0.09), (0.92, 0.4, 0.10), (0.94, 0.5, 0.11)],
+}
 
 
 def _probs(acc: float, n: int = 200, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,25 +43,53 @@ def _fill(uri: str, root: Path, experiment: str = "fake") -> None:
     tracker = MlflowTracker(uri, experiment, str(root / "artifacts"))
     for model, per_seed in FAKE.items():
         for seed, (acc, nll, ece) in enumerate(per_seed):
-            params = {"model._target_": model, "seed": seed, "data._target_": "runner.data.MNIST1D",
-                      "fuse._target_": "runner.fuse.Mean" if model == CNN else None}
+            params = {
+                "model._target_": model,
+                "seed": seed,
+                "data._target_": "runner.data.MNIST1D",
+                "fuse._target_": "runner.fuse.Mean" if model == CNN else None,
+            }
             with tracker.run(f"model={model} seed={seed}", params, {"overrides": f"seed={seed}"}) as run_id:
                 name = f"{model.rsplit('.', 1)[1].lower()}-s{seed}"
                 size = 1640.0 if model == LOGREG else 20840.0
                 probs, targets = _probs(acc, seed=seed)
-                tracker.log_child(run_id, f"member/{name}", {**params, "role": "member", "member": name},
-                                  {"role": "member", "member": name},
-                                  {"test/acc": acc, "test/f1": acc - 0.01, "test/nll": nll, "test/ece": ece,
-                                   "params": size / 4, "size_bytes": size, "latency_ms": size / 1e4},
-                                  {"probs": probs, "targets": targets})
+                tracker.log_child(
+                    run_id,
+                    f"member/{name}",
+                    {**params, "role": "member", "member": name},
+                    {"role": "member", "member": name},
+                    {
+                        "test/acc": acc,
+                        "test/f1": acc - 0.01,
+                        "test/nll": nll,
+                        "test/ece": ece,
+                        "params": size / 4,
+                        "size_bytes": size,
+                        "latency_ms": size / 1e4,
+                    },
+                    {"probs": probs, "targets": targets},
+                )
                 if model == CNN:
                     probs, targets = _probs(acc + 0.03, seed=seed)
-                    tracker.log_child(run_id, "fused", {**params, "role": "fused", "member": ""},
-                                      {"role": "fused", "member": "fused"},
-                                      {"test/acc": acc + 0.03, "test/f1": acc + 0.02, "test/nll": nll - 0.2,
-                                       "test/ece": ece - 0.05, "size_bytes": 5 * size, "latency_ms": size / 2e3,
-                                       "gain/acc": 0.03, "gain/f1": 0.03, "gain/nll": 0.2, "gain/ece": 0.05 + seed / 100},
-                                      {"probs": probs, "targets": targets})
+                    tracker.log_child(
+                        run_id,
+                        "fused",
+                        {**params, "role": "fused", "member": ""},
+                        {"role": "fused", "member": "fused"},
+                        {
+                            "test/acc": acc + 0.03,
+                            "test/f1": acc + 0.02,
+                            "test/nll": nll - 0.2,
+                            "test/ece": ece - 0.05,
+                            "size_bytes": 5 * size,
+                            "latency_ms": size / 2e3,
+                            "gain/acc": 0.03,
+                            "gain/f1": 0.03,
+                            "gain/nll": 0.2,
+                            "gain/ece": 0.05 + seed / 100,
+                        },
+                        {"probs": probs, "targets": targets},
+                    )
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +102,14 @@ def store(tmp_path_factory) -> str:
 
 def report_cfg(store: str, out: Path, *overrides: str):
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        return compose("config", overrides=[f"tracking_uri={store}", "experiment=fake", f"out_dir={out}",
-                                            "log_to_mlflow=false", *overrides])
+        return compose(
+            "config",
+            overrides=[f"tracking_uri={store}", "experiment=fake", f"out_dir={out}", "log_to_mlflow=false", *overrides],
+        )
 
 
 # ---- selection and aggregation --------------------------------------------------------------
+
 
 def test_select_children_by_role_and_parents(store):
     members = select_runs(store, ["fake"], roles=["member"])
@@ -90,15 +124,14 @@ def test_select_children_by_role_and_parents(store):
 
 def test_mean_std_over_seeds_and_best_per_column(store):
     df = select_runs(store, ["fake"], roles=["member"])
-    table = aggregate(df, ["model._target_"], [], ["test/acc", "test/nll", "test/ece"],
-                      lower=["test/nll", "test/ece"])
+    table = aggregate(df, ["model._target_"], [], ["test/acc", "test/nll", "test/ece"], lower=["test/nll", "test/ece"])
     assert table.row_values == [(CNN,), (LOGREG,)]  # natural order of the raw values
     cnn, logreg = table.cells[(CNN,)], table.cells[(LOGREG,)]
     assert cnn[((), "test/acc")].mean == pytest.approx(0.92)
     assert cnn[((), "test/acc")].std == pytest.approx(0.02)  # sample std (n - 1)
     assert logreg[((), "test/acc")].mean == pytest.approx(0.32) and logreg[((), "test/acc")].n == 3
-    assert cnn[((), "test/acc")].best and not logreg[((), "test/acc")].best            # higher is better
-    assert cnn[((), "test/nll")].best and not logreg[((), "test/nll")].best            # lower is better
+    assert cnn[((), "test/acc")].best and not logreg[((), "test/acc")].best  # higher is better
+    assert cnn[((), "test/nll")].best and not logreg[((), "test/nll")].best  # lower is better
     assert logreg[((), "test/ece")].best and not cnn[((), "test/ece")].best
     assert not table.mixed
 
@@ -114,12 +147,15 @@ def test_lower_is_better_matches_whole_names_and_suffixes():
 
 def test_markdown_and_latex_bold_the_best(store):
     df = select_runs(store, ["fake"], roles=["member"])
-    style = Style(labels={LOGREG: "LogReg", CNN: "CNN", "test/acc": "acc (%)"}, scale={"test/acc": 100},
-                  digits={"test/acc": 1, "test/nll": 2})
+    style = Style(
+        labels={LOGREG: "LogReg", CNN: "CNN", "test/acc": "acc (%)"},
+        scale={"test/acc": 100},
+        digits={"test/acc": 1, "test/nll": 2},
+    )
     table = aggregate(df, ["model._target_"], [], ["test/acc", "test/nll"], lower=["test/nll"], labels=style.labels)
     md = to_markdown(table, style)
     assert md.splitlines()[0] == "| model._target_ | acc (%) | test/nll | n |"
-    assert md.splitlines()[2] == "| LogReg | 32.0 ± 2.0 | 1.70 ± 0.10 | 3 |"   # the order of `labels`
+    assert md.splitlines()[2] == "| LogReg | 32.0 ± 2.0 | 1.70 ± 0.10 | 3 |"  # the order of `labels`
     assert md.splitlines()[3] == "| CNN | **92.0 ± 2.0** | **0.40 ± 0.10** | 3 |"
     tex = to_latex(table, style, "A caption", "tab:x")
     assert r"CNN & \textbf{92.0 $\pm$ 2.0} & \textbf{0.40 $\pm$ 0.10} & 3 \\" in tex
@@ -162,8 +198,12 @@ def test_replicates_that_are_copies_are_flagged(tmp_path):
     """Two seeds that trained the same members (seed beside ensemble.seeds) log the same numbers: flagged."""
     uri = f"sqlite:///{tmp_path}/m.db"
     tracker = MlflowTracker(uri, "e", str(tmp_path / "a"))
-    for model, seed, acc, nll in [("copy", 0, 0.8, 0.5), ("copy", 1, 0.8, 0.5), ("real", 0, 0.7, 0.6),
-                                  ("real", 1, 0.8, 0.5)]:
+    for model, seed, acc, nll in [
+        ("copy", 0, 0.8, 0.5),
+        ("copy", 1, 0.8, 0.5),
+        ("real", 0, 0.7, 0.6),
+        ("real", 1, 0.8, 0.5),
+    ]:
         with tracker.run("job", {"seed": seed, "model": model}) as run_id:
             tracker.log_metrics(run_id, {"acc": acc, "nll": nll})
     table = aggregate(select_runs(uri, ["e"], roles=[]), ["model"], [], ["acc", "nll"])
@@ -179,10 +219,17 @@ def test_an_unknown_aggregate_over_key_is_refused(store):
 
 # ---- files, plots, MLflow ------------------------------------------------------------------------
 
+
 def test_make_report_writes_markdown_latex_csv(store, tmp_path):
-    cfg = report_cfg(store, tmp_path, "name=t", "metrics=[test/acc,test/nll,size_bytes]",
-                     "scale={test/acc:100}", "digits={test/acc:1,test/nll:2,size_bytes:0}",
-                     "reference={title:published,values:{CNN1D:94,LogReg:32}}")
+    cfg = report_cfg(
+        store,
+        tmp_path,
+        "name=t",
+        "metrics=[test/acc,test/nll,size_bytes]",
+        "scale={test/acc:100}",
+        "digits={test/acc:1,test/nll:2,size_bytes:0}",
+        "reference={title:published,values:{CNN1D:94,LogReg:32}}",
+    )
     written = make_report(cfg, command="python -m runner.report name=t")
     assert set(written) == {"md", "tex", "csv", "html"}
     md = (tmp_path / "t.md").read_text()
@@ -195,14 +242,25 @@ def test_make_report_writes_markdown_latex_csv(store, tmp_path):
     assert row["mean"] == pytest.approx(0.92) and row["std"] == pytest.approx(0.02) and row["n"] == 3 and row["best"]
 
 
-@pytest.mark.parametrize("overrides, plots", [
-    (["role=member"], ["pareto_size", "pareto_latency"]),
-    (["role=[member,fused]", "rows=[role]"], ["reliability"]),
-    (["role=fused", "rows=[fuse._target_]"], ["fusion_gain"]),
-])
+@pytest.mark.parametrize(
+    "overrides, plots",
+    [
+        (["role=member"], ["pareto_size", "pareto_latency"]),
+        (["role=[member,fused]", "rows=[role]"], ["reliability"]),
+        (["role=fused", "rows=[fuse._target_]"], ["fusion_gain"]),
+    ],
+)
 def test_plots_are_png_and_logged_to_mlflow(store, tmp_path, overrides, plots):
-    cfg = report_cfg(store, tmp_path, "name=p", "log_to_mlflow=true", "mlflow_experiment=reports_test",
-                     f"artifact_location={tmp_path}/artifacts", f"plots=[{','.join(plots)}]", *overrides)
+    cfg = report_cfg(
+        store,
+        tmp_path,
+        "name=p",
+        "log_to_mlflow=true",
+        "mlflow_experiment=reports_test",
+        f"artifact_location={tmp_path}/artifacts",
+        f"plots=[{','.join(plots)}]",
+        *overrides,
+    )
     written = make_report(cfg)
     for name in plots:
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -240,6 +298,7 @@ def test_reliability_ece_matches_torchmetrics():
 
 # ---- clear messages ------------------------------------------------------------------------------
 
+
 def test_missing_metric_and_experiment_are_named(store, tmp_path):
     with pytest.raises(ReportError, match=r"(?s)'test/bogus'.*Available metrics: .*test/acc"):
         make_report(report_cfg(store, tmp_path, "metrics=[test/bogus]"))
@@ -249,13 +308,16 @@ def test_missing_metric_and_experiment_are_named(store, tmp_path):
         make_report(report_cfg(store, tmp_path, "plots=[bar]"))
 
 
-@pytest.mark.parametrize("override, match", [
-    ("digits=-1", r"digits=-1: allowed: an integer >= 0"),
-    ("digits=two", r"digits='two'"),
-    ("scale={test/acc: big}", r"scale=.*allowed: null or \{metric: number\}"),
-    ("aggregate_over=[1]", r"aggregate_over=.*allowed: a key or a list of keys"),
-    ("status=DONE", r"status='DONE' is not one of \[None, 'FINISHED'"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("digits=-1", r"digits=-1: allowed: an integer >= 0"),
+        ("digits=two", r"digits='two'"),
+        ("scale={test/acc: big}", r"scale=.*allowed: null or \{metric: number\}"),
+        ("aggregate_over=[1]", r"aggregate_over=.*allowed: a key or a list of keys"),
+        ("status=DONE", r"status='DONE' is not one of \[None, 'FINISHED'"),
+    ],
+)
 def test_bad_style_options_are_named_before_any_run_is_read(override, match, store, tmp_path):
     with pytest.raises(ReportError, match=match):
         make_report(report_cfg(store, tmp_path, override, "experiment=nope"))  # not read: options fail first
@@ -267,16 +329,23 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 def test_cli_empty_selection_is_a_message_not_a_traceback(store, tmp_path):
-    result = _cli("-m", "runner.report", f"tracking_uri={store}", "experiment=fake", f"out_dir={tmp_path}",
-                  "filter=\"params.seed = '99'\"")
+    result = _cli(
+        "-m",
+        "runner.report",
+        f"tracking_uri={store}",
+        "experiment=fake",
+        f"out_dir={tmp_path}",
+        "filter=\"params.seed = '99'\"",
+    )
     assert result.returncode == 2
     assert "No runs selected" in result.stderr and "params.seed = '99'" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_cli_missing_key_names_it_and_the_available_keys(store, tmp_path):
-    result = _cli("-m", "runner.report", f"tracking_uri={store}", "experiment=fake", f"out_dir={tmp_path}",
-                  "rows=[model.nope]")
+    result = _cli(
+        "-m", "runner.report", f"tracking_uri={store}", "experiment=fake", f"out_dir={tmp_path}", "rows=[model.nope]"
+    )
     assert result.returncode == 2
     assert "Unknown key 'model.nope' in `rows`" in result.stderr
     assert "Available params:" in result.stderr and "'model._target_'" in result.stderr
@@ -285,13 +354,33 @@ def test_cli_missing_key_names_it_and_the_available_keys(store, tmp_path):
 
 def test_end_to_end_real_runs_to_report(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run = _cli("-m", "runner", "-m", "trainer=fast", "model=logreg", "seed=0,1", "data.num_samples=600",
-               "eval.latency_repeats=2", f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art",
-               f"data.cache_dir={tmp_path}/data", f"cache.dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/multirun")
+    run = _cli(
+        "-m",
+        "runner",
+        "-m",
+        "trainer=fast",
+        "model=logreg",
+        "seed=0,1",
+        "data.num_samples=600",
+        "eval.latency_repeats=2",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path}/art",
+        f"data.cache_dir={tmp_path}/data",
+        f"cache.dir={tmp_path}/cache",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    report = _cli("-m", "runner.report", f"tracking_uri={uri}", "experiment=runner", f"out_dir={tmp_path}/rep",
-                  "name=e2e", "plots=[pareto_size,reliability]", "mlflow_experiment=reports",
-                  f"artifact_location={tmp_path}/report-art")
+    report = _cli(
+        "-m",
+        "runner.report",
+        f"tracking_uri={uri}",
+        "experiment=runner",
+        f"out_dir={tmp_path}/rep",
+        "name=e2e",
+        "plots=[pareto_size,reliability]",
+        "mlflow_experiment=reports",
+        f"artifact_location={tmp_path}/report-art",
+    )
     assert report.returncode == 0, report.stderr[-2000:]
     md = (tmp_path / "rep" / "e2e.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| LogReg |"))
@@ -310,13 +399,23 @@ def test_pooled_rows_show_identical_member_runs_once(store):
     copy = df[df["tags.role"] == "member"].copy()  # the same members logged again by a second job
     copy["params.fuse._target_"] = "runner.fuse.Stacking"
     both = pd.concat([df, copy], ignore_index=True)
-    table = aggregate(pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": "member"}),
-                      ["role", "fuse._target_"], [], ["test/acc"], aggregate_over=["seed", "model._target_"])
+    table = aggregate(
+        pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": "member"}),
+        ["role", "fuse._target_"],
+        [],
+        ["test/acc"],
+        aggregate_over=["seed", "model._target_"],
+    )
     members = table.cells[("member", "all")][((), "test/acc")]
     assert members.n == 6 and members.mean == pytest.approx(0.62)  # 3 LogReg + 3 CNN runs, not 12
     assert ("member", "runner.fuse.Mean") not in table.cells and not table.mixed
     assert table.cells[("fused", "runner.fuse.Mean")][((), "test/acc")].n == 3
-    both_roles = aggregate(pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": ["member", "fused"]}),
-                           ["role", "fuse._target_"], [], ["test/acc"], aggregate_over=["seed", "model._target_"])
+    both_roles = aggregate(
+        pool_runs(both, ["role", "fuse._target_"], ["test/acc"], {"role": ["member", "fused"]}),
+        ["role", "fuse._target_"],
+        [],
+        ["test/acc"],
+        aggregate_over=["seed", "model._target_"],
+    )
     assert set(both_roles.row_values) == {("fused", "all"), ("member", "all")}
     assert both_roles.cells[("fused", "all")][((), "test/acc")].n == 3

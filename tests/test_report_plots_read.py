@@ -1,6 +1,7 @@
 """Report plots and pages a reviewer can read: one quantity and its unit per axis (accuracy gains in
 points and NLL gains in nats on separate axes), every Pareto series visible where points coincide,
 captions in words, and wide tables that fit (or scroll in their box) in headless Chromium."""
+
 from __future__ import annotations
 
 import html.parser
@@ -32,11 +33,17 @@ COMPRESS = ("prune_global", "quant_dynamic")
 def job_metrics(seed: int) -> dict[str, float]:
     """What a job of the synthetic sweep logged: both compression methods give the same numbers, so
     their points (and their uncompressed members' points) coincide on the Pareto plot."""
-    return {"members/mean/test/acc": 0.92 + 0.01 * seed, "members/best/test/acc": 0.93 + 0.01 * seed,
-            "members/mean/size_bytes": 80_000.0, "fused/test/acc": 0.935 + 0.01 * seed,
-            "fused/gain/acc": 0.005 + 0.002 * seed, "fused/gain/nll": 0.04 + 0.01 * seed,
-            "compressed/mean/test/acc": 0.915 + 0.01 * seed, "compressed/mean/size_bytes": 20_000.0,
-            "compressed/mean/delta/acc": -0.005}
+    return {
+        "members/mean/test/acc": 0.92 + 0.01 * seed,
+        "members/best/test/acc": 0.93 + 0.01 * seed,
+        "members/mean/size_bytes": 80_000.0,
+        "fused/test/acc": 0.935 + 0.01 * seed,
+        "fused/gain/acc": 0.005 + 0.002 * seed,
+        "fused/gain/nll": 0.04 + 0.01 * seed,
+        "compressed/mean/test/acc": 0.915 + 0.01 * seed,
+        "compressed/mean/size_bytes": 20_000.0,
+        "compressed/mean/delta/acc": -0.005,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,16 @@ def sweep_store(tmp_path_factory):
     experiment = client.create_experiment("runner", (tmp / "art").as_uri())
     for compress in COMPRESS:
         for seed in SEEDS:
-            run = client.create_run(experiment, run_name=f"compress={compress} seed={seed}", tags={
-                "role": "job", "sweep_id": SWEEP, "overrides": f"compress={compress} seed={seed}"}).info.run_id
-            client.log_batch(run, metrics=[Metric(k, v, 0, 0) for k, v in job_metrics(seed).items()],
-                             params=[Param("seed", str(seed)), Param("compress", compress)])
+            run = client.create_run(
+                experiment,
+                run_name=f"compress={compress} seed={seed}",
+                tags={"role": "job", "sweep_id": SWEEP, "overrides": f"compress={compress} seed={seed}"},
+            ).info.run_id
+            client.log_batch(
+                run,
+                metrics=[Metric(k, v, 0, 0) for k, v in job_metrics(seed).items()],
+                params=[Param("seed", str(seed)), Param("compress", compress)],
+            )
             client.set_terminated(run)
     return tmp
 
@@ -58,8 +71,10 @@ def sweep_store(tmp_path_factory):
 def report_config(tmp, **keys):
     base = OmegaConf.load(ROOT / "conf" / "report" / "config.yaml")
     base.pop("defaults"), base.pop("hydra")
-    return OmegaConf.merge(base, {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "out_dir": str(tmp / "report"),
-                                  "log_to_mlflow": False, **keys})
+    return OmegaConf.merge(
+        base,
+        {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "out_dir": str(tmp / "report"), "log_to_mlflow": False, **keys},
+    )
 
 
 def own_pixels(fig, container) -> int:
@@ -84,25 +99,38 @@ def own_pixels(fig, container) -> int:
     return int((np.abs(full - without).max(axis=2) > 80).sum())
 
 
-@pytest.mark.parametrize("metric, scale, label", [
-    ("fused/gain/acc", 100, "fused accuracy gain (points)"),
-    ("gain/acc", 1, "accuracy gain (fraction)"),
-    ("fused/gain/nll", 1, "fused NLL gain (nats)"),
-    ("test/acc", 100, "test accuracy (%)"),
-    ("members/best/test/acc", 100, "best member test accuracy (%)"),
-    ("compressed/mean/delta/acc", 100, "compressed accuracy change (points)"),
-    ("members/mean/size_bytes", 1, "members model size (bytes)"),
-    ("latency_ms", 1, "latency (ms per batch)"),
-    ("test/ece", 1, "test ECE (fraction)"),
-])
+@pytest.mark.parametrize(
+    "metric, scale, label",
+    [
+        ("fused/gain/acc", 100, "fused accuracy gain (points)"),
+        ("gain/acc", 1, "accuracy gain (fraction)"),
+        ("fused/gain/nll", 1, "fused NLL gain (nats)"),
+        ("test/acc", 100, "test accuracy (%)"),
+        ("members/best/test/acc", 100, "best member test accuracy (%)"),
+        ("compressed/mean/delta/acc", 100, "compressed accuracy change (points)"),
+        ("members/mean/size_bytes", 1, "members model size (bytes)"),
+        ("latency_ms", 1, "latency (ms per batch)"),
+        ("test/ece", 1, "test ECE (fraction)"),
+    ],
+)
 def test_an_axis_label_is_one_quantity_and_its_unit(metric, scale, label):
     assert plots.axis_label(metric, {}, {metric: scale}) == label
 
 
 def test_gains_in_points_and_in_nats_get_an_axis_each():
-    stats = pd.DataFrame({"label": ["mean", "vote"], "gain/acc_mean": [1.2, -0.4], "gain/acc_std": [0.3, np.nan],
-                          "gain/nll_mean": [0.045, 0.012], "gain/nll_std": [np.nan, np.nan]})
-    names = {"gain/acc": plots.axis_label("gain/acc", {}, {"gain/acc": 100}), "gain/nll": plots.axis_label("gain/nll", {}, {})}
+    stats = pd.DataFrame(
+        {
+            "label": ["mean", "vote"],
+            "gain/acc_mean": [1.2, -0.4],
+            "gain/acc_std": [0.3, np.nan],
+            "gain/nll_mean": [0.045, 0.012],
+            "gain/nll_std": [np.nan, np.nan],
+        }
+    )
+    names = {
+        "gain/acc": plots.axis_label("gain/acc", {}, {"gain/acc": 100}),
+        "gain/nll": plots.axis_label("gain/nll", {}, {}),
+    }
     figure = plots.gain_figure(stats, ["gain/acc", "gain/nll"], "fusion", names)
     acc, nll = figure.axes
     assert [acc.get_ylabel(), nll.get_ylabel()] == ["accuracy gain (points)", "NLL gain (nats)"]
@@ -121,10 +149,18 @@ def test_pareto_series_that_coincide_are_all_drawn_and_in_the_legend():
     """Two compression methods with the same numbers, and their (same) uncompressed members: four
     series at two points. Each one still shows (> 50 pixels of its own)."""
     nan = [np.nan, np.nan]
-    groups = pd.DataFrame({"label": list(COMPRESS), "x_mean": [20_000.0] * 2, "x_std": nan, "y_mean": [91.5] * 2,
-                           "y_std": nan})
-    members = pd.DataFrame({"label": [f"{c} uncompressed members" for c in COMPRESS], "x_mean": [80_000.0] * 2,
-                            "x_std": nan, "y_mean": [92.0] * 2, "y_std": nan})
+    groups = pd.DataFrame(
+        {"label": list(COMPRESS), "x_mean": [20_000.0] * 2, "x_std": nan, "y_mean": [91.5] * 2, "y_std": nan}
+    )
+    members = pd.DataFrame(
+        {
+            "label": [f"{c} uncompressed members" for c in COMPRESS],
+            "x_mean": [80_000.0] * 2,
+            "x_std": nan,
+            "y_mean": [92.0] * 2,
+            "y_std": nan,
+        }
+    )
     figure = plots.pareto_figure(groups, "x", "y", "model size (bytes)", "test accuracy (%)", "t", members)
     ax = figure.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [*groups.label, *members.label, "Pareto front"]
@@ -137,6 +173,7 @@ def test_pareto_series_that_coincide_are_all_drawn_and_in_the_legend():
 
 class Page(html.parser.HTMLParser):
     """Figures of a page: id, img alt, caption text."""
+
     def __init__(self) -> None:
         super().__init__()
         self.figures, self._caption = [], None
@@ -175,21 +212,28 @@ def test_a_sweep_report_plots_one_unit_per_axis_and_captions_in_words(sweep_stor
     pareto = drawn["pareto_figure"].axes[0]
     assert (pareto.get_xlabel(), pareto.get_ylabel()) == ("model size (bytes)", "test accuracy (%)")
     assert [t.get_text() for t in pareto.get_legend().get_texts()] == [
-        *COMPRESS, *(f"{c} uncompressed members" for c in COMPRESS), "Pareto front"]
+        *COMPRESS,
+        *(f"{c} uncompressed members" for c in COMPRESS),
+        "Pareto front",
+    ]
     assert [own_pixels(drawn["pareto_figure"], c) > 50 for c in pareto.containers] == [True] * 4
 
     page = Page()
     page.feed(written["html"].read_text())
     assert [(f["id"], f["alt"]) for f in page.figures] == [(p, PLOT_TITLES[p]) for p in ("fusion_gain", "pareto_size")]
     gain, size = (" ".join(f["caption"].split()) for f in page.figures)
-    assert gain == ("Fusion gain over the best member. Gain of the fused model over the best single member of its "
-                    "ensemble on the test set (one per compress): accuracy gain (points), NLL gain (nats), each in its "
-                    "own panel and unit. Bars: the mean over seed, with ± one standard deviation where the runs "
-                    "differ; above 0 is better.")
-    assert size == ("Accuracy against model size. Test accuracy (%) against model size (bytes): a point per group (one "
-                    "per compress), the mean over seed, with ± one standard deviation where the runs differ; hollow "
-                    "squares: uncompressed members. The dashed line is the Pareto front: no other model is "
-                    "both smaller and more accurate. Points that coincide are drawn one inside the other.")
+    assert gain == (
+        "Fusion gain over the best member. Gain of the fused model over the best single member of its "
+        "ensemble on the test set (one per compress): accuracy gain (points), NLL gain (nats), each in its "
+        "own panel and unit. Bars: the mean over seed, with ± one standard deviation where the runs "
+        "differ; above 0 is better."
+    )
+    assert size == (
+        "Accuracy against model size. Test accuracy (%) against model size (bytes): a point per group (one "
+        "per compress), the mean over seed, with ± one standard deviation where the runs differ; hollow "
+        "squares: uncompressed members. The dashed line is the Pareto front: no other model is "
+        "both smaller and more accurate. Points that coincide are drawn one inside the other."
+    )
 
 
 WIDE = ["model", *HEADLINE.values()]
@@ -207,10 +251,25 @@ MEASURE = """<script>addEventListener('load', () => {
 
 
 def measure(page_file, width: int, profile) -> dict:
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                           "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-                           f"--window-size={width},900", "--dump-dom", page_file.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},900",
+            "--dump-dom",
+            page_file.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.search(r'data-measured="([^"]*)"', done.stdout)
     assert found, done.stdout[-2000:]
@@ -218,13 +277,17 @@ def measure(page_file, width: int, profile) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it where apt-get can)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it where apt-get can)"
+)
 def test_a_wide_table_fits_the_page_or_scrolls_in_its_box(tmp_path):
     """Every headline column of an auto report (14 numbers a row): at 1400 px the table fits its box; at
     700 px its box scrolls (the page itself does not), the row labels stay in view, and a number breaks
     at most once, before its ±."""
-    body = [[(f"model_{i}", False), *((f"{90 + i}.47 ± 0.52", j == i) for j in range(len(WIDE) - 1)), ("5", False)]
-            for i in range(4)]
+    body = [
+        [(f"model_{i}", False), *((f"{90 + i}.47 ± 0.52", j == i) for j in range(len(WIDE) - 1)), ("5", False)]
+        for i in range(4)
+    ]
     page = tmp_path / "wide.html"
     page.write_text(html_page("wide", "", [*WIDE, "n"], body, 1, {}, ["note"]).replace("</body>", MEASURE + "</body>"))
     wide = measure(page, 1400, tmp_path / "profile")

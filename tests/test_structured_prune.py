@@ -1,5 +1,6 @@
 """Structured pruning with Torch-Pruning (runner.compress.StructuredPrune) on a tiny model of every
 family: exact pruned sizes, coupled widths, importance rankings, schedules, MACs targets, refusals."""
+
 from __future__ import annotations
 
 import copy
@@ -8,10 +9,10 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPEC, compose_config
 from torch import nn
 
 import runner.compress.structured as structured
-from conftest import SPEC, compose_config
 from runner.compress import CompressContext, DynamicQuantize, Recipe, StructuredPrune, build_recipe
 from runner.data import SklearnDataset
 from runner.data.batches import DataSpec, take
@@ -20,12 +21,32 @@ from runner.evaluate import count_macs
 from runner.models import CNN1D, GRU, MLP, HuggingFace, LeNet5, LeNet300, ResNetCIFAR
 
 # conf/model/vit_tiny.yaml and bert_tiny.yaml on MNIST-shaped images / a 100-token vocabulary
-VIT = {"model_type": "vit", "image_size": 28, "num_channels": 1, "patch_size": 4, "hidden_size": 64,
-       "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
-BERT = {"model_type": "bert", "vocab_size": 100, "max_position_embeddings": 16, "hidden_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
-TINY_TRAINER = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                "limit_train_batches": 2}
+VIT = {
+    "model_type": "vit",
+    "image_size": 28,
+    "num_channels": 1,
+    "patch_size": 4,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 100,
+    "max_position_embeddings": 16,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+}
+TINY_TRAINER = {
+    "max_epochs": 1,
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_progress_bar": False,
+    "limit_train_batches": 2,
+}
 OPTIM = {"name": "adam", "lr": 1e-3}
 LOGGER = "runner.compress.structured"
 
@@ -81,14 +102,26 @@ def bert_half_params(vocab: int = 100, positions: int = 16, hidden: int = 64, cl
 FAMILIES = {
     "mlp": (lambda: MLP(40, 10, hidden=256), lambda: images(40), lambda: MLP(40, 10, hidden=128)),
     "cnn1d": (lambda: CNN1D(40, 10), lambda: images(40), lambda: CNN1D(40, 10, channels=12)),  # int(25 / 2)
-    "lenet300": (lambda: LeNet300(784, 10), lambda: images(784),
-                 lambda: 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10),
-    "lenet5": (lambda: LeNet5([1, 28, 28], 10), lambda: images(1, 28, 28),
-               lambda: LeNet5([1, 28, 28], 10, channels=(10, 25), hidden=250)),
-    "resnet20": (lambda: ResNetCIFAR(20, 10, (3, 16, 16)), lambda: images(3, 16, 16),
-                 lambda: ResNetCIFAR(20, 10, (3, 16, 16), width=8)),
-    "vit_tiny": (lambda: HuggingFace("image", 10, VIT), lambda: images(1, 28, 28),
-                 lambda: HuggingFace("image", 10, {**VIT, "hidden_size": 32, "intermediate_size": 64})),
+    "lenet300": (
+        lambda: LeNet300(784, 10),
+        lambda: images(784),
+        lambda: 784 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10,
+    ),
+    "lenet5": (
+        lambda: LeNet5([1, 28, 28], 10),
+        lambda: images(1, 28, 28),
+        lambda: LeNet5([1, 28, 28], 10, channels=(10, 25), hidden=250),
+    ),
+    "resnet20": (
+        lambda: ResNetCIFAR(20, 10, (3, 16, 16)),
+        lambda: images(3, 16, 16),
+        lambda: ResNetCIFAR(20, 10, (3, 16, 16), width=8),
+    ),
+    "vit_tiny": (
+        lambda: HuggingFace("image", 10, VIT),
+        lambda: images(1, 28, 28),
+        lambda: HuggingFace("image", 10, {**VIT, "hidden_size": 32, "intermediate_size": 64}),
+    ),
     "bert_tiny": (lambda: HuggingFace("text", 10, BERT), tokens, bert_half_params),
 }
 
@@ -222,8 +255,9 @@ def test_embeddings_are_kept_whole_with_a_log_line_each(caplog):
         step.check(model, DataSpec(10, x, {}))
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(lines) == 3 and all("(Embedding) is kept whole" in line for line in lines)
-    assert {line.split()[1] for line in lines} == {f"model.bert.embeddings.{t}_embeddings"
-                                                    for t in ("word", "position", "token_type")}
+    assert {line.split()[1] for line in lines} == {
+        f"model.bert.embeddings.{t}_embeddings" for t in ("word", "position", "token_type")
+    }
     out = step.apply(copy.deepcopy(model), CompressContext(Batches(x), TINY_TRAINER, OPTIM))
     assert step.stats_["prune/ignored_layers"] == 4.0  # the three tables and the classifier
     assert out.model.bert.embeddings.word_embeddings.weight.shape == (100, 64)
@@ -237,8 +271,9 @@ def test_iterative_steps_fine_tune_after_each(monkeypatch):
         return net
 
     monkeypatch.setattr(structured, "finetune", fake_finetune)
-    out, _ = prune(MLP(40, 10, hidden=256), images(40), amount=0.5, iterative_steps=3, finetune_epochs=2,
-                   final_epochs=5, lr=0.01)
+    out, _ = prune(
+        MLP(40, 10, hidden=256), images(40), amount=0.5, iterative_steps=3, finetune_epochs=2, final_epochs=5, lr=0.01
+    )
     # a linear schedule 1/6, 2/6, 3/6: Torch-Pruning keeps int(256 * (1 - ratio)) units
     assert calls == [(2, 0.01, 213), (2, 0.01, 170), (2, 0.01, 128), (5, 0.01, 128)]
     assert out.body[2].out_features == 128
@@ -298,7 +333,8 @@ def test_gru_is_refused_with_a_log_line(caplog):
         Recipe([StructuredPrune()]).check(GRU(40, 10), SPEC)
     assert e.value.key == "compress.steps[0]" and "GRU" in str(e.value) and "rnn (GRU)" in str(e.value)
     assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [
-        "compress.steps[0]: rnn (GRU) is kept whole: Torch-Pruning cannot prune it"]
+        "compress.steps[0]: rnn (GRU) is kept whole: Torch-Pruning cannot prune it"
+    ]
 
 
 def test_quantized_models_are_refused():
@@ -311,21 +347,24 @@ def test_quantized_models_are_refused():
     assert e.value.key == "compress.steps[0]"
 
 
-@pytest.mark.parametrize("recipe, override, key", [
-    ("prune_structured", "amount=1.0", "amount"),
-    ("prune_structured", "amount=-0.1", "amount"),
-    ("prune_structured", "importance=l3", "importance"),
-    ("prune_structured", "scope=layer", "scope"),
-    ("prune_structured", "iterative_steps=0", "iterative_steps"),
-    ("prune_structured", "finetune_epochs=-1", "finetune_epochs"),
-    ("prune_structured", "final_epochs=-1", "final_epochs"),
-    ("prune_structured", "lr=0", "lr"),
-    ("prune_structured", "macs_target=1.0", "macs_target"),
-    ("prune_structured", "round_to=0", "round_to"),
-    ("prune_structured", "attention=all", "attention"),
-    ("prune_structured_macs", "attention=heads", "attention"),  # whole heads go in one step only
-    ("prune_structured_macs", "amount=0", "amount"),
-])
+@pytest.mark.parametrize(
+    "recipe, override, key",
+    [
+        ("prune_structured", "amount=1.0", "amount"),
+        ("prune_structured", "amount=-0.1", "amount"),
+        ("prune_structured", "importance=l3", "importance"),
+        ("prune_structured", "scope=layer", "scope"),
+        ("prune_structured", "iterative_steps=0", "iterative_steps"),
+        ("prune_structured", "finetune_epochs=-1", "finetune_epochs"),
+        ("prune_structured", "final_epochs=-1", "final_epochs"),
+        ("prune_structured", "lr=0", "lr"),
+        ("prune_structured", "macs_target=1.0", "macs_target"),
+        ("prune_structured", "round_to=0", "round_to"),
+        ("prune_structured", "attention=all", "attention"),
+        ("prune_structured_macs", "attention=heads", "attention"),  # whole heads go in one step only
+        ("prune_structured_macs", "amount=0", "amount"),
+    ],
+)
 def test_bad_values_fail_when_the_recipe_is_built(recipe, override, key):
     with pytest.raises(ConfigError) as e:
         build_recipe(compose_config([f"compress={recipe}", f"compress.steps.0.{override}"]).compress)
@@ -339,10 +378,14 @@ def digits() -> SklearnDataset:
     return dm
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ResNetCIFAR(20, 10, (1, 8, 8), width=8),
-    lambda: HuggingFace("image", 10, {**VIT, "image_size": 8}),
-], ids=["resnet20", "vit_tiny"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ResNetCIFAR(20, 10, (1, 8, 8), width=8),
+        lambda: HuggingFace("image", 10, {**VIT, "image_size": 8}),
+    ],
+    ids=["resnet20", "vit_tiny"],
+)
 def test_pruned_models_fine_tune_with_lightning(make, digits):
     torch.manual_seed(0)
     model, x = make(), digits.splits["test"][0][:16]
@@ -362,8 +405,12 @@ def test_pruned_models_fine_tune_with_lightning(make, digits):
 def test_pipeline_logs_the_pruned_size(tmp_path):
     from runner.pipeline import run
 
-    results = run(compose_config(["compress=prune_structured", "model=lenet5", "data=mnist5k",
-                                  "compress.steps.0.finetune_epochs=1"], tmp_path))
+    results = run(
+        compose_config(
+            ["compress=prune_structured", "model=lenet5", "data=mnist5k", "compress.steps.0.finetune_epochs=1"],
+            tmp_path,
+        )
+    )
     members = sorted({k.split("/")[1] for k in results if k.startswith("member/")})
     assert members
     for m in members:

@@ -1,4 +1,5 @@
 """Sweeps: member cache, skipping finished jobs, interruption, parallel launchers, concurrent logging."""
+
 import contextlib
 import os
 import signal
@@ -11,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from mlflow import MlflowClient
 
 import runner.members
 import runner.pipeline
-from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,9 +78,14 @@ def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch, caps
 
 
 def cli(tmp_path: Path, *args: str, uri: str | None = None, background: bool = False):
-    store = [f"tracking.uri={uri or f'sqlite:///{tmp_path}/mlflow.db'}",
-             f"tracking.artifact_location={tmp_path}/art", f"data.cache_dir={tmp_path}/data",
-             f"cache.dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"]
+    store = [
+        f"tracking.uri={uri or f'sqlite:///{tmp_path}/mlflow.db'}",
+        f"tracking.artifact_location={tmp_path}/art",
+        f"data.cache_dir={tmp_path}/data",
+        f"cache.dir={tmp_path}/cache",
+        f"hydra.run.dir={tmp_path}/run",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
     command = [sys.executable, "-m", "runner", *args, *store]
     if background:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -127,9 +133,24 @@ def running_mlflow_server(db: Path, *args: str, env: dict | None = None, start_s
     once /health answers; stopped (SIGTERM, then SIGKILL after 30 s) at the end."""
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{db}", "--workers", "1", *args], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--workers",
+            "1",
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + start_s
@@ -160,8 +181,17 @@ def mlflow_server(tmp_path):
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_parallel_jobs_lose_nothing(store, tmp_path, request):
     uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
-    cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer=fast",
-        "trainer.max_epochs=3", "data.num_samples=600", "seed=0,1,2,3", uri=uri)
+    cli(
+        tmp_path,
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer=fast",
+        "trainer.max_epochs=3",
+        "data.num_samples=600",
+        "seed=0,1,2,3",
+        uri=uri,
+    )
     client, exp = client_for(uri)
     jobs = job_runs(uri)
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1", "2", "3"]
@@ -183,8 +213,15 @@ def test_parallel_jobs_lose_nothing(store, tmp_path, request):
 
 @pytest.mark.slow
 def test_submitit_local_executor(tmp_path):
-    cli(tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-        "trainer=fast", "data.num_samples=600", "seed=0,1")
+    cli(
+        tmp_path,
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "trainer=fast",
+        "data.num_samples=600",
+        "seed=0,1",
+    )
     jobs = job_runs(f"sqlite:///{tmp_path}/mlflow.db", "FINISHED")
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
     assert len({r.data.tags["sweep_id"] for r in jobs}) == 1
@@ -194,8 +231,16 @@ def test_submitit_local_executor(tmp_path):
 def test_ray_launcher_on_a_local_ray_against_one_tracking_server(tmp_path, mlflow_server):
     """hydra/launcher=ray without a cluster: Ray starts on this machine, each job is a Ray task, and
     every job logs to the one tracking server (as conf/hydra/launcher/ray_cluster.yaml does on a cluster)."""
-    cli(tmp_path, "-m", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=2", "trainer=fast",
-        "data.num_samples=600", "seed=0,1", uri=mlflow_server)
+    cli(
+        tmp_path,
+        "-m",
+        "hydra/launcher=ray",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "trainer=fast",
+        "data.num_samples=600",
+        "seed=0,1",
+        uri=mlflow_server,
+    )
     client, exp = client_for(mlflow_server)
     jobs = job_runs(mlflow_server, "FINISHED")
     assert sorted(r.data.params["seed"] for r in jobs) == ["0", "1"]
@@ -204,12 +249,27 @@ def test_ray_launcher_on_a_local_ray_against_one_tracking_server(tmp_path, mlflo
     assert list((tmp_path / "srv-art").rglob("test.npz"))  # artifacts in the server's store
 
 
-@pytest.mark.parametrize("launcher, expected", [
-    ("slurm", {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-               "gpus_per_node": 1, "tasks_per_node": 1, "timeout_min": 120}),
-    ("ray_cluster", {"_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
-                     "ray": {"init": {"address": "auto"}, "remote": {"num_gpus": 1, "num_cpus": 4}}}),
-])
+@pytest.mark.parametrize(
+    "launcher, expected",
+    [
+        (
+            "slurm",
+            {
+                "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                "gpus_per_node": 1,
+                "tasks_per_node": 1,
+                "timeout_min": 120,
+            },
+        ),
+        (
+            "ray_cluster",
+            {
+                "_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+                "ray": {"init": {"address": "auto"}, "remote": {"num_gpus": 1, "num_cpus": 4}},
+            },
+        ),
+    ],
+)
 def test_cluster_launcher_presets_build_their_plugins_launcher(launcher, expected):
     from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
@@ -224,8 +284,16 @@ def test_cluster_launcher_presets_build_their_plugins_launcher(launcher, expecte
 
 @pytest.mark.slow
 def test_optuna_sweep(tmp_path):
-    cli(tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.direction=maximize",
-        "optim.lr=interval(0.001,0.05)", "trainer=fast", "data.num_samples=600")
+    cli(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.direction=maximize",
+        "optim.lr=interval(0.001,0.05)",
+        "trainer=fast",
+        "data.num_samples=600",
+    )
     jobs = job_runs(f"sqlite:///{tmp_path}/mlflow.db", "FINISHED")
     assert len(jobs) == 2 and len({r.data.params["optim.lr"] for r in jobs}) == 2
     assert "best_value" in (tmp_path / "sweep" / "optimization_results.yaml").read_text()
@@ -245,10 +313,20 @@ def test_sweep_parent_run_ends_with_its_sweep_and_a_relaunch_nests_under_it(tmp_
     assert good.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in job_runs(uri)} == {good.info.run_id}
     # one job of this sweep fails (a bad value): its parent run ends FAILED, not RUNNING
-    store = [f"tracking.uri={uri}", f"tracking.artifact_location={tmp_path}/art", f"data.cache_dir={tmp_path}/data",
-             f"cache.dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep2"]
-    bad = subprocess.run([sys.executable, "-m", "runner", *tiny, "data.val_fraction=0.1,1.5", *store], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    store = [
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path}/art",
+        f"data.cache_dir={tmp_path}/data",
+        f"cache.dir={tmp_path}/cache",
+        f"hydra.sweep.dir={tmp_path}/sweep2",
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "runner", *tiny, "data.val_fraction=0.1,1.5", *store],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "data.val_fraction" in bad.stderr
     assert sorted(r.info.status for r in sweeps().values()) == ["FAILED", "FINISHED"]
     # relaunching the first sweep: its jobs are skipped, under the same parent run, FINISHED again
@@ -260,11 +338,15 @@ def test_sweep_parent_run_ends_with_its_sweep_and_a_relaunch_nests_under_it(tmp_
 
 @pytest.mark.slow
 def test_a_server_that_dies_mid_run_ends_the_job_with_an_error_naming_tracking_uri(tmp_path, mlflow_server):
-    job = cli(tmp_path, "trainer.max_epochs=400", "data.num_samples=600", "model=mlp", uri=mlflow_server,
-              background=True)
+    job = cli(
+        tmp_path, "trainer.max_epochs=400", "data.num_samples=600", "model=mlp", uri=mlflow_server, background=True
+    )
     wait_for(tmp_path / "cache", "checkpoints/*/last.ckpt")  # training, with a run open on the server
-    server_pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {mlflow_server.rsplit(':', 1)[1]}"],
-                                    capture_output=True, text=True).stdout.split()[0])
+    server_pid = int(
+        subprocess.run(
+            ["pgrep", "-f", "--", f"--port {mlflow_server.rsplit(':', 1)[1]}"], capture_output=True, text=True
+        ).stdout.split()[0]
+    )
     os.killpg(os.getpgid(server_pid), signal.SIGKILL)
     started = time.monotonic()
     out, _ = job.communicate(timeout=120)

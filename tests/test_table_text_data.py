@@ -1,4 +1,5 @@
 """A user's own files: tables (runner.data.table) and texts (runner.data.text), checked on real values."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from hydra.utils import instantiate
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -19,7 +21,6 @@ from runner.data.table import TableData
 from runner.data.text import TextData, train_wordpiece
 from runner.errors import ConfigError
 from runner.train import train_classifier
-from conftest import compose_config
 
 TRAINER = {"max_epochs": 5, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
 OPTIM = {"name": "adam", "lr": 1e-2}
@@ -32,13 +33,15 @@ def make_table(n: int, seed: int) -> pd.DataFrame:
     """Three balanced classes learnable from x1, x3 and color; x3 has ~15% missing values."""
     rng = np.random.default_rng(seed)
     y = rng.permutation(np.arange(n) % 3)
-    return pd.DataFrame({
-        "x1": rng.normal(size=n) + 2.0 * y,
-        "x2": rng.normal(size=n) * 5.0 + 10.0,
-        "x3": np.where(rng.random(n) < 0.15, np.nan, rng.normal(size=n) + y),
-        "color": np.where(rng.random(n) < 0.2, "red", COLORS[y]),  # red the most frequent
-        "species": SPECIES[y],
-    })
+    return pd.DataFrame(
+        {
+            "x1": rng.normal(size=n) + 2.0 * y,
+            "x2": rng.normal(size=n) * 5.0 + 10.0,
+            "x3": np.where(rng.random(n) < 0.15, np.nan, rng.normal(size=n) + y),
+            "color": np.where(rng.random(n) < 0.2, "red", COLORS[y]),  # red the most frequent
+            "species": SPECIES[y],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,7 @@ test_accuracy.__test__ = False  # a helper, not a test
 
 
 # ---------------------------------------------------------------------------- tables
+
 
 def test_table_splits_classes_and_one_hot_width(files):
     dm = fitted(str(files["csv"]), "species")
@@ -163,27 +167,38 @@ def test_table_explicit_features_and_integer_labels(tmp_path):
     frame.iloc[1:].to_csv(test_path, index=False)
     dm = fitted(str(path), "grade", features=["x1", "zip"], categorical=["zip"], test_path=str(test_path))
     assert dm.classes == ["1", "2", "3"]
-    assert dm.feature_names == ["numeric__x1", "categorical__zip_0", "categorical__zip_1",
-                                "categorical__zip_2", "categorical__zip_3"]
+    assert dm.feature_names == [
+        "numeric__x1",
+        "categorical__zip_0",
+        "categorical__zip_1",
+        "categorical__zip_2",
+        "categorical__zip_3",
+    ]
     one_hot = dm.splits["test"][0][:, 1:]
     assert (one_hot.argmax(1)[1:] == torch.tensor(frame["zip"].iloc[2:].tolist(), dtype=torch.long)).all()
     assert (one_hot.sum(1) == 1).all()  # the missing zip imputed
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"path": "{root}/nope.csv"}, "data.path"),
-    ({"path": "{root}/train.xlsx"}, "data.path"),
-    ({"label": "kind"}, "data.label"),
-    ({"features": ["x1", "height"]}, "data.features"),
-    ({"categorical": ["x1", "shape"]}, "data.categorical"),
-    ({"categorical": []}, "data.categorical"),  # color is text, so it must be categorical
-    ({"test_path": "{root}/missing.parquet"}, "data.test_path"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"path": "{root}/nope.csv"}, "data.path"),
+        ({"path": "{root}/train.xlsx"}, "data.path"),
+        ({"label": "kind"}, "data.label"),
+        ({"features": ["x1", "height"]}, "data.features"),
+        ({"categorical": ["x1", "shape"]}, "data.categorical"),
+        ({"categorical": []}, "data.categorical"),  # color is text, so it must be categorical
+        ({"test_path": "{root}/missing.parquet"}, "data.test_path"),
+    ],
+)
 def test_table_bad_files_and_columns_name_the_key(files, kwargs, key):
     root = files["csv"].parent
     (root / "train.xlsx").write_text("not a table")
-    args = {"path": str(files["csv"]), "label": "species",
-            **{k: v.format(root=root) if isinstance(v, str) else v for k, v in kwargs.items()}}
+    args = {
+        "path": str(files["csv"]),
+        "label": "species",
+        **{k: v.format(root=root) if isinstance(v, str) else v for k, v in kwargs.items()},
+    }
     with pytest.raises(ConfigError) as error:
         fitted(**args)
     assert error.value.key == key
@@ -191,12 +206,15 @@ def test_table_bad_files_and_columns_name_the_key(files, kwargs, key):
         assert "x2" in str(error.value)  # the message lists the available columns
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"scaling": "channel"}, "data.scaling"),
-    ({"features": ["x1", "species"]}, "data.features"),
-    ({"test_fraction": 1.5}, "data.test_fraction"),
-    ({"input_shape": [2, 2]}, "data.input_shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"scaling": "channel"}, "data.scaling"),
+        ({"features": ["x1", "species"]}, "data.features"),
+        ({"test_fraction": 1.5}, "data.test_fraction"),
+        ({"input_shape": [2, 2]}, "data.input_shape"),
+    ],
+)
 def test_table_bad_settings_fail_at_construction(files, kwargs, key):
     with pytest.raises(ConfigError) as error:
         TableData(str(files["csv"]), "species", **kwargs)
@@ -268,8 +286,10 @@ def test_text_ids_masks_and_vocab(texts):
     assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert dm.vocab_size == len(tokenizer) < 8000  # the real size of a small corpus' vocabulary
     assert dm.config_values() == {"vocab_size": dm.vocab_size, "max_length": 12}
-    assert dm.input_spec == {"input_ids": {"shape": [12], "dtype": "int64"},
-                             "attention_mask": {"shape": [12], "dtype": "int64"}}
+    assert dm.input_spec == {
+        "input_ids": {"shape": [12], "dtype": "int64"},
+        "attention_mask": {"shape": [12], "dtype": "int64"},
+    }
     assert dm.classes == ["neg", "neutral", "pos"]
     # lowercased: "Good" and "good" are one token
     assert tokenizer("Good")["input_ids"] == tokenizer("good")["input_ids"]
@@ -294,7 +314,7 @@ def test_text_is_deterministic(texts):
     first = fitted(str(texts["jsonl"]), text="text", label="label")
     second = fitted(str(texts["jsonl"]), text="text", label="label")
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
-    for split, (x, y) in first.splits.items():
+    for split, (x, _) in first.splits.items():
         assert torch.equal(second.splits[split][0]["input_ids"], x["input_ids"])
 
 
@@ -302,35 +322,50 @@ def test_wordpiece_vocabulary_is_the_same_in_another_process(tmp_path):
     # tokenizers' trainer alone gives a different vocabulary in every process (hash-map order)
     corpus = make_texts(300, seed=3)["text"].tolist() + ["Émile's 42 numbers: 7, 99 and 1234!"]
     (tmp_path / "corpus.json").write_text(json.dumps(corpus))
-    script = ("import json, sys; from runner.data.text import train_wordpiece; "
-              "texts = json.load(open(sys.argv[1])); "
-              "print(json.dumps([train_wordpiece(texts, n).get_vocab() for n in (120, 8000)]))")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "corpus.json")], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    script = (
+        "import json, sys; from runner.data.text import train_wordpiece; "
+        "texts = json.load(open(sys.argv[1])); "
+        "print(json.dumps([train_wordpiece(texts, n).get_vocab() for n in (120, 8000)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "corpus.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert json.loads(out) == [train_wordpiece(corpus, n).get_vocab() for n in (120, 8000)]
 
 
 def test_text_loaded_tokenizer(texts, tmp_path):
     trained = fitted(str(texts["jsonl"]), text="text", label="label", max_length=16)
     trained.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    loaded = fitted(str(texts["jsonl"]), text="text", label="label", max_length=16,
-                    tokenizer=str(tmp_path / "tokenizer"))
+    loaded = fitted(
+        str(texts["jsonl"]), text="text", label="label", max_length=16, tokenizer=str(tmp_path / "tokenizer")
+    )
     assert loaded.vocab_size == trained.vocab_size
     for split, (x, _) in trained.splits.items():
         assert torch.equal(loaded.splits[split][0]["input_ids"], x["input_ids"])
         assert torch.equal(loaded.splits[split][0]["attention_mask"], x["attention_mask"])
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"text": "review"}, "data.text"),
-    ({"label": "sentiment"}, "data.label"),
-    ({"path": "{root}/reviews.txt"}, "data.path"),
-    ({"tokenizer": "{root}/no-such-tokenizer"}, "data.tokenizer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"text": "review"}, "data.text"),
+        ({"label": "sentiment"}, "data.label"),
+        ({"path": "{root}/reviews.txt"}, "data.path"),
+        ({"tokenizer": "{root}/no-such-tokenizer"}, "data.tokenizer"),
+    ],
+)
 def test_text_bad_columns_and_tokenizer_name_the_key(texts, kwargs, key):
     root = texts["jsonl"].parent
-    args = {"path": str(texts["jsonl"]), "text": "text", "label": "label",
-            **{k: v.format(root=root) for k, v in kwargs.items()}}
+    args = {
+        "path": str(texts["jsonl"]),
+        "text": "text",
+        "label": "label",
+        **{k: v.format(root=root) for k, v in kwargs.items()},
+    }
     with pytest.raises(ConfigError) as error:
         dm = TextData(**args)
         dm.setup()
@@ -339,11 +374,14 @@ def test_text_bad_columns_and_tokenizer_name_the_key(texts, kwargs, key):
         assert "'text', 'label'" in str(error.value)  # the available columns
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"scaling": "standard"}, "data.scaling"),
-    ({"max_length": 1}, "data.max_length"),
-    ({"vocab_size": 3}, "data.vocab_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"scaling": "standard"}, "data.scaling"),
+        ({"max_length": 1}, "data.max_length"),
+        ({"vocab_size": 3}, "data.vocab_size"),
+    ],
+)
 def test_text_bad_settings_fail_at_construction(texts, kwargs, key):
     with pytest.raises(ConfigError) as error:
         TextData(str(texts["jsonl"]), "text", "label", **kwargs)
@@ -385,6 +423,9 @@ def test_an_infinity_in_a_number_column_names_the_file_and_column(tmp_path):
 
     path = tmp_path / "t.csv"
     path.write_text("a,b,y\n" + "".join(f"{i},{'inf' if i == 3 else i * 2},{i % 2}\n" for i in range(20)))
-    with pytest.raises(ConfigError, match=r"data.path='.*t.csv'; allowed: finite numbers in every numeric column "
-                                          r"\(column 'b' holds an infinity"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path='.*t.csv'; allowed: finite numbers in every numeric column "
+        r"\(column 'b' holds an infinity",
+    ):
         TableData(str(path), label="y").setup()

@@ -1,4 +1,5 @@
 """MLflow in a worker process (the default): same records as in-process, errors and ends not lost."""
+
 import os
 import signal
 import subprocess
@@ -7,13 +8,13 @@ import time
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_config
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import runner.members
 import runner.pipeline
-from conftest import CONF_DIR, compose_config
 from runner.config import build
 from runner.evaluate.plots import confusion_matrix_figure
 from runner.tracking import BackgroundTracker, MlflowTracker, make_tracker
@@ -29,13 +30,23 @@ def record(tracker) -> str:
     with tracker.run("job", {"model.lr": 0.01, "eval.metrics": ["acc", "nll"]}, {"role": "job"}) as run_id:
         tracker.log_text(run_id, "seed: 0\n", "config.yaml")
         tracker.log_metric_steps(run_id, [({"member/a/train/loss": 2.0 - e}, e) for e in range(3)])
-        tracker.log_child(run_id, "member/a", {"model.lr": 0.01}, {"role": "member"}, {"test/acc": 0.5},
-                          {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.zeros(4).numpy()})
+        tracker.log_child(
+            run_id,
+            "member/a",
+            {"model.lr": 0.01},
+            {"role": "member"},
+            {"test/acc": 0.5},
+            {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.zeros(4).numpy()},
+        )
         # a member's own run, open while it trains, its evaluation logged into it; its end is queued
         with tracker.run("member/b", {"model.lr": 0.01}, {"role": "member"}, parent_id=run_id, wait=False) as member_id:
             tracker.log_metric_steps(member_id, [({"train/loss": 1.0 - e / 4}, e) for e in range(2)])
-            tracker.log_evaluation(member_id, {"cache": "hit"}, {"test/acc": 0.25},
-                                   {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.ones(4).numpy()})
+            tracker.log_evaluation(
+                member_id,
+                {"cache": "hit"},
+                {"test/acc": 0.25},
+                {"probs": torch.full((4, 2), 0.5).numpy(), "targets": torch.ones(4).numpy()},
+            )
         tracker.log_figure(run_id, confusion_matrix_figure(torch.eye(2)), "confusion/member.png")
         tracker.log_metrics(run_id, {"objective/val_acc": 0.75})
         tracker.set_tags(run_id, {"extra": "yes"})
@@ -45,16 +56,28 @@ def record(tracker) -> str:
 def snapshot(uri: str, run_id: str) -> dict:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    children = sorted(client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"),
-                      key=lambda r: r.info.run_name)
+    children = sorted(
+        client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"),
+        key=lambda r: r.info.run_name,
+    )
     return {
-        "status": run.info.status, "params": run.data.params, "metrics": run.data.metrics,
+        "status": run.info.status,
+        "params": run.data.params,
+        "metrics": run.data.metrics,
         "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
         "history": [(m.step, m.value) for m in client.get_metric_history(run_id, "member/a/train/loss")],
         "artifacts": sorted(f.path for f in client.list_artifacts(run_id) + client.list_artifacts(run_id, "confusion")),
-        "children": [(c.info.run_name, c.info.status, c.data.metrics, c.data.tags.get("cache"),
-                      [(m.step, m.value) for m in client.get_metric_history(c.info.run_id, "train/loss")],
-                      [f.path for f in client.list_artifacts(c.info.run_id, "predictions")]) for c in children],
+        "children": [
+            (
+                c.info.run_name,
+                c.info.status,
+                c.data.metrics,
+                c.data.tags.get("cache"),
+                [(m.step, m.value) for m in client.get_metric_history(c.info.run_id, "train/loss")],
+                [f.path for f in client.list_artifacts(c.info.run_id, "predictions")],
+            )
+            for c in children
+        ],
     }
 
 
@@ -73,7 +96,15 @@ def test_background_writes_what_in_process_writes(tmp_path):
     assert got["artifacts"] == ["config.yaml", "confusion", "confusion/member.png"]
     assert got["children"] == [
         ("member/a", "FINISHED", {"test/acc": 0.5}, None, [], ["predictions/test.npz"]),
-        ("member/b", "FINISHED", {"train/loss": 0.75, "test/acc": 0.25}, "hit", [(0, 1.0), (1, 0.75)], ["predictions/test.npz"])]
+        (
+            "member/b",
+            "FINISHED",
+            {"train/loss": 0.75, "test/acc": 0.25},
+            "hit",
+            [(0, 1.0), (1, 0.75)],
+            ["predictions/test.npz"],
+        ),
+    ]
 
 
 def test_a_failed_queued_write_fails_the_run(tmp_path):
@@ -147,8 +178,9 @@ print(tracker.find_runs({}, "FINISHED")[0].metrics)
 def test_works_from_a_script_without_a_main_guard(tmp_path):
     script = tmp_path / "script.py"  # multiprocessing's spawn would run it again in the worker
     script.write_text(UNGUARDED_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), settings(tmp_path)[0]], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script), settings(tmp_path)[0]], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{'m': 1.0}"
 
@@ -160,8 +192,11 @@ def test_model_logging_imports_start_at_once_only_with_spare_cores(tmp_path, mon
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     calls = []
     submit = BackgroundTracker._submit
-    monkeypatch.setattr(BackgroundTracker, "_submit", lambda self, method, *a, **k: (
-        calls.append(method), submit(self, method, *a, **k))[1])
+    monkeypatch.setattr(
+        BackgroundTracker,
+        "_submit",
+        lambda self, method, *a, **k: (calls.append(method), submit(self, method, *a, **k))[1],
+    )
     tracker = make_tracker(*settings(tmp_path), log_models=True)
     try:
         assert ("prepare_model_logging" in calls) is at_once
@@ -194,8 +229,9 @@ time.sleep(600)
 
 
 def test_worker_does_not_outlive_a_killed_main_process(tmp_path):
-    main = subprocess.Popen([sys.executable, "-c", WORKER_OF_A_KILLED_PARENT, settings(tmp_path)[0]],
-                            stdout=subprocess.PIPE, text=True)
+    main = subprocess.Popen(
+        [sys.executable, "-c", WORKER_OF_A_KILLED_PARENT, settings(tmp_path)[0]], stdout=subprocess.PIPE, text=True
+    )
     [worker] = [int(pid) for pid in main.stdout.readline().split()]
     os.kill(main.pid, signal.SIGKILL)
     main.wait(timeout=30)

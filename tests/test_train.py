@@ -1,5 +1,6 @@
 """Training through Lightning: the fast step path trains exactly like Lightning's wrappers, and the
 logged epoch means are the real ones."""
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -42,9 +43,9 @@ def test_fast_steps_train_exactly_like_lightnings_wrappers(wine_batches_of_one):
     dm = wine_batches_of_one
     steps = 2 * len(dm.splits["train"][1])
     counter = CountBackward()
-    whole_epochs = train(dm)                            # one Lightning step per epoch, plain PyTorch steps
-    single = train(dm, steps_per_call=1)                # one Lightning step per optimizer step
-    wrapped = train(dm, callbacks=[counter])            # a hook to call: Lightning's manual_backward/step
+    whole_epochs = train(dm)  # one Lightning step per epoch, plain PyTorch steps
+    single = train(dm, steps_per_call=1)  # one Lightning step per optimizer step
+    wrapped = train(dm, callbacks=[counter])  # a hook to call: Lightning's manual_backward/step
     assert whole_epochs._raw_steps and single._raw_steps and not wrapped._raw_steps
     assert counter.calls == steps
     for module in (whole_epochs, single, wrapped):

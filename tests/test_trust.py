@@ -1,5 +1,6 @@
 """Results you can trust: a result made by other code is never reused, divergence fails the run,
 a damaged checkpoint is discarded."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,9 +16,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import compose_config
 from sklearn.metrics import log_loss
 
-from conftest import compose_config
 from runner.cache import TRAINING_CODE, MemberCache, code_digest, source_digest
 from runner.config import validate
 from runner.errors import ConfigError, TrainingDiverged
@@ -49,8 +50,15 @@ def job_runs(tmp_path) -> list:
 def test_changed_user_code_is_neither_skipped_nor_served_from_the_cache(tmp_path, monkeypatch):
     (tmp_path / "user_tiny.py").write_text(MODEL.format(act="ReLU"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    overrides = ["data=wine", "model._target_=user_tiny.Tiny", "~model.in_features", "~model.num_classes",
-                 "~model.channels", "+model.in_features=13", "+model.num_classes=3"]
+    overrides = [
+        "data=wine",
+        "model._target_=user_tiny.Tiny",
+        "~model.in_features",
+        "~model.num_classes",
+        "~model.channels",
+        "+model.in_features=13",
+        "+model.num_classes=3",
+    ]
     first = run(compose_config(overrides, tmp_path))
     again = run(compose_config(overrides, tmp_path))  # same code: skipped, the same results
     common = set(first) & set(again)  # a skipped job returns its run's (job-level) metrics
@@ -92,8 +100,11 @@ def test_member_key_covers_training_code_only(tmp_path):
 
 def test_divergence_fails_the_run_naming_epoch_and_lr(tmp_path):
     cfg = compose_config(["optim.lr=1e9", "trainer.max_epochs=2", "trainer.limit_train_batches=null"], tmp_path)
-    with pytest.raises(TrainingDiverged, match=r"^optim.lr=1000000000.0: training diverged, the mean (train|val) loss of "
-                                                r"epoch 0 is nan \(optim.name=adam\); allowed: a smaller optim.lr"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"^optim.lr=1000000000.0: training diverged, the mean (train|val) loss of "
+        r"epoch 0 is nan \(optim.name=adam\); allowed: a smaller optim.lr",
+    ):
         run(cfg)
     [job] = job_runs(tmp_path)
     assert job.info.status == "FAILED"
@@ -144,25 +155,28 @@ def test_hard_voting_nll_comes_from_smoothed_vote_shares():
     assert raw[0, 1] == 0  # a wrong unanimous vote: probability 0, NLL infinite without smoothing
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.limit_train_batches=-2", "trainer.limit_train_batches"),
-    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
-    ("trainer.devices=0", "trainer.devices"),
-    ("trainer.precision=8-mixed", "trainer.precision"),
-    ("trainer.strategy=horovod", "trainer.strategy"),
-    ("trainer=gpu", "trainer.accelerator"),  # no GPU on the machines that run the tests
-    ("optim.momentum=-0.9", "optim.momentum"),
-    ("tracking.experiment=''", "tracking.experiment"),
-    ("seed=-1", "seed"),
-    ("+foo=1", "foo"),
-    ("data.split_seed=-5", "data.split_seed"),
-    ("data.num_samples=10", "data.num_samples"),
-    ("data.batch_size=big", "data.batch_size"),
-    ("ensemble=seeds5 ensemble.seeds=[]", "ensemble.seeds"),
-    ("cache.dir=/proc/no-such-dir", "cache.dir"),
-    ("tracking.uri=bogus://x", "tracking.uri"),
-    ("tracking.timeout_s=0", "tracking.timeout_s"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.limit_train_batches=-2", "trainer.limit_train_batches"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("trainer.precision=8-mixed", "trainer.precision"),
+        ("trainer.strategy=horovod", "trainer.strategy"),
+        ("trainer=gpu", "trainer.accelerator"),  # no GPU on the machines that run the tests
+        ("optim.momentum=-0.9", "optim.momentum"),
+        ("tracking.experiment=''", "tracking.experiment"),
+        ("seed=-1", "seed"),
+        ("+foo=1", "foo"),
+        ("data.split_seed=-5", "data.split_seed"),
+        ("data.num_samples=10", "data.num_samples"),
+        ("data.batch_size=big", "data.batch_size"),
+        ("ensemble=seeds5 ensemble.seeds=[]", "ensemble.seeds"),
+        ("cache.dir=/proc/no-such-dir", "cache.dir"),
+        ("tracking.uri=bogus://x", "tracking.uri"),
+        ("tracking.timeout_s=0", "tracking.timeout_s"),
+    ],
+)
 def test_bad_values_fail_before_the_mlflow_run_opens(override, key, tmp_path):
     import torch
 
@@ -202,8 +216,17 @@ def silent_server():
 
 
 def launch(tmp_path, *args: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "runner", "trainer=fast", "data.num_samples=600", f"cache.dir={tmp_path}/c",
-               f"data.cache_dir={tmp_path}/d", f"hydra.run.dir={tmp_path}/run", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "runner",
+        "trainer=fast",
+        "data.num_samples=600",
+        f"cache.dir={tmp_path}/c",
+        f"data.cache_dir={tmp_path}/d",
+        f"hydra.run.dir={tmp_path}/run",
+        *args,
+    ]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -246,12 +269,26 @@ def test_probabilities_that_round_above_one_are_still_probabilities():
     above[0, 0] = 1.0000000000000002
     assert above.max() > 1
     exact, rounded = (classification_metrics(p, y, 2, ["ece", "acc"], 15) for p in (probs, above))
-    assert rounded == pytest.approx(exact) and exact["ece"] == pytest.approx((0.0 + 0.1 + 0.2 + 0.6) / 4)  # the last is wrong at 0.6
+    assert rounded == pytest.approx(exact) and exact["ece"] == pytest.approx(
+        (0.0 + 0.1 + 0.2 + 0.6) / 4
+    )  # the last is wrong at 0.6
 
 
 def test_the_report_tool_names_an_unreachable_store_within_seconds(tmp_path):
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "runner.report", "tracking_uri=http://127.0.0.1:1", "experiment=x",
-                           f"out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner.report",
+            "tracking_uri=http://127.0.0.1:1",
+            "experiment=x",
+            f"out_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "tracking_uri='http://127.0.0.1:1': the MLflow store cannot be read" in done.stderr
     assert time.monotonic() - started < 30

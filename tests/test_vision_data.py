@@ -1,5 +1,6 @@
 """Image datasets in their real on-disk formats (IDX, CIFAR python batches, image folders),
 written tiny into tmp_path: no download, no torchvision."""
+
 from __future__ import annotations
 
 import gzip
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_config
 from PIL import Image
 from torch import nn
 
@@ -22,13 +24,13 @@ from runner.config import build
 from runner.data.vision import ImageFolder, TorchvisionFormat, read_cifar, read_idx
 from runner.errors import ConfigError
 from runner.train import train_classifier
-from conftest import compose_config
 
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 # ---- writers of the real formats -------------------------------------------------------------
+
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
     header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -58,8 +60,12 @@ def write_mnist(root: Path, name: str, gz: bool, n_train: int = 100, n_test: int
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: dict[bytes, list[int]]) -> None:
-    batch = {b"batch_label": b"testing batch", b"data": images.reshape(len(images), 3072),
-             b"filenames": [b"img.png"] * len(images), **labels}
+    batch = {
+        b"batch_label": b"testing batch",
+        b"data": images.reshape(len(images), 3072),
+        b"filenames": [b"img.png"] * len(images),
+        **labels,
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))  # the real files are Python 2 pickles
 
 
@@ -95,8 +101,14 @@ def write_png(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
     Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(path)
 
 
-def write_folder(root: Path, per_class: int = 10, mode: str = "RGB", sizes=((8, 8),),
-                 classes=("cat", "dog", "frog"), gray_variant: bool = True) -> Path:
+def write_folder(
+    root: Path,
+    per_class: int = 10,
+    mode: str = "RGB",
+    sizes=((8, 8),),
+    classes=("cat", "dog", "frog"),
+    gray_variant: bool = True,
+) -> Path:
     """<root>/<class>/<i>.png; with `gray_variant` one image of the second class is grayscale."""
     for c, name in enumerate(classes):
         for i in range(per_class):
@@ -130,6 +142,7 @@ class HorizontalFlip:
 
 # ---- fake torchvision: records downloads instead of reaching the internet ---------------------
 
+
 def fake_torchvision(monkeypatch, writer=None) -> list:
     """Install a torchvision whose dataset classes record their calls (and run `writer`)."""
     calls = []
@@ -139,6 +152,7 @@ def fake_torchvision(monkeypatch, writer=None) -> list:
             calls.append((cls_name, root, train, download))
             if writer is not None and download:
                 writer(Path(root))
+
         return create
 
     package, datasets = types.ModuleType("torchvision"), types.ModuleType("torchvision.datasets")
@@ -160,6 +174,7 @@ class BrokenTorchvision(importlib.abc.MetaPathFinder):
 
 
 # ---- raw readers ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_read_idx_reads_plain_and_gzipped_files(tmp_path, gz):
@@ -196,6 +211,7 @@ def test_read_cifar_gives_chw_uint8_and_fine_labels(tmp_path, name):
 
 
 # ---- TorchvisionFormat ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
@@ -304,6 +320,7 @@ def test_yaml_configs_build_the_sources(tmp_path):
 
 
 # ---- ImageFolder ------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
@@ -414,8 +431,9 @@ def test_train_transforms_apply_to_training_samples_only(folder):
 
 def test_image_folder_with_a_worker_process(folder):
     inline = ImageFolder(str(folder), val_fraction=0.2, batch_size=8)
-    workers = ImageFolder(str(folder), val_fraction=0.2, batch_size=8, num_workers=1,
-                          train_transforms=[HorizontalFlip()])
+    workers = ImageFolder(
+        str(folder), val_fraction=0.2, batch_size=8, num_workers=1, train_transforms=[HorizontalFlip()]
+    )
     inline.setup()
     workers.setup()
     x_inline = torch.cat([x for x, _ in inline.test_dataloader()])
@@ -431,8 +449,12 @@ def test_a_model_trains_one_epoch_on_an_image_folder(folder):
     pl.seed_everything(0, verbose=False)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, dm.num_classes))
     before = [p.detach().clone() for p in net.parameters()]
-    trained = train_classifier(net, dm, {"max_epochs": 1, "accelerator": "cpu", "devices": 1,
-                                         "enable_progress_bar": False}, {"name": "adam", "lr": 1e-2})
+    trained = train_classifier(
+        net,
+        dm,
+        {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+        {"name": "adam", "lr": 1e-2},
+    )
     assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters()))
     x, _ = next(iter(dm.test_dataloader()))
     assert trained(x).shape == (len(x), 3)
@@ -446,5 +468,7 @@ def test_a_folder_of_corrupt_images_names_the_file(tmp_path):
         (tmp_path / label).mkdir()
         for i in range(4):
             (tmp_path / label / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(ConfigError, match=r"^Invalid config: data.path='.*\.png'; allowed: readable image files \(Pillow: "):
+    with pytest.raises(
+        ConfigError, match=r"^Invalid config: data.path='.*\.png'; allowed: readable image files \(Pillow: "
+    ):
         ImageFolder(str(tmp_path)).setup()

@@ -3,6 +3,7 @@
 scikit-learn's 8x8 digits stand in for the user's images (offline); samples are (image, label)
 pairs that DataLoader's default collate turns into [x, y] batches.
 """
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -33,10 +34,12 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage=None) -> None:
         x, y = load_digits(return_X_y=True)
         x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=self.seed, stratify=y)
-        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=0.2,
-                                                          random_state=self.seed, stratify=y_train)
-        self.train, self.val, self.test = (DigitImages(a, b) for a, b in
-                                           ((x_train, y_train), (x_val, y_val), (x_test, y_test)))
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_train, y_train, test_size=0.2, random_state=self.seed, stratify=y_train
+        )
+        self.train, self.val, self.test = (
+            DigitImages(a, b) for a, b in ((x_train, y_train), (x_val, y_val), (x_test, y_test))
+        )
 
     def train_dataloader(self):
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)

@@ -1,4 +1,5 @@
 """Model compression: recipes (ordered steps from conf/compress/) applied to trained members."""
+
 from runner.compress.base import CompressContext, Recipe, Step, build_recipe, compression_report, weight_bytes
 from runner.compress.distill import Distill
 from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune
@@ -6,7 +7,19 @@ from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantiz
 from runner.compress.structured import StructuredPrune
 
 __all__ = [
-    "CompressContext", "Recipe", "Step", "build_recipe", "compression_report", "weight_bytes",
-    "MagnitudePrune", "GradualPrune", "StructuredPrune", "FineTune",
-    "DynamicQuantize", "StaticQuantize", "QATQuantize", "is_quantized", "Distill",
+    "CompressContext",
+    "Recipe",
+    "Step",
+    "build_recipe",
+    "compression_report",
+    "weight_bytes",
+    "MagnitudePrune",
+    "GradualPrune",
+    "StructuredPrune",
+    "FineTune",
+    "DynamicQuantize",
+    "StaticQuantize",
+    "QATQuantize",
+    "is_quantized",
+    "Distill",
 ]

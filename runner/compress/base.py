@@ -1,4 +1,5 @@
 """Recipes: an ordered list of compression steps applied to a copy of a trained member."""
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,6 @@ from runner.progress import MemberProgress
 from runner.train import fit
 
 
-
 @dataclass
 class CompressContext:
     """What a step may need besides the model: data, the job's trainer/optim config, teachers."""
@@ -26,7 +26,7 @@ class CompressContext:
     datamodule: Any  # a data source (runner.data.base): train/val/test loaders
     trainer: Mapping[str, Any]
     optim: Mapping[str, Any]
-    teacher: nn.Module | None = None   # the uncompressed trained member
+    teacher: nn.Module | None = None  # the uncompressed trained member
     ensemble: nn.Module | None = None  # the fused ensemble (forward returns log-probabilities)
     members: list[nn.Module] | None = None  # every trained member of the job (multi-teacher distillation)
 
@@ -53,12 +53,22 @@ class Step:
         return model
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("key", "needs_ensemble") and not k.startswith("_") and not k.endswith("_"))
+        args = ", ".join(
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if k not in ("key", "needs_ensemble") and not k.startswith("_") and not k.endswith("_")
+        )
         return f"{type(self).__name__}({args})"
 
 
-def finetune(net: nn.Module, ctx: CompressContext, epochs: int, lr: float | None,
-             module_cls: type[LitClassifier] = LitClassifier, **module_kwargs: Any) -> nn.Module:
+def finetune(
+    net: nn.Module,
+    ctx: CompressContext,
+    epochs: int,
+    lr: float | None,
+    module_cls: type[LitClassifier] = LitClassifier,
+    **module_kwargs: Any,
+) -> nn.Module:
     """Train `net` in place for `epochs` with the job's trainer/optimizer (lr overridable).
 
     `module_cls` swaps the loss (distillation); it gets the net, the optimizer and `module_kwargs`.
@@ -100,8 +110,7 @@ class Recipe:
     def __repr__(self) -> str:
         return f"Recipe({self.steps})"
 
-    def check(self, model: nn.Module, spec: DataSpec, ensemble: bool | None = None,
-              members: int | None = None) -> None:
+    def check(self, model: nn.Module, spec: DataSpec, ensemble: bool | None = None, members: int | None = None) -> None:
         """Raise ConfigError if any step cannot handle `model` (an untrained net is fine) on the data
         `spec` describes. `ensemble=False` says no fusion strategy will provide an ensemble teacher;
         `members` is the job's number of members (steps with `check_members` check it).
@@ -109,8 +118,12 @@ class Recipe:
         for step in self.steps:
             step.check(model, spec)
             if ensemble is False:
-                check(not step.needs_ensemble, step.key + ".teacher", "ensemble",
-                      "member (teacher: ensemble needs a fusion strategy, e.g. fuse=mean, and 2+ members)")
+                check(
+                    not step.needs_ensemble,
+                    step.key + ".teacher",
+                    "ensemble",
+                    "member (teacher: ensemble needs a fusion strategy, e.g. fuse=mean, and 2+ members)",
+                )
             if members is not None and hasattr(step, "check_members"):
                 step.check_members(members)
             model = step.preview(model)
@@ -135,8 +148,12 @@ def build_recipe(node: DictConfig | Mapping | None) -> Recipe:
     built = []
     for i, step in enumerate(steps or []):
         key = f"compress.steps[{i}]"
-        check(isinstance(step, (DictConfig, Mapping)) and "_target_" in step, key, step,
-              "a node with _target_ (e.g. runner.compress.MagnitudePrune)")
+        check(
+            isinstance(step, (DictConfig, Mapping)) and "_target_" in step,
+            key,
+            step,
+            "a node with _target_ (e.g. runner.compress.MagnitudePrune)",
+        )
         if not isinstance(step, DictConfig):
             step = OmegaConf.create(dict(step))
         # Non-recursive: a distillation student stays a config and is built per member.
@@ -154,8 +171,9 @@ def _metric(metrics: Mapping[str, float], name: str) -> float | None:
     return None
 
 
-def speedup_interval(base_q25: float, base_q75: float, compressed_q25: float,
-                     compressed_q75: float) -> dict[str, float]:
+def speedup_interval(
+    base_q25: float, base_q75: float, compressed_q25: float, compressed_q75: float
+) -> dict[str, float]:
     """The spread of a speedup from the latency quartiles of both models.
 
     speedup_low = base q25 / compressed q75 and speedup_high = base q75 / compressed q25 (the
@@ -164,8 +182,11 @@ def speedup_interval(base_q25: float, base_q75: float, compressed_q25: float,
     slowdown, that the timing noise of this machine cannot explain.
     """
     apart = base_q25 > compressed_q75 or compressed_q25 > base_q75
-    return {"speedup_low": base_q25 / compressed_q75, "speedup_high": base_q75 / compressed_q25,
-            "speedup_meaningful": 1.0 if apart else 0.0}
+    return {
+        "speedup_low": base_q25 / compressed_q75,
+        "speedup_high": base_q75 / compressed_q25,
+        "speedup_meaningful": 1.0 if apart else 0.0,
+    }
 
 
 def compression_report(base: Mapping[str, float], compressed: Mapping[str, float]) -> dict[str, float]:

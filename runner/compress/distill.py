@@ -18,6 +18,7 @@ student's feature onto the teacher's, and `weight * MSE` per pair is added to th
 The projections train with the student and are dropped afterwards; the hooks are removed.
 The hooks, shape probe and projections live in `runner.compress.feature_taps`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,16 @@ from torch.utils.hooks import RemovableHandle
 
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.feature_taps import (
-    CAPTURES, FEATURE_KEYS, FeaturePair, FeatureProjection, FeatureTaps, _modes, _restore, check_pair_shapes,
-    feature_loss, probe_features,
+    CAPTURES,
+    FEATURE_KEYS,
+    FeaturePair,
+    FeatureProjection,
+    FeatureTaps,
+    _modes,
+    _restore,
+    check_pair_shapes,
+    feature_loss,
+    probe_features,
 )
 from runner.compress.quantize import is_quantized
 from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, take
@@ -48,6 +57,7 @@ PROBE_SAMPLES = 64  # validation inputs the feature MSE is reported on (before a
 
 
 # --- teachers ---------------------------------------------------------------------------------
+
 
 class TeacherMemo(nn.Module):
     """A frozen teacher whose output per input row is computed once and then looked up.
@@ -97,8 +107,10 @@ def _device_of(x: Inputs) -> torch.device:
 
 # --- losses -----------------------------------------------------------------------------------
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
-                      temperature: float, alpha: float) -> Tensor:
+
+def distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float, alpha: float
+) -> Tensor:
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, target).
 
     T^2 keeps the soft-target gradients on the scale of the hard-target ones. Teacher outputs may
@@ -110,12 +122,20 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, target: Te
 
 def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(teacher_T || student_T), averaged over the batch."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, 1),
+            F.log_softmax(teacher_logits / temperature, 1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
 
 
-def multi_teacher_soft_loss(student_logits: Tensor, teacher_logits: Sequence[Tensor], weights: Sequence[float],
-                            temperature: float) -> Tensor:
+def multi_teacher_soft_loss(
+    student_logits: Tensor, teacher_logits: Sequence[Tensor], weights: Sequence[float], temperature: float
+) -> Tensor:
     """sum_k w_k * T^2 * KL(teacher_k,T || student_T), weights summing to 1.
 
     Why a weighted sum of KLs rather than one KL to the weighted mean of the teachers' tempered
@@ -125,11 +145,13 @@ def multi_teacher_soft_loss(student_logits: Tensor, teacher_logits: Sequence[Ten
     term can be read on its own. Unlike `teacher: ensemble` (a fusion strategy's probabilities at
     T=1, then tempered), each teacher is tempered before mixing, and no fusion strategy is needed.
     """
-    return sum(w * soft_target_loss(student_logits, t, temperature)
-               for t, w in zip(teacher_logits, weights, strict=True))
+    return sum(
+        w * soft_target_loss(student_logits, t, temperature) for t, w in zip(teacher_logits, weights, strict=True)
+    )
 
 
 # --- the training module ------------------------------------------------------------------------
+
 
 class DistillModule(LitClassifier):
     """LitClassifier whose training loss is the distillation loss against frozen teacher(s).
@@ -141,11 +163,20 @@ class DistillModule(LitClassifier):
     whatever happens).
     """
 
-    def __init__(self, net: nn.Module, teacher: nn.Module | Sequence[nn.Module], temperature: float, alpha: float,
-                 mixup: float = 0.0, teacher_weights: Sequence[float] | None = None,
-                 features: Sequence[FeaturePair] = (), projections: Sequence[FeatureProjection] | None = None,
-                 hooks: list[RemovableHandle] | None = None, memos: Sequence[TeacherMemo] | None = None,
-                 **optim: Any) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        teacher: nn.Module | Sequence[nn.Module],
+        temperature: float,
+        alpha: float,
+        mixup: float = 0.0,
+        teacher_weights: Sequence[float] | None = None,
+        features: Sequence[FeaturePair] = (),
+        projections: Sequence[FeatureProjection] | None = None,
+        hooks: list[RemovableHandle] | None = None,
+        memos: Sequence[TeacherMemo] | None = None,
+        **optim: Any,
+    ) -> None:
         super().__init__(net, **optim)
         teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
         weights = normalized(teacher_weights, len(teachers))
@@ -166,8 +197,9 @@ class DistillModule(LitClassifier):
         # part of `net`, so the student comes back as built.
         self.projections = nn.ModuleList(projections or [])
         if len(self.projections) != len(self._features):
-            raise ValueError(f"one projection per feature pair: {len(self._features)} pairs, "
-                             f"{len(self.projections)} projections")
+            raise ValueError(
+                f"one projection per feature pair: {len(self._features)} pairs, {len(self.projections)} projections"
+            )
         self._hooks = hooks if hooks is not None else []
         self._taps: tuple[FeatureTaps, FeatureTaps] | None = None
 
@@ -188,8 +220,10 @@ class DistillModule(LitClassifier):
         """Hooks on the student and the (single) teacher for the feature pairs (no-op without)."""
         if self._features and self._taps is None:
             captures = [p.capture for p in self._features]
-            self._taps = (FeatureTaps(self.net, [p.student for p in self._features], captures, self._hooks),
-                          FeatureTaps(self._teachers[0], [p.teacher for p in self._features], captures, self._hooks))
+            self._taps = (
+                FeatureTaps(self.net, [p.student for p in self._features], captures, self._hooks),
+                FeatureTaps(self._teachers[0], [p.teacher for p in self._features], captures, self._hooks),
+            )
 
     def remove_hooks(self) -> None:
         while self._hooks:
@@ -206,7 +240,9 @@ class DistillModule(LitClassifier):
     def _soft(self, student_logits: Tensor, x: Inputs, memos: Sequence[TeacherMemo | None] = ()) -> Tensor:
         """The soft term on `x`; `memos` (one per teacher, or none) answer for inputs the data gave."""
         with torch.no_grad():
-            teacher_logits = [(m or t)(x).float() for t, m in zip(self._teachers, memos or [None] * len(self._teachers))]
+            teacher_logits = [
+                (m or t)(x).float() for t, m in zip(self._teachers, memos or [None] * len(self._teachers))
+            ]
         return multi_teacher_soft_loss(student_logits, teacher_logits, self._weights, self.temperature)
 
     def loss(self, logits: Tensor, y: Tensor, x: Inputs) -> Tensor:
@@ -223,8 +259,9 @@ class DistillModule(LitClassifier):
             soft = (soft + self._soft(self.net(mixed), mixed)) / 2
         total = self.alpha * soft + (1.0 - self.alpha) * F.cross_entropy(logits, y)
         if self._taps:
-            total = total + feature_loss(student_feats, teacher_feats, self.projections,
-                                         [p.weight for p in self._features])
+            total = total + feature_loss(
+                student_feats, teacher_feats, self.projections, [p.weight for p in self._features]
+            )
         return total
 
 
@@ -238,6 +275,7 @@ def normalized(weights: Sequence[float] | None, count: int) -> list[float]:
 
 # --- the step -----------------------------------------------------------------------------------
 
+
 def _real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -246,8 +284,12 @@ def _feature_pairs(features: Any) -> list[FeaturePair]:
     key = "compress.steps[].features"
     if isinstance(features, (DictConfig, ListConfig)):
         features = OmegaConf.to_container(features, resolve=True)
-    check(features is None or isinstance(features, (list, tuple)), key, features,
-          "a list of {student: <module name>, teacher: <module name>, weight: float, capture: output|input}")
+    check(
+        features is None or isinstance(features, (list, tuple)),
+        key,
+        features,
+        "a list of {student: <module name>, teacher: <module name>, weight: float, capture: output|input}",
+    )
     pairs = []
     for j, item in enumerate(features or []):
         k = f"{key}[{j}]"
@@ -256,8 +298,12 @@ def _feature_pairs(features: Any) -> list[FeaturePair]:
         check(not unknown, f"{k}.{unknown[0] if unknown else ''}", item, f"the keys {list(FEATURE_KEYS)}")
         for side in ("student", "teacher"):
             name = item.get(side)
-            check(isinstance(name, str) and name != "", f"{k}.{side}", name,
-                  f"the name of a submodule of the {side} (as in named_modules(), e.g. body.2)")
+            check(
+                isinstance(name, str) and name != "",
+                f"{k}.{side}",
+                name,
+                f"the name of a submodule of the {side} (as in named_modules(), e.g. body.2)",
+            )
         weight = item.get("weight", 1.0)
         check(_real(weight) and weight >= 0, f"{k}.weight", weight, "a float >= 0")
         capture = item.get("capture", "output")
@@ -298,23 +344,39 @@ class Distill(Step):
     `stats_` holds the weighted feature MSE on validation inputs before and after training.
     """
 
-    def __init__(self, student: DictConfig | Mapping | nn.Module, teacher: str = "member",
-                 temperature: float = 4.0, alpha: float = 0.9, epochs: int = 20, lr: float | None = None,
-                 mixup: float = 0.0, teacher_weights: Sequence[float] | None = None,
-                 features: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        student: DictConfig | Mapping | nn.Module,
+        teacher: str = "member",
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        epochs: int = 20,
+        lr: float | None = None,
+        mixup: float = 0.0,
+        teacher_weights: Sequence[float] | None = None,
+        features: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         check(teacher in TEACHERS, "compress.steps[].teacher", teacher, list(TEACHERS))
         check(temperature > 0, "compress.steps[].temperature", temperature, "a float > 0")
         check(0.0 <= alpha <= 1.0, "compress.steps[].alpha", alpha, "a float in [0, 1]")
         check(mixup >= 0, "compress.steps[].mixup", mixup, "a float >= 0 (0: no mixup)")
         check_epochs("compress.steps[]", epochs, lr, "epochs")
-        check(isinstance(student, (DictConfig, Mapping, nn.Module)), "compress.steps[].student", student,
-              "a model config with _target_ (e.g. from conf/model) or an nn.Module")
+        check(
+            isinstance(student, (DictConfig, Mapping, nn.Module)),
+            "compress.steps[].student",
+            student,
+            "a model config with _target_ (e.g. from conf/model) or an nn.Module",
+        )
         if isinstance(student, Mapping) and not isinstance(student, DictConfig):
             student = OmegaConf.create(dict(student))
         weights = _teacher_weights(teacher_weights, teacher)
         pairs = _feature_pairs(features)
-        check(not pairs or teacher == "member", "compress.steps[].features", [vars(p) for p in pairs],
-              f"[] with teacher: {teacher} (feature distillation needs one network teacher: teacher: member)")
+        check(
+            not pairs or teacher == "member",
+            "compress.steps[].features",
+            [vars(p) for p in pairs],
+            f"[] with teacher: {teacher} (feature distillation needs one network teacher: teacher: member)",
+        )
         self.student, self.teacher, self.temperature, self.alpha = student, teacher, temperature, alpha
         self.epochs, self.lr, self.mixup = epochs, lr, mixup
         self.teacher_weights, self.features = weights, pairs
@@ -342,17 +404,25 @@ class Distill(Step):
         student = self.build_student()
         check_forward(student, spec.example, spec.num_classes, self.key + ".student", spec.input_spec)
         check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")
-        check(self.mixup == 0 or spec.float_inputs, self.key + ".mixup", self.mixup,
-              f"0 for inputs that cannot be interpolated ({spec.input_spec})")
+        check(
+            self.mixup == 0 or spec.float_inputs,
+            self.key + ".mixup",
+            self.mixup,
+            f"0 for inputs that cannot be interpolated ({spec.input_spec})",
+        )
         if self.features:
             self._probe(student, model, spec.example)
 
     def check_members(self, count: int) -> None:
         """Raise ConfigError unless `teacher_weights` gives one weight per member (`count` in the job)."""
         if self.teacher == "members" and self.teacher_weights is not None:
-            check(len(self.teacher_weights) == count, self.key + ".teacher_weights", self.teacher_weights,
-                  f"{count} non-negative weights, one per member in member order (the job has {count} "
-                  f"member{'s' if count != 1 else ''}), or null for uniform weights")
+            check(
+                len(self.teacher_weights) == count,
+                self.key + ".teacher_weights",
+                self.teacher_weights,
+                f"{count} non-negative weights, one per member in member order (the job has {count} "
+                f"member{'s' if count != 1 else ''}), or null for uniform weights",
+            )
 
     def preview(self, model: nn.Module) -> nn.Module:
         return self.build_student()
@@ -360,8 +430,12 @@ class Distill(Step):
     def teachers(self, model: nn.Module, ctx: CompressContext) -> list[nn.Module]:
         """The teacher networks of this step for `model` (the model entering it)."""
         if self.teacher == "ensemble":
-            check(ctx.ensemble is not None, self.key + ".teacher", self.teacher,
-                  "member or members (teacher: ensemble needs a fusion strategy and 2+ members)")
+            check(
+                ctx.ensemble is not None,
+                self.key + ".teacher",
+                self.teacher,
+                "member or members (teacher: ensemble needs a fusion strategy and 2+ members)",
+            )
             return [ctx.ensemble]
         if self.teacher == "members":
             members = list(ctx.members or [model])
@@ -393,28 +467,44 @@ class Distill(Step):
             kwargs = {"features": self.features, "projections": projections, "hooks": hooks}
             before = self._feature_mse(student, teachers[0], projections, x)
         try:
-            student = finetune(student, ctx, self.epochs, self.lr, DistillModule, teacher=teachers,
-                               temperature=self.temperature, alpha=self.alpha, mixup=self.mixup,
-                               teacher_weights=self.teacher_weights, memos=self.memos(teachers), **kwargs)
+            student = finetune(
+                student,
+                ctx,
+                self.epochs,
+                self.lr,
+                DistillModule,
+                teacher=teachers,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                mixup=self.mixup,
+                teacher_weights=self.teacher_weights,
+                memos=self.memos(teachers),
+                **kwargs,
+            )
         finally:  # a teacher may be the caller's module: it comes back as it came, without hooks
             while hooks:
                 hooks.pop().remove()
             _restore(modes)
         if self.features:
-            self.stats_ = {"distill/feature_mse_before": before,
-                           "distill/feature_mse_after": self._feature_mse(student, teachers[0], projections.cpu(), x)}
+            self.stats_ = {
+                "distill/feature_mse_before": before,
+                "distill/feature_mse_after": self._feature_mse(student, teachers[0], projections.cpu(), x),
+            }
         return student
 
     @torch.no_grad()
-    def _feature_mse(self, student: nn.Module, teacher: nn.Module, projections: Sequence[FeatureProjection],
-                     x: Inputs) -> float:
+    def _feature_mse(
+        self, student: nn.Module, teacher: nn.Module, projections: Sequence[FeatureProjection], x: Inputs
+    ) -> float:
         """The weighted feature loss of the pairs on `x`, both nets in eval mode."""
         captures = [p.capture for p in self.features]
         handles: list[RemovableHandle] = []
         modes = _modes([student, teacher])
         try:
-            taps = [FeatureTaps(net, [getattr(p, side) for p in self.features], captures, handles)
-                    for net, side in ((student, "student"), (teacher, "teacher"))]
+            taps = [
+                FeatureTaps(net, [getattr(p, side) for p in self.features], captures, handles)
+                for net, side in ((student, "student"), (teacher, "teacher"))
+            ]
             student.eval()
             teacher.eval()
             student(x)

@@ -3,6 +3,7 @@ pairs, forward hooks that catch the output (or, with `capture: input`, the input
 submodules, a probe of each feature's shape and layout, the learned projection
 (`FeatureProjection`) of a student feature onto a teacher's, and the weighted MSE between them.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -23,9 +24,15 @@ CAPTURES = ("output", "input")
 FEATURE_KEYS = ("student", "teacher", "weight", "capture")
 
 # Leaf layers whose 3-D outputs are (N, C, L) maps, and those whose 3-D outputs are (N, L, C) tokens.
-_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
-                   nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 _TOKENS = (nn.Linear, nn.LayerNorm, nn.RNNBase, nn.Embedding, nn.MultiheadAttention)
 
 
@@ -71,8 +78,13 @@ class FeatureTaps:
     happens in between; `remove()` removes this object's own.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], captures: Sequence[str],
-                 handles: list[RemovableHandle] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        captures: Sequence[str],
+        handles: list[RemovableHandle] | None = None,
+    ) -> None:
         self.values: list[Tensor | None] = [None] * len(names)
         self.handles: list[RemovableHandle] = []
         for j, (name, capture) in enumerate(zip(names, captures)):
@@ -102,8 +114,9 @@ def _names_hint(model: nn.Module, name: str) -> str:
     names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-    return (f"a submodule name of {type(model).__name__}" + (f"; close: {close}" if close else "")
-            + f"; available: {shown}")
+    return (
+        f"a submodule name of {type(model).__name__}" + (f"; close: {close}" if close else "") + f"; available: {shown}"
+    )
 
 
 def _is_tokens(leaves: list[nn.Module]) -> bool:
@@ -119,8 +132,9 @@ def _is_tokens(leaves: list[nn.Module]) -> bool:
 
 
 @torch.no_grad()
-def probe_features(model: nn.Module, x: Inputs, names: Sequence[str], captures: Sequence[str],
-                   keys: Sequence[str]) -> list[FeatureShape]:
+def probe_features(
+    model: nn.Module, x: Inputs, names: Sequence[str], captures: Sequence[str], keys: Sequence[str]
+) -> list[FeatureShape]:
     """One forward pass of `model` (in eval mode) on `x` with hooks on the named submodules: the
     shape of each feature. A name that is not a submodule, a module that does not run exactly once
     per forward pass or a feature that is not a float tensor of 2-4 dims is a ConfigError naming
@@ -139,8 +153,13 @@ def probe_features(model: nn.Module, x: Inputs, names: Sequence[str], captures: 
         for leaf in (m for m in model.modules() if next(m.children(), None) is None):
             handles.append(leaf.register_forward_hook(lambda m, _a, _o: leaves.append(m)))
         for j, (name, capture) in enumerate(zip(names, captures)):
-            handles.append(_register(model.get_submodule(name), capture, lambda v, j=j: seen[j].append(
-                (_first_tensor(v), _is_tokens(leaves)))))
+            handles.append(
+                _register(
+                    model.get_submodule(name),
+                    capture,
+                    lambda v, j=j: seen[j].append((_first_tensor(v), _is_tokens(leaves))),
+                )
+            )
         model.eval()
         model(x)
     finally:
@@ -149,13 +168,22 @@ def probe_features(model: nn.Module, x: Inputs, names: Sequence[str], captures: 
         _restore(modes)
     shapes = []
     for name, capture, key, calls in zip(names, captures, keys, seen):
-        check(len(calls) == 1, key, name, f"a submodule of {type(model).__name__} that runs once per forward pass "
-              f"(this one ran {len(calls)} times)")
+        check(
+            len(calls) == 1,
+            key,
+            name,
+            f"a submodule of {type(model).__name__} that runs once per forward pass (this one ran {len(calls)} times)",
+        )
         feat, tokens = calls[0]
         ok = feat is not None and feat.is_floating_point() and 2 <= feat.dim() <= 4
         got = "no tensor" if feat is None else f"{str(feat.dtype).removeprefix('torch.')} {tuple(feat.shape)}"
-        check(ok, key, name, f"a submodule whose {capture} is a float tensor (N, C), (N, C, L), (N, L, C) or "
-              f"(N, C, H, W); its {capture} is {got}")
+        check(
+            ok,
+            key,
+            name,
+            f"a submodule whose {capture} is a float tensor (N, C), (N, C, L), (N, L, C) or "
+            f"(N, C, H, W); its {capture} is {got}",
+        )
         shapes.append(FeatureShape(tuple(feat.shape[1:]), tokens and feat.dim() == 3))
     return shapes
 
@@ -211,15 +239,23 @@ def check_pair_shapes(student: FeatureShape, teacher: FeatureShape, pair: Featur
     """The two features must have the same number of dimensions (after reading tokens as (N, C, L))."""
     ok = len(student.shape) == len(teacher.shape)
     what = lambda f: ("tokens " if f.tokens else "") + str((None, *f.shape))  # noqa: E731
-    check(ok, key + ".teacher", pair.teacher,
-          f"a teacher feature with as many dimensions as the student's: student {pair.student!r} gives "
-          f"{what(student)}, teacher {pair.teacher!r} gives {what(teacher)} (N: batch). Pair (N, C) with (N, C), "
-          "(N, C, L) or (N, L, C) with either, (N, C, H, W) with (N, C, H, W); e.g. name a Flatten or pooling "
-          "module instead")
+    check(
+        ok,
+        key + ".teacher",
+        pair.teacher,
+        f"a teacher feature with as many dimensions as the student's: student {pair.student!r} gives "
+        f"{what(student)}, teacher {pair.teacher!r} gives {what(teacher)} (N: batch). Pair (N, C) with (N, C), "
+        "(N, C, L) or (N, L, C) with either, (N, C, H, W) with (N, C, H, W); e.g. name a Flatten or pooling "
+        "module instead",
+    )
 
 
-def feature_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor],
-                 projections: Sequence[FeatureProjection], weights: Sequence[float]) -> Tensor:
+def feature_loss(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    projections: Sequence[FeatureProjection],
+    weights: Sequence[float],
+) -> Tensor:
     """sum_j weight_j * MSE(projection_j(student_j), teacher_j), each MSE the mean over all elements."""
     total = torch.zeros((), device=student_feats[0].device)
     for s, t, proj, w in zip(student_feats, teacher_feats, projections, weights):

@@ -5,6 +5,7 @@ update), then makes them permanent with prune.remove: the result is a plain mode
 the same size on disk and as fast as before. Structured pruning, which rebuilds smaller layers,
 is runner.compress.structured.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -52,16 +53,23 @@ def _unmask(targets: list[tuple[nn.Module, str]]) -> None:
 
 
 def _check_prunable(key: str, model: nn.Module, min_params: int = 0) -> None:
-    check(not is_quantized(model), key, type(model).__name__,
-          "a float model (prune before quantizing)")
+    check(not is_quantized(model), key, type(model).__name__, "a float model (prune before quantizing)")
     check(bool(prunable(model)), key, type(model).__name__, "a model with Linear or Conv layers")
-    check(bool(prunable(model, min_params)), key + ".min_params", min_params,
-          f"at most the largest layer's weight count ({max(m.weight.numel() for m, _ in prunable(model))})")
+    check(
+        bool(prunable(model, min_params)),
+        key + ".min_params",
+        min_params,
+        f"at most the largest layer's weight count ({max(m.weight.numel() for m, _ in prunable(model))})",
+    )
 
 
 def _check_min_params(min_params: int) -> None:
-    check(isinstance(min_params, int) and min_params >= 0, "compress.steps[].min_params", min_params,
-          "an integer >= 0 (layers with fewer weights stay dense)")
+    check(
+        isinstance(min_params, int) and min_params >= 0,
+        "compress.steps[].min_params",
+        min_params,
+        "an integer >= 0 (layers with fewer weights stay dense)",
+    )
 
 
 class MagnitudePrune(Step):
@@ -72,8 +80,14 @@ class MagnitudePrune(Step):
     weights stay dense (`sparsity` is then the fraction among the pruned layers' weights).
     """
 
-    def __init__(self, sparsity: float, scope: str = "global", finetune_epochs: int = 0,
-                 lr: float | None = None, min_params: int = 0) -> None:
+    def __init__(
+        self,
+        sparsity: float,
+        scope: str = "global",
+        finetune_epochs: int = 0,
+        lr: float | None = None,
+        min_params: int = 0,
+    ) -> None:
         check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
         check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
         check_epochs("compress.steps[]", finetune_epochs, lr)
@@ -97,15 +111,27 @@ class GradualPrune(Step):
     s_t = s_final * (1 - (1 - t/rounds)^3), front-loaded while there is much redundancy), then
     `final_epochs` more at the final sparsity. `min_params` as in MagnitudePrune."""
 
-    def __init__(self, sparsity: float, rounds: int = 5, epochs_per_round: int = 2, scope: str = "global",
-                 schedule: str = "cubic", lr: float | None = None, min_params: int = 0,
-                 final_epochs: int = 0) -> None:
+    def __init__(
+        self,
+        sparsity: float,
+        rounds: int = 5,
+        epochs_per_round: int = 2,
+        scope: str = "global",
+        schedule: str = "cubic",
+        lr: float | None = None,
+        min_params: int = 0,
+        final_epochs: int = 0,
+    ) -> None:
         check(0.0 <= sparsity < 1.0, "compress.steps[].sparsity", sparsity, "a float in [0, 1)")
         check(isinstance(rounds, int) and rounds >= 1, "compress.steps[].rounds", rounds, "an integer >= 1")
         check(scope in SCOPES, "compress.steps[].scope", scope, list(SCOPES))
         check(schedule in SCHEDULES, "compress.steps[].schedule", schedule, list(SCHEDULES))
-        check(isinstance(epochs_per_round, int) and epochs_per_round >= 0,
-              "compress.steps[].epochs_per_round", epochs_per_round, "an integer >= 0")
+        check(
+            isinstance(epochs_per_round, int) and epochs_per_round >= 0,
+            "compress.steps[].epochs_per_round",
+            epochs_per_round,
+            "an integer >= 0",
+        )
         check_epochs("compress.steps[]", final_epochs, lr, "final_epochs")
         _check_min_params(min_params)
         self.sparsity, self.rounds, self.epochs_per_round = sparsity, rounds, epochs_per_round

@@ -17,6 +17,7 @@ compile per batch size for 1.1-1.8x over `pt2e`).
 torchao (a dependency, for pt2e) is imported inside the functions that use it: it adds about a
 second to an import of the runner that most jobs do not need.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,13 @@ STATIC_ENGINES = ("auto", "torch_ao", "pt2e")
 DYNAMIC_TYPES = (nn.Linear, nn.GRU, nn.LSTM)
 RNN_TYPES = (nn.RNNBase,)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_QUANTIZED_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.ao.nn.qat",
-                       "torch.ao.nn.intrinsic.qat", "torch.ao.quantization.fake_quantize")
+_QUANTIZED_PREFIXES = (
+    "torch.ao.nn.quantized",
+    "torch.ao.nn.intrinsic.quantized",
+    "torch.ao.nn.qat",
+    "torch.ao.nn.intrinsic.qat",
+    "torch.ao.quantization.fake_quantize",
+)
 AGREEMENT_SAMPLES = 256  # validation inputs behind quant/fp32_agreement
 
 
@@ -91,8 +97,10 @@ class Int8Graph(nn.Module):
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any engine has quantized `model` (or will: a QuantizedPreview while checking)."""
-    return any(isinstance(m, (QuantizedPreview, Int8Graph)) or type(m).__module__.startswith(_QUANTIZED_PREFIXES)
-               for m in model.modules()) or any(type(p).__module__.startswith("torchao") for p in model.parameters())
+    return any(
+        isinstance(m, (QuantizedPreview, Int8Graph)) or type(m).__module__.startswith(_QUANTIZED_PREFIXES)
+        for m in model.modules()
+    ) or any(type(p).__module__.startswith("torchao") for p in model.parameters())
 
 
 def import_torchao() -> Any:
@@ -110,8 +118,12 @@ def import_torchao() -> Any:
 
 
 def _check_torchao(key: str, engine: str) -> None:
-    check(importlib.util.find_spec("torchao") is not None, key, engine,
-          "an installed torchao (pip install 'torchao>=0.18,<0.19') or engine torch_ao")
+    check(
+        importlib.util.find_spec("torchao") is not None,
+        key,
+        engine,
+        "an installed torchao (pip install 'torchao>=0.18,<0.19') or engine torch_ao",
+    )
 
 
 def _use_backend(backend: str) -> None:
@@ -150,6 +162,7 @@ def _record_stats(step: Step, float_model: nn.Module, quantized: nn.Module, ctx:
 
 # ---- dynamic int8: engines -------------------------------------------------------------------
 
+
 def dynamic_torch_ao(model: nn.Module, dtype: str = "qint8") -> nn.Module:
     """torch.ao's quantize_dynamic of every Linear / GRU / LSTM (fbgemm kernels, eager)."""
     from torch.ao.quantization import quantize_dynamic
@@ -160,8 +173,10 @@ def dynamic_torch_ao(model: nn.Module, dtype: str = "qint8") -> nn.Module:
 
 # ---- static int8: engines --------------------------------------------------------------------
 
-def static_torch_ao(model: nn.Module, example: Inputs, calibrate: Callable[[nn.Module], None],
-                    backend: str = "x86") -> nn.Module:
+
+def static_torch_ao(
+    model: nn.Module, example: Inputs, calibrate: Callable[[nn.Module], None], backend: str = "x86"
+) -> nn.Module:
     """torch.ao FX graph mode: prepare_fx (observers, Conv/Linear+ReLU fused), calibrate, convert_fx."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -191,11 +206,13 @@ def pt2e_reference(model: nn.Module, example: Inputs, calibrate: Callable[[nn.Mo
     import_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config,
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
     )
 
-    exported = torch.export.export(copy.deepcopy(model).cpu().eval(), (_at_least_two(example),),
-                                   dynamic_shapes=(_dynamic_batch(example),)).module()
+    exported = torch.export.export(
+        copy.deepcopy(model).cpu().eval(), (_at_least_two(example),), dynamic_shapes=(_dynamic_batch(example),)
+    ).module()
     _one_partition_per_call(exported)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
@@ -256,8 +273,11 @@ def _lower_x86(reference: torch.fx.GraphModule, example: Inputs) -> torch.fx.Gra
     aten = torch.ops.aten
     example = _at_least_two(example)
     decompositions = {k: v for k, v in torch.export.default_decompositions().items() if _is_cia_op(k)}
-    gm = torch.export.export(reference, (example,), dynamic_shapes=(_dynamic_batch(example),),
-                             strict=False).run_decompositions(decompositions).module()
+    gm = (
+        torch.export.export(reference, (example,), dynamic_shapes=(_dynamic_batch(example),), strict=False)
+        .run_decompositions(decompositions)
+        .module()
+    )
     for node in list(gm.graph.nodes):
         if node.target == aten.t.default:
             with gm.graph.inserting_before(node):
@@ -276,6 +296,7 @@ def _lower_x86(reference: torch.fx.GraphModule, example: Inputs) -> torch.fx.Gra
 
 
 # ---- steps -----------------------------------------------------------------------------------
+
 
 class DynamicQuantize(Step):
     """Int8 weights for Linear (and GRU/LSTM) layers; activations quantized per batch at run time.
@@ -313,11 +334,19 @@ class DynamicQuantize(Step):
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
         conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, CONV_TYPES))
         dense = sum(p.numel() for m in model.modules() if isinstance(m, DYNAMIC_TYPES) for p in m.parameters(False))
-        check(conv <= dense, self.key, f"{type(model).__name__} ({conv} of {conv + dense} weights in Conv layers)",
-              "models whose weights sit mostly in Linear/GRU/LSTM layers (dynamic quantization leaves convs "
-              "in float; use runner.compress.StaticQuantize or QATQuantize for conv models)")
-        check(any(isinstance(m, DYNAMIC_TYPES) for m in model.modules()), self.key, type(model).__name__,
-              "models with Linear, GRU or LSTM layers")
+        check(
+            conv <= dense,
+            self.key,
+            f"{type(model).__name__} ({conv} of {conv + dense} weights in Conv layers)",
+            "models whose weights sit mostly in Linear/GRU/LSTM layers (dynamic quantization leaves convs "
+            "in float; use runner.compress.StaticQuantize or QATQuantize for conv models)",
+        )
+        check(
+            any(isinstance(m, DYNAMIC_TYPES) for m in model.modules()),
+            self.key,
+            type(model).__name__,
+            "models with Linear, GRU or LSTM layers",
+        )
 
     def preview(self, model: nn.Module) -> nn.Module:
         return QuantizedPreview(model)
@@ -332,22 +361,38 @@ class DynamicQuantize(Step):
 class _StaticBase(Step):
     def __init__(self, backend: str, calibration_batches: int) -> None:
         check(backend in BACKENDS, "compress.steps[].backend", backend, list(BACKENDS))
-        check(isinstance(calibration_batches, int) and calibration_batches >= 1,
-              "compress.steps[].calibration_batches", calibration_batches, "an integer >= 1")
+        check(
+            isinstance(calibration_batches, int) and calibration_batches >= 1,
+            "compress.steps[].calibration_batches",
+            calibration_batches,
+            "an integer >= 1",
+        )
         self.backend, self.calibration_batches = backend, calibration_batches
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
-        check(not any(isinstance(m, RNN_TYPES) for m in model.modules()), self.key, type(model).__name__,
-              "models without GRU/LSTM layers (recurrent layers have no static int8 kernels; "
-              "use runner.compress.DynamicQuantize)")
+        check(
+            not any(isinstance(m, RNN_TYPES) for m in model.modules()),
+            self.key,
+            type(model).__name__,
+            "models without GRU/LSTM layers (recurrent layers have no static int8 kernels; "
+            "use runner.compress.DynamicQuantize)",
+        )
 
     def _check_fx(self, model: nn.Module, instead: str) -> None:
-        check(self.backend in torch.backends.quantized.supported_engines, self.key + ".backend", self.backend,
-              torch.backends.quantized.supported_engines)
+        check(
+            self.backend in torch.backends.quantized.supported_engines,
+            self.key + ".backend",
+            self.backend,
+            torch.backends.quantized.supported_engines,
+        )
         error = _fx_error(model)
-        check(error is None, self.key, type(model).__name__,
-              f"a model torch.fx can trace for torch.ao FX quantization ({error}); {instead}")
+        check(
+            error is None,
+            self.key,
+            type(model).__name__,
+            f"a model torch.fx can trace for torch.ao FX quantization ({error}); {instead}",
+        )
 
     def preview(self, model: nn.Module) -> nn.Module:
         return QuantizedPreview(model)
@@ -415,17 +460,25 @@ class StaticQuantize(_StaticBase):
     def check(self, model: nn.Module, spec: DataSpec) -> None:
         super().check(model, spec)
         if self.engine_for(model) == "torch_ao":
-            self._check_fx(model, "use runner.compress.DynamicQuantize for Linear-heavy models (transformers), "
-                                  "or engine pt2e")
+            self._check_fx(
+                model, "use runner.compress.DynamicQuantize for Linear-heavy models (transformers), or engine pt2e"
+            )
             return
         _check_torchao(self.key + ".engine", self.engine)
         try:
-            torch.export.export(copy.deepcopy(model).cpu().eval(), (_at_least_two(spec.example),),
-                                dynamic_shapes=(_dynamic_batch(spec.example),))
+            torch.export.export(
+                copy.deepcopy(model).cpu().eval(),
+                (_at_least_two(spec.example),),
+                dynamic_shapes=(_dynamic_batch(spec.example),),
+            )
         except Exception as e:
-            check(False, self.key, type(model).__name__,
-                  f"a model torch.export can capture with a dynamic batch for engine pt2e "
-                  f"({type(e).__name__}: {str(e)[:150]}); try engine torch_ao")
+            check(
+                False,
+                self.key,
+                type(model).__name__,
+                f"a model torch.export can capture with a dynamic batch for engine pt2e "
+                f"({type(e).__name__}: {str(e)[:150]}); try engine torch_ao",
+            )
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         model = model.cpu().eval()
@@ -445,8 +498,9 @@ class QATQuantize(_StaticBase):
     (straight-through gradients) for `finetune_epochs`, then the same int8 conversion as
     StaticQuantize's torch_ao engine. Observers are frozen for the last epoch so scales stop moving."""
 
-    def __init__(self, finetune_epochs: int = 3, lr: float | None = None, backend: str = "x86",
-                 calibration_batches: int = 10) -> None:
+    def __init__(
+        self, finetune_epochs: int = 3, lr: float | None = None, backend: str = "x86", calibration_batches: int = 10
+    ) -> None:
         super().__init__(backend, calibration_batches)
         check_epochs("compress.steps[]", finetune_epochs, lr)
         self.finetune_epochs, self.lr = finetune_epochs, lr
@@ -461,8 +515,9 @@ class QATQuantize(_StaticBase):
 
         float_model = model.cpu().eval()
         _use_backend(self.backend)
-        prepared = prepare_qat_fx(copy.deepcopy(model).cpu().train(),
-                                  get_default_qat_qconfig_mapping(self.backend), _example(ctx))
+        prepared = prepare_qat_fx(
+            copy.deepcopy(model).cpu().train(), get_default_qat_qconfig_mapping(self.backend), _example(ctx)
+        )
         self._calibrate(prepared.eval(), ctx)  # start from calibrated ranges, not the first batch's
         # fake quantization observes fp32 tensors: under bf16/16-mixed autocast its observers would see
         # half-precision values (and torch.ao raises); the QAT epochs run in fp32 whatever trainer.precision says
@@ -477,6 +532,7 @@ class QATQuantize(_StaticBase):
 
 
 # ---- shipping FX int8 graphs ----------------------------------------------------------------
+
 
 class ScriptBox(nn.Module):
     """An FX graph as TorchScript that pickles as TorchScript bytes. torch.ao FX int8 convs
@@ -522,6 +578,9 @@ def boxed_graphs(model: Any) -> Any:
         return ScriptBox(torch.jit.script(model)).eval() if broken(model) else model
     # a deep copy in which every reference to a broken graph (the ensemble's submodule, the fusion
     # strategy's list of members) is its box
-    boxes = {id(m): ScriptBox(torch.jit.script(m)).eval() for m in model.modules()
-             if isinstance(m, torch.fx.GraphModule) and broken(m)}
+    boxes = {
+        id(m): ScriptBox(torch.jit.script(m)).eval()
+        for m in model.modules()
+        if isinstance(m, torch.fx.GraphModule) and broken(m)
+    }
     return copy.deepcopy(model, memo=dict(boxes))

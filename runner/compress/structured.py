@@ -8,6 +8,7 @@ what stays (the classifier head; layers Torch-Pruning has no pruner for), how mu
 or as much as `macs_target` needs), when to fine-tune, and keeps the head bookkeeping of Hugging
 Face attention modules in line with their pruned projections.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,9 +41,9 @@ ATTENTION = ("dims", "heads")
 # GRU's internal ops as element-wise and its weights as loose parameters); embedding tables are
 # indexed by token ids and their width is a transformer's residual stream, so it stays too.
 UNPRUNABLE = (nn.Embedding, nn.EmbeddingBag, nn.GRU, nn.RNN, nn.RNNCellBase, nn.Bilinear)
-TRACE_SAMPLES = 8       # inputs the dependency graph is traced on
-TAYLOR_BATCHES = 4      # training batches whose loss gradients rank channels (importance=taylor)
-MACS_INCREMENT = 0.02   # macs_target: channels go in steps of 2% of the original width, MACs recounted each time
+TRACE_SAMPLES = 8  # inputs the dependency graph is traced on
+TAYLOR_BATCHES = 4  # training batches whose loss gradients rank channels (importance=taylor)
+MACS_INCREMENT = 0.02  # macs_target: channels go in steps of 2% of the original width, MACs recounted each time
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))  # BERT-style, ViT / LLaMA-style
 
 
@@ -75,32 +76,65 @@ class StructuredPrune(Step):
     original's with the removed dims zeroed; the model's `config` still describes the unpruned widths.
     """
 
-    def __init__(self, amount: float = 0.5, importance: str = "l2", scope: str = "uniform",
-                 iterative_steps: int = 1, finetune_epochs: int = 0, final_epochs: int = 0,
-                 lr: float | None = None, macs_target: float | None = None, round_to: int | None = None,
-                 attention: str = "dims") -> None:
+    def __init__(
+        self,
+        amount: float = 0.5,
+        importance: str = "l2",
+        scope: str = "uniform",
+        iterative_steps: int = 1,
+        finetune_epochs: int = 0,
+        final_epochs: int = 0,
+        lr: float | None = None,
+        macs_target: float | None = None,
+        round_to: int | None = None,
+        attention: str = "dims",
+    ) -> None:
         key = "compress.steps[]"
         number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
         check(number and 0.0 <= amount < 1.0, f"{key}.amount", amount, "a float in [0, 1)")
         check(importance in IMPORTANCES, f"{key}.importance", importance, list(IMPORTANCES))
         check(scope in SCOPES, f"{key}.scope", scope, list(SCOPES))
-        check(isinstance(iterative_steps, int) and not isinstance(iterative_steps, bool) and iterative_steps >= 1,
-              f"{key}.iterative_steps", iterative_steps, "an integer >= 1")
+        check(
+            isinstance(iterative_steps, int) and not isinstance(iterative_steps, bool) and iterative_steps >= 1,
+            f"{key}.iterative_steps",
+            iterative_steps,
+            "an integer >= 1",
+        )
         check_epochs(key, finetune_epochs, lr)
         check_epochs(key, final_epochs, lr, "final_epochs")
-        check(macs_target is None or (isinstance(macs_target, (int, float)) and not isinstance(macs_target, bool)
-                                      and macs_target > 1), f"{key}.macs_target", macs_target,
-              "null or a float > 1 (base MACs / pruned MACs, e.g. 2.0 = half the MACs)")
-        check(macs_target is None or amount > 0, f"{key}.amount", amount,
-              "a float in (0, 1) with macs_target: the most that may be pruned")
-        check(round_to is None or (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1),
-              f"{key}.round_to", round_to, "null or an integer >= 1")
+        check(
+            macs_target is None
+            or (isinstance(macs_target, (int, float)) and not isinstance(macs_target, bool) and macs_target > 1),
+            f"{key}.macs_target",
+            macs_target,
+            "null or a float > 1 (base MACs / pruned MACs, e.g. 2.0 = half the MACs)",
+        )
+        check(
+            macs_target is None or amount > 0,
+            f"{key}.amount",
+            amount,
+            "a float in (0, 1) with macs_target: the most that may be pruned",
+        )
+        check(
+            round_to is None or (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1),
+            f"{key}.round_to",
+            round_to,
+            "null or an integer >= 1",
+        )
         check(attention in ATTENTION, f"{key}.attention", attention, list(ATTENTION))
-        check(attention == "dims" or (iterative_steps == 1 and macs_target is None), f"{key}.attention", attention,
-              "dims with iterative_steps > 1 or macs_target (heads go in one step)")
+        check(
+            attention == "dims" or (iterative_steps == 1 and macs_target is None),
+            f"{key}.attention",
+            attention,
+            "dims with iterative_steps > 1 or macs_target (heads go in one step)",
+        )
         self.amount, self.importance, self.scope = amount, importance, scope
         self.iterative_steps, self.finetune_epochs, self.final_epochs, self.lr = (
-            iterative_steps, finetune_epochs, final_epochs, lr)
+            iterative_steps,
+            finetune_epochs,
+            final_epochs,
+            lr,
+        )
         self.macs_target, self.round_to, self.attention = macs_target, round_to, attention
         self._example: Inputs | None = None  # real inputs seen by check(), to trace preview()'s model on
         self._previewed: tuple[nn.Module, nn.Module] | None = None
@@ -111,9 +145,12 @@ class StructuredPrune(Step):
         gives (batch, num_classes) logits fails here, before any training."""
         check(not is_quantized(model), self.key, type(model).__name__, "a float model (prune before quantizing)")
         if self.importance == "bn_scale":
-            check(any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
-                  self.key + ".importance", self.importance,
-                  "l1, l2, taylor or random for a model without BatchNorm (bn_scale ranks channels by BN gamma)")
+            check(
+                any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
+                self.key + ".importance",
+                self.importance,
+                "l1, l2, taylor or random for a model without BatchNorm (bn_scale ranks channels by BN gamma)",
+            )
         self._example = take(spec.example, slice(0, TRACE_SAMPLES))
         pruned = copy.deepcopy(model).cpu().eval()
         try:
@@ -123,17 +160,28 @@ class StructuredPrune(Step):
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever Torch-Pruning trips on, say so before training
-            raise ConfigError(self.key, type(model).__name__, "a model Torch-Pruning can trace and prune "
-                              f"(it failed with {type(e).__name__}: {e})") from None
+            raise ConfigError(
+                self.key,
+                type(model).__name__,
+                f"a model Torch-Pruning can trace and prune (it failed with {type(e).__name__}: {e})",
+            ) from None
         n = num_samples(self._example)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        check(shape == (n, spec.num_classes), self.key, type(model).__name__,
-              f"a model whose pruned copy still returns ({n}, {spec.num_classes}) logits (got {shape})")
+        check(
+            shape == (n, spec.num_classes),
+            self.key,
+            type(model).__name__,
+            f"a model whose pruned copy still returns ({n}, {spec.num_classes}) logits (got {shape})",
+        )
         if self.macs_target is not None:
             reached = stats["prune/macs_before"] / stats["prune/macs_after"]
-            check(reached >= self.macs_target, self.key + ".macs_target", self.macs_target,
-                  f"at most {reached:.2f} for {type(model).__name__} with amount={self.amount} (amount caps "
-                  "the fraction of channels removed: raise it)")
+            check(
+                reached >= self.macs_target,
+                self.key + ".macs_target",
+                self.macs_target,
+                f"at most {reached:.2f} for {type(model).__name__} with amount={self.amount} (amount caps "
+                "the fraction of channels removed: raise it)",
+            )
         self._previewed = (model, pruned)
 
     def preview(self, model: nn.Module) -> nn.Module:
@@ -155,21 +203,36 @@ class StructuredPrune(Step):
         gradients = None
         if self.importance == "taylor":
             gradients = lambda net: _loss_gradients(net, ctx.datamodule.train_dataloader())  # noqa: E731
-        self.stats_ = self._prune(model, example, ctx.datamodule.num_classes, gradients,
-                                  lambda: finetune(model, ctx, self.finetune_epochs, self.lr))
+        self.stats_ = self._prune(
+            model,
+            example,
+            ctx.datamodule.num_classes,
+            gradients,
+            lambda: finetune(model, ctx, self.finetune_epochs, self.lr),
+        )
         finetune(model, ctx, self.final_epochs, self.lr)
         if self.macs_target is not None:
             reached = self.stats_["prune/macs_before"] / self.stats_["prune/macs_after"]
             if reached < self.macs_target:
-                log.warning("%s: MACs reduced %.2fx, short of macs_target=%s at amount=%s", self.key, reached,
-                            self.macs_target, self.amount)
+                log.warning(
+                    "%s: MACs reduced %.2fx, short of macs_target=%s at amount=%s",
+                    self.key,
+                    reached,
+                    self.macs_target,
+                    self.amount,
+                )
         return model
 
     # --- the pruning itself --------------------------------------------------------------------
 
-    def _prune(self, model: nn.Module, example: Inputs, num_classes: int,
-               gradients: Callable[[nn.Module], None] | None,
-               between_steps: Callable[[], Any] = lambda: None) -> dict[str, float]:
+    def _prune(
+        self,
+        model: nn.Module,
+        example: Inputs,
+        num_classes: int,
+        gradients: Callable[[nn.Module], None] | None,
+        between_steps: Callable[[], Any] = lambda: None,
+    ) -> dict[str, float]:
         """Prune `model` in place; returns the stats. `gradients(model)` fills .grad before each
         pruning step (importance=taylor); `between_steps()` runs after each of the iterative steps."""
         one = take(example, slice(0, 1))
@@ -177,19 +240,32 @@ class StructuredPrune(Step):
         ignored = self._ignored(model, num_classes)
         attention = _attention_modules(model)
         pruner = self._pruner(model, example, ignored, attention)
-        if not any(True for _ in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                          root_module_types=pruner.root_module_types)):
-            kept = ", ".join(f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-                             if any(m is i for i in ignored))
-            raise ConfigError(self.key, type(model).__name__, "a model with layers Torch-Pruning can prune besides "
-                              f"the classifier head (kept whole here: {kept or 'none'})")
+        if not any(
+            True
+            for _ in pruner.DG.get_all_groups(
+                ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+            )
+        ):
+            kept = ", ".join(
+                f"{name} ({type(m).__name__})" for name, m in model.named_modules() if any(m is i for i in ignored)
+            )
+            raise ConfigError(
+                self.key,
+                type(model).__name__,
+                "a model with layers Torch-Pruning can prune besides "
+                f"the classifier head (kept whole here: {kept or 'none'})",
+            )
         if self.macs_target is None:
             for _ in range(self.iterative_steps):
                 self._step(pruner, model, gradients, attention)
                 between_steps()
         else:
-            check(macs_before > 0, self.key + ".macs_target", self.macs_target,
-                  f"null for {type(model).__name__}: torch's FlopCounterMode counts no MACs in it")
+            check(
+                macs_before > 0,
+                self.key + ".macs_target",
+                self.macs_target,
+                f"null for {type(model).__name__}: torch's FlopCounterMode counts no MACs in it",
+            )
             macs = macs_before
             for i in range(1, self.iterative_steps + 1):
                 goal = self.macs_target ** (i / self.iterative_steps)
@@ -201,9 +277,13 @@ class StructuredPrune(Step):
         head = _classifier(model, num_classes)
         if isinstance(getattr(model, "feature_dim", None), int) and isinstance(head, nn.Linear):
             model.feature_dim = head.in_features  # our nets' features are the head's input
-        return {"prune/params_before": float(params_before), "prune/params_after": float(_params(model)),
-                "prune/macs_before": macs_before, "prune/macs_after": _macs(model, one),
-                "prune/ignored_layers": float(sum(isinstance(m, nn.Module) for m in ignored))}
+        return {
+            "prune/params_before": float(params_before),
+            "prune/params_after": float(_params(model)),
+            "prune/macs_before": macs_before,
+            "prune/macs_after": _macs(model, one),
+            "prune/ignored_layers": float(sum(isinstance(m, nn.Module) for m in ignored)),
+        }
 
     def _ignored(self, model: nn.Module, num_classes: int) -> list[nn.Module | nn.Parameter]:
         """The classifier head and the layers Torch-Pruning cannot prune (one log line each), with
@@ -216,8 +296,9 @@ class StructuredPrune(Step):
                 ignored += [m, *m.parameters(recurse=False)]
         return ignored
 
-    def _pruner(self, model: nn.Module, example: Inputs, ignored: list,
-                attention: list[tuple[nn.Module, list[nn.Linear]]]) -> tp.pruner.BasePruner:
+    def _pruner(
+        self, model: nn.Module, example: Inputs, ignored: list, attention: list[tuple[nn.Module, list[nn.Linear]]]
+    ) -> tp.pruner.BasePruner:
         num_heads = {}
         for module, layers in attention:
             head_dim = layers[0].out_features // _heads(module)
@@ -226,16 +307,30 @@ class StructuredPrune(Step):
         with _quiet(), torch.enable_grad():
             # fresh dicts: Torch-Pruning mutates its mutable defaults, which would leak between pruners
             return tp.pruner.BasePruner(
-                model, example, importance=_importance(self.importance), pruning_ratio=self.amount,
-                global_pruning=self.scope == "global", iterative_steps=steps, ignored_layers=ignored,
-                round_to=self.round_to, num_heads=num_heads, prune_num_heads=self.attention == "heads",
+                model,
+                example,
+                importance=_importance(self.importance),
+                pruning_ratio=self.amount,
+                global_pruning=self.scope == "global",
+                iterative_steps=steps,
+                ignored_layers=ignored,
+                round_to=self.round_to,
+                num_heads=num_heads,
+                prune_num_heads=self.attention == "heads",
                 prune_head_dims=self.attention == "dims",
                 head_pruning_ratio=self.amount if self.attention == "heads" else 0.0,
-                in_channel_groups={}, out_channel_groups={},
-                forward_fn=lambda m, x: m(x))  # our models take the dict of a text batch as one argument
+                in_channel_groups={},
+                out_channel_groups={},
+                forward_fn=lambda m, x: m(x),
+            )  # our models take the dict of a text batch as one argument
 
-    def _step(self, pruner: tp.pruner.BasePruner, model: nn.Module, gradients: Callable[[nn.Module], None] | None,
-              attention: list[tuple[nn.Module, list[nn.Linear]]]) -> None:
+    def _step(
+        self,
+        pruner: tp.pruner.BasePruner,
+        model: nn.Module,
+        gradients: Callable[[nn.Module], None] | None,
+        attention: list[tuple[nn.Module, list[nn.Linear]]],
+    ) -> None:
         if gradients is not None:
             gradients(model)
         with _quiet():
@@ -243,21 +338,29 @@ class StructuredPrune(Step):
         for module, (q, k, _) in attention:  # what the HF examples of Torch-Pruning update by hand
             heads = pruner.num_heads[q]
             head_dim = q.out_features // heads
-            for name, value in (("num_attention_heads", heads), ("num_heads", heads), ("head_dim", head_dim),
-                                ("attention_head_size", head_dim), ("all_head_size", q.out_features),
-                                ("num_key_value_heads", k.out_features // head_dim)):
+            for name, value in (
+                ("num_attention_heads", heads),
+                ("num_heads", heads),
+                ("head_dim", head_dim),
+                ("attention_head_size", head_dim),
+                ("all_head_size", q.out_features),
+                ("num_key_value_heads", k.out_features // head_dim),
+            ):
                 if isinstance(getattr(module, name, None), int):
                     setattr(module, name, value)
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def _importance(name: str) -> tp.importance.Importance:
-    return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-            "taylor": tp.importance.GroupTaylorImportance,
-            "bn_scale": tp.importance.BNScaleImportance,
-            "random": tp.importance.RandomImportance}[name]()
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "taylor": tp.importance.GroupTaylorImportance,
+        "bn_scale": tp.importance.BNScaleImportance,
+        "random": tp.importance.RandomImportance,
+    }[name]()
 
 
 def _classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
@@ -320,10 +423,12 @@ def _loss_gradients(model: nn.Module, batches: Iterable, n: int = TAYLOR_BATCHES
 
 def _self_labelled(x: Inputs) -> Callable[[nn.Module], None]:
     """Gradients where no labels are at hand (check, preview): the model's own predictions as labels."""
+
     def gradients(model: nn.Module) -> None:
         with torch.no_grad():
             y = model.eval()(x).argmax(1)
         _loss_gradients(model, [(x, y)], 1)
+
     return gradients
 
 

@@ -1,5 +1,6 @@
 """Data sources: every one a LightningDataModule with train/val/test loaders, `num_classes` and
 `input_spec` (see runner/data/base.py for the contract)."""
+
 from runner.data.base import ArrayDataModule, ArrayDataset, TensorBatches
 from runner.data.batches import Chunk, DataSpec, split_batch
 from runner.data.elpv import ELPV
@@ -13,6 +14,27 @@ from runner.data.text import TextData
 from runner.data.transforms import RandomShift
 from runner.data.vision import ImageFolder, TorchvisionFormat
 
-__all__ = ["RandomShift", "ArrayDataModule", "ArrayDataset", "TensorBatches", "Chunk", "DataSpec", "split_batch", "MNIST1D",
-           "MNIST5k", "SklearnDataset", "DatasetDataModule", "LightningSource", "as_source", "data_values",
-           "describe_data", "TableData", "TextData", "RottenTomatoes", "Debates", "ImageFolder", "TorchvisionFormat", "ELPV"]
+__all__ = [
+    "RandomShift",
+    "ArrayDataModule",
+    "ArrayDataset",
+    "TensorBatches",
+    "Chunk",
+    "DataSpec",
+    "split_batch",
+    "MNIST1D",
+    "MNIST5k",
+    "SklearnDataset",
+    "DatasetDataModule",
+    "LightningSource",
+    "as_source",
+    "data_values",
+    "describe_data",
+    "TableData",
+    "TextData",
+    "RottenTomatoes",
+    "Debates",
+    "ImageFolder",
+    "TorchvisionFormat",
+    "ELPV",
+]

@@ -11,6 +11,7 @@ per-sample augmentation (`train_transforms`), worker processes (`num_workers > 0
 `loader: dataloader`, the same arrays go through a standard DataLoader instead; both paths see
 the same batches in the same order (tested).
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,16 @@ class TensorBatches:
     minibatches of features of the val rows its fit already read, which are not shown.
     """
 
-    def __init__(self, x: Inputs, y: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, chunk: int | None = None, split: str | None = None) -> None:
+    def __init__(
+        self,
+        x: Inputs,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        chunk: int | None = None,
+        split: str | None = None,
+    ) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.chunk = x, y, batch_size, shuffle, chunk
         self.split = split
         self.generator = torch.Generator().manual_seed(seed)
@@ -85,7 +94,7 @@ class TensorBatches:
         x, y = self.x, self.y
         if self.shuffle:
             rank, world = self._shard()
-            order = torch.randperm(len(y), generator=self.generator)[rank::world][:self.num_samples()].to(y.device)
+            order = torch.randperm(len(y), generator=self.generator)[rank::world][: self.num_samples()].to(y.device)
             x, y = take(x, order), y[order]
         for start in range(0, len(y), self.batch_size):
             window = slice(start, start + self.batch_size)
@@ -140,8 +149,13 @@ def compose(transforms: Sequence[Callable] | Callable | None) -> Callable | None
         return transforms
     steps = list(transforms)
     for i, t in enumerate(steps):
-        check(callable(t), f"data.train_transforms[{i}]", t, "a callable (a `_target_` node, e.g. "
-              "torchvision.transforms.v2.RandomCrop with the vision extra) taking and returning one input")
+        check(
+            callable(t),
+            f"data.train_transforms[{i}]",
+            t,
+            "a callable (a `_target_` node, e.g. "
+            "torchvision.transforms.v2.RandomCrop with the vision extra) taking and returning one input",
+        )
     return Transforms(steps) if steps else None
 
 
@@ -173,16 +187,24 @@ class SplitCollate:
         return batch
 
 
-def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                  pin_memory: bool, split: str | None = None) -> DataLoader:
+def seeded_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool, split: str | None = None
+) -> DataLoader:
     """A DataLoader whose shuffle order follows torch's global RNG (the member's seed), drawn from a
     generator of its own: the worker seeds come from another, so they do not shift the order.
     `split` becomes `loader.split` (split provenance, runner.data.batches)."""
     seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
     sampler = Shuffled(len(dataset), seed) if shuffle else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed + 1), collate_fn=SplitCollate(split))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed + 1),
+        collate_fn=SplitCollate(split),
+    )
     loader.split = split
     return loader
 
@@ -194,8 +216,12 @@ def check_loader_settings(loader: str, num_workers: int) -> None:
 
 def check_split_settings(batch_size: int, eval_batch_size: int, val_fraction: float) -> None:
     check(isinstance(batch_size, int) and batch_size >= 1, "data.batch_size", batch_size, "an integer >= 1")
-    check(isinstance(eval_batch_size, int) and eval_batch_size >= 1, "data.eval_batch_size", eval_batch_size,
-          "an integer >= 1")
+    check(
+        isinstance(eval_batch_size, int) and eval_batch_size >= 1,
+        "data.eval_batch_size",
+        eval_batch_size,
+        "an integer >= 1",
+    )
     check(0.0 < val_fraction < 1.0, "data.val_fraction", val_fraction, "a float in (0, 1)")
 
 
@@ -206,8 +232,12 @@ def check_num_classes(num_classes: int | None, labels: Sequence[torch.Tensor]) -
     check(low >= 0, "data (labels)", low, "class indices 0 .. num_classes - 1")
     if num_classes is None:
         return found
-    check(isinstance(num_classes, int) and num_classes >= found, "data.num_classes", num_classes,
-          f">= {found} (labels found in the data)")
+    check(
+        isinstance(num_classes, int) and num_classes >= found,
+        "data.num_classes",
+        num_classes,
+        f">= {found} (labels found in the data)",
+    )
     return num_classes
 
 
@@ -239,25 +269,40 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
 
     name: str = "array"
 
-    def __init__(self, num_classes: int | None = None, batch_size: int = 100, eval_batch_size: int = 1000,
-                 val_fraction: float = 0.1, split_seed: int = 0, scaling: str = "none",
-                 num_features: int | None = None, input_shape: Sequence[int] | None = None,
-                 loader: str = "auto", num_workers: int = 0, pin_memory: bool = False,
-                 train_transforms: Sequence[Callable] | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        batch_size: int = 100,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        scaling: str = "none",
+        num_features: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        loader: str = "auto",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        train_transforms: Sequence[Callable] | None = None,
+    ) -> None:
         super().__init__()
         check_split_settings(batch_size, eval_batch_size, val_fraction)
         check(scaling in SCALINGS, "data.scaling", scaling, list(SCALINGS))
         check_loader_settings(loader, num_workers)
-        check(input_shape is None or all(int(d) >= 1 for d in input_shape), "data.input_shape", input_shape,
-              "null or a list of positive sizes, e.g. [1, 28, 28]")
+        check(
+            input_shape is None or all(int(d) >= 1 for d in input_shape),
+            "data.input_shape",
+            input_shape,
+            "null or a list of positive sizes, e.g. [1, 28, 28]",
+        )
         self.num_classes, self.num_features = num_classes, num_features
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.split_seed, self.scaling = val_fraction, split_seed, scaling
         self.input_shape = [int(d) for d in input_shape] if input_shape is not None else None
         self.train_transform = compose(train_transforms)
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.mode = loader if loader != "auto" else (
-            "dataloader" if self.train_transform or num_workers > 0 else "tensors")
+        self.mode = (
+            loader if loader != "auto" else ("dataloader" if self.train_transform or num_workers > 0 else "tensors")
+        )
         self.splits: dict[str, tuple[Inputs, torch.Tensor]] = {}
         self.input_spec: dict[str, Any] = {}
 
@@ -282,13 +327,16 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
                 x = np.asarray(x, dtype=np.float32)
                 return scaler.transform(x.reshape(len(x), -1)).astype(np.float32).reshape(x.shape)
         else:
-            check(x_train.ndim >= 3, "data.scaling", "channel", "images shaped (N, C, H, W) (use standard for features)")
+            check(
+                x_train.ndim >= 3, "data.scaling", "channel", "images shaped (N, C, H, W) (use standard for features)"
+            )
             axes = (0, *range(2, x_train.ndim))
             mean, std = x_train.mean(axes, keepdims=True), x_train.std(axes, keepdims=True)
             std[std == 0] = 1.0
 
             def scale(x: np.ndarray) -> np.ndarray:
                 return ((np.asarray(x, dtype=np.float32) - mean[:1]) / std[:1]).astype(np.float32)
+
         return {s: (scale(x), y) for s, (x, y) in splits.items()}
 
     def setup(self, stage: str | None = None) -> None:
@@ -298,8 +346,9 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
         if "val" not in raw:
             x, y = raw["train"]
             index = np.arange(len(y))
-            train, val = train_test_split(index, test_size=self.val_fraction, random_state=self.split_seed,
-                                          stratify=np.asarray(y))
+            train, val = train_test_split(
+                index, test_size=self.val_fraction, random_state=self.split_seed, stratify=np.asarray(y)
+            )
             raw["train"], raw["val"] = (_rows(x, train), np.asarray(y)[train]), (_rows(x, val), np.asarray(y)[val])
         if self.input_shape is not None:
             raw = {split: (self._reshape(x), y) for split, (x, y) in raw.items()}
@@ -308,8 +357,12 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
         x_train = self.splits["train"][0]
         if self.num_features is not None and not isinstance(x_train, dict):
             found = x_train[0].numel()
-            check(found == self.num_features, "data.num_features", self.num_features,
-                  f"{found} (the number of values per sample in the data)")
+            check(
+                found == self.num_features,
+                "data.num_features",
+                self.num_features,
+                f"{found} (the number of values per sample in the data)",
+            )
         self.num_classes = check_num_classes(self.num_classes, [y for _, y in self.splits.values()])
         self.input_spec = describe(take(x_train, slice(0, 1)))
 
@@ -325,8 +378,12 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
     def _reshape(self, x: Any) -> np.ndarray:
         x = np.asarray(x)
         size = math.prod(x.shape[1:])
-        check(x.dtype != object and math.prod(self.input_shape) == size, "data.input_shape", self.input_shape,
-              f"a shape of {size} values per sample")
+        check(
+            x.dtype != object and math.prod(self.input_shape) == size,
+            "data.input_shape",
+            self.input_shape,
+            f"a shape of {size} values per sample",
+        )
         return x.reshape(len(x), *self.input_shape)
 
     def loader(self, split: str, shuffle: bool = False, chunk: int | None = None) -> Any:
@@ -358,5 +415,3 @@ def _tensors(x: Any) -> Inputs:
         return {k: _tensors(v) for k, v in x.items()}
     x = torch.as_tensor(np.asarray(x))
     return x.float() if x.is_floating_point() else x.long()
-
-

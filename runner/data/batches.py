@@ -6,16 +6,17 @@ labels under one of LABEL_KEYS (the Hugging Face style). Everything downstream (
 evaluation, fusion, compression) reads batches through `split_batch` and handles `x` through
 the helpers here, so no step assumes one input type.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Inputs = Union[Tensor, dict[str, Tensor]]
+Inputs = Tensor | dict[str, Tensor]
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 TENSOR_KEYS = ("x", "input", "inputs", "pixel_values", "image", "images")  # a lone input of these is a plain tensor
 
@@ -117,7 +118,7 @@ class DataSpec:
 # (DataLoaders), nothing else. DataLoader worker processes have watchers of their own (none): watch
 # with num_workers=0.
 
-Watcher = Callable[[Union[str, None], Any], None]
+Watcher = Callable[[str | None, Any], None]
 _watchers: list[Watcher] = []
 
 

@@ -7,6 +7,7 @@ with a defect probability (0, 1/3, 2/3 or 1: experts' verdict and confidence) an
 The images and `labels.csv` ship inside the PyPI package elpv-dataset (data CC BY-NC-SA 4.0:
 non-commercial use only; the `pretrained` extra). Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,9 @@ NATIVE_SIZE = 300  # every image is 300x300
 MIN_PER_CLASS = 3  # images of every class in a max_images subset: one each for train, val and test
 # task -> class names in label order
 TASKS = {
-    "defect": ["0%", "33%", "67%", "100%"],      # the four defect probabilities
-    "defective": ["functional", "defective"],    # probability < 0.5 / >= 0.5
-    "type": ["mono", "poly"],                    # the module's crystal type
+    "defect": ["0%", "33%", "67%", "100%"],  # the four defect probabilities
+    "defective": ["functional", "defective"],  # probability < 0.5 / >= 0.5
+    "type": ["mono", "poly"],  # the module's crystal type
 }
 
 
@@ -36,8 +37,12 @@ def read_labels(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(image paths relative to labels.csv, defect probabilities, module types) from the package's
     labels.csv: one whitespace-separated row per image (path, probability, mono|poly)."""
     rows = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
-    check(all(len(r) == 3 for r in rows), "data", str(path), "labels.csv rows of path, probability, type "
-          f"(reinstall {PIP_NAME})")
+    check(
+        all(len(r) == 3 for r in rows),
+        "data",
+        str(path),
+        f"labels.csv rows of path, probability, type (reinstall {PIP_NAME})",
+    )
     return [r[0] for r in rows], np.array([float(r[1]) for r in rows]), np.array([r[2] for r in rows])
 
 
@@ -94,17 +99,35 @@ class ELPV(ArrayDataModule):
 
     name = "elpv"
 
-    def __init__(self, task: str = "defect", image_size: int | None = None, max_images: int | None = None,
-                 test_fraction: float = 0.25, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        task: str = "defect",
+        image_size: int | None = None,
+        max_images: int | None = None,
+        test_fraction: float = 0.25,
+        **kwargs: Any,
+    ) -> None:
         check(task in TASKS, "data.task", task, list(TASKS))
-        check(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool)
-                                     and image_size >= 1), "data.image_size", image_size,
-              f"null (the images' {NATIVE_SIZE}) or an integer >= 1 (the side images are resized to)")
-        check(max_images is None or (isinstance(max_images, int) and not isinstance(max_images, bool)
-                                     and max_images >= 1), "data.max_images", max_images,
-              "null (all 2,624 images) or an integer >= 1")
-        check(isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0, "data.test_fraction",
-              test_fraction, "a float in (0, 1)")
+        check(
+            image_size is None
+            or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size >= 1),
+            "data.image_size",
+            image_size,
+            f"null (the images' {NATIVE_SIZE}) or an integer >= 1 (the side images are resized to)",
+        )
+        check(
+            max_images is None
+            or (isinstance(max_images, int) and not isinstance(max_images, bool) and max_images >= 1),
+            "data.max_images",
+            max_images,
+            "null (all 2,624 images) or an integer >= 1",
+        )
+        check(
+            isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0,
+            "data.test_fraction",
+            test_fraction,
+            "a float in (0, 1)",
+        )
         if kwargs.get("num_classes") is None:
             kwargs["num_classes"] = len(TASKS[task])
         super().__init__(**kwargs)
@@ -113,9 +136,13 @@ class ELPV(ArrayDataModule):
         self.image_size = NATIVE_SIZE if image_size is None else image_size
         self.classes: list[str] = list(TASKS[task])
         least = MIN_PER_CLASS * len(self.classes)
-        check(max_images is None or max_images >= least, "data.max_images", max_images,
-              f"null or >= {least}: {MIN_PER_CLASS} images per class for the {len(self.classes)} classes of "
-              f"task={task} (one each for train, val and test)")
+        check(
+            max_images is None or max_images >= least,
+            "data.max_images",
+            max_images,
+            f"null or >= {least}: {MIN_PER_CLASS} images per class for the {len(self.classes)} classes of "
+            f"task={task} (one each for train, val and test)",
+        )
 
     def split_size(self, fraction: float, n: int) -> int:
         """Images a stratified split of `fraction` of `n` takes: ceil(fraction * n), as scikit-learn
@@ -130,18 +157,32 @@ class ELPV(ArrayDataModule):
         try:
             if self.max_images is not None and self.max_images < len(y):
                 index = subset(y, self.max_images, self.split_seed)
-            rest, test = train_test_split(index, test_size=self.split_size(self.test_fraction, len(index)),
-                                          random_state=self.split_seed, stratify=y[index])
-            train, val = train_test_split(rest, test_size=self.split_size(self.val_fraction, len(rest)),
-                                          random_state=self.split_seed, stratify=y[rest])
+            rest, test = train_test_split(
+                index,
+                test_size=self.split_size(self.test_fraction, len(index)),
+                random_state=self.split_seed,
+                stratify=y[index],
+            )
+            train, val = train_test_split(
+                rest,
+                test_size=self.split_size(self.val_fraction, len(rest)),
+                random_state=self.split_seed,
+                stratify=y[rest],
+            )
         except ValueError as e:  # too few images of a class, or too few left for train, to stratify
-            raise ConfigError("data.max_images", self.max_images, f"enough images for stratified train, val "
-                              f"and test splits of {n_classes} classes (task={self.task}): {e}") from None
+            raise ConfigError(
+                "data.max_images",
+                self.max_images,
+                f"enough images for stratified train, val "
+                f"and test splits of {n_classes} classes (task={self.task}): {e}",
+            ) from None
         return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
     def load(self) -> dict[str, Split]:
         paths, probabilities, types = read_labels(self.labels_file)
         y = task_labels(self.task, probabilities, types)
         folder = self.labels_file.parent
-        return {split: (read_images(folder, [paths[i] for i in rows], self.image_size), y[rows])
-                for split, rows in self.select(y).items()}
+        return {
+            split: (read_images(folder, [paths[i] for i in rows], self.image_size), y[rows])
+            for split, rows in self.select(y).items()
+        }

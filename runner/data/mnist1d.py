@@ -1,4 +1,5 @@
 """MNIST-1D (Greydanus 2020), generated locally by the `mnist1d` package: no download."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,12 +24,17 @@ class MNIST1D(ArrayDataModule):
 
     name = "mnist1d"
 
-    def __init__(self, dataset_seed: int = 42, num_samples: int = 5000,
-                 cache_dir: str | None = "outputs/data", **kwargs) -> None:
+    def __init__(
+        self, dataset_seed: int = 42, num_samples: int = 5000, cache_dir: str | None = "outputs/data", **kwargs
+    ) -> None:
         kwargs.setdefault("num_features", 40)
         kwargs.setdefault("num_classes", 10)
-        check(isinstance(num_samples, int) and num_samples >= 200, "data.num_samples", num_samples,
-              "an integer >= 200 (80% train, 20% test, 10 classes)")
+        check(
+            isinstance(num_samples, int) and num_samples >= 200,
+            "data.num_samples",
+            num_samples,
+            "an integer >= 200 (80% train, 20% test, 10 classes)",
+        )
         super().__init__(**kwargs)
         self.dataset_seed, self.num_samples, self.cache_dir = dataset_seed, num_samples, cache_dir
 

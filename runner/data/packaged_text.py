@@ -14,6 +14,7 @@ kept): texts equal up to letter case and whitespace are one input to a lowercasi
 a copy in train and another in test would leak. `max_rows` then keeps a stratified random subset
 of that many rows, drawn with `split_seed` alone.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,7 +55,7 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     share = counts * size / len(labels)
     take = np.floor(share).astype(np.int64)
     order = np.lexsort((np.arange(len(classes)), -(share - take)))  # largest remainder first
-    take[order[:size - int(take.sum())]] += 1
+    take[order[: size - int(take.sum())]] += 1
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in zip(classes, take)]
     return np.sort(np.concatenate(chosen))
@@ -70,13 +71,17 @@ class PackagedText(TextData):
     docstring): subclasses say which file (`file`) and how its rows become a `text` column and
     a label column named `self.label` (`select`)."""
 
-    file: str = ""      # inside the package folder
-    option: str = ""    # the data option (conf/data/<option>.yaml), for error messages
+    file: str = ""  # inside the package folder
+    option: str = ""  # the data option (conf/data/<option>.yaml), for error messages
 
     def __init__(self, label: str, max_rows: int | None = None, **kwargs: Any) -> None:
         _not_given(kwargs, ("path", "text", "test_path"), f"the file ships in the {PACKAGE} package: {self.file}")
-        check(max_rows is None or (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1),
-              "data.max_rows", max_rows, "null (every row) or an integer >= 1 (a stratified subset of that many rows)")
+        check(
+            max_rows is None or (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1),
+            "data.max_rows",
+            max_rows,
+            "null (every row) or an integer >= 1 (a stratified subset of that many rows)",
+        )
         super().__init__(path=f"{PACKAGE}/{self.file}", text="text", label=label, **kwargs)
         self.max_rows = max_rows
         self.duplicates_dropped = 0  # after read(): duplicate texts dropped (their first copy kept)
@@ -92,8 +97,13 @@ class PackagedText(TextData):
     def read_file(self) -> pd.DataFrame:
         """The package's file as pandas reads it."""
         # not in the `pretrained` extra: pip would install its own dependencies (spaCy, gensim) too
-        check(importlib.util.find_spec(PACKAGE) is not None, "data", self.option, f"the package {PACKAGE} "
-              f"installed without its dependencies: pip install --no-deps {PACKAGE}==0.2.2 (make pretrained does)")
+        check(
+            importlib.util.find_spec(PACKAGE) is not None,
+            "data",
+            self.option,
+            f"the package {PACKAGE} "
+            f"installed without its dependencies: pip install --no-deps {PACKAGE}==0.2.2 (make pretrained does)",
+        )
         return pd.read_csv(package_file(PACKAGE, self.file, "data", self.option))
 
     def frame(self) -> pd.DataFrame:
@@ -105,8 +115,7 @@ class PackagedText(TextData):
         frame = frame[~missing].assign(text=lambda f: f["text"].astype(str).str.strip())
         frame, self.duplicates_dropped = drop_duplicate_texts(frame.reset_index(drop=True))
         if self.duplicates_dropped:
-            log.info("data: dropping %d repeated texts of %s (the first copy kept)", self.duplicates_dropped,
-                     self.path)
+            log.info("data: dropping %d repeated texts of %s (the first copy kept)", self.duplicates_dropped, self.path)
         return self.filter(frame).reset_index(drop=True)
 
     def read(self) -> dict[str, pd.DataFrame]:
@@ -115,9 +124,13 @@ class PackagedText(TextData):
             [codes], classes = encode_labels([frame[self.label]])
             counts = np.bincount(codes)
             fewest = max(MIN_PER_CLASS, int(np.ceil(MIN_PER_CLASS * len(frame) / counts.min())))
-            check(self.max_rows >= fewest, "data.max_rows", self.max_rows,
-                  f"null or an integer >= {fewest} (every class needs {MIN_PER_CLASS} rows; the rarest, "
-                  f"{classes[int(counts.argmin())]}, is {counts.min()} of {len(frame)})")
+            check(
+                self.max_rows >= fewest,
+                "data.max_rows",
+                self.max_rows,
+                f"null or an integer >= {fewest} (every class needs {MIN_PER_CLASS} rows; the rarest, "
+                f"{classes[int(counts.argmin())]}, is {counts.min()} of {len(frame)})",
+            )
             frame = frame.iloc[stratified_subset(codes, self.max_rows, self.split_seed)].reset_index(drop=True)
         elif self.max_rows is not None:
             log.info("data.max_rows=%d: all %d rows of %s are used", self.max_rows, len(frame), self.path)
@@ -129,8 +142,11 @@ class PackagedText(TextData):
         except ConfigError as e:
             if e.key != "data.test_fraction" or self.max_rows is None:
                 raise
-            raise ConfigError("data.max_rows", self.max_rows, f"more rows for data.test_fraction="
-                              f"{self.test_fraction} to hold out every class ({e.allowed})") from e
+            raise ConfigError(
+                "data.max_rows",
+                self.max_rows,
+                f"more rows for data.test_fraction={self.test_fraction} to hold out every class ({e.allowed})",
+            ) from e
 
     def setup(self, stage: str | None = None) -> None:
         try:
@@ -140,8 +156,11 @@ class PackagedText(TextData):
         except ValueError as e:  # scikit-learn cannot stratify the val split of a small subset
             if self.max_rows is None or "class" not in str(e):
                 raise
-            raise ConfigError("data.max_rows", self.max_rows, f"more rows, to stratify data.val_fraction="
-                              f"{self.val_fraction} over every class ({e})") from e
+            raise ConfigError(
+                "data.max_rows",
+                self.max_rows,
+                f"more rows, to stratify data.val_fraction={self.val_fraction} over every class ({e})",
+            ) from e
 
 
 TASKS = ("sentiment", "plot")
@@ -197,8 +216,12 @@ class Debates(PackagedText):
 
     def __init__(self, label: str = "party", min_words: int = 3, **kwargs: Any) -> None:
         check(label in LABELS, "data.label", label, list(LABELS))
-        check(isinstance(min_words, int) and not isinstance(min_words, bool) and min_words >= 1, "data.min_words",
-              min_words, "an integer >= 1 (1 keeps every statement)")
+        check(
+            isinstance(min_words, int) and not isinstance(min_words, bool) and min_words >= 1,
+            "data.min_words",
+            min_words,
+            "an integer >= 1 (1 keeps every statement)",
+        )
         self.min_words = min_words
         super().__init__(label=label, **kwargs)
 
@@ -208,6 +231,7 @@ class Debates(PackagedText):
     def filter(self, frame: pd.DataFrame) -> pd.DataFrame:
         short = (frame["text"].str.split().str.len() < self.min_words).to_numpy()
         if short.any():
-            log.info("data: dropping %d statements of fewer than %d words (data.min_words)", short.sum(),
-                     self.min_words)
+            log.info(
+                "data: dropping %d statements of fewer than %d words (data.min_words)", short.sum(), self.min_words
+            )
         return frame[~short]

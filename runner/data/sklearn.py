@@ -1,4 +1,5 @@
 """Small datasets that ship with scikit-learn (no download): tables, and digits as 8x8 images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,6 +32,6 @@ class SklearnDataset(ArrayDataModule):
     def load(self) -> dict[str, Split]:
         x, y = LOADERS[self.name](return_X_y=True)
         x_train, x_test, y_train, y_test = train_test_split(
-            x.astype(np.float32), y, test_size=self.test_fraction,
-            random_state=self.split_seed, stratify=y)
+            x.astype(np.float32), y, test_size=self.test_fraction, random_state=self.split_seed, stratify=y
+        )
         return {"train": (x_train, y_train), "test": (x_test, y_test)}

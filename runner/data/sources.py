@@ -5,6 +5,7 @@
 torch Datasets (a user's, or image files read lazily) through DataLoaders with workers and
 pinned memory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,10 +44,19 @@ class DatasetDataModule(SplitLoaders, pl.LightningDataModule):
     (image folders) override `datasets()`.
     """
 
-    def __init__(self, train: Dataset | None = None, test: Dataset | None = None, val: Dataset | None = None,
-                 num_classes: int | None = None, batch_size: int = 64, eval_batch_size: int = 256,
-                 val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        train: Dataset | None = None,
+        test: Dataset | None = None,
+        val: Dataset | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
         super().__init__()
         check_split_settings(batch_size, eval_batch_size, val_fraction)
         check(isinstance(num_workers, int) and num_workers >= 0, "data.num_workers", num_workers, "an integer >= 0")
@@ -69,8 +79,9 @@ class DatasetDataModule(SplitLoaders, pl.LightningDataModule):
         labels = {"train": dataset_labels(data["train"]), "test": dataset_labels(data["test"])}
         if data.get("val") is None:
             index = np.arange(len(labels["train"]))
-            train, val = train_test_split(index, test_size=self.val_fraction, random_state=self.split_seed,
-                                          stratify=labels["train"])
+            train, val = train_test_split(
+                index, test_size=self.val_fraction, random_state=self.split_seed, stratify=labels["train"]
+            )
             data["val"], data["train"] = Subset(data["train"], val.tolist()), Subset(data["train"], train.tolist())
             labels["val"], labels["train"] = labels["train"][val], labels["train"][train]
         self.data = data
@@ -106,12 +117,19 @@ class LightningSource(pl.LightningDataModule):
             try:
                 getattr(self.inner, f"{split}_dataloader")()
             except Exception as e:  # noqa: BLE001 - Lightning's default raises MisconfigurationException
-                raise ConfigError("data._target_", name, f"a LightningDataModule with train, val and test loaders "
-                                  f"(members train on train, fusion fits on val, every number comes from test); "
-                                  f"{split}_dataloader() failed: {e}") from e
+                raise ConfigError(
+                    "data._target_",
+                    name,
+                    f"a LightningDataModule with train, val and test loaders "
+                    f"(members train on train, fusion fits on val, every number comes from test); "
+                    f"{split}_dataloader() failed: {e}",
+                ) from e
         if self.num_classes is None:
-            log.info("data: counting the classes of %s's training labels (give it a num_classes attribute "
-                     "to skip this pass)", name)
+            log.info(
+                "data: counting the classes of %s's training labels (give it a num_classes attribute "
+                "to skip this pass)",
+                name,
+            )
             labels = [split_batch(b)[1] for b in self.inner.train_dataloader()]
             self.num_classes = check_num_classes(None, labels)
         self.input_spec = describe(first_inputs(self.inner.val_dataloader(), 1))
@@ -135,9 +153,12 @@ def as_source(obj: Any) -> pl.LightningDataModule:
         return obj
     if isinstance(obj, pl.LightningDataModule):
         return LightningSource(obj)
-    raise ConfigError("data._target_", type(obj).__name__,
-                      "a LightningDataModule (yours, or one of runner.data); for torch Datasets use "
-                      "data=dataset with data.train._target_ and data.test._target_")
+    raise ConfigError(
+        "data._target_",
+        type(obj).__name__,
+        "a LightningDataModule (yours, or one of runner.data); for torch Datasets use "
+        "data=dataset with data.train._target_ and data.test._target_",
+    )
 
 
 def data_values(dm: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Numeric columns are median-imputed and standardized, categorical ones most-frequ
 one-hot encoded, by a scikit-learn ColumnTransformer fitted on the training split only. `FileData`
 (reading, label encoding, the test split) is shared with runner.data.text.
 """
+
 from __future__ import annotations
 
 import logging
@@ -115,12 +116,17 @@ class FileData(ArrayDataModule):
     labels are encoded over both files, their original values kept in `classes`. Subclasses say
     which inputs a frame gives (`inputs`) and check their columns (`read`)."""
 
-    def __init__(self, path: str, label: str, test_path: str | None = None, test_fraction: float = 0.2,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, path: str, label: str, test_path: str | None = None, test_fraction: float = 0.2, **kwargs: Any
+    ) -> None:
         check(isinstance(label, (str, int)), "data.label", label, "the name of the label column")
         check(0.0 < test_fraction < 1.0, "data.test_fraction", test_fraction, "a float in (0, 1)")
-        check(kwargs.get("input_shape") is None, "data.input_shape", kwargs.get("input_shape"),
-              "null (rows of a file are encoded into flat vectors)")
+        check(
+            kwargs.get("input_shape") is None,
+            "data.input_shape",
+            kwargs.get("input_shape"),
+            "null (rows of a file are encoded into flat vectors)",
+        )
         super().__init__(**kwargs)
         self.path, self.label, self.test_path, self.test_fraction = path, label, test_path, test_fraction
         self.classes: list[str] = []
@@ -154,8 +160,12 @@ class FileData(ArrayDataModule):
 
 def _is_categorical(column: pd.Series) -> bool:
     dtype = column.dtype
-    return (pd.api.types.is_object_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
-            or isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype))
+    return (
+        pd.api.types.is_object_dtype(dtype)
+        or pd.api.types.is_bool_dtype(dtype)
+        or isinstance(dtype, pd.CategoricalDtype)
+        or pd.api.types.is_string_dtype(dtype)
+    )
 
 
 def _as_categories(column: pd.Series) -> pd.Series:
@@ -167,8 +177,9 @@ def _as_categories(column: pd.Series) -> pd.Series:
 
 
 def _names(value: Any, key: str) -> list[Any] | None:
-    ok = value is None or (isinstance(value, Sequence) and not isinstance(value, str)
-                           and all(isinstance(c, (str, int)) for c in value))
+    ok = value is None or (
+        isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(c, (str, int)) for c in value)
+    )
     check(ok, key, value, "null or a list of column names")
     return None if value is None else list(value)
 
@@ -186,16 +197,31 @@ class TableData(FileData):
 
     name = "table"
 
-    def __init__(self, path: str, label: str, features: Sequence[str] | None = None,
-                 categorical: Sequence[str] | None = None, test_path: str | None = None,
-                 test_fraction: float = 0.2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        label: str,
+        features: Sequence[str] | None = None,
+        categorical: Sequence[str] | None = None,
+        test_path: str | None = None,
+        test_fraction: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("scaling", "standard")
         check(kwargs["scaling"] in ("none", "standard"), "data.scaling", kwargs["scaling"], ["none", "standard"])
         self.features, self.categorical = _names(features, "data.features"), _names(categorical, "data.categorical")
-        check(self.features is None or (self.features and label not in self.features), "data.features", features,
-              "null or a non-empty list of columns other than the label")
-        check(self.categorical is None or self.features is None or set(self.categorical) <= set(self.features),
-              "data.categorical", categorical, f"columns among data.features: {self.features}")
+        check(
+            self.features is None or (self.features and label not in self.features),
+            "data.features",
+            features,
+            "null or a non-empty list of columns other than the label",
+        )
+        check(
+            self.categorical is None or self.features is None or set(self.categorical) <= set(self.features),
+            "data.categorical",
+            categorical,
+            f"columns among data.features: {self.features}",
+        )
         super().__init__(path, label, test_path, test_fraction, **kwargs)
         self.numeric_columns: list[Any] = []
         self.categorical_columns: list[Any] = []
@@ -213,24 +239,35 @@ class TableData(FileData):
         self.numeric_columns = [c for c in features if c not in self.categorical_columns]
         for split, frame in frames.items():
             bad = [c for c in self.numeric_columns if not pd.api.types.is_numeric_dtype(frame[c])]
-            check(not bad, "data.categorical", self.categorical, f"a list naming every non-numeric feature column "
-                  f"of {sources[split]} (or leave them out of data.features): {bad} are not numbers")
+            check(
+                not bad,
+                "data.categorical",
+                self.categorical,
+                f"a list naming every non-numeric feature column "
+                f"of {sources[split]} (or leave them out of data.features): {bad} are not numbers",
+            )
         return frames
 
     def _categorical(self, features: pd.DataFrame) -> list[Any]:
         """The categorical columns: as configured, else by type (decided on the training file)."""
         if self.categorical is None:
             return [c for c in features.columns if _is_categorical(features[c])]
-        require_columns(features, self.categorical, "data.categorical", self.categorical,
-                        f"data.features of {self.path}")
+        require_columns(
+            features, self.categorical, "data.categorical", self.categorical, f"data.features of {self.path}"
+        )
         return self.categorical
 
     def inputs(self, frame: pd.DataFrame) -> pd.DataFrame:
         x = frame[self.numeric_columns].astype("float64")
         infinite = [c for c in self.numeric_columns if np.isinf(x[c].to_numpy()).any()]
-        check(not infinite, "data.path", str(self.path), f"finite numbers in every numeric column (column "
-              f"{infinite[0] if infinite else ''!r} holds an infinity; make it empty to impute it, or list the "
-              "column in data.categorical)")
+        check(
+            not infinite,
+            "data.path",
+            str(self.path),
+            f"finite numbers in every numeric column (column "
+            f"{infinite[0] if infinite else ''!r} holds an infinity; make it empty to impute it, or list the "
+            "column in data.categorical)",
+        )
         for column in self.categorical_columns:
             x[column] = _as_categories(frame[column])
         return x
@@ -238,13 +275,17 @@ class TableData(FileData):
     def column_transformer(self) -> ColumnTransformer:
         """The (unfitted) encoding of the feature columns."""
         numeric = [SimpleImputer(strategy="median")] + ([StandardScaler()] if self.scaling == "standard" else [])
-        categorical = [SimpleImputer(strategy="most_frequent"),
-                       OneHotEncoder(handle_unknown="ignore", sparse_output=False)]
-        parts = [("numeric", make_pipeline(*numeric), self.numeric_columns),
-                 ("categorical", make_pipeline(*categorical), self.categorical_columns)]
+        categorical = [
+            SimpleImputer(strategy="most_frequent"),
+            OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+        ]
+        parts = [
+            ("numeric", make_pipeline(*numeric), self.numeric_columns),
+            ("categorical", make_pipeline(*categorical), self.categorical_columns),
+        ]
         return ColumnTransformer([p for p in parts if p[2]], remainder="drop", sparse_threshold=0.0)
 
-    def raw_inputs(self) -> "TableInputs":
+    def raw_inputs(self) -> TableInputs:
         """What turns new raw rows into this model's inputs: the encoding fitted on train (it travels
         with every logged model, so runner.predict takes rows of the training file's columns)."""
         return TableInputs(list(self.numeric_columns), list(self.categorical_columns), self.transformer)
@@ -266,8 +307,10 @@ class TableInputs:
     def __call__(self, frame: pd.DataFrame) -> np.ndarray:
         missing = [c for c in self.numeric + self.categorical if c not in frame.columns]
         if missing:
-            raise ValueError(f"rows without the feature columns {missing} (the model was trained on "
-                             f"{self.numeric + self.categorical})")
+            raise ValueError(
+                f"rows without the feature columns {missing} (the model was trained on "
+                f"{self.numeric + self.categorical})"
+            )
         try:
             x = frame[self.numeric].astype("float64")
         except ValueError as e:
@@ -275,4 +318,3 @@ class TableInputs:
         for column in self.categorical:
             x[column] = _as_categories(frame[column])
         return self.transformer.transform(x).astype(np.float32)
-

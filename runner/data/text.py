@@ -4,6 +4,7 @@ The tokenizer is either loaded (`tokenizer`: a Hugging Face name or local direct
 WordPiece tokenizer trained here on the training split's texts; both are transformers
 tokenizers, so the encoding is the same call.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ def _inner_characters(tokenizer: Tokenizer, texts: Iterable[str]) -> list[str]:
     return sorted(chars)
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE, lowercase: bool = True,
-                    max_length: int | None = None) -> PreTrainedTokenizerFast:
+def train_wordpiece(
+    texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE, lowercase: bool = True, max_length: int | None = None
+) -> PreTrainedTokenizerFast:
     """A BERT-style WordPiece tokenizer trained on `texts`: [PAD]=0, [UNK], [CLS] and [SEP] around
     every text, [MASK]. At most `vocab_size` tokens, unless the special tokens and the characters
     of the texts alone are more. The same texts give the same vocabulary and ids."""
@@ -55,18 +57,22 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
     # order, they get the same ids every time. They are special tokens to the trainer only: the
     # tokenizer returned is rebuilt from the learnt vocabulary, with just the real special tokens.
     pieces = ["##" + c for c in _inner_characters(learner, texts)]
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + pieces,
-                                        show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + pieces, show_progress=False
+    )
     learner.train_from_iterator(texts, trainer=trainer, length=len(texts))
     tokenizer = _bert_style(models.WordPiece(vocab=learner.get_vocab(), unk_token=UNK), lowercase)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
-        special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))])
+        single=f"{CLS} $A {SEP}",
+        pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))],
+    )
     tokenizer.decoder = decoders.WordPiece()
     extra = {} if max_length is None else {"model_max_length": max_length}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK, cls_token=CLS,
-                                   sep_token=SEP, mask_token=MASK, **extra)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP, mask_token=MASK, **extra
+    )
 
 
 def load_tokenizer(name: str) -> Any:
@@ -78,18 +84,33 @@ def load_tokenizer(name: str) -> Any:
     name = resolve_weights(name, "data.tokenizer")
     if name.startswith(("/", "./", "../", "~")):  # a directory; else transformers reads it as a Hub name
         name = str(Path(name).expanduser())
-        check(Path(name).is_dir(), "data.tokenizer", name, "an existing directory (saved by save_pretrained) or "
-              "a Hub name")
+        check(
+            Path(name).is_dir(),
+            "data.tokenizer",
+            name,
+            "an existing directory (saved by save_pretrained) or a Hub name",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, missing files, a missing backend...
-        raise ConfigError("data.tokenizer", name, f"a tokenizer AutoTokenizer.from_pretrained can load, or null to "
-                          f"train one on the training texts ({type(e).__name__}: {e})") from e
+        raise ConfigError(
+            "data.tokenizer",
+            name,
+            f"a tokenizer AutoTokenizer.from_pretrained can load, or null to "
+            f"train one on the training texts ({type(e).__name__}: {e})",
+        ) from e
     if tokenizer.pad_token is None:
-        check(tokenizer.eos_token is not None, "data.tokenizer", name, "a tokenizer with a padding or an "
-              "end-of-sequence token")
-        log.info("data: tokenizer %s has no padding token; padding with its end-of-sequence token %r",
-                 name, tokenizer.eos_token)
+        check(
+            tokenizer.eos_token is not None,
+            "data.tokenizer",
+            name,
+            "a tokenizer with a padding or an end-of-sequence token",
+        )
+        log.info(
+            "data: tokenizer %s has no padding token; padding with its end-of-sequence token %r",
+            name,
+            tokenizer.eos_token,
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -108,19 +129,42 @@ class TextData(FileData):
 
     name = "text"
 
-    def __init__(self, path: str, text: str, label: str, tokenizer: str | None = None,
-                 vocab_size: int | None = None, max_length: int = 64, lowercase: bool = True,
-                 test_path: str | None = None, test_fraction: float = 0.2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        text: str,
+        label: str,
+        tokenizer: str | None = None,
+        vocab_size: int | None = None,
+        max_length: int = 64,
+        lowercase: bool = True,
+        test_path: str | None = None,
+        test_fraction: float = 0.2,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("scaling", "none")
-        check(kwargs["scaling"] == "none", "data.scaling", kwargs["scaling"],
-              "none (texts become token ids, not scaled)")
+        check(
+            kwargs["scaling"] == "none", "data.scaling", kwargs["scaling"], "none (texts become token ids, not scaled)"
+        )
         check(isinstance(text, (str, int)), "data.text", text, "the name of the text column")
-        check(tokenizer is None or (isinstance(tokenizer, str) and tokenizer), "data.tokenizer", tokenizer,
-              "null (train a WordPiece tokenizer here) or a transformers tokenizer name or directory")
-        check(vocab_size is None or (isinstance(vocab_size, int) and vocab_size > len(SPECIAL_TOKENS)),
-              "data.vocab_size", vocab_size, f"null or an integer > {len(SPECIAL_TOKENS)}")
-        check(isinstance(max_length, int) and max_length >= 3, "data.max_length", max_length,
-              "an integer >= 3 ([CLS], a token, [SEP])")
+        check(
+            tokenizer is None or (isinstance(tokenizer, str) and tokenizer),
+            "data.tokenizer",
+            tokenizer,
+            "null (train a WordPiece tokenizer here) or a transformers tokenizer name or directory",
+        )
+        check(
+            vocab_size is None or (isinstance(vocab_size, int) and vocab_size > len(SPECIAL_TOKENS)),
+            "data.vocab_size",
+            vocab_size,
+            f"null or an integer > {len(SPECIAL_TOKENS)}",
+        )
+        check(
+            isinstance(max_length, int) and max_length >= 3,
+            "data.max_length",
+            max_length,
+            "an integer >= 3 ([CLS], a token, [SEP])",
+        )
         check(isinstance(lowercase, bool), "data.lowercase", lowercase, [True, False])
         super().__init__(path, label, test_path, test_fraction, **kwargs)
         self.text, self.tokenizer_name, self.max_length, self.lowercase = text, tokenizer, max_length, lowercase
@@ -141,19 +185,31 @@ class TextData(FileData):
     def build_tokenizer(self, texts: Sequence[str]) -> Any:
         """The loaded tokenizer, or one trained on `texts` (the training split's)."""
         if self.tokenizer_name is None:
-            return train_wordpiece(texts, self.requested_vocab_size or DEFAULT_VOCAB_SIZE, self.lowercase,
-                                   self.max_length)
+            return train_wordpiece(
+                texts, self.requested_vocab_size or DEFAULT_VOCAB_SIZE, self.lowercase, self.max_length
+            )
         if self.requested_vocab_size is not None:
-            log.warning("data.vocab_size=%s is ignored: the loaded tokenizer %s has its own vocabulary",
-                        self.requested_vocab_size, self.tokenizer_name)
+            log.warning(
+                "data.vocab_size=%s is ignored: the loaded tokenizer %s has its own vocabulary",
+                self.requested_vocab_size,
+                self.tokenizer_name,
+            )
         return load_tokenizer(self.tokenizer_name)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token ids and attention masks, int64 arrays of shape (len(texts), max_length)."""
-        encoded = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_attention_mask=True, return_token_type_ids=False)
-        return {key: np.asarray(encoded[key], dtype=np.int64).reshape(len(texts), self.max_length)
-                for key in ("input_ids", "attention_mask")}
+        encoded = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=True,
+            return_token_type_ids=False,
+        )
+        return {
+            key: np.asarray(encoded[key], dtype=np.int64).reshape(len(texts), self.max_length)
+            for key in ("input_ids", "attention_mask")
+        }
 
     def preprocess(self, splits: dict[str, Split]) -> dict[str, Split]:
         self.tokenizer = self.build_tokenizer(splits["train"][0])

@@ -2,6 +2,7 @@
 
 Used as `data.train_transforms: [{_target_: runner.data.RandomShift, max_shift: 2}]`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,13 +17,21 @@ class RandomShift:
     a random offset. Uses torch's global RNG, so it follows the member's seed."""
 
     def __init__(self, max_shift: int = 2) -> None:
-        check(isinstance(max_shift, int) and max_shift >= 0, "data.train_transforms[].max_shift", max_shift,
-              "an integer >= 0")
+        check(
+            isinstance(max_shift, int) and max_shift >= 0,
+            "data.train_transforms[].max_shift",
+            max_shift,
+            "an integer >= 0",
+        )
         self.max_shift = max_shift
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        check(x.dim() in (2, 3), "data.train_transforms[] (RandomShift)", tuple(x.shape),
-              "samples of shape (C, L) or (C, H, W)")
+        check(
+            x.dim() in (2, 3),
+            "data.train_transforms[] (RandomShift)",
+            tuple(x.shape),
+            "samples of shape (C, L) or (C, H, W)",
+        )
         s = self.max_shift
         if s == 0:
             return x

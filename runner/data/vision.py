@@ -7,6 +7,7 @@
 - `ImageFolder`: a user's folder of images in torchvision's ImageFolder layout
   (<path>/<class name>/<image files>), read lazily with Pillow.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,10 +40,14 @@ TORCHVISION_SETS = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", [3, 32, 32], 10),
     "cifar100": ("CIFAR100", "cifar-100-python", [3, 32, 32], 100),
 }
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-CIFAR_FILES = {"cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
-               "cifar100": (["train"], ["test"], b"fine_labels")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_FILES = {
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": (["train"], ["test"], b"fine_labels"),
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 GRAYSCALE_MODES = ("1", "L", "LA")  # read as one channel; every other mode as RGB
 STATS_IMAGES = 512  # training images the per-channel mean and std are computed from
@@ -77,8 +82,10 @@ def read_cifar(folder: str | Path, name: str) -> dict[str, tuple[np.ndarray, np.
     as {"train": (x, y), "test": (x, y)}: x uint8 (N, 3, 32, 32), y int64 (CIFAR-100: fine labels)."""
     check(name in CIFAR_FILES, "data.name", name, sorted(CIFAR_FILES))
     train_files, test_files, label_key = CIFAR_FILES[name]
-    return {split: _cifar_batches(Path(folder), files, label_key)
-            for split, files in (("train", train_files), ("test", test_files))}
+    return {
+        split: _cifar_batches(Path(folder), files, label_key)
+        for split, files in (("train", train_files), ("test", test_files))
+    }
 
 
 def _cifar_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +109,6 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, np.float32(255.0), dtype=np.float32)
 
 
-
 def open_image(path: str) -> Any:
     """Pillow's image at `path`; an unreadable or corrupt file is a ConfigError naming it."""
     try:
@@ -111,6 +117,7 @@ def open_image(path: str) -> Any:
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError, truncated files, bad chunks
         raise ConfigError("data.path", str(path), f"readable image files (Pillow: {type(e).__name__}: {e})") from None
     return image
+
 
 class TorchvisionFormat(ArrayDataModule):
     """MNIST, FashionMNIST, CIFAR-10 or CIFAR-100 (`name`: mnist, fashion_mnist, cifar10, cifar100)
@@ -156,23 +163,33 @@ class TorchvisionFormat(ArrayDataModule):
             return
         if not self.download:
             shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
-            raise ConfigError("data.root", str(self.root),
-                              f"a folder holding {self.name} in torchvision's layout under {self.folder} "
-                              f"(missing: {shown}); set data.download=true to fetch them "
-                              f"(needs internet and torchvision)")
+            raise ConfigError(
+                "data.root",
+                str(self.root),
+                f"a folder holding {self.name} in torchvision's layout under {self.folder} "
+                f"(missing: {shown}); set data.download=true to fetch them "
+                f"(needs internet and torchvision)",
+            )
         self._download()
         missing = self.missing_files()
-        check(not missing, "data.root", str(self.root),
-              f"a folder torchvision downloads {self.name} into; still missing after the download: {missing}")
+        check(
+            not missing,
+            "data.root",
+            str(self.root),
+            f"a folder torchvision downloads {self.name} into; still missing after the download: {missing}",
+        )
 
     def _download(self) -> None:
         try:
             import torchvision.datasets
         except (ImportError, RuntimeError) as e:  # RuntimeError: a torchvision built for another torch
-            raise ConfigError("data.download", True,
-                              "torchvision installed (pip install -e '.[vision]' with a torchvision build "
-                              f"matching your torch); or put the files under {self.root} yourself "
-                              f"(importing torchvision failed: {e})") from e
+            raise ConfigError(
+                "data.download",
+                True,
+                "torchvision installed (pip install -e '.[vision]' with a torchvision build "
+                f"matching your torch); or put the files under {self.root} yourself "
+                f"(importing torchvision failed: {e})",
+            ) from e
         log.info("data: downloading %s into %s with torchvision", self.name, self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         # one call fetches both splits: torchvision downloads every file of the dataset
@@ -188,9 +205,12 @@ class TorchvisionFormat(ArrayDataModule):
 
     def _read_idx_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = (read_idx(_idx_path(self.folder, stem)) for stem in IDX_FILES[split])
-        check(images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels), "data.root", str(self.root),
-              f"IDX files of (N, H, W) images and N labels; {split} has images {images.shape}, "
-              f"labels {labels.shape}")
+        check(
+            images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
+            "data.root",
+            str(self.root),
+            f"IDX files of (N, H, W) images and N labels; {split} has images {images.shape}, labels {labels.shape}",
+        )
         return images[:, None], labels.astype(np.int64)
 
 
@@ -199,8 +219,15 @@ class ImageFiles(Dataset):
     `size` (H, W) when `resize`, else checked to be that size, as CHW float tensors in [0, 1],
     normalized with `mean` and `std` when set, then `transform`ed. `targets`: the labels."""
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int], classes: Sequence[str], mode: str,
-                 size: tuple[int, int], resize: bool) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: Sequence[int],
+        classes: Sequence[str],
+        mode: str,
+        size: tuple[int, int],
+        resize: bool,
+    ) -> None:
         self.paths, self.targets, self.classes = list(paths), [int(t) for t in targets], list(classes)
         self.mode, self.size, self.resize = mode, size, resize
         self.mean: torch.Tensor | None = None
@@ -218,9 +245,13 @@ class ImageFiles(Dataset):
             if self.resize and image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
             elif not self.resize and image.size != (width, height):
-                raise ConfigError("data.image_size", None, f"a size to resize to ([H, W] or an int): "
-                                  f"{self.paths[i]} is {image.height}x{image.width}, other images "
-                                  f"{height}x{width}")
+                raise ConfigError(
+                    "data.image_size",
+                    None,
+                    f"a size to resize to ([H, W] or an int): "
+                    f"{self.paths[i]} is {image.height}x{image.width}, other images "
+                    f"{height}x{width}",
+                )
             pixels = np.array(image, dtype=np.uint8)
         x = torch.from_numpy(pixels.reshape(height, width, -1)).permute(2, 0, 1)
         return x.float().div_(255.0)
@@ -238,8 +269,12 @@ def _image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | Non
     if image_size is None:
         return None
     size = [image_size] if isinstance(image_size, int) else list(image_size)
-    check(len(size) in (1, 2) and all(isinstance(s, int) and s >= 1 for s in size), "data.image_size",
-          image_size, "null, an int or [H, W] of positive ints")
+    check(
+        len(size) in (1, 2) and all(isinstance(s, int) and s >= 1 for s in size),
+        "data.image_size",
+        image_size,
+        "null, an int or [H, W] of positive ints",
+    )
     return (size[0], size[-1])
 
 
@@ -247,8 +282,12 @@ def _stats(values: Sequence[float] | None, key: str) -> list[float] | None:
     if values is None:
         return None
     values = [values] if isinstance(values, (int, float)) else list(values)
-    check(bool(values) and all(isinstance(v, (int, float)) for v in values), key, values,
-          "null or a list of floats, one per channel")
+    check(
+        bool(values) and all(isinstance(v, (int, float)) for v in values),
+        key,
+        values,
+        "null or a list of floats, one per channel",
+    )
     return [float(v) for v in values]
 
 
@@ -261,19 +300,16 @@ def scan_folder(path: Path, key: str, classes: Sequence[str] | None = None) -> t
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
-    check(not unknown, key, str(path), f"class folders among the training classes {list(classes)}; "
-          f"unknown: {unknown}")
+    check(not unknown, key, str(path), f"class folders among the training classes {list(classes)}; unknown: {unknown}")
     index = {name: i for i, name in enumerate(classes)}
     paths, labels, empty = [], [], []
     for name in found:
-        files = sorted(str(f) for f in (path / name).rglob("*")
-                       if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        files = sorted(str(f) for f in (path / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
         if not files:
             empty.append(name)
         paths += files
         labels += [index[name]] * len(files)
-    check(not empty, key, str(path), f"class folders holding images ({', '.join(IMAGE_EXTENSIONS)}); "
-          f"empty: {empty}")
+    check(not empty, key, str(path), f"class folders holding images ({', '.join(IMAGE_EXTENSIONS)}); empty: {empty}")
     return list(classes), paths, labels
 
 
@@ -290,10 +326,18 @@ class ImageFolder(DatasetDataModule):
     Other arguments: DatasetDataModule's (batch sizes, val_fraction, split_seed, workers).
     """
 
-    def __init__(self, path: str, test_path: str | None = None, test_fraction: float = 0.2,
-                 image_size: int | Sequence[int] | None = None, channels: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 train_transforms: Sequence[Callable] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        test_path: str | None = None,
+        test_fraction: float = 0.2,
+        image_size: int | Sequence[int] | None = None,
+        channels: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        train_transforms: Sequence[Callable] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         check(0.0 < test_fraction < 1.0, "data.test_fraction", test_fraction, "a float in (0, 1)")
         check(channels in (None, 1, 3), "data.channels", channels, "null (from the first image), 1 or 3")
@@ -322,11 +366,16 @@ class ImageFolder(DatasetDataModule):
 
     def _split_test(self, paths: list[str], labels: list[int]) -> tuple[list, list, list, list]:
         try:
-            return train_test_split(paths, labels, test_size=self.test_fraction, random_state=self.split_seed,
-                                    stratify=labels)
+            return train_test_split(
+                paths, labels, test_size=self.test_fraction, random_state=self.split_seed, stratify=labels
+            )
         except ValueError as e:  # too few images per class for a stratified split
-            raise ConfigError("data.path", str(self.path), f"enough images per class for a stratified "
-                              f"test_fraction={self.test_fraction} split, or a data.test_path ({e})") from e
+            raise ConfigError(
+                "data.path",
+                str(self.path),
+                f"enough images per class for a stratified "
+                f"test_fraction={self.test_fraction} split, or a data.test_path ({e})",
+            ) from e
 
     def _mode(self, first: str) -> str:
         if self.channels is not None:
@@ -344,8 +393,13 @@ class ImageFolder(DatasetDataModule):
         for i in probes:
             with open_image(paths[i]) as image:
                 sizes.setdefault((image.height, image.width), paths[i])
-        check(len(sizes) == 1, "data.image_size", None, "an int or [H, W] to resize to: the images have "
-              "different sizes (" + ", ".join(f"{p}: {h}x{w}" for (h, w), p in list(sizes.items())[:3]) + ")")
+        check(
+            len(sizes) == 1,
+            "data.image_size",
+            None,
+            "an int or [H, W] to resize to: the images have "
+            "different sizes (" + ", ".join(f"{p}: {h}x{w}" for (h, w), p in list(sizes.items())[:3]) + ")",
+        )
         return next(iter(sizes)), False
 
     def _normalize(self, datasets: Sequence[ImageFiles], mean: Sequence[float], std: Sequence[float]) -> None:
@@ -366,8 +420,12 @@ class ImageFolder(DatasetDataModule):
         mean, std = self.mean, self.std
         if mean is None or std is None:
             found_mean, found_std = self._train_stats(train)
-            log.info("data: per-channel mean %s, std %s from %d training images", found_mean, found_std,
-                     min(len(train), STATS_IMAGES))
+            log.info(
+                "data: per-channel mean %s, std %s from %d training images",
+                found_mean,
+                found_std,
+                min(len(train), STATS_IMAGES),
+            )
             mean, std = mean or found_mean, std or found_std
         self._normalize([train.dataset, self.data["test"]], mean, std)
         # train and val share one dataset (val is carved from it): training gets a copy that augments

@@ -3,6 +3,7 @@
 One forward pass per split and model: `predict_proba` returns the probabilities once and every
 metric is computed from them.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from runner.data.batches import Inputs, num_samples, split_batch, take, to_device
-from runner.device import device_of
-from runner.evaluate.latency import LatencyStats, latency_ms, latency_stats  # noqa: F401  (public API)
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
@@ -25,6 +22,10 @@ from torchmetrics.functional.classification import (
     multiclass_precision,
     multiclass_recall,
 )
+
+from runner.data.batches import Inputs, num_samples, split_batch, take, to_device
+from runner.device import device_of
+from runner.evaluate.latency import LatencyStats, latency_ms, latency_stats  # noqa: F401  (public API)
 
 
 def _nll(probs: torch.Tensor, target: torch.Tensor, num_classes: int, bins: int) -> torch.Tensor:
@@ -60,8 +61,13 @@ def predict_proba(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, to
     return torch.cat(probs), torch.cat(targets)
 
 
-def classification_metrics(probs: torch.Tensor, target: torch.Tensor, num_classes: int,
-                           names: Iterable[str] = tuple(METRICS), ece_bins: int = 15) -> dict[str, float]:
+def classification_metrics(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    names: Iterable[str] = tuple(METRICS),
+    ece_bins: int = 15,
+) -> dict[str, float]:
     # an average of probabilities may round to 1 + 2e-16; torchmetrics would then take the
     # probabilities for logits and softmax them again (ECE 0.72 instead of 0.03 for a mean of 5 CNNs)
     probs = probs.clamp(0.0, 1.0)
@@ -117,16 +123,22 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
     """
     state = model.state_dict()
     buffers = {name for name, _ in model.named_buffers()}
-    stored = [t for k, v in state.items() if k not in buffers and not re.search(r"(scale|zero_point)(_\d+)?$", k)
-              for t in _tensors(v) if t.is_quantized or t.is_floating_point()]
+    stored = [
+        t
+        for k, v in state.items()
+        if k not in buffers and not re.search(r"(scale|zero_point)(_\d+)?$", k)
+        for t in _tensors(v)
+        if t.is_quantized or t.is_floating_point()
+    ]
     params = stored if any(t.is_quantized for t in stored) else list(model.parameters())
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return {
         "zip_bytes": float(len(zlib.compress(buffer.getbuffer(), 6))),
         "params": float(sum(t.numel() for t in params)),
-        "nonzero_params": float(sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach()))
-                                    for t in params)),
+        "nonzero_params": float(
+            sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach())) for t in params)
+        ),
         "size_bytes": float(buffer.getbuffer().nbytes),
         "weight_bytes": float(weight_bytes(model)),
     }
@@ -147,13 +159,22 @@ def count_macs(model: nn.Module, x: Inputs) -> float | None:
     return flops / 2 / num_samples(x) if flops else None
 
 
-def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metrics: Iterable[str],
-                   ece_bins: int = 15, latency_batch: Inputs | None = None,
-                   latency_repeats: int = 30, probs: torch.Tensor | None = None,
-                   targets: torch.Tensor | None = None, *, latency_warmup_s: float = 0.2,
-                   latency_min_time_s: float = 0.5, latency_max_repeats: int = 10_000,
-                   latency_threads: int | None = None,
-                   ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+def evaluate_model(
+    model: nn.Module,
+    batches: Iterable,
+    num_classes: int,
+    metrics: Iterable[str],
+    ece_bins: int = 15,
+    latency_batch: Inputs | None = None,
+    latency_repeats: int = 30,
+    probs: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    *,
+    latency_warmup_s: float = 0.2,
+    latency_min_time_s: float = 0.5,
+    latency_max_repeats: int = 10_000,
+    latency_threads: int | None = None,
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
     """All metrics of one model on one split from a single forward pass.
 
     Returns (metrics, probabilities, confusion matrix, targets); the probabilities are kept so
@@ -172,9 +193,17 @@ def evaluate_model(model: nn.Module, batches: Iterable, num_classes: int, metric
     results = classification_metrics(probs, targets, num_classes, metrics, ece_bins)
     results.update(size_metrics(model))
     if latency_batch is not None:
-        results.update(latency_stats(model, latency_batch, latency_repeats, warmup_s=latency_warmup_s,
-                                     min_time_s=latency_min_time_s, max_repeats=latency_max_repeats,
-                                     threads=latency_threads).metrics())
+        results.update(
+            latency_stats(
+                model,
+                latency_batch,
+                latency_repeats,
+                warmup_s=latency_warmup_s,
+                min_time_s=latency_min_time_s,
+                max_repeats=latency_max_repeats,
+                threads=latency_threads,
+            ).metrics()
+        )
         macs = count_macs(model, take(latency_batch, slice(0, 1)))
         if macs is not None:
             results["macs"] = macs

@@ -6,6 +6,7 @@ its primitives and lazy modules their kernels on the first calls), times calls u
 time is reached, holds the torch thread count fixed, and reports the interquartile range, the number
 of timed calls and the thread count along with the median.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -24,6 +25,7 @@ from runner.data.batches import Inputs
 class LatencyStats:
     """Wall time of one forward pass over a batch, in milliseconds, over `repeats` timed calls
     made with `threads` torch CPU threads."""
+
     median_ms: float
     q25_ms: float
     q75_ms: float
@@ -36,9 +38,14 @@ class LatencyStats:
 
     def metrics(self) -> dict[str, float]:
         """The keys evaluate_model logs; compression_report reads the quartiles back."""
-        return {"latency_ms": self.median_ms, "latency_q25_ms": self.q25_ms, "latency_q75_ms": self.q75_ms,
-                "latency_iqr_ms": self.iqr_ms, "latency_repeats": float(self.repeats),
-                "latency_threads": float(self.threads)}
+        return {
+            "latency_ms": self.median_ms,
+            "latency_q25_ms": self.q25_ms,
+            "latency_q75_ms": self.q75_ms,
+            "latency_iqr_ms": self.iqr_ms,
+            "latency_repeats": float(self.repeats),
+            "latency_threads": float(self.threads),
+        }
 
 
 def _on_cuda(model: nn.Module, x: Inputs) -> bool:
@@ -51,9 +58,17 @@ def _no_sync() -> None:
 
 
 @torch.no_grad()
-def latency_stats(model: nn.Module, x: Inputs, repeats: int = 30, warmup: int = 3, warmup_s: float = 0.2,
-                  min_time_s: float = 0.5, max_repeats: int = 10_000, threads: int | None = None,
-                  clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
+def latency_stats(
+    model: nn.Module,
+    x: Inputs,
+    repeats: int = 30,
+    warmup: int = 3,
+    warmup_s: float = 0.2,
+    min_time_s: float = 0.5,
+    max_repeats: int = 10_000,
+    threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyStats:
     """Median and quartiles of the wall time of `model(x)`.
 
     Warm-up: at least `warmup` calls and at least `warmup_s` seconds, none of them timed. Then at

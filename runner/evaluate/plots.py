@@ -1,4 +1,5 @@
 """Figures logged as artifacts (plain matplotlib Figures, no pyplot state: they pickle to the MLflow worker)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,15 @@ def confusion_matrix_figure(matrix: torch.Tensor, title: str = "", classes: list
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+            )
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
     if classes and len(classes) == n:
         ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)

@@ -1,13 +1,26 @@
 """The short table printed at the end of a run."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-COLUMNS = {"acc": "acc", "f1": "f1", "nll": "nll", "ece": "ece", "params": "params",
-           "nonzero_params": "nonzero", "size_bytes": "size_kB", "latency_ms": "latency_ms",
-           "delta/acc": "d_acc", "compression_ratio": "ratio", "speedup": "speedup",
-           "gain/acc": "gain_acc", "gain/nll": "gain_nll",
-           "export/agreement": "export_agree", "export/latency_ms": "export_ms"}  # eval.export
+COLUMNS = {
+    "acc": "acc",
+    "f1": "f1",
+    "nll": "nll",
+    "ece": "ece",
+    "params": "params",
+    "nonzero_params": "nonzero",
+    "size_bytes": "size_kB",
+    "latency_ms": "latency_ms",
+    "delta/acc": "d_acc",
+    "compression_ratio": "ratio",
+    "speedup": "speedup",
+    "gain/acc": "gain_acc",
+    "gain/nll": "gain_nll",
+    "export/agreement": "export_agree",
+    "export/latency_ms": "export_ms",
+}  # eval.export
 
 
 def _fmt(column: str, value: float) -> str:
@@ -24,6 +37,8 @@ def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     header = ["model"] + [COLUMNS[c] for c in columns]
     body = [[name] + [_fmt(c, r[c]) if c in r else "-" for c in columns] for name, r in rows.items()]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    line = lambda row: "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)  # noqa: E731
-                                 for i, (cell, w) in enumerate(zip(row, widths)))
+
+    def line(row):
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body])

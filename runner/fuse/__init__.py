@@ -5,6 +5,7 @@ Output-level strategies (OutputFusion subclasses) also offer `combine(member_pro
 Weight-space merges (Merge subclasses: TaskArithmetic, TIES, DARE) also need `set_start(state_dict)`,
 the members' shared start, before `fit`. Each class has YAMLs in conf/fuse/.
 """
+
 from runner.fuse.averaging import HardVoting, ProbabilityMean, SoftVoting, WeightedAverage
 from runner.fuse.base import Fusion, OutputFusion, gain_over_best, member_probs
 from runner.fuse.features import FeatureFusion, FeatureNet
@@ -13,6 +14,23 @@ from runner.fuse.selection import CaruanaSelection
 from runner.fuse.soup import GreedySoup, UniformSoup
 from runner.fuse.stacking import Stacking
 
-__all__ = ["Fusion", "OutputFusion", "gain_over_best", "member_probs", "ProbabilityMean", "SoftVoting", "HardVoting",
-           "WeightedAverage", "Stacking", "CaruanaSelection", "FeatureFusion", "FeatureNet",
-           "UniformSoup", "GreedySoup", "Merge", "TaskArithmetic", "TIES", "DARE"]
+__all__ = [
+    "Fusion",
+    "OutputFusion",
+    "gain_over_best",
+    "member_probs",
+    "ProbabilityMean",
+    "SoftVoting",
+    "HardVoting",
+    "WeightedAverage",
+    "Stacking",
+    "CaruanaSelection",
+    "FeatureFusion",
+    "FeatureNet",
+    "UniformSoup",
+    "GreedySoup",
+    "Merge",
+    "TaskArithmetic",
+    "TIES",
+    "DARE",
+]

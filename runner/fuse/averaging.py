@@ -1,4 +1,5 @@
 """Averaging and voting over member probabilities."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,12 @@ def _fixed_weights(weights: Sequence[float] | None) -> list[float] | None:
     if weights is None:
         return None
     weights = [float(w) for w in weights]
-    check(all(w >= 0 for w in weights) and sum(weights) > 0, "fuse.weights", weights,
-          "null or non-negative numbers, one per member, with a positive sum")
+    check(
+        all(w >= 0 for w in weights) and sum(weights) > 0,
+        "fuse.weights",
+        weights,
+        "null or non-negative numbers, one per member, with a positive sum",
+    )
     return weights
 
 
@@ -118,8 +123,9 @@ class WeightedAverage(OutputFusion):
             grad_w = -(p_true / mix[:, None]).mean(0)
             return float(-np.log(mix).mean()), w * (grad_w - w @ grad_w)  # chain rule through softmax
 
-        result = minimize(loss, np.zeros(p_true.shape[1]), jac=True, method="L-BFGS-B",
-                          options={"maxiter": self.maxiter})
+        result = minimize(
+            loss, np.zeros(p_true.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": self.maxiter}
+        )
         w = np.exp(result.x - result.x.max())
         return w / w.sum()
 

@@ -4,6 +4,7 @@ Output-level strategies combine member probabilities through one `combine(member
 (shape (M, N, C) -> (N, C)), so a caller holding already computed member probabilities (the
 pipeline keeps every member's test probabilities) fuses them without running members again.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -39,21 +40,31 @@ def member_probs(members: Sequence[nn.Module], x: Inputs, batch_size: int = 4096
     for m in members:
         m.eval()
         device = device_of(m)
-        out.append(torch.cat([torch.softmax(m(to_device(take(x, slice(i, i + batch_size)), device)).double(), 1).cpu()
-                              for i in range(0, n, batch_size)]))
+        out.append(
+            torch.cat(
+                [
+                    torch.softmax(m(to_device(take(x, slice(i, i + batch_size)), device)).double(), 1).cpu()
+                    for i in range(0, n, batch_size)
+                ]
+            )
+        )
     widths = {p.shape[1] for p in out}
     if len(widths) > 1:
-        raise ConfigError("ensemble.members", {f"{i}:{type(m).__name__}": p.shape[1]
-                                               for i, (m, p) in enumerate(zip(members, out))},
-                          "members that output the same number of classes")
+        raise ConfigError(
+            "ensemble.members",
+            {f"{i}:{type(m).__name__}": p.shape[1] for i, (m, p) in enumerate(zip(members, out))},
+            "members that output the same number of classes",
+        )
     return torch.stack(out)
 
 
-def check_is_fitted(fusion: "Fusion", attribute: str) -> None:
+def check_is_fitted(fusion: Fusion, attribute: str) -> None:
     """Raise scikit-learn's NotFittedError (a ValueError and AttributeError) before `fit`."""
     if not hasattr(fusion, attribute):
-        raise NotFittedError(f"This {type(fusion).__name__} is not fitted yet: call fit(members, val) "
-                             "(or fit_outputs) before predicting.")
+        raise NotFittedError(
+            f"This {type(fusion).__name__} is not fitted yet: call fit(members, val) "
+            "(or fit_outputs) before predicting."
+        )
 
 
 class Fusion:
@@ -69,14 +80,18 @@ class Fusion:
         data's `spec`, every member runs once on its real inputs (one label set, one input)."""
         check(len(members) >= 2, "ensemble", f"{len(members)} member(s)", "2 or more members to fuse")
         for i, m in enumerate(members if spec is not None else []):
-            check_forward(m, spec.example, spec.num_classes, f"ensemble.members[{i}] ({type(m).__name__})",
-                          spec.input_spec)
+            check_forward(
+                m, spec.example, spec.num_classes, f"ensemble.members[{i}] ({type(m).__name__})", spec.input_spec
+            )
         values = describe(members, "num_classes")
         if len({v for v in values.values() if v is not None}) > 1:
-            raise ConfigError("ensemble.members (num_classes)", values, "members with the same number of "
-                              "classes: fusion combines predictions for one input over one label set")
+            raise ConfigError(
+                "ensemble.members (num_classes)",
+                values,
+                "members with the same number of classes: fusion combines predictions for one input over one label set",
+            )
 
-    def fit(self, members: Sequence[nn.Module], val: Iterable[tuple[Tensor, Tensor]]) -> "Fusion":
+    def fit(self, members: Sequence[nn.Module], val: Iterable[tuple[Tensor, Tensor]]) -> Fusion:
         """Fit on the validation batches `val` (never train or test)."""
         members = list(members)
         self.check_members(members)
@@ -117,10 +132,14 @@ class OutputFusion(Fusion):
         self.fit_outputs(self.val_probs_, self.val_y_)  # both on the CPU (y may be on the members' GPU)
         self.members_ = members
 
-    def fit_outputs(self, member_probs: Tensor, y: Tensor) -> "OutputFusion":
+    def fit_outputs(self, member_probs: Tensor, y: Tensor) -> OutputFusion:
         """Fit on member validation probabilities (M, N, C) and labels (N,)."""
-        check(member_probs.dim() == 3 and member_probs.shape[1] == len(y), "fuse.fit_outputs",
-              tuple(member_probs.shape), f"member probabilities of shape (M, {len(y)}, C)")
+        check(
+            member_probs.dim() == 3 and member_probs.shape[1] == len(y),
+            "fuse.fit_outputs",
+            tuple(member_probs.shape),
+            f"member probabilities of shape (M, {len(y)}, C)",
+        )
         self._fit_outputs(member_probs.double(), y.long())
         self.n_members_, self.num_classes_ = member_probs.shape[0], member_probs.shape[2]
         return self
@@ -131,8 +150,12 @@ class OutputFusion(Fusion):
     def combine(self, member_probs: Tensor) -> Tensor:
         """Fused probabilities (N, C) from member probabilities (M, N, C), members in `fit` order."""
         check_is_fitted(self, "n_members_")
-        check(tuple(member_probs.shape[::2]) == (self.n_members_, self.num_classes_), "fuse.combine",
-              tuple(member_probs.shape), f"shape ({self.n_members_}, N, {self.num_classes_})")
+        check(
+            tuple(member_probs.shape[::2]) == (self.n_members_, self.num_classes_),
+            "fuse.combine",
+            tuple(member_probs.shape),
+            f"shape ({self.n_members_}, N, {self.num_classes_})",
+        )
         return self._combine(member_probs.double()).to(member_probs.dtype)  # computed in float64
 
     def _combine(self, member_probs: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
 """Feature-level fusion: a head trained on the concatenated features of frozen members."""
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from runner.data import TensorBatches
 from runner.data.batches import DataSpec, Inputs, num_samples, take
 from runner.errors import check
-from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet
+from runner.fuse.base import Fusion, LogSoftmaxNet, check_is_fitted
 from runner.models.adapter import check_split, features, head_module
 
 HEADS = ("linear", "mlp")
@@ -43,13 +44,27 @@ class FeatureFusion(Fusion):
     `finetune_lr` (linear probe then fine-tune); members are copied first, never changed.
     """
 
-    def __init__(self, head: str = "linear", hidden: int = 128, epochs: int = 50, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, batch_size: int = 100, init_from_members: bool = True,
-                 finetune_members: bool = False, finetune_epochs: int = 10, finetune_lr: float = 1e-4,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        head: str = "linear",
+        hidden: int = 128,
+        epochs: int = 50,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 100,
+        init_from_members: bool = True,
+        finetune_members: bool = False,
+        finetune_epochs: int = 10,
+        finetune_lr: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
         check(head in HEADS, "fuse.head", head, list(HEADS))
-        for key, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size),
-                           ("finetune_epochs", finetune_epochs)):
+        for key, value in (
+            ("hidden", hidden),
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+            ("finetune_epochs", finetune_epochs),
+        ):
             check(int(value) >= 1, f"fuse.{key}", value, "an integer >= 1")
         check(lr > 0 and finetune_lr > 0, "fuse.lr / fuse.finetune_lr", (lr, finetune_lr), "floats > 0")
         check(weight_decay >= 0, "fuse.weight_decay", weight_decay, "a float >= 0")
@@ -97,8 +112,9 @@ class FeatureFusion(Fusion):
             torch.manual_seed(self.seed)
             net = FeatureNet([m.eval() for m in members], nn.Identity())
             with torch.no_grad():
-                feats = torch.cat([net.forward_features(take(x, slice(i, i + 4096)))
-                                   for i in range(0, num_samples(x), 4096)])
+                feats = torch.cat(
+                    [net.forward_features(take(x, slice(i, i + 4096))) for i in range(0, num_samples(x), 4096)]
+                )
             net.head = self._build_head(members, feats.shape[1]).to(feats.device)
             self._train(net.head, feats, y.to(feats.device), self.epochs, self.lr)
             if self.finetune_members:

@@ -16,6 +16,7 @@ trained weights, so a task vector of them means nothing, and theta_0 + scaling *
 make a running variance negative (scaling * M > 1), while a mean of variances is a valid variance.
 Integer buffers (num_batches_tracked) are copied from the first member.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,8 @@ MERGE_REQUIREMENT = (
     "task arithmetic, TIES and DARE take task vectors theta_i - theta_0 from one shared start "
     "theta_0, so the members must be one architecture fine-tuned from one initial checkpoint (equal "
     "`init_id`); use ensemble=finetune5 or ensemble=soup5 (a shared start the runner pre-trains) or "
-    "`ensemble.shared_init: true`, or an output-level strategy such as fuse=mean")
+    "`ensemble.shared_init: true`, or an output-level strategy such as fuse=mean"
+)
 Vectors = list[dict[str, Tensor]]  # one task vector per member: parameter name -> tensor
 
 
@@ -104,14 +106,23 @@ def dare(vectors: Vectors, drop_rate: float, generator: torch.Generator) -> tupl
 def _unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out, i = {}, 0
     for k, v in like.items():
-        out[k], i = flat[i:i + v.numel()].view_as(v), i + v.numel()
+        out[k], i = flat[i : i + v.numel()].view_as(v), i + v.numel()
     return out
 
 
 def _check_scaling(scaling: float | None) -> None:
-    check(scaling is None or (isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
-                              and math.isfinite(scaling) and scaling > 0),
-          "fuse.scaling", scaling, f"null (chosen on val from {list(SCALING_GRID)}) or a number > 0")
+    check(
+        scaling is None
+        or (
+            isinstance(scaling, (int, float))
+            and not isinstance(scaling, bool)
+            and math.isfinite(scaling)
+            and scaling > 0
+        ),
+        "fuse.scaling",
+        scaling,
+        f"null (chosen on val from {list(SCALING_GRID)}) or a number > 0",
+    )
 
 
 class Merge(_Soup):
@@ -124,7 +135,7 @@ class Merge(_Soup):
 
     scaling: float | None
 
-    def set_start(self, state: Mapping[str, Tensor]) -> "Merge":
+    def set_start(self, state: Mapping[str, Tensor]) -> Merge:
         """The weights theta_0 every member was fine-tuned from (a state dict; copied)."""
         self._start = {k: v.detach().clone() for k, v in state.items()}
         return self
@@ -132,15 +143,18 @@ class Merge(_Soup):
     def check_members(self, members: Sequence[nn.Module], spec: DataSpec | None = None) -> None:
         Fusion.check_members(self, members, spec)  # then the soups' checks, with what merging needs in the message
         if len({architecture(m) for m in members}) > 1:
-            raise ConfigError("ensemble.members (architecture)",
-                              {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters())
-                               for i, m in enumerate(members)}, MERGE_REQUIREMENT)
+            raise ConfigError(
+                "ensemble.members (architecture)",
+                {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(members)},
+                MERGE_REQUIREMENT,
+            )
         ids = describe(members, "init_id")
         if None in ids.values():
             raise ConfigError("ensemble.shared_init (member init_id)", ids, MERGE_REQUIREMENT)
         if len(set(ids.values())) > 1:  # members of one architecture with their own initial weights
-            raise ConfigError("ensemble.shared_init", f"false (the members' init_id differ: {ids})",
-                              f"true ({MERGE_REQUIREMENT})")
+            raise ConfigError(
+                "ensemble.shared_init", f"false (the members' init_id differ: {ids})", f"true ({MERGE_REQUIREMENT})"
+            )
 
     def merge_vectors(self, vectors: Vectors) -> dict[str, Tensor]:
         """The combined task vector (before `scaling`) from one task vector per member."""
@@ -152,12 +166,17 @@ class Merge(_Soup):
         states = [m.state_dict() for m in members]
         vectors = [{k: _wide(s[k]) - _wide(start[k]).to(s[k].device) for k in names} for s in states]
         direction = self.merge_vectors(vectors)
-        rest = {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
-                for k, v in states[0].items() if k not in direction}  # buffers: as average_state does
+        rest = {
+            k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
+            for k, v in states[0].items()
+            if k not in direction
+        }  # buffers: as average_state does
 
         def merged(lam: float) -> dict[str, Tensor]:
-            return {**rest, **{k: (_wide(start[k]).to(d.device) + lam * d).to(states[0][k].dtype)
-                               for k, d in direction.items()}}
+            return {
+                **rest,
+                **{k: (_wide(start[k]).to(d.device) + lam * d).to(states[0][k].dtype) for k, d in direction.items()},
+            }
 
         net = copy.deepcopy(members[0]).eval()
         scores = {}
@@ -181,13 +200,21 @@ class Merge(_Soup):
     def _checked_start(self, member: nn.Module) -> dict[str, Tensor]:
         start = getattr(self, "_start", None)
         if start is None:
-            raise ConfigError("fuse (shared start)", None, "the members' shared start theta_0: call "
-                              "strategy.set_start(state_dict) before fit (the pipeline does, from "
-                              "runner.members.shared_start)")
+            raise ConfigError(
+                "fuse (shared start)",
+                None,
+                "the members' shared start theta_0: call "
+                "strategy.set_start(state_dict) before fit (the pipeline does, from "
+                "runner.members.shared_start)",
+            )
         shapes = {k: tuple(v.shape) for k, v in member.state_dict().items()}
         given = {k: tuple(v.shape) for k, v in start.items()}
-        check(given == shapes, "fuse (shared start)", f"{len(given)} tensors", f"the members' state dict "
-              f"({len(shapes)} tensors of the same names and shapes)")
+        check(
+            given == shapes,
+            "fuse (shared start)",
+            f"{len(given)} tensors",
+            f"the members' state dict ({len(shapes)} tensors of the same names and shapes)",
+        )
         return start
 
 
@@ -216,8 +243,12 @@ class TIES(Merge):
     of that sign; theta_0 + scaling * that. scaling: a number > 0, or None (chosen on val)."""
 
     def __init__(self, density: float = 0.2, scaling: float | None = None) -> None:
-        check(isinstance(density, (int, float)) and not isinstance(density, bool) and 0.0 < density <= 1.0,
-              "fuse.density", density, "a fraction in (0, 1]: the share of each task vector's entries kept")
+        check(
+            isinstance(density, (int, float)) and not isinstance(density, bool) and 0.0 < density <= 1.0,
+            "fuse.density",
+            density,
+            "a fraction in (0, 1]: the share of each task vector's entries kept",
+        )
         _check_scaling(scaling)
         self.density, self.scaling = density, scaling
 
@@ -234,10 +265,15 @@ class DARE(Merge):
 
     COMBINE = ("sum", "ties")
 
-    def __init__(self, drop_rate: float = 0.5, combine: str = "sum", scaling: float | None = None,
-                 seed: int = 0) -> None:
-        check(isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0.0 <= drop_rate < 1.0,
-              "fuse.drop_rate", drop_rate, "a probability in [0, 1)")
+    def __init__(
+        self, drop_rate: float = 0.5, combine: str = "sum", scaling: float | None = None, seed: int = 0
+    ) -> None:
+        check(
+            isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0.0 <= drop_rate < 1.0,
+            "fuse.drop_rate",
+            drop_rate,
+            "a probability in [0, 1)",
+        )
         check(combine in self.COMBINE, "fuse.combine", combine, list(self.COMBINE))
         _check_scaling(scaling)
         check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "fuse.seed", seed, "an integer >= 0")

@@ -1,4 +1,5 @@
 """Greedy ensemble selection (Caruana et al. 2004)."""
+
 from __future__ import annotations
 
 import torch

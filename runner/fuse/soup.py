@@ -5,6 +5,7 @@ stay in one loss basin); independently initialised nets average to a broken mode
 here: 9% on MNIST-1D). The pipeline marks each member with `init_id`, a hash of its initial
 weights, and soups refuse members whose architectures or init_ids differ.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,12 +15,13 @@ from torch import Tensor, nn
 
 from runner.data.batches import DataSpec
 from runner.errors import ConfigError
-from runner.fuse.base import check_is_fitted, Fusion, LogSoftmaxNet, describe
+from runner.fuse.base import Fusion, LogSoftmaxNet, check_is_fitted, describe
 
 SOUP_REQUIREMENT = (
     "weight averaging (model soups) needs members of one architecture fine-tuned from one shared "
     "initial checkpoint (equal `init_id`); use ensemble=soup5 (a shared, pre-trained start) or `ensemble.shared_init: true` "
-    "(every seed then starts from the same weights), or an output-level strategy such as fuse=mean")
+    "(every seed then starts from the same weights), or an output-level strategy such as fuse=mean"
+)
 
 
 def architecture(net: nn.Module) -> tuple:
@@ -28,8 +30,10 @@ def architecture(net: nn.Module) -> tuple:
 
 def average_state(nets: list[nn.Module]) -> dict[str, Tensor]:
     states = [n.state_dict() for n in nets]
-    return {k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
-            for k, v in states[0].items()}
+    return {
+        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v.clone()
+        for k, v in states[0].items()
+    }
 
 
 @torch.no_grad()
@@ -41,9 +45,11 @@ class _Soup(Fusion):
     def check_members(self, members, spec: DataSpec | None = None) -> None:
         super().check_members(members, spec)
         if len({architecture(m) for m in members}) > 1:
-            raise ConfigError("ensemble.members (architecture)",
-                              {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters())
-                               for i, m in enumerate(members)}, SOUP_REQUIREMENT)
+            raise ConfigError(
+                "ensemble.members (architecture)",
+                {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(members)},
+                SOUP_REQUIREMENT,
+            )
         ids = describe(members, "init_id")
         if None in ids.values() or len(set(ids.values())) > 1:
             raise ConfigError("ensemble.shared_init (member init_id)", ids, SOUP_REQUIREMENT)

@@ -1,4 +1,5 @@
 """Stacking: a scikit-learn meta-learner fit on the members' validation probabilities."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -33,8 +34,12 @@ class Stacking(OutputFusion):
 
     def __init__(self, meta_learner: Any = None, cv: int | None = None, seed: int = 0) -> None:
         meta_learner = meta_learner if meta_learner is not None else LogisticRegression(max_iter=1000)
-        check(hasattr(meta_learner, "fit") and hasattr(meta_learner, "predict_proba"), "fuse.meta_learner",
-              meta_learner, "a scikit-learn classifier with fit and predict_proba (a `_target_` node)")
+        check(
+            hasattr(meta_learner, "fit") and hasattr(meta_learner, "predict_proba"),
+            "fuse.meta_learner",
+            meta_learner,
+            "a scikit-learn classifier with fit and predict_proba (a `_target_` node)",
+        )
         check(cv is None or int(cv) >= 2, "fuse.cv", cv, "null (one meta-learner on all of val) or an integer >= 2")
         self.meta_learner, self.cv, self.seed = meta_learner, None if cv is None else int(cv), seed
 
@@ -51,8 +56,10 @@ class Stacking(OutputFusion):
             oof[held_out] = self._proba(meta, features[held_out], n_classes)
             self.meta_learners_.append(meta)
         self.oof_proba_ = torch.from_numpy(oof).float()
-        self.oof_score_ = {"acc": float((oof.argmax(1) == target).mean()),
-                           "nll": float(-np.log(np.maximum(oof[np.arange(len(target)), target], 1e-12)).mean())}
+        self.oof_score_ = {
+            "acc": float((oof.argmax(1) == target).mean()),
+            "nll": float(-np.log(np.maximum(oof[np.arange(len(target)), target], 1e-12)).mean()),
+        }
 
     @staticmethod
     def _proba(meta: Any, features: np.ndarray, n_classes: int) -> np.ndarray:

@@ -7,6 +7,20 @@ from runner.models.reference import LeNet5, LeNet300, ResNetCIFAR
 from runner.models.text import BagOfEmbeddings
 from runner.models.zoo import timm_model, torchvision_model
 
-__all__ = ["CNN1D", "GRU", "MLP", "LogReg", "Net", "LitClassifier", "LeNet300", "LeNet5", "ResNetCIFAR",
-           "HuggingFace", "SentenceEncoder", "BagOfEmbeddings", "timm_model", "torchvision_model",
-           "EfficientNetLite"]
+__all__ = [
+    "CNN1D",
+    "GRU",
+    "MLP",
+    "LogReg",
+    "Net",
+    "LitClassifier",
+    "LeNet300",
+    "LeNet5",
+    "ResNetCIFAR",
+    "HuggingFace",
+    "SentenceEncoder",
+    "BagOfEmbeddings",
+    "timm_model",
+    "torchvision_model",
+    "EfficientNetLite",
+]

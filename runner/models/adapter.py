@@ -9,6 +9,7 @@ final layer. Found, in this order:
   else the last nn.Linear the model registers. The features are caught by a forward pre-hook
   while the whole model runs, so nothing about the model has to change.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,9 +67,13 @@ def features(model: nn.Module, x: Inputs) -> Tensor:
         model(x)
     finally:
         hook.remove()
-    check(len(caught) == 1, "model.head", head_name(model),
-          f"the final classifier layer of {type(model).__name__}, called once per forward pass (this one ran "
-          f"{len(caught)} times): name it with `head:` in the model's YAML")
+    check(
+        len(caught) == 1,
+        "model.head",
+        head_name(model),
+        f"the final classifier layer of {type(model).__name__}, called once per forward pass (this one ran "
+        f"{len(caught)} times): name it with `head:` in the model's YAML",
+    )
     return caught[0].flatten(1)
 
 
@@ -86,18 +91,22 @@ def check_split(model: nn.Module, x: Inputs, key: str = "model") -> int:
     model.eval()
     try:
         out, f = model(x), features(model, x)
-        check(f.dim() == 2 and torch.allclose(head(model, f).float(), out.float(), atol=1e-4, rtol=1e-4),
-              f"{key}.head", head_name(model),
-              f"the final classifier layer of {type(model).__name__} (name it with `head:` in the model's YAML; "
-              "its input must be (batch, width) and its output the model's logits)")
+        check(
+            f.dim() == 2 and torch.allclose(head(model, f).float(), out.float(), atol=1e-4, rtol=1e-4),
+            f"{key}.head",
+            head_name(model),
+            f"the final classifier layer of {type(model).__name__} (name it with `head:` in the model's YAML; "
+            "its input must be (batch, width) and its output the model's logits)",
+        )
     finally:
         model.train(was_training)
     return f.shape[1]
 
 
 @torch.no_grad()
-def check_forward(model: nn.Module, x: Inputs, num_classes: int, key: str = "model",
-                  input_spec: dict | None = None) -> None:
+def check_forward(
+    model: nn.Module, x: Inputs, num_classes: int, key: str = "model", input_spec: dict | None = None
+) -> None:
     """One forward pass on real inputs before any training: the model must take them and return
     logits of shape (batch, num_classes). A mismatch is a ConfigError naming the model and data."""
     was_training = model.training
@@ -106,23 +115,29 @@ def check_forward(model: nn.Module, x: Inputs, num_classes: int, key: str = "mod
     try:
         out = model(x)
     except Exception as e:  # noqa: BLE001 - any failure here is a model that does not fit the data
-        raise ConfigError(f"{key} / data", what, "a model that takes this data's inputs: "
-                          f"{type(e).__name__}: {e} (pick a model for this data: images need an image "
-                          "model or data.input_shape, token ids a text model)") from None
+        raise ConfigError(
+            f"{key} / data",
+            what,
+            "a model that takes this data's inputs: "
+            f"{type(e).__name__}: {e} (pick a model for this data: images need an image "
+            "model or data.input_shape, token ids a text model)",
+        ) from None
     finally:
         model.train(was_training)
     n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-    check(isinstance(out, Tensor) and shape == (n, num_classes), f"{key} / data.num_classes",
-          f"{what} returned {shape}", f"logits of shape ({n}, {num_classes}): one score per class "
-          f"(data.num_classes={num_classes})")
+    check(
+        isinstance(out, Tensor) and shape == (n, num_classes),
+        f"{key} / data.num_classes",
+        f"{what} returned {shape}",
+        f"logits of shape ({n}, {num_classes}): one score per class (data.num_classes={num_classes})",
+    )
 
 
 def build_model(node: Any, key: str = "model") -> nn.Module:
     """Build a model config (any `_target_` returning an nn.Module). `head:` in the node names the
     final classifier layer for the features/head split, unless the constructor takes `head` itself."""
     from omegaconf import OmegaConf, open_dict
-
     from omegaconf.errors import OmegaConfBaseException
 
     from runner.config import build, interpolation_error
@@ -141,8 +156,12 @@ def build_model(node: Any, key: str = "model") -> nn.Module:
         with open_dict(node):
             checkpoint = node.pop("checkpoint")
     net = build(node, key)
-    check(isinstance(net, nn.Module), f"{key}._target_", target, "a callable returning an nn.Module "
-          "whose forward returns logits")
+    check(
+        isinstance(net, nn.Module),
+        f"{key}._target_",
+        target,
+        "a callable returning an nn.Module whose forward returns logits",
+    )
     if name:
         net.head_name = name
         head_module(net)  # a wrong name fails here, naming model.head
@@ -166,25 +185,37 @@ def read_state_dict(path: str, key: str) -> dict[str, Tensor]:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt, not a tensor file...
-        raise ConfigError(key, str(path), f"a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            key, str(path), f"a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    check(isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()), key, str(path),
-          "a file holding a state_dict (names -> tensors)")
+    check(
+        isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()),
+        key,
+        str(path),
+        "a file holding a state_dict (names -> tensors)",
+    )
     return state
 
 
-def state_dict_problems(own: dict[str, Tensor], state: dict[str, Tensor], exempt: set[str] = frozenset(),
-                        may_miss: set[str] = frozenset()) -> list[str]:
+def state_dict_problems(
+    own: dict[str, Tensor], state: dict[str, Tensor], exempt: set[str] = frozenset(), may_miss: set[str] = frozenset()
+) -> list[str]:
     """What keeps `state` from loading into a model whose state_dict is `own`: missing keys (bar `may_miss`),
     unexpected keys, and shape mismatches (bar `exempt`), each a line listing the first 8 names."""
     missing = sorted(set(own) - set(state) - set(may_miss))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-                    for k in set(own) & set(state) - set(exempt) if state[k].shape != own[k].shape)
-    return [f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
-            for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                                ("shape mismatches", shapes)) if names]
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in set(own) & set(state) - set(exempt)
+        if state[k].shape != own[k].shape
+    )
+    return [
+        f"{what} ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}"
+        for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if names
+    ]
 
 
 def load_checkpoint(net: nn.Module, path: str, key: str, state: dict[str, Tensor] | None = None) -> None:
@@ -194,10 +225,14 @@ def load_checkpoint(net: nn.Module, path: str, key: str, state: dict[str, Tensor
     own = net.state_dict()
     if set(state) != set(own) and all(k.startswith(("net.", "model.")) for k in state):
         prefix = next(iter(state)).split(".", 1)[0] + "."  # a Lightning checkpoint of LitClassifier (net.*)
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     problems = state_dict_problems(own, state)
-    check(not problems, key, str(path), f"weights for {type(net).__name__} with the same names and shapes; "
-          + "; ".join(problems))
+    check(
+        not problems,
+        key,
+        str(path),
+        f"weights for {type(net).__name__} with the same names and shapes; " + "; ".join(problems),
+    )
     net.load_state_dict(state)
 
 

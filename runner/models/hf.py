@@ -3,6 +3,7 @@
 transformers is imported inside `HuggingFace.__init__`: on their own its Auto classes take about a
 second to import, which runs that use no Hugging Face model should not pay.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -43,18 +44,27 @@ class HuggingFace(nn.Module):
 
     head_name: str
 
-    def __init__(self, task: str, num_classes: int, config: Mapping[str, Any] | None = None,
-                 pretrained: str | None = None) -> None:
+    def __init__(
+        self, task: str, num_classes: int, config: Mapping[str, Any] | None = None, pretrained: str | None = None
+    ) -> None:
         super().__init__()
         check(task in TASKS, "model.task", task, list(TASKS))
         check(isinstance(num_classes, int) and num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
         config = plain(config) if config is not None else None
         if pretrained is None:
-            check(isinstance(config, dict) and isinstance(config.get("model_type"), str), "model.config", config,
-                  "a mapping with model_type (e.g. vit, bert) and that config's arguments, or set model.pretrained")
+            check(
+                isinstance(config, dict) and isinstance(config.get("model_type"), str),
+                "model.config",
+                config,
+                "a mapping with model_type (e.g. vit, bert) and that config's arguments, or set model.pretrained",
+            )
         else:
-            check(isinstance(pretrained, str) and bool(pretrained), "model.pretrained", pretrained,
-                  "a Hugging Face hub name or a local folder")
+            check(
+                isinstance(pretrained, str) and bool(pretrained),
+                "model.pretrained",
+                pretrained,
+                "a Hugging Face hub name or a local folder",
+            )
         self.task, self.num_classes = task, num_classes
         self.model = self._build(task, num_classes, config, pretrained)
         # named parameters only (a trailing **kwargs takes attention flags, not inputs); targets
@@ -81,8 +91,11 @@ class HuggingFace(nn.Module):
     def _build(task: str, num_classes: int, config: dict | None, pretrained: str | None) -> nn.Module:
         import transformers
 
-        auto = (transformers.AutoModelForImageClassification if task == "image"
-                else transformers.AutoModelForSequenceClassification)
+        auto = (
+            transformers.AutoModelForImageClassification
+            if task == "image"
+            else transformers.AutoModelForSequenceClassification
+        )
         # building prints "some weights were newly initialized" and similar notices at warning level
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
@@ -93,13 +106,17 @@ class HuggingFace(nn.Module):
             try:
                 hf_config = transformers.AutoConfig.for_model(config["model_type"], num_labels=num_classes, **rest)
             except ValueError as e:  # an unknown model_type
-                raise ConfigError("model.config.model_type", config["model_type"],
-                                  f"a transformers model type ({e})") from None
+                raise ConfigError(
+                    "model.config.model_type", config["model_type"], f"a transformers model type ({e})"
+                ) from None
             try:
                 return auto.from_config(hf_config)
             except ValueError as e:  # a model type without this task's head (e.g. gpt2 for images)
-                raise ConfigError("model.config.model_type", config["model_type"],
-                                  f"a model type with a {task} classification head ({e})") from None
+                raise ConfigError(
+                    "model.config.model_type",
+                    config["model_type"],
+                    f"a model type with a {task} classification head ({e})",
+                ) from None
         finally:
             transformers.logging.set_verbosity(verbosity)
 
@@ -109,8 +126,12 @@ class HuggingFace(nn.Module):
             if isinstance(layer, nn.Linear) and layer.out_features == num_classes:
                 return attr
         name = last_linear_name(self.model, out_features=num_classes)
-        check(name is not None, "model", type(self.model).__name__,
-              f"a model whose last layer is a Linear with {num_classes} outputs")
+        check(
+            name is not None,
+            "model",
+            type(self.model).__name__,
+            f"a model whose last layer is a Linear with {num_classes} outputs",
+        )
         return name
 
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:

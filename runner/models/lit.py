@@ -1,4 +1,5 @@
 """The LightningModule that trains any Net with cross-entropy."""
+
 from __future__ import annotations
 
 import time
@@ -39,9 +40,17 @@ class LitClassifier(pl.LightningModule):
       logged once per epoch (no per-step sync or logging; see `_log_epoch`).
     """
 
-    def __init__(self, net: nn.Module, optimizer: str = "adam", lr: float = 1e-2,
-                 weight_decay: float = 0.0, momentum: float = 0.0, finetune: str = "full",
-                 backbone_lr_factor: float = 1.0, probe_epochs: int = 1) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: str = "adam",
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        finetune: str = "full",
+        backbone_lr_factor: float = 1.0,
+        probe_epochs: int = 1,
+    ) -> None:
         super().__init__()
         check_optimizer(optimizer, lr, weight_decay)
         check_finetune(finetune, backbone_lr_factor, probe_epochs)
@@ -93,8 +102,12 @@ class LitClassifier(pl.LightningModule):
         sizes = [len(y) for y in ys]
         with torch.no_grad():
             weights = torch.tensor(sizes, dtype=torch.float32, device=losses[0].device)
-            update = torch.stack([(torch.stack(losses).float() * weights).sum(),
-                                  (torch.cat(logits).argmax(1) == torch.cat(ys)).sum().float()])
+            update = torch.stack(
+                [
+                    (torch.stack(losses).float() * weights).sum(),
+                    (torch.cat(logits).argmax(1) == torch.cat(ys)).sum().float(),
+                ]
+            )
         sums, count = self._sums.get(split, (0, 0))
         self._sums[split] = (update + sums, count + sum(sizes))
 
@@ -108,14 +121,17 @@ class LitClassifier(pl.LightningModule):
             return
         means = (sums / count).cpu()
         if not torch.isfinite(means[0]):  # NaN metrics must never reach a FINISHED run
-            raise TrainingDiverged(f"optim.lr={self.lr}: training diverged, the mean {split} loss of epoch "
-                                   f"{self.current_epoch} is {float(means[0])} (optim.name={self.optimizer}); "
-                                   "allowed: a smaller optim.lr")
+            raise TrainingDiverged(
+                f"optim.lr={self.lr}: training diverged, the mean {split} loss of epoch "
+                f"{self.current_epoch} is {float(means[0])} (optim.name={self.optimizer}); "
+                "allowed: a smaller optim.lr"
+            )
         metrics = {f"{split}/loss": means[0], f"{split}/acc": means[1]}
         self.trainer.callback_metrics.update(metrics)
         for logger in self.loggers:
-            logger.log_metrics({**{k: float(v) for k, v in metrics.items()}, "epoch": self.current_epoch},
-                               step=self.global_step)
+            logger.log_metrics(
+                {**{k: float(v) for k, v in metrics.items()}, "epoch": self.current_epoch}, step=self.global_step
+            )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # Lightning walks every tensor of a batch (a chunk holds dozens); on the CPU there is nothing to move.
@@ -126,9 +142,13 @@ class LitClassifier(pl.LightningModule):
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets private bookkeeping attributes (e.g. `_current_fx_name`) several times per
         # step; nn.Module.__setattr__'s checks for parameters/modules cost more than a small model's math.
-        if name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)) \
-                and name not in self.__dict__.get("_modules", {}) and name not in self.__dict__.get("_parameters", {}) \
-                and name not in self.__dict__.get("_buffers", {}):
+        if (
+            name.startswith("_")
+            and not isinstance(value, (torch.Tensor, nn.Module))
+            and name not in self.__dict__.get("_modules", {})
+            and name not in self.__dict__.get("_parameters", {})
+            and name not in self.__dict__.get("_buffers", {})
+        ):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -139,14 +159,23 @@ class LitClassifier(pl.LightningModule):
         scaler needs the wrappers), no profiler, no STEP_HOOKS or `backward` overridden by this
         module or a callback."""
         trainer = self.trainer
-        overridden = [(self, h) for h in (*STEP_HOOKS, "backward")
-                      if getattr(type(self), h) is not getattr(pl.LightningModule, h)]
-        overridden += [(cb, h) for cb in trainer.callbacks for h in STEP_HOOKS
-                       if getattr(type(cb), h) is not getattr(pl.Callback, h)]
+        overridden = [
+            (self, h) for h in (*STEP_HOOKS, "backward") if getattr(type(self), h) is not getattr(pl.LightningModule, h)
+        ]
+        overridden += [
+            (cb, h)
+            for cb in trainer.callbacks
+            for h in STEP_HOOKS
+            if getattr(type(cb), h) is not getattr(pl.Callback, h)
+        ]
         plugin = trainer.precision_plugin
         plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
-        return (plain and type(trainer.strategy) is SingleDeviceStrategy
-                and type(trainer.profiler) is PassThroughProfiler and not overridden)
+        return (
+            plain
+            and type(trainer.strategy) is SingleDeviceStrategy
+            and type(trainer.profiler) is PassThroughProfiler
+            and not overridden
+        )
 
     def on_train_start(self) -> None:
         global first_step_at

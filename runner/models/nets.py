@@ -4,6 +4,7 @@ The split is what feature-level fusion and feature distillation build on; `forwa
 `forward_head(forward_features(x))`. Inputs are (batch, num_features) float tensors.
 Architectures follow the MNIST-1D paper's published code (Greydanus 2020).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,12 @@ def seeded_head(in_features: int, num_classes: int, seed: int | None) -> nn.Line
     seed, starts from the same weights, as weight averaging needs and the member cache can reuse."""
     if seed is None:
         return nn.Linear(in_features, num_classes)
-    check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "model.head_seed", seed,
-          "null (the member's seed) or an integer >= 0")
+    check(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+        "model.head_seed",
+        seed,
+        "null (the member's seed) or an integer >= 0",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Linear(in_features, num_classes)
@@ -32,8 +37,12 @@ class Net(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        check(isinstance(in_features, int) and in_features >= 1, "model.in_features", in_features,
-              "an integer >= 1 (${data.num_features}: inputs with one shape, not token ids)")
+        check(
+            isinstance(in_features, int) and in_features >= 1,
+            "model.in_features",
+            in_features,
+            "an integer >= 1 (${data.num_features}: inputs with one shape, not token ids)",
+        )
         check(isinstance(num_classes, int) and num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
         self.in_features, self.num_classes = in_features, num_classes
 
@@ -86,9 +95,12 @@ class CNN1D(Net):
         check(channels >= 1, "model.channels", channels, "an integer >= 1")
         check(in_features >= 8, "model.in_features", in_features, "an integer >= 8 for cnn1d")
         self.body = nn.Sequential(
-            nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.Flatten(),
         )
         with torch.no_grad():
@@ -102,8 +114,7 @@ class CNN1D(Net):
 class GRU(Net):
     """A GRU reading the input as a sequence of scalars; features are all hidden states, flattened."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 6,
-                 bidirectional: bool = True) -> None:
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 6, bidirectional: bool = True) -> None:
         super().__init__(in_features, num_classes)
         check(hidden >= 1, "model.hidden", hidden, "an integer >= 1")
         self.rnn = nn.GRU(1, hidden, batch_first=True, bidirectional=bidirectional)

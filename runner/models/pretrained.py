@@ -7,11 +7,13 @@ sentence embeddings; tests compare them with `SentenceTransformer.encode`), and 
 head on top. The tokenizer is the checkpoint's: the model config's `tokenizer` key is what the text
 data sources read (`${model.tokenizer}`), so the user names the weights once.
 """
+
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -30,10 +32,13 @@ def checkpoint_pooling(folder: Path) -> tuple[str, bool]:
     if not config.is_file():
         return "cls", False
     settings = json.loads(config.read_text())
-    mode = next((m for m in POOLINGS if settings.get(f"pooling_mode_{m}_token" if m == "cls" else
-                                                      f"pooling_mode_{m}_tokens")), "mean")
-    normalize = modules.is_file() and any(m.get("type", "").endswith("Normalize")
-                                          for m in json.loads(modules.read_text()))
+    mode = next(
+        (m for m in POOLINGS if settings.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")),
+        "mean",
+    )
+    normalize = modules.is_file() and any(
+        m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+    )
     return mode, normalize
 
 
@@ -63,9 +68,18 @@ class SentenceEncoder(nn.Module):
     embedding, `forward_head` the logits.
     """
 
-    def __init__(self, num_classes: int, weights: str, pretrained: bool = True, pooling: str | None = None,
-                 normalize: bool | None = None, dropout: float = 0.1, tokenizer: str | None = None,
-                 max_length: int | None = None, head_seed: int | None = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        weights: str,
+        pretrained: bool = True,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        dropout: float = 0.1,
+        tokenizer: str | None = None,
+        max_length: int | None = None,
+        head_seed: int | None = 0,
+    ) -> None:
         super().__init__()
         check(isinstance(num_classes, int) and num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
         check(pooling is None or pooling in POOLINGS, "model.pooling", pooling, ["null (the checkpoint's)", *POOLINGS])
@@ -93,18 +107,29 @@ class SentenceEncoder(nn.Module):
             if not pretrained:
                 config = transformers.AutoConfig.from_pretrained(folder)
                 return transformers.AutoModel.from_config(config, add_pooling_layer=False)
-            model, info = transformers.AutoModel.from_pretrained(folder, add_pooling_layer=False,
-                                                                 output_loading_info=True)
+            model, info = transformers.AutoModel.from_pretrained(
+                folder, add_pooling_layer=False, output_loading_info=True
+            )
         except Exception as e:  # noqa: BLE001 - no config, truncated or corrupt weights, an unknown hub name...
-            raise ConfigError("model.weights", weights, "a sentence-transformers or Hugging Face encoder folder "
-                              f"with config.json and weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise ConfigError(
+                "model.weights",
+                weights,
+                "a sentence-transformers or Hugging Face encoder folder "
+                f"with config.json and weights ({type(e).__name__}: {str(e).splitlines()[0]})",
+            ) from None
         finally:
             transformers.logging.set_verbosity(verbosity)
         # transformers fills weights the file lacks with random ones and only warns: here that is an error
         problems = {what: sorted(map(str, info.get(what) or [])) for what in ("missing_keys", "mismatched_keys")}
-        check(not any(problems.values()), "model.weights", weights,
-              "a checkpoint with every weight of its architecture: " + "; ".join(
-                  f"{what.replace('_', ' ')} ({len(names)}): {names[:8]}" for what, names in problems.items() if names))
+        check(
+            not any(problems.values()),
+            "model.weights",
+            weights,
+            "a checkpoint with every weight of its architecture: "
+            + "; ".join(
+                f"{what.replace('_', ' ')} ({len(names)}): {names[:8]}" for what, names in problems.items() if names
+            ),
+        )
         return model
 
     def forward_features(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ are the CIFAR-10 baselines of most pruning papers since. Like every Net they spl
 `forward_features` and a Linear `head`. Image models take (batch, C, H, W) tensors or their
 flattened (batch, C*H*W) form, so they also run on data served as flat features.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,12 @@ SHAPE_ALLOWED = "[channels, height, width]: three integers >= 1"
 
 def image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     """`input_shape` ([C, H, W], a list or an OmegaConf ListConfig from the config) as a tuple."""
-    ok = (isinstance(input_shape, Sequence) and not isinstance(input_shape, str) and len(input_shape) == 3
-          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape))
+    ok = (
+        isinstance(input_shape, Sequence)
+        and not isinstance(input_shape, str)
+        and len(input_shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_shape)
+    )
     check(ok, "model.input_shape", input_shape, SHAPE_ALLOWED)
     c, h, w = (int(v) for v in input_shape)
     return c, h, w
@@ -60,24 +65,38 @@ class LeNet5(Net):
     -> ReLU -> maxpool2 -> flatten -> Linear(->500) -> ReLU -> head (431,080 parameters on 1x28x28,
     10 classes). Convolutions are unpadded, so height and width must be at least 16."""
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (20, 50),
-                 hidden: int = 500) -> None:
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (20, 50), hidden: int = 500
+    ) -> None:
         c, h, w = image_shape(input_shape)
         super().__init__(c * h * w, num_classes)
         self.input_shape = (c, h, w)
-        ok = (isinstance(channels, Sequence) and len(channels) == 2
-              and all(isinstance(v, int) and v >= 1 for v in channels))
+        ok = (
+            isinstance(channels, Sequence)
+            and len(channels) == 2
+            and all(isinstance(v, int) and v >= 1 for v in channels)
+        )
         check(ok, "model.channels", channels, "two integers >= 1 (the two conv layers' widths)")
         check(isinstance(hidden, int) and hidden >= 1, "model.hidden", hidden, "an integer >= 1")
         fh, fw = _lenet5_side(h), _lenet5_side(w)
-        check(fh >= 1 and fw >= 1, "model.input_shape", list(input_shape),
-              "height and width >= 16 for lenet5 (two unpadded 5x5 convs and two 2x2 pools)")
+        check(
+            fh >= 1 and fw >= 1,
+            "model.input_shape",
+            list(input_shape),
+            "height and width >= 16 for lenet5 (two unpadded 5x5 convs and two 2x2 pools)",
+        )
         c1, c2 = channels
         # one Sequential, so pruning and feature hooks see every layer in order
         self.body = nn.Sequential(
-            nn.Conv2d(c, c1, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(c2 * fh * fw, hidden), nn.ReLU(),
+            nn.Conv2d(c, c1, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(c2 * fh * fw, hidden),
+            nn.ReLU(),
         )
         self.feature_dim = hidden
         self.head = nn.Linear(hidden, num_classes)
@@ -100,8 +119,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -134,17 +154,22 @@ class ResNetCIFAR(Net):
         c, h, w = image_shape(input_shape)
         super().__init__(c * h * w, num_classes)
         self.input_shape = (c, h, w)
-        check(isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0, "model.depth", depth,
-              "6n+2, e.g. 20, 32, 44, 56, 110")
+        check(
+            isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0,
+            "model.depth",
+            depth,
+            "6n+2, e.g. 20, 32, 44, 56, 110",
+        )
         check(isinstance(width, int) and width >= 1, "model.width", width, "an integer >= 1")
         n = (depth - 2) // 6
         self.depth, self.width = depth, width
         self.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         stages, channels = [], width
         for stage in range(3):
-            out = width * 2 ** stage
-            blocks = [BasicBlock(channels if i == 0 else out, out, stride=2 if stage and i == 0 else 1)
-                      for i in range(n)]
+            out = width * 2**stage
+            blocks = [
+                BasicBlock(channels if i == 0 else out, out, stride=2 if stage and i == 0 else 1) for i in range(n)
+            ]
             stages.append(nn.Sequential(*blocks))
             channels = out
         self.stages = nn.Sequential(*stages)
@@ -158,4 +183,3 @@ class ResNetCIFAR(Net):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(as_images(x, self.input_shape))))
-

@@ -1,4 +1,5 @@
 """Text classifiers on token ids: a fastText-style bag of embeddings."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,8 +20,12 @@ class BagOfEmbeddings(Net):
     """
 
     def __init__(self, vocab_size: int, num_classes: int, dim: int = 64) -> None:
-        check(isinstance(vocab_size, int) and vocab_size >= 2, "model.vocab_size", vocab_size,
-              "an integer >= 2 (id 0 is padding)")
+        check(
+            isinstance(vocab_size, int) and vocab_size >= 2,
+            "model.vocab_size",
+            vocab_size,
+            "an integer >= 2 (id 0 is padding)",
+        )
         super().__init__(vocab_size, num_classes)
         check(isinstance(dim, int) and dim >= 1, "model.dim", dim, "an integer >= 1")
         self.vocab_size = vocab_size

@@ -3,6 +3,7 @@
 PyPI's Linux torchvision wheel is a CUDA build that fails at import next to a CPU torch (a
 RuntimeError, not an ImportError), so both failures become a ConfigError saying what to install.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,15 +19,22 @@ def _import(library: str, name: str) -> ModuleType:
     try:
         return importlib.import_module(library)
     except (ImportError, RuntimeError):
-        raise ConfigError("model.name", name, f"{library} is not installed: pip install -e '.[vision]' with a "
-                          "torchvision build that matches your torch (see README)") from None
+        raise ConfigError(
+            "model.name",
+            name,
+            f"{library} is not installed: pip install -e '.[vision]' with a "
+            "torchvision build that matches your torch (see README)",
+        ) from None
 
 
 def last_linear_name(model: nn.Module, out_features: int | None = None) -> str | None:
     """Qualified name of the last nn.Linear registered in `model` (with `out_features` outputs if
     given): the classifier layer of the usual backbone + head models. None if there is none."""
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and (out_features is None or m.out_features == out_features)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (out_features is None or m.out_features == out_features)
+    ]
     return names[-1] if names else None
 
 

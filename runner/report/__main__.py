@@ -1,4 +1,5 @@
 """Command line: `python -m runner.report [preset=<name>] [key=value ...]` (Hydra; conf/report/config.yaml)."""
+
 from __future__ import annotations
 
 import sys

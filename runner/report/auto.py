@@ -7,6 +7,7 @@ the columns are the job-level headline metrics the jobs logged (runner.evaluate.
 in words. Plots follow from what is there: the fusion gain when a fused model was evaluated, accuracy
 against size (with the uncompressed members as the baseline) when members were compressed.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,8 +38,15 @@ HEADLINE = {
 PERCENT = ("acc", "ece", "gain/acc", "delta/acc")  # shown x100: percent, or points for differences
 LOWER_IS_BETTER = ["members/mean/test/nll", "members/mean/test/ece", "fused/test/nll", "fused/test/ece"]
 # words for the metrics' own names on plot axes (anything else is shown as its key)
-AXES = {"test/acc": "test accuracy", "size_bytes": "model size (bytes)", "latency_ms": "latency (ms per batch)",
-        "gain/acc": "accuracy gain", "gain/nll": "NLL gain", "gain/f1": "F1 gain", "gain/ece": "ECE gain"}
+AXES = {
+    "test/acc": "test accuracy",
+    "size_bytes": "model size (bytes)",
+    "latency_ms": "latency (ms per batch)",
+    "gain/acc": "accuracy gain",
+    "gain/nll": "NLL gain",
+    "gain/f1": "F1 gain",
+    "gain/ece": "ECE gain",
+}
 
 
 def _overrides(value: Any) -> dict[str, str]:
@@ -77,13 +85,29 @@ def settings(df: pd.DataFrame, sweep: str | None, experiments: list[str]) -> dic
         plot["gains"] = gains
     if {"compressed/mean/test/acc"} <= set(metrics) and "metrics.compressed/mean/size_bytes" in df.columns:
         plots.append("pareto_size")
-        plot.update(accuracy="compressed/mean/test/acc", size="compressed/mean/size_bytes",
-                    baseline={"accuracy": "members/mean/test/acc", "size": "members/mean/size_bytes",
-                              "latency": "members/mean/latency_ms", "label": "uncompressed members"})
+        plot.update(
+            accuracy="compressed/mean/test/acc",
+            size="compressed/mean/size_bytes",
+            baseline={
+                "accuracy": "members/mean/test/acc",
+                "size": "members/mean/size_bytes",
+                "latency": "members/mean/latency_ms",
+                "label": "uncompressed members",
+            },
+        )
     what = f"sweep {sweep}" if sweep else f"experiment {', '.join(experiments)}"
     compared = ", ".join(k.removeprefix("override.") for k in rows) or "one configuration"
     over = ", ".join(k.removeprefix("override.") for k in seeds)
-    return {"rows": rows, "cols": [], "aggregate_over": [k.removeprefix("override.") for k in seeds] or ["seed"],
-            "metrics": metrics, "labels": labels, "scale": scale, "digits": {m: 2 if m in scale else 3 for m in metrics},
-            "lower_is_better": LOWER_IS_BETTER, "plots": plots, "plot": plot,
-            "title": f"{what}: {compared}" + (f" (mean ± std over {over})" if over else "")}
+    return {
+        "rows": rows,
+        "cols": [],
+        "aggregate_over": [k.removeprefix("override.") for k in seeds] or ["seed"],
+        "metrics": metrics,
+        "labels": labels,
+        "scale": scale,
+        "digits": {m: 2 if m in scale else 3 for m in metrics},
+        "lower_is_better": LOWER_IS_BETTER,
+        "plots": plots,
+        "plot": plot,
+        "title": f"{what}: {compared}" + (f" (mean ± std over {over})" if over else ""),
+    }

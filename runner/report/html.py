@@ -1,6 +1,7 @@
 """One self-contained HTML page per report: the table, every plot inlined as a PNG data URI, and the
 notes saying how it was made (aggregation, runs, commits, the command). No scripts, no external files:
 it opens from disk, from an MLflow artifact view or an e-mail attachment."""
+
 from __future__ import annotations
 
 import base64
@@ -20,8 +21,12 @@ figure{margin:1.5em 0}img{max-width:100%}figcaption,.notes{color:#555;font-size:
 @media print{.table{overflow:visible}table{font-size:8px}th,td{padding:2px 4px}}"""
 
 
-PLOT_TITLES = {"fusion_gain": "Fusion gain over the best member", "pareto_size": "Accuracy against model size",
-               "pareto_latency": "Accuracy against latency", "reliability": "Reliability diagram"}
+PLOT_TITLES = {
+    "fusion_gain": "Fusion gain over the best member",
+    "pareto_size": "Accuracy against model size",
+    "pareto_latency": "Accuracy against latency",
+    "reliability": "Reliability diagram",
+}
 
 
 def _cell(text: str, best: bool, numeric: bool) -> str:
@@ -32,23 +37,37 @@ def _cell(text: str, best: bool, numeric: bool) -> str:
     return f'<td class="num">{inner}</td>' if numeric else f"<td>{inner}</td>"
 
 
-def html_page(title: str, description: str, header: Sequence[str], body: Sequence[Sequence[tuple[str, bool]]],
-              key_columns: int, images: Mapping[str, Path], notes: Sequence[str],
-              captions: Mapping[str, str] | None = None) -> str:
+def html_page(
+    title: str,
+    description: str,
+    header: Sequence[str],
+    body: Sequence[Sequence[tuple[str, bool]]],
+    key_columns: int,
+    images: Mapping[str, Path],
+    notes: Sequence[str],
+    captions: Mapping[str, str] | None = None,
+) -> str:
     """The page as a string. `header`/`body`: runner.report.table.grid's; the first `key_columns`
     columns are labels, the rest numbers; `images`: plot name -> PNG file; `captions`: plot name ->
     what it shows, in sentences (the plot's id names its figure element, never its caption)."""
-    rows = "\n".join("<tr>" + "".join(_cell(t, b, i >= key_columns) for i, (t, b) in enumerate(line)) + "</tr>"
-                     for line in body)
-    table = ("<div class=\"table\"><table id=\"results\"><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-             + f"</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>")
+    rows = "\n".join(
+        "<tr>" + "".join(_cell(t, b, i >= key_columns) for i, (t, b) in enumerate(line)) + "</tr>" for line in body
+    )
+    table = (
+        '<div class="table"><table id="results"><thead><tr>'
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + f"</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>"
+    )
     figures = "\n".join(
         f'<figure id="{html.escape(name)}"><img alt="{html.escape(PLOT_TITLES.get(name, name))}" src="data:image/png;base64,'
         f'{base64.b64encode(Path(path).read_bytes()).decode()}"><figcaption><b>{html.escape(PLOT_TITLES.get(name, name))}.</b> '
-        f'{html.escape((captions or {}).get(name, ""))}</figcaption></figure>'
-        for name, path in images.items())
+        f"{html.escape((captions or {}).get(name, ''))}</figcaption></figure>"
+        for name, path in images.items()
+    )
     notes_html = "\n".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in notes)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
-            + (f"<p>{html.escape(description)}</p>\n" if description else "")
-            + f"{table}\n{figures}\n<div class=\"notes\">{notes_html}</div>\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
+        + (f"<p>{html.escape(description)}</p>\n" if description else "")
+        + f'{table}\n{figures}\n<div class="notes">{notes_html}</div>\n</body></html>\n'
+    )

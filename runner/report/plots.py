@@ -1,4 +1,5 @@
 """Report figures from child-run metrics and the predictions artifacts (PNG via matplotlib, Agg)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -19,13 +20,24 @@ from runner.tracking import RunQueryError, download_artifact  # noqa: E402
 
 PREDICTIONS = "predictions/test.npz"
 # a metric's last part -> (its name in words, the unit of its logged value)
-QUANTITIES = {"acc": ("accuracy", "fraction"), "f1": ("F1", "fraction"), "ece": ("ECE", "fraction"),
-              "precision": ("precision", "fraction"), "recall": ("recall", "fraction"), "nll": ("NLL", "nats"),
-              "loss": ("loss", "nats"), "size_bytes": ("model size", "bytes"),
-              "zip_bytes": ("compressed file size", "bytes"), "weight_bytes": ("weight size", "bytes"),
-              "params": ("parameters", "count"), "nonzero_params": ("non-zero parameters", "count"),
-              "macs": ("MACs per sample", "count"), "latency_ms": ("latency", "ms per batch"),
-              "compression_ratio": ("size ratio", "x"), "speedup": ("speedup", "x")}
+QUANTITIES = {
+    "acc": ("accuracy", "fraction"),
+    "f1": ("F1", "fraction"),
+    "ece": ("ECE", "fraction"),
+    "precision": ("precision", "fraction"),
+    "recall": ("recall", "fraction"),
+    "nll": ("NLL", "nats"),
+    "loss": ("loss", "nats"),
+    "size_bytes": ("model size", "bytes"),
+    "zip_bytes": ("compressed file size", "bytes"),
+    "weight_bytes": ("weight size", "bytes"),
+    "params": ("parameters", "count"),
+    "nonzero_params": ("non-zero parameters", "count"),
+    "macs": ("MACs per sample", "count"),
+    "latency_ms": ("latency", "ms per batch"),
+    "compression_ratio": ("size ratio", "x"),
+    "speedup": ("speedup", "x"),
+}
 ROLES = {"members": "members", "compressed": "compressed", "fused": "fused", "fused_compressed": "fused compressed"}
 DIFFERENCES = {"gain": "gain", "delta": "change"}
 
@@ -86,8 +98,9 @@ def _sizes(n: int, largest: float = 11.0, smallest: float = 4.5) -> list[float]:
     return [largest - (largest - smallest) * i / max(n - 1, 1) for i in range(n)]
 
 
-def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str,
-                  baseline: pd.DataFrame | None = None) -> plt.Figure:
+def pareto_figure(
+    groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str, baseline: pd.DataFrame | None = None
+) -> plt.Figure:
     """`groups`: one line per group with columns label, x_mean, x_std, y_mean, y_std. `baseline`
     (same columns): the uncompressed models, drawn as squares and part of the front.
 
@@ -99,16 +112,47 @@ def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     base = baseline if baseline is not None and len(baseline) else groups.iloc[:0]
     sizes = _sizes(len(groups) + len(base))
     for i, (_, g) in enumerate(groups.iterrows()):
-        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt=MARKERS[i % len(MARKERS)],
-                    ms=sizes[i], color=f"C{i % 10}", mec="k", mew=0.5, alpha=0.8, capsize=3, label=g.label)
+        ax.errorbar(
+            g.x_mean,
+            g.y_mean,
+            xerr=_err(g.x_std),
+            yerr=_err(g.y_std),
+            fmt=MARKERS[i % len(MARKERS)],
+            ms=sizes[i],
+            color=f"C{i % 10}",
+            mec="k",
+            mew=0.5,
+            alpha=0.8,
+            capsize=3,
+            label=g.label,
+        )
     for j, (_, g) in enumerate(base.iterrows()):
         i = len(groups) + j
-        ax.errorbar(g.x_mean, g.y_mean, xerr=_err(g.x_std), yerr=_err(g.y_std), fmt="s", mfc="none", mew=1.5,
-                    ms=sizes[i], color=f"C{i % 10}", capsize=3, label=g.label)
+        ax.errorbar(
+            g.x_mean,
+            g.y_mean,
+            xerr=_err(g.x_std),
+            yerr=_err(g.y_std),
+            fmt="s",
+            mfc="none",
+            mew=1.5,
+            ms=sizes[i],
+            color=f"C{i % 10}",
+            capsize=3,
+            label=g.label,
+        )
     every = pd.concat([groups, base], ignore_index=True)
     front = pareto_front(list(every.x_mean), list(every.y_mean))
-    ax.step(every.x_mean.iloc[front], every.y_mean.iloc[front], where="post", color="k", lw=1, ls="--",
-            label="Pareto front", zorder=1)
+    ax.step(
+        every.x_mean.iloc[front],
+        every.y_mean.iloc[front],
+        where="post",
+        color="k",
+        lw=1,
+        ls="--",
+        label="Pareto front",
+        zorder=1,
+    )
     if (every.x_mean > 0).all() and every.x_mean.max() / max(every.x_mean.min(), 1e-12) > 20:
         ax.set_xscale("log")
     ax.margins(0.12)  # a point on the edge keeps its whole marker
@@ -127,7 +171,9 @@ def pareto_figure(groups: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     return fig
 
 
-def reliability_curve(probs: np.ndarray, targets: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def reliability_curve(
+    probs: np.ndarray, targets: np.ndarray, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Per confidence bin: mean confidence, accuracy, count; and the ECE (L1, as torchmetrics)."""
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == targets).astype(float)
@@ -160,8 +206,9 @@ def reliability_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], b
     return fig
 
 
-def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str,
-                names: Mapping[str, str] | None = None) -> plt.Figure:
+def gain_figure(
+    groups: pd.DataFrame, metrics: Sequence[str], title: str, names: Mapping[str, str] | None = None
+) -> plt.Figure:
     """`groups`: one line per group with label and `<metric>_mean` / `<metric>_std` columns; `names`:
     metric -> its axis label, one quantity and its unit (plots.axis_label).
 
@@ -170,14 +217,26 @@ def gain_figure(groups: pd.DataFrame, metrics: Sequence[str], title: str,
     fused models) are left out.
     """
     groups = groups[groups[[f"{m}_mean" for m in metrics]].notna().any(axis=1)].reset_index(drop=True)
-    fig, axes = plt.subplots(len(metrics), 1, sharex=True, squeeze=False, dpi=120,
-                             figsize=(min(14, max(5, 0.5 * len(groups) + 2.5)), 1.4 + 1.9 * len(metrics)))
+    fig, axes = plt.subplots(
+        len(metrics),
+        1,
+        sharex=True,
+        squeeze=False,
+        dpi=120,
+        figsize=(min(14, max(5, 0.5 * len(groups) + 2.5)), 1.4 + 1.9 * len(metrics)),
+    )
     x = np.arange(len(groups))
     for i, (ax, metric) in enumerate(zip(axes[:, 0], metrics)):
         spread = groups[f"{metric}_std"]
         spread = spread.where(spread > 0)  # NaN: no bar (one run, or runs that agree), not a flat cap
-        ax.bar(x, groups[f"{metric}_mean"], 0.6, yerr=None if spread.isna().all() else spread, capsize=3,
-               color=f"C{i % 10}")
+        ax.bar(
+            x,
+            groups[f"{metric}_mean"],
+            0.6,
+            yerr=None if spread.isna().all() else spread,
+            capsize=3,
+            color=f"C{i % 10}",
+        )
         ax.axhline(0, color="k", lw=0.8)
         ax.set_ylabel("\n".join(textwrap.wrap((names or {}).get(metric, metric), 24)), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -192,14 +251,21 @@ def groups_of(df: pd.DataFrame, group: Sequence[str], labels: Mapping[str, str])
     if not group:
         return [((), df)]
     keys = df[list(group)].fillna("none").astype(str)
-    parts = {(v if isinstance(v, tuple) else (v,)): part
-             for v, part in df.groupby([keys[c] for c in group], sort=False)}
+    parts = {
+        (v if isinstance(v, tuple) else (v,)): part for v, part in df.groupby([keys[c] for c in group], sort=False)
+    }
     return [(v, parts[v]) for v in order_values(list(parts), labels)]
 
 
-def group_stats(df: pd.DataFrame, group: Sequence[str], label: Callable[[tuple], str],
-                metrics: dict[str, str], option: str, labels: Mapping[str, str],
-                scale: Mapping[str, float] | None = None) -> pd.DataFrame:
+def group_stats(
+    df: pd.DataFrame,
+    group: Sequence[str],
+    label: Callable[[tuple], str],
+    metrics: dict[str, str],
+    option: str,
+    labels: Mapping[str, str],
+    scale: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
     """Mean and std of each metric (name -> metric key) per group of runs, times the table's `scale`
     for that metric (so a plot shows the tables' units); std is NaN for a group of one run."""
     columns = {name: resolve_metric(df, m, option) for name, m in metrics.items()}

@@ -1,4 +1,5 @@
 """Runs from MLflow -> one pandas row per run; config keys resolved against params and tags."""
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,14 @@ def as_list(value: Any) -> list:
     return list(value)
 
 
-def select_runs(uri: str, experiments: Sequence[str], filter_string: str | Sequence[str] = "",
-                roles: Sequence[str] = (), status: str | None = "FINISHED", keep: str = "latest") -> pd.DataFrame:
+def select_runs(
+    uri: str,
+    experiments: Sequence[str],
+    filter_string: str | Sequence[str] = "",
+    roles: Sequence[str] = (),
+    status: str | None = "FINISHED",
+    keep: str = "latest",
+) -> pd.DataFrame:
     """One row per selected run: columns run_id, run_name, experiment, start_time and
     `params.<key>`, `tags.<key>`, `metrics.<key>`.
 
@@ -39,21 +46,33 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str | Seque
     filters = [f for f in as_list(filter_string) if f]
     try:
         runs = search_runs(uri, list(experiments))
-        matched = {r["run_id"] for f in filters for r in search_runs(uri, list(experiments), f)} \
-            if filters else {r["run_id"] for r in runs}
+        matched = (
+            {r["run_id"] for f in filters for r in search_runs(uri, list(experiments), f)}
+            if filters
+            else {r["run_id"] for r in runs}
+        )
     except RunQueryError as e:
         raise ReportError(str(e)) from None
     total, by_id = len(runs), {r["run_id"]: r for r in runs}
     if roles:
-        runs = [r for r in runs if PARENT_TAG in r["tags"] and r["tags"].get("role") in roles
-                and (r["run_id"] in matched or r["tags"][PARENT_TAG] in matched)]
+        runs = [
+            r
+            for r in runs
+            if PARENT_TAG in r["tags"]
+            and r["tags"].get("role") in roles
+            and (r["run_id"] in matched or r["tags"][PARENT_TAG] in matched)
+        ]
         for r in runs:
             parent = by_id.get(r["tags"][PARENT_TAG], {"tags": {}})
             r["tags"] = {**{k: v for k, v in parent["tags"].items() if not k.startswith("mlflow.")}, **r["tags"]}
     else:
         # job runs: tagged role=job (they may sit under a sweep's run); older runs: no parent, no role
-        runs = [r for r in runs if r["run_id"] in matched and (r["tags"].get("role") == "job" or (
-            "role" not in r["tags"] and PARENT_TAG not in r["tags"]))]
+        runs = [
+            r
+            for r in runs
+            if r["run_id"] in matched
+            and (r["tags"].get("role") == "job" or ("role" not in r["tags"] and PARENT_TAG not in r["tags"]))
+        ]
     if status:
         runs = [r for r in runs if r["status"] == status]
     if keep == "latest":
@@ -68,10 +87,18 @@ def select_runs(uri: str, experiments: Sequence[str], filter_string: str | Seque
         raise ReportError(
             f"No runs selected: experiment(s) {list(experiments)} in {uri} hold {total} run(s), "
             f"none of them {status or 'any status'} {what} matching filter {filters or '(none)'!r}. "
-            "Check `experiment`, `filter`, `role` and `status`.")
-    rows = [{"run_id": r["run_id"], "run_name": r["run_name"], "experiment": r["experiment"],
-             "start_time": r["start_time"],
-             **{f"{src}.{k}": v for src in SOURCES for k, v in r[src].items()}} for r in runs]
+            "Check `experiment`, `filter`, `role` and `status`."
+        )
+    rows = [
+        {
+            "run_id": r["run_id"],
+            "run_name": r["run_name"],
+            "experiment": r["experiment"],
+            "start_time": r["start_time"],
+            **{f"{src}.{k}": v for src in SOURCES for k, v in r[src].items()},
+        }
+        for r in runs
+    ]
     return pd.DataFrame(rows).sort_values("start_time", ignore_index=True)
 
 
@@ -81,8 +108,7 @@ def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def available(df: pd.DataFrame, sources: Sequence[str]) -> dict[str, list[str]]:
-    return {src: sorted(c.removeprefix(f"{src}.") for c in df.columns if c.startswith(f"{src}."))
-            for src in sources}
+    return {src: sorted(c.removeprefix(f"{src}.") for c in df.columns if c.startswith(f"{src}.")) for src in sources}
 
 
 def override_value(overrides: Any, name: str) -> str:
@@ -106,22 +132,27 @@ def resolve_key(df: pd.DataFrame, key: str, option: str) -> str:
         if key not in df.columns:  # computed once (pool_runs may have set pooled rows to "all")
             df[key] = [override_value(o, key.removeprefix("override.")) for o in df["tags.overrides"]]
         return key
-    candidates = [key] if key.startswith(("params.", "tags.")) or key in ("run_name", "experiment") \
+    candidates = (
+        [key]
+        if key.startswith(("params.", "tags.")) or key in ("run_name", "experiment")
         else [f"params.{key}", f"tags.{key}"]
+    )
     for column in candidates:
         if column in df.columns:
             return column
     found = available(df, ("params", "tags"))
-    raise ReportError(f"Unknown key {key!r} in `{option}`: neither a param nor a tag of the selected runs.\n"
-                      f"Available params: {found['params']}\nAvailable tags: {found['tags']}\n"
-                      "(or override.<group>: the option each job picked on its command line)")
+    raise ReportError(
+        f"Unknown key {key!r} in `{option}`: neither a param nor a tag of the selected runs.\n"
+        f"Available params: {found['params']}\nAvailable tags: {found['tags']}\n"
+        "(or override.<group>: the option each job picked on its command line)"
+    )
 
 
 def resolve_metric(df: pd.DataFrame, metric: str, option: str) -> str:
     column = metric if metric.startswith("metrics.") else f"metrics.{metric}"
     if column not in df.columns or df[column].isna().all():
-        names = [m for m in available(df, ("metrics",))["metrics"]
-                 if not df[f"metrics.{m}"].isna().all()]
-        raise ReportError(f"Unknown metric {metric!r} in `{option}`: no selected run logged it.\n"
-                          f"Available metrics: {names}")
+        names = [m for m in available(df, ("metrics",))["metrics"] if not df[f"metrics.{m}"].isna().all()]
+        raise ReportError(
+            f"Unknown metric {metric!r} in `{option}`: no selected run logged it.\nAvailable metrics: {names}"
+        )
     return column

@@ -1,4 +1,5 @@
 """Group runs by config keys, aggregate metrics over seeds (mean +- std), render Markdown / LaTeX / CSV."""
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,9 @@ def order_values(values: list[tuple], labels: Mapping[str, str]) -> list[tuple]:
 POOLED = "all"
 
 
-def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any],
-              keep: Sequence[str] = ()) -> pd.DataFrame:
+def pool_runs(
+    df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], pool: Mapping[str, Any], keep: Sequence[str] = ()
+) -> pd.DataFrame:
     """Runs where `key == value` (or in a list of values) for a `pool` item form one row per value
     whatever their other row keys (but those in `keep`, e.g. the member's model_name): the
     members of a sweep over `fuse=` are the same members in every job (member cache), shown once,
@@ -83,19 +85,31 @@ def pool_runs(df: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str], poo
         # a cached member evaluated again in another job: the same member and test predictions (its timings
         # differ, measured anew), so the first copy stands for all
         quality = [c for c in ("metrics.test/acc", "metrics.test/nll") if c in df]
-        same = [column, *others, *sorted(kept), *(c for c in ("tags.member",) if c in df),
-                *(quality or [resolve_metric(df, m, "metrics") for m in metrics])]
+        same = [
+            column,
+            *others,
+            *sorted(kept),
+            *(c for c in ("tags.member",) if c in df),
+            *(quality or [resolve_metric(df, m, "metrics") for m in metrics]),
+        ]
         pooled = pooled.drop_duplicates(subset=same)
-        varying = [c for c in pooled.columns
-                   if c.startswith("params.") and c != column and pooled[c].astype(str).nunique() > 1]
+        varying = [
+            c for c in pooled.columns if c.startswith("params.") and c != column and pooled[c].astype(str).nunique() > 1
+        ]
         pooled[varying] = POOLED  # the other jobs' settings (fuse.*), by the pool's own definition
         df = pd.concat([df[~hit], pooled], ignore_index=True)
     return df
 
 
-def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metrics: Sequence[str],
-              aggregate_over: Sequence[str] = ("seed",), lower: Sequence[str] = (),
-              labels: Mapping[str, str] | None = None) -> Table:
+def aggregate(
+    df: pd.DataFrame,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    metrics: Sequence[str],
+    aggregate_over: Sequence[str] = ("seed",),
+    lower: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+) -> Table:
     """Mean, std (n-1) and count of each metric per (rows x cols) group; best mean per column marked."""
     labels = dict(labels or {})
     for key in aggregate_over:  # a key no selected run has would silently aggregate nothing
@@ -124,19 +138,32 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
             cells[row][(col, metric)] = Cell(float(values.mean()) if len(values) else math.nan, std, len(values))
         if len(group) > 1 and metric_cols and all(group[c].astype(str).nunique() == 1 for c in metric_cols):
             identical.append(row + col)  # replicates that are copies, not independent runs (e.g. the same members)
-            log.warning("report: group %s has %d runs with identical metrics: copies, not replicates",
-                        row + col, len(group))
+            log.warning(
+                "report: group %s has %d runs with identical metrics: copies, not replicates", row + col, len(group)
+            )
         varying = [c.removeprefix("params.") for c in param_cols if group[c].astype(str).nunique() > 1]
         if varying:
             mixed[row + col] = varying
-            log.warning("report: group %s mixes runs that differ in %s; add them to rows/cols or filter",
-                        row + col, varying)
+            log.warning(
+                "report: group %s mixes runs that differ in %s; add them to rows/cols or filter", row + col, varying
+            )
 
-    table = Table(list(rows), list(cols), list(metrics), order_values(list(cells), labels),
-                  order_values(list({c for r in cells.values() for c, _ in r}), labels), cells, mixed, identical)
+    table = Table(
+        list(rows),
+        list(cols),
+        list(metrics),
+        order_values(list(cells), labels),
+        order_values(list({c for r in cells.values() for c, _ in r}), labels),
+        cells,
+        mixed,
+        identical,
+    )
     for col, metric in table.columns:
-        means = [cells[r][(col, metric)].mean for r in table.row_values
-                 if (col, metric) in cells[r] and not math.isnan(cells[r][(col, metric)].mean)]
+        means = [
+            cells[r][(col, metric)].mean
+            for r in table.row_values
+            if (col, metric) in cells[r] and not math.isnan(cells[r][(col, metric)].mean)
+        ]
         if len(means) < 2:
             continue
         best = min(means) if lower_is_better(metric, lower) else max(means)
@@ -149,12 +176,13 @@ def aggregate(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric
 
 # ---- rendering -------------------------------------------------------------------------------
 
+
 @dataclass
 class Style:
-    labels: Mapping[str, str] = field(default_factory=dict)    # key, value or metric -> display name
-    scale: Mapping[str, float] = field(default_factory=dict)   # metric -> factor (100: percent)
-    digits: Mapping[str, int] | int = 3                        # metric -> decimals, or one for all
-    reference: Mapping[str, Any] | None = None                 # {title, values: {row label: value}}
+    labels: Mapping[str, str] = field(default_factory=dict)  # key, value or metric -> display name
+    scale: Mapping[str, float] = field(default_factory=dict)  # metric -> factor (100: percent)
+    digits: Mapping[str, int] | int = 3  # metric -> decimals, or one for all
+    reference: Mapping[str, Any] | None = None  # {title, values: {row label: value}}
 
 
 def value_label(key: str, value: Any, style: Style) -> str:
@@ -207,15 +235,27 @@ def grid(table: Table, style: Style) -> tuple[list[str], list[list[tuple[str, bo
 def to_markdown(table: Table, style: Style) -> str:
     header, body = grid(table, style)
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
-             "|" + "|".join(":--" if i < max(1, len(table.row_keys)) else "--:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join(":--" if i < max(1, len(table.row_keys)) else "--:" for i in range(len(header))) + "|",
+    ]
     for line in body:
         lines.append("| " + " | ".join(f"**{esc(t)}**" if b else esc(t) for t, b in line) + " |")
     return "\n".join(lines)
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -231,8 +271,12 @@ def to_latex(table: Table, style: Style, caption: str = "", label: str = "") -> 
         lines.append(rf"\caption{{{tex_escape(caption)}}}")
     if label:
         lines.append(rf"\label{{{label}}}")
-    lines += [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex_escape(h) for h in header) + r" \\",
-              r"\midrule"]
+    lines += [
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(tex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
     for line in body:
         lines.append(" & ".join(rf"\textbf{{{tex_escape(t)}}}" if b else tex_escape(t) for t, b in line) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -243,11 +287,19 @@ def to_frame(table: Table, style: Style) -> pd.DataFrame:
     """Long format for CSV: one line per (row, col, metric) with raw mean, std, n and best."""
     records = []
     for row in table.row_values:
-        for (col, metric) in table.columns:
+        for col, metric in table.columns:
             cell = table.cells[row].get((col, metric))
             if cell is None:
                 continue
-            records.append({**{k: value_label(k, v, style) for k, v in zip(table.row_keys, row)},
-                            **{k: value_label(k, v, style) for k, v in zip(table.col_keys, col)},
-                            "metric": metric, "mean": cell.mean, "std": cell.std, "n": cell.n, "best": cell.best})
+            records.append(
+                {
+                    **{k: value_label(k, v, style) for k, v in zip(table.row_keys, row)},
+                    **{k: value_label(k, v, style) for k, v in zip(table.col_keys, col)},
+                    "metric": metric,
+                    "mean": cell.mean,
+                    "std": cell.std,
+                    "n": cell.n,
+                    "best": cell.best,
+                }
+            )
     return pd.DataFrame(records)

@@ -3,15 +3,26 @@
 Names resolve lazily: `make_tracker` (the `tracking` config group's target) starts MLflow in a
 worker process, so the command line imports no mlflow; the report tool never needs Lightning.
 """
+
 import importlib
 
 _WHERE = {
-    "FoundRun": "base", "Tracker": "base", "flatten": "base", "source_tags": "base",
-    "BackgroundTracker": "background", "make_tracker": "background",
+    "FoundRun": "base",
+    "Tracker": "base",
+    "flatten": "base",
+    "source_tags": "base",
+    "BackgroundTracker": "background",
+    "make_tracker": "background",
     "MlflowTracker": "mlflow_tracker",
     "EpochMetricsLogger": "callback",
-    "PackedModel": "models", "LoadedModel": "models", "load_logged_model": "models", "pack_model": "models",
-    "RunQueryError": "query", "download_artifact": "query", "list_experiments": "query", "search_runs": "query",
+    "PackedModel": "models",
+    "LoadedModel": "models",
+    "load_logged_model": "models",
+    "pack_model": "models",
+    "RunQueryError": "query",
+    "download_artifact": "query",
+    "list_experiments": "query",
+    "search_runs": "query",
 }
 __all__ = sorted(_WHERE)
 

@@ -14,6 +14,7 @@ The worker is a plain `python -m runner.tracking.worker` talking over its stdin 
 multiprocessing it never re-imports the caller's main script, works the same under every launcher
 (joblib's loky workers, SLURM tasks), and ends when its stdin closes, i.e. when this process ends.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,20 +57,22 @@ class TrackingTimeout(RuntimeError):
 class BackgroundTracker(Tracker):
     """MlflowTracker's interface, with the MlflowTracker itself in a worker process."""
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, uri: str, experiment: str, artifact_location: str | None = None, timeout_s: float = 30.0
+    ) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.timeout_s = timeout_s  # the longest a call waits while the worker makes no progress
         # a SQLite store shared with other jobs: the worker waits (without CPU) for their locks, a bounded
         # time after which it answers with an error of its own (runner/tracking/retry.py); that is not a hang
         self._lock_wait_s = LOCK_WAIT_S + MLFLOW_BUSY_WAIT_S + 10 if sqlite_path(uri) else 0.0
-        self.busy_s = 0.0   # time this process spent queuing calls and waiting for answers
+        self.busy_s = 0.0  # time this process spent queuing calls and waiting for answers
         self.setup_s = 0.0  # of which: waiting for the worker to open the store
         self.broken = self.closed = False
         root = str(Path(__file__).resolve().parents[2])  # so the worker imports this same `runner`
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        self._process = subprocess.Popen([sys.executable, "-m", "runner.tracking.worker"], env=env,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "runner.tracking.worker"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._answers: collections.deque[Future] = collections.deque()  # in the order of the calls
@@ -109,8 +112,9 @@ class BackgroundTracker(Tracker):
         with self._lock:  # the worker ended: every call still waiting fails with that
             self.broken = True
             while self._answers:
-                self._answers.popleft().set_exception(WorkerError(
-                    f"the MLflow worker exited (code {self._process.wait()}); its stderr says why"))
+                self._answers.popleft().set_exception(
+                    WorkerError(f"the MLflow worker exited (code {self._process.wait()}); its stderr says why")
+                )
 
     def _submit(self, method: str, *args: Any, **kwargs: Any) -> Future:
         payload = pickle.dumps((method, args, kwargs))
@@ -137,16 +141,21 @@ class BackgroundTracker(Tracker):
         SQLite store the limit is at least the worker's own wait for other processes' locks."""
         if timeout_s is None:
             timeout_s = max(self.timeout_s, self._lock_wait_s)
-        hint = ("is the server running and reachable? (tracking.timeout_s sets the limit)" if not self._lock_wait_s
-                else "is the file on a disk that answers?")
+        hint = (
+            "is the server running and reachable? (tracking.timeout_s sets the limit)"
+            if not self._lock_wait_s
+            else "is the file on a disk that answers?"
+        )
         started = time.monotonic()
         while True:
             try:
                 return future.result(timeout=min(1.0, timeout_s))
             except FutureTimeout:
                 if time.monotonic() - max(started, self._progress_at, self._working_at()) > timeout_s:
-                    raise TrackingTimeout(f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
-                                          f"{timeout_s:g} s ({what}); {hint}") from None
+                    raise TrackingTimeout(
+                        f"tracking.uri={self.uri!r}: no answer from the MLflow store within "
+                        f"{timeout_s:g} s ({what}); {hint}"
+                    ) from None
 
     def _working_at(self) -> float:
         """When the worker was last seen using the CPU (Linux: /proc/<pid>/stat; elsewhere never); while it
@@ -171,8 +180,11 @@ class BackgroundTracker(Tracker):
         except (TrackingTimeout, StoreLocked):
             raise
         except Exception as e:  # a store that cannot be reached, created or written
-            raise ConfigError("tracking.uri", self.uri, f"a tracking store this job can reach and write "
-                              f"({type(e).__name__}: {str(e)[:400]})") from e
+            raise ConfigError(
+                "tracking.uri",
+                self.uri,
+                f"a tracking store this job can reach and write ({type(e).__name__}: {str(e)[:400]})",
+            ) from e
         finally:
             self.setup_s += time.perf_counter() - start
         pending, self._pending = self._pending, []
@@ -182,8 +194,9 @@ class BackgroundTracker(Tracker):
             except (TrackingTimeout, StoreLocked):  # each names tracking.uri and says what to check
                 raise
             except Exception as e:  # the store refused or lost a write: say which store
-                raise TrackingWriteError(f"tracking.uri={self.uri!r}: a write to the MLflow store failed: "
-                                         f"{type(e).__name__}: {str(e)[:400]}") from e
+                raise TrackingWriteError(
+                    f"tracking.uri={self.uri!r}: a write to the MLflow store failed: {type(e).__name__}: {str(e)[:400]}"
+                ) from e
 
     def time_spent(self) -> tuple[float, float]:
         """(busy, setup) seconds of the worker's own MLflow calls so far."""
@@ -208,8 +221,13 @@ class BackgroundTracker(Tracker):
                 self._process.kill()
 
     @timed
-    def start_run(self, name: str, params: Mapping[str, Any] | None = None,
-                  tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
+    def start_run(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_id: str | None = None,
+    ) -> str:
         return self._wait("start_run", name, params, tags, parent_id)
 
     @timed
@@ -258,15 +276,29 @@ class BackgroundTracker(Tracker):
         self._submit("log_arrays", run_id, path, **arrays)
 
     @timed
-    def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
-                  model: Any = None, files: Mapping[str, bytes] | None = None) -> None:
+    def log_child(
+        self,
+        parent_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        metrics: Mapping[str, float],
+        arrays: Mapping[str, Any] | None = None,
+        model: Any = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> None:
         self._submit("log_child", parent_id, name, params, tags, metrics, arrays, model, files)  # all bytes already
 
     @timed
-    def log_evaluation(self, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float],
-                       arrays: Mapping[str, Any] | None = None, model: Any = None,
-                       files: Mapping[str, bytes] | None = None) -> None:
+    def log_evaluation(
+        self,
+        run_id: str,
+        tags: Mapping[str, str],
+        metrics: Mapping[str, float],
+        arrays: Mapping[str, Any] | None = None,
+        model: Any = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> None:
         self._submit("log_evaluation", run_id, tags, metrics, arrays, model, files)
 
 
@@ -276,8 +308,14 @@ _shared: BackgroundTracker | None = None
 SPARE_CORES = 4
 
 
-def make_tracker(uri: str, experiment: str, artifact_location: str | None = None,
-                 background: bool = True, timeout_s: float = 30.0, log_models: bool = False) -> Tracker:
+def make_tracker(
+    uri: str,
+    experiment: str,
+    artifact_location: str | None = None,
+    background: bool = True,
+    timeout_s: float = 30.0,
+    log_models: bool = False,
+) -> Tracker:
     """The `tracking` config group's target: an MLflow tracker, in a worker process by default.
 
     Jobs of one process with the same settings (a multirun with the basic launcher) share one worker.
@@ -287,12 +325,17 @@ def make_tracker(uri: str, experiment: str, artifact_location: str | None = None
     if not background:
         bound_http_retries()
         from runner.tracking.mlflow_tracker import MlflowTracker
+
         tracker = MlflowTracker(uri, experiment, artifact_location)
         tracker.log_models = log_models
         return tracker
-    if _shared is None or _shared.broken or _shared.closed or \
-            (_shared.uri, _shared.experiment, _shared.artifact_location, _shared.timeout_s) != \
-            (uri, experiment, artifact_location, timeout_s):
+    if (
+        _shared is None
+        or _shared.broken
+        or _shared.closed
+        or (_shared.uri, _shared.experiment, _shared.artifact_location, _shared.timeout_s)
+        != (uri, experiment, artifact_location, timeout_s)
+    ):
         if _shared is not None:
             try:
                 _shared.close()

@@ -1,4 +1,5 @@
 """What every tracker shares, without importing mlflow: the run context, flat params, provenance tags."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class FoundRun:
     """A run returned by `find_runs`: plain data, so it crosses process boundaries without mlflow."""
+
     run_id: str
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
@@ -34,13 +36,18 @@ class Tracker:
     """
 
     log_models = False  # log every evaluated model as an MLflow LoggedModel (tracking.log_models)
-    busy_s = 0.0   # wall time this process spent in tracking calls, setup included
+    busy_s = 0.0  # wall time this process spent in tracking calls, setup included
     setup_s = 0.0  # of which: opening the store and finding the experiment
 
     @contextlib.contextmanager
-    def run(self, name: str, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, parent_id: str | None = None,
-            wait: bool = True) -> Iterator[str]:
+    def run(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_id: str | None = None,
+        wait: bool = True,
+    ) -> Iterator[str]:
         """A run that always ends with a status: FINISHED, KILLED (interrupt, SIGTERM) or FAILED.
 
         FINISHED only once every write of the run has landed (a failed write fails the run). With
@@ -97,10 +104,16 @@ def source_tags(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     tags = {"overrides": " ".join(overrides) or "(none)", SOURCE_NAME: "python -m runner"}
     try:
         root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     if commit:

@@ -1,4 +1,5 @@
 """A Lightning logger that sends metrics to MLflow in one batched call per epoch."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """A thin wrapper over MlflowClient: explicit run ids, batched logging, a status on every exit."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,21 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 # The job-level metrics a researcher compares first (runner.report.auto.HEADLINE names them in words)
-HEADLINE_METRICS = ("members/mean/test/acc", "members/best/test/acc", "members/mean/test/nll", "members/mean/test/ece",
-                    "fused/test/acc", "fused/gain/acc", "fused/test/nll", "fused/test/ece", "compressed/mean/test/acc",
-                    "compressed/mean/delta/acc", "compressed/mean/compression_ratio", "compressed/mean/speedup",
-                    "fused_compressed/test/acc")
+HEADLINE_METRICS = (
+    "members/mean/test/acc",
+    "members/best/test/acc",
+    "members/mean/test/nll",
+    "members/mean/test/ece",
+    "fused/test/acc",
+    "fused/gain/acc",
+    "fused/test/nll",
+    "fused/test/ece",
+    "compressed/mean/test/acc",
+    "compressed/mean/delta/acc",
+    "compressed/mean/compression_ratio",
+    "compressed/mean/speedup",
+    "fused_compressed/test/acc",
+)
 # MLflow's UI (3.15-3.18 at least) takes the GenAI/Model training switch from the URL's `workflowType`, else
 # the browser's localStorage (GenAI by default), never from the experimentKind tag (mlflow#24498): the
 # training view is a URL, ui_url(). Its runs table opens with a view kept in an experiment tag
@@ -35,17 +47,24 @@ HEADLINE_METRICS = ("members/mean/test/acc", "members/best/test/acc", "members/m
 TRAINING_VIEW = "runner-headline"
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",  # the experiments list under "Model training"
-    f"mlflow.sharedViewState.{TRAINING_VIEW}": json.dumps({
-        "searchFilter": "tags.role = 'job'", "orderByKey": "attributes.start_time", "orderByAsc": False,
-        "selectedColumns": [f"metrics.`{m}`" for m in HEADLINE_METRICS]}),
+    f"mlflow.sharedViewState.{TRAINING_VIEW}": json.dumps(
+        {
+            "searchFilter": "tags.role = 'job'",
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "selectedColumns": [f"metrics.`{m}`" for m in HEADLINE_METRICS],
+        }
+    ),
 }
 
 
 def ui_url(ui: str, experiment_id: str) -> str:
     """The MLflow UI page of an experiment's jobs in the model-training view with the headline columns
     (`ui`: where `mlflow ui` / `mlflow server` serves, e.g. http://127.0.0.1:5000)."""
-    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?workflowType=machine_learning&viewStateShareKey={TRAINING_VIEW}")
+    return (
+        f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={TRAINING_VIEW}"
+    )
 
 
 def print_ui_urls(uri: str, ui: str = "http://127.0.0.1:5000") -> None:
@@ -73,12 +92,13 @@ class MlflowTracker(Tracker):
     it, and a call that finds it locked is retried for up to `lock_wait_s` seconds.
     """
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
-                 lock_wait_s: float = LOCK_WAIT_S) -> None:
+    def __init__(
+        self, uri: str, experiment: str, artifact_location: str | None = None, lock_wait_s: float = LOCK_WAIT_S
+    ) -> None:
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.lock_wait_s = lock_wait_s
         self._client: MlflowClient | None = None
-        self.busy_s = 0.0   # wall time spent in tracking calls, setup included
+        self.busy_s = 0.0  # wall time spent in tracking calls, setup included
         self.setup_s = 0.0  # of which: opening the store and finding the experiment
         self._experiment_id: str | None = None
 
@@ -108,7 +128,9 @@ class MlflowTracker(Tracker):
                 if location and "://" not in location and self.uri.startswith(("http://", "https://")):
                     # a folder on this machine: every client (SLURM node) would keep its own artifacts;
                     # the server's default location (mlflow-artifacts:, proxied) keeps them in one place
-                    log.info("tracking.artifact_location=%s ignored: the server %s stores artifacts", location, self.uri)
+                    log.info(
+                        "tracking.artifact_location=%s ignored: the server %s stores artifacts", location, self.uri
+                    )
                     location = None
                 if location and "://" not in location:
                     location = Path(location).resolve().as_uri()
@@ -125,8 +147,13 @@ class MlflowTracker(Tracker):
         return self._experiment_id
 
     @timed
-    def start_run(self, name: str, params: Mapping[str, Any] | None = None,
-                  tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
+    def start_run(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_id: str | None = None,
+    ) -> str:
         all_tags = {RUN_NAME: name, **(tags or {})}
         if parent_id:
             all_tags[PARENT_RUN_ID] = parent_id
@@ -169,18 +196,20 @@ class MlflowTracker(Tracker):
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            self.client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
     @timed
-    def log_metric_steps(self, run_id: str, entries: list[tuple[Mapping[str, float], int]],
-                         model_id: str | None = None) -> None:
+    def log_metric_steps(
+        self, run_id: str, entries: list[tuple[Mapping[str, float], int]], model_id: str | None = None
+    ) -> None:
         """Metrics of several steps in as few `log_batch` calls as possible: [(metrics, step), ...];
         with `model_id`, they are that LoggedModel's metrics too."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step, model_id=model_id)
-                 for metrics, step in entries for k, v in metrics.items()]
+        items = [
+            Metric(k, float(v), now, step, model_id=model_id) for metrics, step in entries for k, v in metrics.items()
+        ]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+            self.client.log_batch(run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
 
     @timed
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -208,9 +237,17 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(run_id, str(local), str(Path(path).parent) if "/" in path else None)
 
     @timed
-    def log_child(self, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-                  metrics: Mapping[str, float], arrays: Mapping[str, Any] | None = None,
-                  model: PackedModel | None = None, files: Mapping[str, bytes] | None = None) -> str:
+    def log_child(
+        self,
+        parent_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        metrics: Mapping[str, float],
+        arrays: Mapping[str, Any] | None = None,
+        model: PackedModel | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> str:
         """A finished nested run for one evaluated model (a compressed member, the fused model): a new
         run holding what log_evaluation logs."""
         with self.run(name, params, tags, parent_id=parent_id) as run_id:
@@ -218,9 +255,15 @@ class MlflowTracker(Tracker):
         return run_id
 
     @timed
-    def log_evaluation(self, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, float],
-                       arrays: Mapping[str, Any] | None = None, model: PackedModel | None = None,
-                       files: Mapping[str, bytes] | None = None) -> None:
+    def log_evaluation(
+        self,
+        run_id: str,
+        tags: Mapping[str, str],
+        metrics: Mapping[str, float],
+        arrays: Mapping[str, Any] | None = None,
+        model: PackedModel | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> None:
         """One evaluated model's results into its (open) run: tags, metrics, the test predictions
         (`arrays` -> predictions/test.npz), `files` (artifact path -> bytes, e.g. export/model.onnx) and,
         with `model` (runner.tracking.models.pack_model), the model itself as the run's LoggedModel,

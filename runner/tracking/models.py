@@ -10,6 +10,7 @@ A cached member is logged once: its LoggedModel carries the member cache entry (
 later runs of that member point at it (`find_cached_model`). `load_logged_model` brings one back by
 `models:/<id>` URI or child run id.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,18 +35,19 @@ RAW_INPUTS = "raw_inputs.pkl"  # beside the logged model: raw rows -> inputs (pi
 MODEL_META = "runner.json"  # beside the logged model: {"classes": [...], "tokenizer": ..., "max_length": ...}
 MODEL_URI_TAG = "model_uri"  # the child run's tag: models:/<model_id>
 CACHE_ENTRY_TAG = "member_cache_entry"  # a cached member's weights (<cache key>:<file sha256>), on its runs and model
-EXAMPLE_ROWS = 5         # test inputs kept as the input example
+EXAMPLE_ROWS = 5  # test inputs kept as the input example
 
 
 @dataclass
 class PackedModel:
     """A model ready to cross a process boundary: plain bytes and numpy arrays."""
-    data: bytes                       # torch.save(model) of the whole module
-    example: Any                      # numpy array, or dict of numpy arrays (token ids, masks)
+
+    data: bytes  # torch.save(model) of the whole module
+    example: Any  # numpy array, or dict of numpy arrays (token ids, masks)
     sys_path: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON: the class names, the preprocessing (MODEL_META)
     raw_inputs: bytes | None = None  # pickled callable: raw rows -> model inputs (a table's fitted encoding)
-    name: str = "model"               # the LoggedModel's name (logged_model_name)
+    name: str = "model"  # the LoggedModel's name (logged_model_name)
     tags: dict[str, str] = field(default_factory=dict)  # the LoggedModel's tags: its source, CACHE_ENTRY_TAG
 
 
@@ -54,8 +56,15 @@ def logged_model_name(role: str, name: str) -> str:
     return NOT_IN_NAMES.sub("_", f"{role}-{name}" if name else role)
 
 
-def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str, Any] | None = None,
-               raw_inputs: Any = None, name: str = "model", tags: dict[str, str] | None = None) -> PackedModel:
+def pack_model(
+    model: Any,
+    inputs: Any,
+    rows: int = EXAMPLE_ROWS,
+    meta: dict[str, Any] | None = None,
+    raw_inputs: Any = None,
+    name: str = "model",
+    tags: dict[str, str] | None = None,
+) -> PackedModel:
     """The model (moved nowhere, copied by pickling), its first `rows` inputs as numpy, and `meta`
     (what predictions need beside the module: class names, a tokenizer); `name` and `tags` are the
     LoggedModel's."""
@@ -73,8 +82,15 @@ def pack_model(model: Any, inputs: Any, rows: int = EXAMPLE_ROWS, meta: dict[str
         example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
     else:
         example = inputs[:rows].detach().cpu().numpy()
-    return PackedModel(buffer.getvalue(), example, [p for p in sys.path if p], dict(meta or {}),
-                       pickle.dumps(raw_inputs) if raw_inputs is not None else None, name, dict(tags or {}))
+    return PackedModel(
+        buffer.getvalue(),
+        example,
+        [p for p in sys.path if p],
+        dict(meta or {}),
+        pickle.dumps(raw_inputs) if raw_inputs is not None else None,
+        name,
+        dict(tags or {}),
+    )
 
 
 def unpack_model(packed: PackedModel) -> Any:
@@ -90,8 +106,18 @@ def pip_requirements() -> list[str]:
     """What loading needs, pinned to this environment (explicit: MLflow's inference takes seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ["torch", "numpy", "mlflow", "pytorch-lightning", "torchmetrics", "omegaconf", "hydra-core",
-             "scikit-learn", "transformers", "torchao"]
+    names = [
+        "torch",
+        "numpy",
+        "mlflow",
+        "pytorch-lightning",
+        "torchmetrics",
+        "omegaconf",
+        "hydra-core",
+        "scikit-learn",
+        "transformers",
+        "torchao",
+    ]
     found = []
     for name in names:
         try:
@@ -142,8 +168,9 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel, client: Any = N
     # script (worker.py) as its source; `packed.tags` carry the job's.
     client = client or MlflowClient(uri)
     run = client.get_run(run_id)
-    logged = client.create_logged_model(run.info.experiment_id, name=packed.name, source_run_id=run_id,
-                                        tags=packed.tags, params=run.data.params)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=packed.name, source_run_id=run_id, tags=packed.tags, params=run.data.params
+    )
     # pickle, not MLflow's default pt2 (torch.export): quantized, int8-graph, Hugging Face and ensemble
     # modules do not all export, and the modules must come back as they were evaluated
     # MLflow's PyTorch flavor refuses a dict input example (token ids and masks): the signature names
@@ -159,10 +186,16 @@ def log_packed_model(uri: str, run_id: str, packed: PackedModel, client: Any = N
         if packed.raw_inputs is not None:
             (Path(tmp) / RAW_INPUTS).write_bytes(packed.raw_inputs)
             extra.append(str(Path(tmp) / RAW_INPUTS))
-        mlflow.pytorch.log_model(model, name=packed.name, model_id=logged.model_id,
-                                 input_example=None if isinstance(x, dict) else x,
-                                 signature=signature, pip_requirements=pip_requirements(),
-                                 serialization_format="pickle", extra_files=extra or None)
+        mlflow.pytorch.log_model(
+            model,
+            name=packed.name,
+            model_id=logged.model_id,
+            input_example=None if isinstance(x, dict) else x,
+            signature=signature,
+            pip_requirements=pip_requirements(),
+            serialization_format="pickle",
+            extra_files=extra or None,
+        )
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists it
     return logged.model_id
 
@@ -197,6 +230,7 @@ def _quiet_pickle_warning() -> Iterator[None]:
 @dataclass
 class LoadedModel:
     """A logged model brought back: the module and what it was logged with."""
+
     model: Any
     model_uri: str
     run_id: str | None
@@ -221,15 +255,19 @@ def model_uri_of(client: Any, ref: str) -> str:
         logged = (version.source or "").removeprefix("models:/")
         if version.source.startswith("models:/") and "/" not in logged and "@" not in logged:
             return version.source  # registered from a logged model's models:/<id>
-        raise LookupError(f"{ref}: version {version.version} of {name!r} was not registered from a logged "
-                          f"model (its source: {version.source}); load it with mlflow.pytorch.load_model")
+        raise LookupError(
+            f"{ref}: version {version.version} of {name!r} was not registered from a logged "
+            f"model (its source: {version.source}); load it with mlflow.pytorch.load_model"
+        )
     run = client.get_run(ref)
     if MODEL_URI_TAG in run.data.tags:
         return run.data.tags[MODEL_URI_TAG]
     found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{ref}'")
     if not found:
-        raise LookupError(f"run {ref} logged no model (was tracking.log_models false? its role: "
-                          f"{run.data.tags.get('role', 'not an evaluated model')})")
+        raise LookupError(
+            f"run {ref} logged no model (was tracking.log_models false? its role: "
+            f"{run.data.tags.get('role', 'not an evaluated model')})"
+        )
     return f"models:/{found[0].model_id}"
 
 
@@ -240,14 +278,17 @@ def load_logged_model(ref: str, tracking_uri: str) -> LoadedModel:
     from mlflow.models import Model
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        raise LookupError(f"tracking_uri={tracking_uri!r}: no MLflow store there (run from the folder of the "
-                          "job's outputs/, or pass the store's tracking_uri)")
+        raise LookupError(
+            f"tracking_uri={tracking_uri!r}: no MLflow store there (run from the folder of the "
+            "job's outputs/, or pass the store's tracking_uri)"
+        )
     client = MlflowClient(tracking_uri)
     uri = model_uri_of(client, ref)
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location, dst_path=tmp,
-                                                    tracking_uri=tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=logged.artifact_location, dst_path=tmp, tracking_uri=tracking_uri
+        )
         meta = Model.load(local)
         example = meta.load_input_example(local)
         dict_example = Path(local) / "extra_files" / DICT_EXAMPLE

@@ -1,4 +1,5 @@
 """Reading runs back out of MLflow (for the report): plain dicts in, no mlflow types out."""
+
 from __future__ import annotations
 
 import os
@@ -47,14 +48,24 @@ def search_runs(uri: str, experiments: list[str], filter_string: str = "") -> li
     runs, token = [], None
     while True:
         try:
-            page = client.search_runs(list(names), filter_string or "", ViewType.ACTIVE_ONLY,
-                                      max_results=PAGE_SIZE, page_token=token)
+            page = client.search_runs(
+                list(names), filter_string or "", ViewType.ACTIVE_ONLY, max_results=PAGE_SIZE, page_token=token
+            )
         except MlflowException as e:
             raise RunQueryError(f"Bad filter {filter_string!r}: {e.message}") from None
-        runs += [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-                  "experiment": names[r.info.experiment_id], "start_time": r.info.start_time,
-                  "params": dict(r.data.params), "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)}
-                 for r in page]
+        runs += [
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "status": r.info.status,
+                "experiment": names[r.info.experiment_id],
+                "start_time": r.info.start_time,
+                "params": dict(r.data.params),
+                "tags": dict(r.data.tags),
+                "metrics": dict(r.data.metrics),
+            }
+            for r in page
+        ]
         token = page.token
         if not token:
             return runs

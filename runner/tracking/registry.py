@@ -1,5 +1,6 @@
 """The MLflow model registry: the best logged model of an experiment (or sweep) becomes a version under
 an alias. The command is runner/register.py; this module holds its MLflow calls."""
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ MODES = ("max", "min")
 @dataclass
 class Candidate:
     """A child run that logged a model, with the value of the chosen metric."""
+
     run_id: str
     model_uri: str
     value: float
@@ -26,9 +28,18 @@ class Candidate:
 DATA_PARAMS = ("choice/data", "data._target_", "data.path", "data.name", "data.task", "data.label")  # which data
 
 
-def register_best(tracking_uri: str, experiment: str, metric: str, name: str, alias: str = "champion",
-                  sweep: str | None = None, role: str | None = None, mode: str = "max",
-                  where: dict[str, str] | None = None, mix_data: bool = False) -> tuple[Any, str, float]:
+def register_best(
+    tracking_uri: str,
+    experiment: str,
+    metric: str,
+    name: str,
+    alias: str = "champion",
+    sweep: str | None = None,
+    role: str | None = None,
+    mode: str = "max",
+    where: dict[str, str] | None = None,
+    mix_data: bool = False,
+) -> tuple[Any, str, float]:
     """Register the best logged model by `metric` as a new version of `name` and point `alias` at it.
 
     The candidates are the experiment's active runs tagged `model_uri`, narrowed to `sweep`
@@ -51,15 +62,21 @@ def register_best(tracking_uri: str, experiment: str, metric: str, name: str, al
     found = client.get_experiment_by_name(experiment)
     if found is None:
         from mlflow.entities import ViewType
+
         known = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
         raise ConfigError("experiment", experiment, f"an experiment of {tracking_uri}: {known}")
     runs = _runs_with_models(client, found.experiment_id)
     chosen = _where(_select(runs, experiment, sweep, role), where or {})
     if not mix_data:
         datasets = sorted({tuple((k, r.data.params.get(k)) for k in DATA_PARAMS if k in r.data.params) for r in chosen})
-        check(len(datasets) <= 1, "data", None, "one dataset per registered model: the selection holds models of "
-              f"{len(datasets)} ({', '.join(str(dict(d).get('choice/data') or dict(d)) for d in datasets)}); pick one "
-              "with data=<option> or param.<key>=<value>, or pass mix_data=true")
+        check(
+            len(datasets) <= 1,
+            "data",
+            None,
+            "one dataset per registered model: the selection holds models of "
+            f"{len(datasets)} ({', '.join(str(dict(d).get('choice/data') or dict(d)) for d in datasets)}); pick one "
+            "with data=<option> or param.<key>=<value>, or pass mix_data=true",
+        )
     best = _best(chosen, metric, mode)
     version = _register(client, best, name, metric, mode)
     client.set_registered_model_alias(name, alias, version.version)
@@ -74,8 +91,13 @@ def _runs_with_models(client: Any, experiment_id: str) -> list[Any]:
 
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], f"tags.`{MODEL_URI_TAG}` LIKE 'models:/%'",
-                                  ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            f"tags.`{MODEL_URI_TAG}` LIKE 'models:/%'",
+            ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
         runs += list(page)
         token = page.token
         if not token:
@@ -84,8 +106,12 @@ def _runs_with_models(client: Any, experiment_id: str) -> list[Any]:
 
 def _select(runs: list[Any], experiment: str, sweep: str | None, role: str | None) -> list[Any]:
     """Narrow to one sweep and one role; an empty result names the key and what there is instead."""
-    check(bool(runs), "experiment", experiment,
-          "an experiment whose runs logged models (none has a model_uri tag: was tracking.log_models false?)")
+    check(
+        bool(runs),
+        "experiment",
+        experiment,
+        "an experiment whose runs logged models (none has a model_uri tag: was tracking.log_models false?)",
+    )
     if sweep is not None:
         sweeps = sorted({r.data.tags["sweep_id"] for r in runs if "sweep_id" in r.data.tags})
         runs = [r for r in runs if r.data.tags.get("sweep_id") == sweep]
@@ -102,8 +128,12 @@ def _where(runs: list[Any], where: dict[str, str]) -> list[Any]:
     for key, value in where.items():
         values = sorted({str(r.data.params.get(key)) for r in runs})
         runs = [r for r in runs if str(r.data.params.get(key)) == str(value)]
-        check(bool(runs), f"param.{key}" if key != "choice/data" else "data", value,
-              f"a value the selected runs have: {values}")
+        check(
+            bool(runs),
+            f"param.{key}" if key != "choice/data" else "data",
+            value,
+            f"a value the selected runs have: {values}",
+        )
     return runs
 
 
@@ -111,9 +141,13 @@ def _best(runs: list[Any], metric: str, mode: str) -> Candidate:
     """The best candidate by `metric`; runs without it (or with NaN) cannot win; ties: the earliest."""
     from runner.tracking.models import MODEL_URI_TAG
 
-    have = [Candidate(r.info.run_id, r.data.tags[MODEL_URI_TAG], r.data.metrics[metric], r.info.start_time,
-                      dict(r.data.tags))
-            for r in runs if metric in r.data.metrics and not math.isnan(r.data.metrics[metric])]
+    have = [
+        Candidate(
+            r.info.run_id, r.data.tags[MODEL_URI_TAG], r.data.metrics[metric], r.info.start_time, dict(r.data.tags)
+        )
+        for r in runs
+        if metric in r.data.metrics and not math.isnan(r.data.metrics[metric])
+    ]
     available = sorted({k for r in runs for k in r.data.metrics})
     check(bool(have), "metric", metric, f"a metric of the selected runs: {available}")
     have.sort(key=lambda c: (c.start_time, c.run_id))
@@ -137,15 +171,22 @@ def _register(client: Any, best: Candidate, name: str, metric: str, mode: str) -
             raise
     model_id = best.model_uri.removeprefix("models:/")
     logged = client.get_logged_model(model_id)
-    tags = {"run_id": best.run_id, "metric": metric, "metric_value": repr(best.value), "mode": mode,
-            **{k: best.tags[k] for k in ("role", "member", "sweep_id") if k in best.tags}}
+    tags = {
+        "run_id": best.run_id,
+        "metric": metric,
+        "metric_value": repr(best.value),
+        "mode": mode,
+        **{k: best.tags[k] for k in ("role", "member", "sweep_id") if k in best.tags},
+    }
     # a SQL registry resolves a models:/ source through the process-wide tracking URI (MLflow's own
     # TODO), not `client`'s: point it at this store for the one call
     with using_tracking_uri(client.tracking_uri):
-        version = client.create_model_version(name, source=best.model_uri, run_id=best.run_id, tags=tags,
-                                              model_id=model_id)
+        version = client.create_model_version(
+            name, source=best.model_uri, run_id=best.run_id, tags=tags, model_id=model_id
+        )
     # as mlflow.register_model does: the LoggedModel lists its registered versions (the UI links them)
     listed = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
-    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
-        [*listed, {"name": name, "version": version.version}])})
+    client.set_logged_model_tags(
+        model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, {"name": name, "version": version.version}])}
+    )
     return version

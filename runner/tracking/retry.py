@@ -11,6 +11,7 @@ works), and a call that finds the database locked is retried with backoff until 
 since its first try (the try then under way may take MLflow's 20 s more); then one error naming
 tracking.uri. Light: no mlflow import (BackgroundTracker reads the bounds in the job's process).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,10 @@ def is_locked(error: BaseException | None) -> bool:
 
 
 def locked_error(uri: str, what: str, waited_s: float) -> StoreLocked:
-    return StoreLocked(f"tracking.uri={uri!r}: the SQLite store stayed locked by another process for "
-                       f"{waited_s:.0f} s ({what}): is a job stuck, or a tool holding it open?")
+    return StoreLocked(
+        f"tracking.uri={uri!r}: the SQLite store stayed locked by another process for "
+        f"{waited_s:.0f} s ({what}): is a job stuck, or a tool holding it open?"
+    )
 
 
 def retry_locked(call: Callable[..., Any], uri: str, wait_s: float = LOCK_WAIT_S) -> Callable[..., Any]:
@@ -73,8 +76,12 @@ def retry_locked(call: Callable[..., Any], uri: str, wait_s: float = LOCK_WAIT_S
                     raise
                 if waited >= wait_s:
                     raise locked_error(uri, getattr(call, "__name__", "a call"), waited) from e
-                log.info("tracking.uri=%s is locked by another process: %s again in %.2f s",
-                         uri, getattr(call, "__name__", "a call"), pause)
+                log.info(
+                    "tracking.uri=%s is locked by another process: %s again in %.2f s",
+                    uri,
+                    getattr(call, "__name__", "a call"),
+                    pause,
+                )
                 time.sleep(min(pause, wait_s - waited))
                 pause = min(pause * 2, 2.0)
 

@@ -9,6 +9,7 @@ job that fails leaves a marker in `<sweep dir>/failed/`, which works across proc
 KILLED when the launching process is interrupted. A relaunch of the same sweep (same experiment,
 same command-line overrides) continues under the same parent run.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -30,7 +31,7 @@ from runner.config import check_seed_sweep
 
 FILE = "mlflow_sweep.json"
 FAILED = "failed"
-DONE = "done"   # a marker per ended job, for the sweep's progress line (works across processes and nodes)
+DONE = "done"  # a marker per ended job, for the sweep's progress line (works across processes and nodes)
 BAR = 20
 
 log = logging.getLogger("runner.progress")
@@ -89,7 +90,9 @@ def top_level_split(value: str) -> list[str]:
 
 def swept_values(config: DictConfig) -> dict[str, list[str]]:
     """key -> its values in this sweep: command-line overrides over the sweeper's params."""
-    values = {str(k): top_level_split(str(v)) for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()}
+    values = {
+        str(k): top_level_split(str(v)) for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()
+    }
     for item in OmegaConf.select(config, "hydra.overrides.task") or []:
         key, sep, value = str(item).lstrip("+~").partition("=")
         if sep:
@@ -99,8 +102,11 @@ def swept_values(config: DictConfig) -> dict[str, list[str]]:
 
 def sweep_key(config: DictConfig) -> str:
     """The same sweep launched again has the same key: experiment name, overrides and sweep params."""
-    what = {"experiment": str(config.tracking.experiment), "overrides": sorted(config.hydra.overrides.task),
-            "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}}
+    what = {
+        "experiment": str(config.tracking.experiment),
+        "overrides": sorted(config.hydra.overrides.task),
+        "params": {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()},
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,18 +127,31 @@ class SweepRun(Callback):
             tracker.reopen_run(run_id)
         else:
             sweep_id = f"{sweep_dir.name}-{uuid.uuid4().hex[:8]}"
-            run_id = tracker.start_run(f"sweep {sweep_id}", tags={
-                "role": "sweep", "sweep_id": sweep_id, "sweep_key": key,
-                "overrides": " ".join(config.hydra.overrides.task)})
+            run_id = tracker.start_run(
+                f"sweep {sweep_id}",
+                tags={
+                    "role": "sweep",
+                    "sweep_id": sweep_id,
+                    "sweep_key": key,
+                    "overrides": " ".join(config.hydra.overrides.task),
+                },
+            )
         sweep_dir.mkdir(parents=True, exist_ok=True)
         for folder in (FAILED, DONE):  # this launch's failures and progress only
             shutil.rmtree(sweep_dir / folder, ignore_errors=True)
-        (sweep_dir / FILE).write_text(json.dumps({"run_id": run_id, "sweep_id": sweep_id, "jobs": sweep_size(config),
-                                                  "started": time.time()}))
+        (sweep_dir / FILE).write_text(
+            json.dumps({"run_id": run_id, "sweep_id": sweep_id, "jobs": sweep_size(config), "started": time.time()})
+        )
         self._open = (tracker, run_id, sweep_dir)
         experiment = str(config.tracking.experiment)
-        log.info("sweep %s (MLflow run %s, experiment %s); its report: python -m runner.report sweep=%s "
-                 "experiment=%s", sweep_id, run_id, experiment, sweep_id, experiment)
+        log.info(
+            "sweep %s (MLflow run %s, experiment %s); its report: python -m runner.report sweep=%s experiment=%s",
+            sweep_id,
+            run_id,
+            experiment,
+            sweep_id,
+            experiment,
+        )
         atexit.register(self._interrupted)  # Hydra raises past on_multirun_end when a job fails
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -143,7 +162,9 @@ class SweepRun(Callback):
         info = read_sweep(str(sweep_dir)) or {}
         if "started" in info:
             done = len(list((sweep_dir / DONE).glob("*")))
-            log.info(progress_line(done, info.get("jobs"), time.time() - info["started"], int(config.hydra.job.num) + 1))
+            log.info(
+                progress_line(done, info.get("jobs"), time.time() - info["started"], int(config.hydra.job.num) + 1)
+            )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not _multirun(config):

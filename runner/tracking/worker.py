@@ -6,6 +6,7 @@ a call is (method, args, kwargs) on an MlflowTracker; an answer is (True, result
 artifact_location), {}). It exits when stdin closes, which is also what happens when the process
 that started it dies, however it died.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,16 @@ from typing import BinaryIO
 
 HEADER = struct.Struct("!Q")
 # the calls that write into the run whose id is their first argument
-RUN_WRITES = ("log_params", "log_metric_steps", "set_tags", "log_text", "log_figure", "log_arrays",
-              "log_artifact", "log_evaluation")
+RUN_WRITES = (
+    "log_params",
+    "log_metric_steps",
+    "set_tags",
+    "log_text",
+    "log_figure",
+    "log_arrays",
+    "log_artifact",
+    "log_evaluation",
+)
 
 
 def send(stream: BinaryIO, payload: bytes) -> None:
