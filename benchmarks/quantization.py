@@ -47,9 +47,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
+from runner.batches import Inputs, num_samples, take  # noqa: E402
 from runner.compress import quantize as Q  # noqa: E402
 from runner.data import MNIST5k  # noqa: E402
-from runner.data.batches import Inputs, num_samples, take  # noqa: E402
 from runner.models.adapter import build_model as build_net  # noqa: E402
 
 MODELS = ("lenet300", "mlp", "cnn1d", "lenet5", "resnet20", "vit_tiny", "bert_tiny")

@@ -39,8 +39,8 @@ def _main(cfg: DictConfig) -> float:
 
     signal.signal(signal.SIGTERM, _interrupt)
     validate(cfg)  # bad values fail here, before the heavy imports
-    tracker = build(cfg.tracking, "tracking")  # starts opening the MLflow store in its worker process...
-    from runner.pipeline import run  # ...while torch and Lightning are imported here (seconds each)
+    tracker = build(cfg.tracking, "tracking")  # imports no mlflow: the first MLflow call does
+    from runner.pipeline import run
 
     hydra_cfg = HydraConfig.get()
     sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None

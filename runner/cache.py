@@ -48,23 +48,62 @@ def _module_version(module: Any) -> str | None:
     return str(getattr(top, "__version__", None) or "") or None
 
 
-# The runner's code a trained member depends on: models, data, training and the cache itself.
-# Compression, fusion, evaluation, tracking and reports act after a member is trained; a change
-# there changes the job hash (every file counts) but does not retrain members.
-TRAINING_CODE = ("models", "data", "train.py", "members.py", "cache.py", "config.py", "errors.py", "timing.py")
+# The runner's code a trained member depends on: the modules that train one and every runner module
+# they import, directly or not, found by following the imports (training_files), so no list is kept
+# by hand. Compression, fusion, evaluation, tracking and reports act after a member is trained; a
+# change there changes the job hash (every file counts) but does not retrain members.
+TRAINING_ROOTS = ("runner.members", "runner.train")
+RUNNER_ROOT = Path(__file__).resolve().parent
+
+
+def training_modules(roots: tuple[str, ...] = TRAINING_ROOTS) -> frozenset[str]:
+    """`roots` and every module of their package they import, transitively (imports inside
+    functions included), with the packages holding them (Python runs a package's __init__ first)."""
+    return _imported_by(roots)
 
 
 @functools.cache
-def _runner_digest(parts: tuple[str, ...] | None = None) -> str:
-    return source_digest(Path(__file__).resolve().parent, parts)
+def _imported_by(roots: tuple[str, ...]) -> frozenset[str]:
+    import grimp
+
+    graph = grimp.build_graph(roots[0].split(".")[0], cache_dir=None)
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        if module in found:
+            continue
+        found.add(module)
+        parts = module.split(".")
+        packages = {".".join(parts[:i]) for i in range(2, len(parts))}  # the top package's own __init__ not
+        todo += [m for m in graph.find_upstream_modules(module, as_package=False) | packages if m not in found]
+    return frozenset(found)
 
 
-def source_digest(root: Path, parts: tuple[str, ...] | None = None) -> str:
-    """The *.py files under `root` (only `parts`, top-level files or packages of root, if given)."""
+def training_files(root: Path = RUNNER_ROOT, roots: tuple[str, ...] = TRAINING_ROOTS) -> tuple[str, ...]:
+    """The source files (relative to the package folder `root`) of `training_modules(roots)`."""
+    files = []
+    for module in training_modules(roots):
+        rel = Path(*module.split(".")[1:])
+        files.append(str(rel / "__init__.py" if (root / rel).is_dir() else rel.with_suffix(".py")))
+    return tuple(sorted(files))
+
+
+def _runner_digest(files: tuple[str, ...] | None = None) -> str:
+    return _cached_digest(RUNNER_ROOT, files)
+
+
+@functools.cache
+def _cached_digest(root: Path, files: tuple[str, ...] | None) -> str:
+    return source_digest(root, files)
+
+
+def source_digest(root: Path, files: tuple[str, ...] | None = None) -> str:
+    """The *.py files under `root` (only `files`, paths relative to root, if given)."""
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if parts is None or rel.parts[0] in parts:
+        if files is None or str(rel) in files:
             h.update(str(rel).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -76,9 +115,9 @@ def code_digest(objects: Iterable[Any], training: bool = False) -> dict[str, str
 
     Module objects are walked (every submodule's class counts). Part of the member cache key and
     of the finished-job check, so a result made by other code is never reused. `training=True`
-    covers only the runner code that trains a member (TRAINING_CODE): the member cache key.
+    covers only the runner code that trains a member (training_files): the member cache key.
     """
-    covered: dict[str, str] = {"runner": _runner_digest(TRAINING_CODE if training else None)}
+    covered: dict[str, str] = {"runner": _runner_digest(training_files() if training else None)}
     classes = set()
     for obj in objects:
         items = obj.modules() if isinstance(obj, nn.Module) else [obj]

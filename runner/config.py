@@ -153,7 +153,7 @@ class EvalConf:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     ece_bins: int = 15
     latency_batch_size: int = 256
-    latency_repeats: int = 30  # timed calls at least (runner/evaluate/latency.py) ...
+    latency_repeats: int = 30  # timed calls at least (runner/measure.py) ...
     latency_min_time_s: float = 0.5  # ... and more until they add up to this ...
     latency_max_repeats: int = 10000  # ... but no more than this
     latency_warmup_s: float = 0.2  # untimed calls first (3 at least) for at least this long
@@ -191,9 +191,9 @@ class TrackingConf:
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str = "runner"
     artifact_location: str | None = "outputs/mlartifacts"
-    background: bool = True  # MLflow in a worker process (runner/tracking/background.py); false: in this one
-    timeout_s: float = 30.0  # the longest a job waits for an answer from the tracking store
+    timeout_s: float = 30.0  # the longest one request to a tracking server may go unanswered
     log_models: bool = True  # every evaluated model as an MLflow LoggedModel of its child run (runner.load)
+    async_logging: bool = False  # MLflow's own asynchronous logging (conf/tracking/local.yaml says why off)
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "a non-empty name")
@@ -248,8 +248,8 @@ class RunConf:
 ConfigStore.instance().store(name="schema", node=RunConf)
 
 
-# What model configs may interpolate from the data (`${data.num_classes}`): the pipeline writes them
-# into `cfg.data` once the data is loaded (runner.data.describe_data), before any model is built.
+# What model configs may interpolate from the data (`${data.num_classes}`): once the data is loaded, the
+# pipeline builds models from a copy of the config that holds them (runner.data.sources.with_data_values).
 DATA_KEYS = ("num_classes", "num_features", "input_shape", "vocab_size", "max_length")
 
 
@@ -258,7 +258,7 @@ def validate(cfg: DictConfig) -> None:
 
     The untyped groups (data, model, ensemble, compress, fuse) are checked by their constructors
     when built: model configs interpolate values the data provides (`${data.num_classes}`,
-    `${data.input_shape}`), which exist only once the data is loaded (runner.data.describe_data).
+    `${data.input_shape}`), which exist only once the data is loaded (runner.data.sources.with_data_values).
     """
     seed = OmegaConf.select(cfg, "seed")
     check(isinstance(seed, int) and 0 <= seed < SEED_RANGE, "seed", seed, f"an integer in [0, {SEED_RANGE})")

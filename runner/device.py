@@ -5,7 +5,8 @@ job does with a model (evaluation, latency, fusion fitting, the validation objec
 job's device too: `job_device` reads it from the `trainer` group and `on_device` moves the models
 there for one step and back to the CPU after it, so what comes next (compression, export, logging)
 finds them where it always does. int8 models keep to the CPU (their kernels exist only there) and
-say why (`cpu_only`).
+say why (`cpu_only`): torch's own int8 modules are known by their namespace, any other module says so
+itself with a `cpu_only_reason` class attribute (runner.compress's int8 graphs do).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch
 from torch import nn
 
 CPU = torch.device("cpu")
+# torch's int8 modules (torch.ao's quantize_dynamic and FX conversion): their kernels (FBGEMM / oneDNN / QNNPACK)
+# exist on the CPU only
+INT8_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
+INT8_CPU_ONLY = "int8: its kernels (oneDNN / FBGEMM) run on the CPU only"
 
 
 def job_device(trainer_cfg: Mapping[str, Any]) -> torch.device:
@@ -47,12 +52,15 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def cpu_only(model: nn.Module) -> str:
-    """Why `model` can only run on the CPU ("" if it can run anywhere): it is quantized to int8 (by
-    torch.ao, PT2E or torchao, also as a TorchScript box), and those kernels exist on the CPU only."""
-    from runner.compress.quantize import ScriptBox, is_quantized  # quantization imports torchao: late
-
-    if is_quantized(model) or any(isinstance(m, ScriptBox) for m in model.modules()):
-        return f"{type(model).__name__} is int8: its kernels (oneDNN / FBGEMM) run on the CPU only"
+    """Why `model` can only run on the CPU ("" if it can run anywhere): one of its modules is one of
+    torch's int8 modules, or declares a `cpu_only_reason` (a class attribute, e.g. an int8 graph
+    lowered to oneDNN or a TorchScript box of one)."""
+    for module in model.modules():
+        reason = getattr(type(module), "cpu_only_reason", "") or (
+            INT8_CPU_ONLY if type(module).__module__.startswith(INT8_MODULES) else ""
+        )
+        if reason:
+            return f"{type(model).__name__} is {reason}"
     return ""
 
 

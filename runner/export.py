@@ -6,9 +6,9 @@
 2. when only the ONNX conversion fails: the torch.export program itself (`torch.export.save`, .pt2);
 3. when torch.export fails too: nothing, and the reason in one line.
 
-A static int8 CNN (runner.compress.quantize.Int8Graph) is exported from its PT2E reference graph, the
-quantize/dequantize form ONNX writes as QuantizeLinear/DequantizeLinear, so ONNX Runtime runs it in
-int8. torch.ao's quantized modules (quant_dynamic, FX static int8 of MLPs) hold packed int8 weights
+A module that says what to trace in its place (`for_export()`) is exported as that: a static int8 CNN
+(runner.compress.quantize.Int8Graph) as its PT2E reference graph, the quantize/dequantize form ONNX
+writes as QuantizeLinear/DequantizeLinear, so ONNX Runtime runs it in int8. torch.ao's quantized modules (quant_dynamic, FX static int8 of MLPs) hold packed int8 weights
 that torch.export cannot trace: they are not exported, and the reason says so.
 
 `OrtModel` wraps an ONNX Runtime CPU session as an nn.Module without parameters, so the runner's own
@@ -34,13 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.data.batches import Inputs, num_samples, take
+from runner.batches import Inputs, num_samples, take
+from runner.device import INT8_MODULES
+from runner.evaluate import predict_proba
+from runner.measure import latency_stats
+from runner.models.zoo import replace_module
+from runner.quiet import quiet_libraries
+from runner.serve import load
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torch.export", "none")
 SUFFIX = {"onnx": ".onnx", "torch.export": ".pt2"}
-TORCH_AO_QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
 
 @dataclass
@@ -58,22 +63,25 @@ class Exported:
         return SUFFIX.get(self.format, "")
 
 
-def exportable(model: nn.Module) -> nn.Module:
-    """A CPU copy of `model` to trace: every Int8Graph in it (the model itself, or the members of a
-    fused int8 ensemble) replaced by its quantize/dequantize reference graph."""
-    from runner.compress.quantize import Int8Graph
-    from runner.models.zoo import replace_module
+def _has_stand_in(module: nn.Module) -> bool:
+    """Whether `module` declares what torch.export should trace in its place (a `for_export()` method)."""
+    return callable(getattr(type(module), "for_export", None))
 
-    if isinstance(model, Int8Graph):
-        return copy.deepcopy(model.reference).cpu().eval()
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A CPU copy of `model` to trace: every module that declares a stand-in (`for_export()`, e.g. an
+    Int8Graph's quantize/dequantize reference graph), the model itself or the members of a fused int8
+    ensemble, replaced by it."""
+    if _has_stand_in(model):
+        return model.for_export().cpu().eval()
     subject = copy.deepcopy(model).cpu().eval()
-    for name in [n for n, m in subject.named_modules(remove_duplicate=False) if isinstance(m, Int8Graph)]:
-        replace_module(subject, name, subject.get_submodule(name).reference)
+    for name in [n for n, m in subject.named_modules(remove_duplicate=False) if n and _has_stand_in(m)]:
+        replace_module(subject, name, subject.get_submodule(name).for_export().cpu().eval())
     return subject
 
 
 def _torch_ao_quantized(model: nn.Module) -> list[str]:
-    return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(TORCH_AO_QUANTIZED)})
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith(INT8_MODULES)})
 
 
 def _summary(error: BaseException) -> str:
@@ -213,9 +221,6 @@ def check_export(
     measured the same way (`export/latency_ms`, quartiles) and `export/speedup` = PyTorch median /
     exported median; `export/seconds` and `export/bytes`. Nothing but `export/seconds` when not exported.
     """
-    from runner.evaluate import predict_proba
-    from runner.evaluate.latency import latency_stats
-
     metrics = {"export/seconds": exported.seconds}
     if exported.data is None:
         return metrics
@@ -261,8 +266,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from runner.serve import load
-
     try:
         shipped = load(args["model"], tracking_uri=args.get("tracking_uri"))
     except Exception as e:  # noqa: BLE001  (MLflow raises many types: one line says which)
@@ -288,7 +291,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runner.quiet import quiet_libraries
-
     quiet_libraries()
     sys.exit(main())

@@ -7,8 +7,6 @@ overrides), so members fine-tuned from one shared start differ by more than thei
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import json
 import logging
 import time
@@ -26,7 +24,9 @@ from runner.cache import MemberCache, code_digest, digest
 from runner.config import OptimConf, build
 from runner.data import as_source
 from runner.errors import ConfigError, check
+from runner.models import facts
 from runner.models.adapter import build_model
+from runner.models.facts import state_hash
 from runner.progress import MemberProgress
 from runner.train import train_classifier
 
@@ -51,11 +51,10 @@ class Member:
     datamodule: Any = None  # built from the job's data config with `data`; None: the job's datamodule
     train_s: float = float("nan")  # seconds its training took (on a cache hit: when it was trained)
 
-
-def state_hash(net: nn.Module) -> str:
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
+    @property
+    def init_id(self) -> str | None:
+        """The hash of the weights the member starts from (runner.models.facts, not on its net)."""
+        return facts.init_id(self.net)
 
 
 def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_name: str | None = None) -> list[Member]:
@@ -67,7 +66,7 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_n
     (a prerequisite of weight averaging); their data order still follows their own seed.
     `ensemble.finetune` gives members their own settings (see `plan_finetune`); a member with data
     overrides gets a datamodule built from `data`, the data config as composed (default: cfg.data;
-    the pipeline passes it from before describe_data wrote in what the data holds). Members are named
+    the pipeline passes the user's, without what the data holds). Members are named
     `<name>-s<seed>`: the ensemble's key, else `model_name` (the model option picked, e.g. minilm), else
     the model's class.
     """
@@ -121,7 +120,7 @@ def plan_members(cfg: DictConfig, data: Mapping[str, Any] | None = None, model_n
         for m in members[1:]:
             m.net.load_state_dict(members[0].net.state_dict())
     for m in members:
-        m.net.init_id = state_hash(m.net)
+        facts.set_init_id(m.net, state_hash(m.net))
     plan_finetune(members, cfg, data)
     return members
 
@@ -195,15 +194,7 @@ def _renamed(prefix: str, to: str) -> Iterator[None]:
 def shared_start(members: list[Member]) -> dict[str, torch.Tensor]:
     """A copy of the weights every member starts from (after `pretrain_shared_start`, before training):
     the theta_0 that weight-space merging (runner.fuse.merge) takes task vectors from."""
-    ids = {m.net.init_id for m in members}
-    check(len(ids) == 1, "ensemble.shared_init", False, "true: members that start from one shared checkpoint")
-    check(
-        state_hash(members[0].net) == members[0].net.init_id,
-        "ensemble (shared start)",
-        members[0].name,
-        "members not trained yet: the shared start is read before training",
-    )
-    return {k: v.detach().clone() for k, v in members[0].net.state_dict().items()}
+    return facts.shared_start([m.net for m in members], members[0].name)
 
 
 def member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data: Any) -> str:
@@ -225,7 +216,7 @@ def _member_key(member: Member, datamodule: Any, trainer: Any, optim: Any, data:
     spec = OmegaConf.to_container(OmegaConf.create({"data": data, "trainer": trainer, "optim": optim}), resolve=True)
     code = code_digest([member.net, datamodule, getattr(datamodule, "inner", None)], training=True)
     key = digest(
-        {**spec, "model": type(member.net).__name__, "init": member.net.init_id, "seed": member.seed, "code": code}
+        {**spec, "model": type(member.net).__name__, "init": member.init_id, "seed": member.seed, "code": code}
     )
     return key, spec, code, datamodule, optim
 
@@ -256,7 +247,7 @@ def train_member(
         if logger is not None and hasattr(logger, "replay"):  # its learning curves, logged as when it trained
             logger.replay(meta.get("history", []))
         member.train_s = float(meta.get("train_s", float("nan")))
-        member.net.cache_entry = cache_entry(key, meta.get("sha256"))
+        facts.set_cache_entry(member.net, cache_entry(key, meta.get("sha256")))
         return True
     log.info("member %s: training %s (cache key %s)", member.name, type(member.net).__name__, key)
     checkpoint, resume_from = cache.checkpoint(key)
@@ -288,7 +279,7 @@ def train_member(
             "history": getattr(logger, "history", []),
         },
     )
-    member.net.cache_entry = cache_entry(key, sha256)
+    facts.set_cache_entry(member.net, cache_entry(key, sha256))
     cache.drop_checkpoint(key)
     return False
 
@@ -302,10 +293,10 @@ def pretrain_shared_start(members: list[Member], cfg: DictConfig, datamodule: An
         return cfg.optim
     first = members[0]
     start = Member(f"pretrain-s{first.seed}", first.seed, copy.deepcopy(first.net))
-    start.net.init_id = first.net.init_id
+    facts.set_init_id(start.net, first.init_id)
     train_member(start, datamodule, {**cfg.trainer, "max_epochs": epochs}, cfg.optim, cfg.data, cache)
     for m in members:
         m.net.load_state_dict(start.net.state_dict())
-        m.net.init_id = state_hash(m.net)
+        facts.set_init_id(m.net, state_hash(m.net))
     lr = ens.get("finetune_lr")
     return {**cfg.optim, "lr": lr} if lr else cfg.optim

@@ -1,4 +1,10 @@
-"""run(cfg): the whole experiment, top to bottom. Details live in the packages it calls."""
+"""run(cfg): the whole experiment, top to bottom, as named stages. Details live in the packages they call.
+
+plan (build and check everything, no training) -> members (train or load, evaluate on test) -> fuse
+(fit on val, evaluate on test; the objective on val) -> compress (every member, then fuse the
+compressed ones) -> log (the job's metrics, timing and summary). Each stage takes and returns plain
+results; none asks a strategy or recipe for its type.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,28 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from runner.cache import MemberCache, code_digest, digest
-from runner.compress import CompressContext, build_recipe, compression_report
+from runner.compress import CompressContext, Recipe, build_recipe, compression_report
 from runner.config import build, validate
-from runner.data import as_source, describe_data
+from runner.data import DataSpec, as_source
+from runner.data.sources import data_spec, with_data_values
 from runner.device import data_on_device, job_device, on_device
 from runner.evaluate import predict_proba
-from runner.evaluate.recorder import Recorder
 from runner.evaluate.summary import format_table
-from runner.fuse import OutputFusion, gain_over_best
-from runner.members import plan_members, pretrain_shared_start, shared_start, train_member
+from runner.fuse import Fusion, gain_over_best
+from runner.members import Member, plan_members, pretrain_shared_start, train_member
 from runner.models import lit
 from runner.models.adapter import check_forward
+from runner.recorder import Recorder
 from runner.timing import process_start_time
 from runner.tracking import (
-    BackgroundTracker,
     EpochMetricsLogger,
     RunQueryError,
     Tracker,
@@ -50,6 +59,61 @@ def stored_summary(uri: str, run_id: str) -> str:
             return f"(run {run_id} has no {SUMMARY}: its metrics are in MLflow)"
 
 
+@dataclass
+class Plan:
+    """Everything a job builds from its config and checks before any training."""
+
+    cfg: DictConfig  # the job's config with what the data holds (with_data_values); the caller's is untouched
+    datamodule: Any
+    spec: DataSpec
+    members: list[Member]  # built, not trained
+    strategy: Fusion | None
+    recipe: Recipe
+    cache: MemberCache
+    code: dict[str, str]  # the code the job hash covers (runner.cache.code_digest)
+    job_tags: dict[str, str]  # role and job_hash: what finds this config's earlier runs
+
+    @property
+    def nets(self) -> list[nn.Module]:
+        return [m.net for m in self.members]
+
+
+@dataclass
+class MemberResults:
+    """The members, trained on train (or loaded from the cache), with their test metrics and probabilities."""
+
+    members: list[Member]
+
+    @property
+    def nets(self) -> list[nn.Module]:
+        return [m.net for m in self.members]
+
+    @property
+    def metrics(self) -> list[dict[str, float]]:
+        return [m.metrics for m in self.members]
+
+    def test_probs(self) -> torch.Tensor:
+        return torch.stack([m.probs for m in self.members])  # (M, N, C)
+
+
+@dataclass
+class FusionResult:
+    model: nn.Module | None  # the fused model; None without a strategy
+    objective: dict[str, float]  # objective/val_acc: what a sweeper maximizes (val only, never test)
+
+
+@dataclass
+class CompressionResult:
+    models: list[nn.Module] = field(default_factory=list)  # one compressed copy per member, in member order
+    test_probs: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class JobSummary:
+    timing: dict[str, float]  # timing/* metrics, logged with the job's
+    table: str  # the summary table, printed and logged as summary.txt
+
+
 def run(
     cfg: DictConfig,
     overrides: list[str] | tuple[str, ...] = (),
@@ -60,7 +124,7 @@ def run(
 ) -> dict[str, float]:
     """Train, compress, fuse, evaluate and log one job; returns the flat dict of its metrics: every
     model's under `<role>/<name>/` (also in the child runs) and the job run's (Recorder.job_metrics).
-    A job skipped because it already finished returns what its run logged.
+    A job skipped because it already finished returns what its run logged. `cfg` is not changed.
 
     `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier);
     `choices` (`choice/<group>`: the option picked) are logged as params beside the config.
@@ -68,162 +132,188 @@ def run(
     global _jobs_in_process
     _jobs_in_process += 1
     started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
-    # 1. Build everything from config; every bad value fails here, before any training.
+    job = plan(cfg, (choices or {}).get("choice/model"))  # every bad value fails here, before any training
+    tracker = tracker or build(job.cfg.tracking, "tracking")
+    busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
+    if (done := finished(job, tracker)) is not None:
+        return done
+    resolved = OmegaConf.to_container(job.cfg, resolve=True)
+    params = {**flatten(resolved), **(choices or {})}
+    run_tags = {**source_tags(overrides), **job.job_tags, **(tags or {})}
+    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
+    with tracker.run(name, params, run_tags, parent_id) as run_id:
+        tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
+        tracker.log_text(run_id, json.dumps(job.code, indent=1), "code.json")  # what the job hash covered
+        device = job_device(job.cfg.trainer)  # evaluation, fusion and the objective run there too
+        data_on_device(job.datamodule, device, job.cfg.trainer)
+        recorder = Recorder(tracker, run_id, job.datamodule, job.cfg.eval, params, run_tags, device)
+        members = train_members(job, recorder)
+        fused = fuse(job, members, recorder)
+        compress(job, members, fused, recorder)
+        timing = job_timing(tracker, started, busy_before, setup_before)
+        summary = log_job(recorder, fused, timing)
+    report(summary)
+    return {**recorder.results, **recorder.job_metrics()}
+
+
+def plan(cfg: DictConfig, model_name: str | None = None) -> Plan:
+    """Build everything from config and check it, no training yet: data, members (one forward pass
+    of each on real inputs), strategy, recipe, devices, cache; and the hash of the config and code."""
     validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     datamodule = as_source(build(cfg.data, "data"))
+    spec = data_spec(datamodule)  # loads the data
     composed_data = OmegaConf.to_container(cfg.data, resolve=True)  # members with their own data settings build on it
-    spec = describe_data(cfg, datamodule)  # loads the data; model configs read ${data.num_classes} etc.
-    members = plan_members(cfg, composed_data, (choices or {}).get("choice/model"))
+    job_cfg = with_data_values(cfg, datamodule)  # model configs read ${data.num_classes} etc. from this copy
+    members = plan_members(job_cfg, composed_data, model_name)
     for member in members:  # one forward pass of every member on real inputs
         check_forward(member.net, spec.example, spec.num_classes, member.key, spec.input_spec)
-    strategy = build(cfg.fuse, "fuse") if cfg.fuse else None
+    strategy = build(job_cfg.fuse, "fuse") if job_cfg.fuse else None
     if strategy:
         strategy.check_members([m.net for m in members], spec)
-    recipe = build_recipe(cfg.compress)
+    recipe = build_recipe(job_cfg.compress)
     for member in members:
         recipe.check(member.net, spec, ensemble=strategy is not None, members=len(members))
-    check_devices(cfg.trainer)
-    cache = MemberCache(cfg.cache.dir)
+    check_devices(job_cfg.trainer)
+    cache = MemberCache(job_cfg.cache.dir)
     cache.check_writable()
-    tracker = tracker or build(cfg.tracking, "tracking")
-    busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
-
-    # 2. A job whose exact config already finished is not run again.
-    # ... the same config run by the same code, that is: the runner's and the user's own modules.
+    # the same config run by the same code, that is: the runner's and the user's own modules
     code = code_digest(
         [*(m.net for m in members), datamodule, getattr(datamodule, "inner", None), *recipe.steps, strategy]
     )
-    job = {
-        "role": "job",
-        "job_hash": digest(
-            {
-                "config": OmegaConf.to_container(
-                    OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("tracking", "cache")]), resolve=True
-                ),
-                "code": code,
-            }
-        ),
-    }
-    if cfg.cache.skip_finished and (done := tracker.find_runs(job, "FINISHED")):
+    config = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k not in ("tracking", "cache")])
+    job_hash = digest({"config": OmegaConf.to_container(config, resolve=True), "code": code})
+    return Plan(
+        job_cfg, datamodule, spec, members, strategy, recipe, cache, code, {"role": "job", "job_hash": job_hash}
+    )
+
+
+def finished(job: Plan, tracker: Tracker) -> dict[str, float] | None:
+    """A job whose exact config already finished is not run again: what its run logged (its summary
+    printed), else None. Runs of this config left RUNNING (killed by SIGKILL) are marked FAILED."""
+    if job.cfg.cache.skip_finished and (done := tracker.find_runs(job.job_tags, "FINISHED")):
         log.info("skipping: this config already finished as MLflow run %s; its summary:", done[0].run_id)
         print(stored_summary(tracker.uri, done[0].run_id))
         return dict(done[0].metrics)
-    for stale in tracker.find_runs(job, "RUNNING"):  # a job killed by SIGKILL never said goodbye
+    for stale in tracker.find_runs(job.job_tags, "RUNNING"):  # a job killed by SIGKILL never said goodbye
         tracker.end_run(stale.run_id, "FAILED")
+    return None
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    params = {**flatten(resolved), **(choices or {})}
-    run_tags = {**source_tags(overrides), **job, **(tags or {})}
-    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
-    with tracker.run(name, params, run_tags, parent_id) as run_id:
-        tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-        tracker.log_text(run_id, json.dumps(code, indent=1), "code.json")  # what the job hash covered
-        device = job_device(cfg.trainer)  # evaluation, fusion and the objective run there too
-        data_on_device(datamodule, device, cfg.trainer)
-        recorder = Recorder(tracker, run_id, datamodule, cfg.eval, params, run_tags, device)
 
-        # 3. Members: trained on train (or loaded from the cache), evaluated on test.
-        optim = pretrain_shared_start(members, cfg, datamodule, cache)
-        if hasattr(strategy, "set_start"):  # weight-space merging takes task vectors from the members' shared start
-            strategy.set_start(shared_start(members))
-        for member in members:
-            # the member's own run is open while it trains: its learning curves (train/loss, val/acc
-            # per epoch) go there live, or are replayed from the cache on a hit
-            with tracker.run(*recorder.child("member", member.name), parent_id=run_id, wait=False) as member_run:
-                start = time.perf_counter()
-                hit = train_member(
-                    member, datamodule, cfg.trainer, optim, cfg.data, cache, EpochMetricsLogger(tracker, member_run)
-                )
-                # train_s: what training took, also on a cache hit (then cache_load_s: what the hit took)
-                times = {"train_s": member.train_s, **({"cache_load_s": time.perf_counter() - start} if hit else {})}
-                member.metrics, member.probs = recorder.evaluate(
-                    "member",
-                    member.name,
-                    member.net,
-                    tags={"cache": "hit" if hit else "miss"},
-                    derive=lambda _, t=times: dict(t),
-                    run_id=member_run,
-                )
-        singles = [m.metrics for m in members]
-
-        # 4. Fusion: fitted on val only; output-level strategies reuse the members' test outputs.
-        fused = None
-        if strategy:
-            with on_device([m.net for m in members], device):
-                strategy.fit([m.net for m in members], datamodule.val_dataloader())
-            fused = strategy.as_module()
-            recorder.evaluate(
-                "fused",
-                "",
-                fused,
-                derive=lambda m: {**gain_over_best(m, singles), **strategy.stats()},
-                probs=(
-                    strategy.combine(torch.stack([m.probs for m in members]))
-                    if isinstance(strategy, OutputFusion)
-                    else None
-                ),
+def train_members(job: Plan, recorder: Recorder) -> MemberResults:
+    """Members trained on train (or loaded from the cache), each evaluated on test in its own run."""
+    cfg, tracker = job.cfg, recorder.tracker
+    optim = pretrain_shared_start(job.members, cfg, job.datamodule, job.cache)
+    if job.strategy:  # before they train: weight-space merging keeps the members' shared start
+        job.strategy.prepare(job.nets)
+    for member in job.members:
+        # the member's own run is open while it trains: its learning curves (train/loss, val/acc
+        # per epoch) go there live, or are replayed from the cache on a hit
+        with tracker.run(*recorder.child("member", member.name), parent_id=recorder.run_id, wait=False) as member_run:
+            start = time.perf_counter()
+            hit = train_member(
+                member, job.datamodule, cfg.trainer, optim, cfg.data, job.cache, EpochMetricsLogger(tracker, member_run)
             )
-
-        # The value a sweeper (Optuna) maximizes: validation accuracy of the fused model, else of the
-        # best member; never a test number. Output-level fusion reuses the val outputs it was fitted on.
-        if isinstance(strategy, OutputFusion):
-            val = [(strategy.combine(strategy.val_probs_), strategy.val_y_)]
-        else:
-            nets = [fused] if fused is not None else [m.net for m in members]
-            with on_device(nets, device):
-                val = [predict_proba(net, datamodule.val_dataloader()) for net in nets]
-        objective = {"objective/val_acc": max(float((p.argmax(1) == y).float().mean()) for p, y in val)}
-        recorder.results.update(objective)
-
-        # 5. Compression of every member (the uncompressed ones stay for comparison).
-        compressed = []
-        for member in members if recipe else []:
-            log.info("member %s: compressing with %s", member.name, recipe)
-            small = recipe.apply(
-                member.net,
-                CompressContext(
-                    datamodule,
-                    cfg.trainer,
-                    cfg.optim,
-                    teacher=member.net,
-                    ensemble=fused,
-                    members=[m.net for m in members],
-                ),
-            )
-            _, probs = recorder.evaluate(
-                "compressed",
+            # train_s: what training took, also on a cache hit (then cache_load_s: what the hit took)
+            times = {"train_s": member.train_s, **({"cache_load_s": time.perf_counter() - start} if hit else {})}
+            member.metrics, member.probs = recorder.evaluate(
+                "member",
                 member.name,
-                small,
-                derive=lambda m, base=member.metrics: {**compression_report(base, m), **recipe.stats_},
+                member.net,
+                tags={"cache": "hit" if hit else "miss"},
+                derive=lambda _, t=times: dict(t),
+                run_id=member_run,
             )
-            compressed.append((small, probs))
-        if compressed and isinstance(strategy, OutputFusion):  # any model type fuses at the output
-            with on_device([net for net, _ in compressed], device):
-                again = build(cfg.fuse, "fuse").fit([net for net, _ in compressed], datamodule.val_dataloader())
-            recorder.evaluate(
-                "fused_compressed",
-                "",
-                again.as_module(),
-                derive=lambda m: gain_over_best(m, singles),
-                probs=again.combine(torch.stack([p for _, p in compressed])),
-            )
+    return MemberResults(job.members)
 
-        setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
-        timing = {
-            "timing/total_s": time.time() - started,
-            "timing/mlflow_setup_s": setup_s,
-            "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s,
-        }
-        if isinstance(tracker, BackgroundTracker):  # the worker's own time, spent alongside this process
-            timing["timing/mlflow_worker_s"] = tracker.time_spent()[0]  # since it started (jobs may share it)
-        if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
-            timing["timing/startup_s"] = lit.first_step_at - started
-        tracker.log_metrics(run_id, {**recorder.job_metrics(), **objective, **timing})
-        summary = format_table(recorder.table)
-        tracker.log_text(run_id, summary + "\n", SUMMARY)  # what the console showed; printed again on a skip
-    print(summary)
+
+def fuse(job: Plan, members: MemberResults, recorder: Recorder) -> FusionResult:
+    """The strategy fitted on val only and evaluated on test (output-level strategies reuse the
+    members' test outputs); the objective: val accuracy of the fused model, else of the best member."""
+    strategy, fused = job.strategy, None
+    if strategy:
+        with on_device(members.nets, recorder.device):
+            strategy.fit(members.nets, job.datamodule.val_dataloader())
+        fused = strategy.as_module()
+        recorder.evaluate(
+            "fused",
+            "",
+            fused,
+            derive=lambda m: {**gain_over_best(m, members.metrics), **strategy.stats()},
+            probs=strategy.fused_test_probs(members.test_probs()),
+        )
+    # never a test number; output-level fusion reuses the val outputs it was fitted on
+    kept = strategy.val_outputs() if strategy else None
+    if kept is not None:
+        val = [kept]
+    else:
+        nets = [fused] if fused is not None else members.nets
+        with on_device(nets, recorder.device):
+            val = [predict_proba(net, job.datamodule.val_dataloader()) for net in nets]
+    objective = {"objective/val_acc": max(float((p.argmax(1) == y).float().mean()) for p, y in val)}
+    recorder.results.update(objective)
+    return FusionResult(fused, objective)
+
+
+def compress(job: Plan, members: MemberResults, fused: FusionResult, recorder: Recorder) -> CompressionResult:
+    """Every member compressed (the uncompressed ones stay for comparison) and evaluated on test; the
+    compressed members fused again where the strategy fuses any model (at the output)."""
+    cfg, recipe, out = job.cfg, job.recipe, CompressionResult()
+    for member in members.members if recipe else []:
+        log.info("member %s: compressing with %s", member.name, recipe)
+        context = CompressContext(
+            job.datamodule, cfg.trainer, cfg.optim, teacher=member.net, ensemble=fused.model, members=members.nets
+        )
+        small = recipe.apply(member.net, context)
+        _, probs = recorder.evaluate(
+            "compressed",
+            member.name,
+            small,
+            derive=lambda m, base=member.metrics: {**compression_report(base, m), **recipe.stats_},
+        )
+        out.models.append(small)
+        out.test_probs.append(probs)
+    if out.models and job.strategy is not None and job.strategy.fuses_outputs:
+        with on_device(out.models, recorder.device):
+            again = build(cfg.fuse, "fuse").fit(out.models, job.datamodule.val_dataloader())
+        recorder.evaluate(
+            "fused_compressed",
+            "",
+            again.as_module(),
+            derive=lambda m: gain_over_best(m, members.metrics),
+            probs=again.fused_test_probs(torch.stack(out.test_probs)),
+        )
+    return out
+
+
+def job_timing(tracker: Tracker, started: float, busy_before: float, setup_before: float) -> dict[str, float]:
+    """timing/*: the job's wall time and what it waited for MLflow (and, for the first job of a
+    process, the time from the command to the first training step)."""
+    setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
+    timing = {
+        "timing/total_s": time.time() - started,
+        "timing/mlflow_setup_s": setup_s,
+        "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s,
+    }
+    if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
+        timing["timing/startup_s"] = lit.first_step_at - started
+    return timing
+
+
+def log_job(recorder: Recorder, fused: FusionResult, timing: dict[str, float]) -> JobSummary:
+    """The job run's metrics (members' mean/std/best, fused, objective, timing) and its summary table."""
+    tracker, run_id = recorder.tracker, recorder.run_id
+    tracker.log_metrics(run_id, {**recorder.job_metrics(), **fused.objective, **timing})
+    table = format_table(recorder.table)
+    tracker.log_text(run_id, table + "\n", SUMMARY)  # what the console showed; printed again on a skip
+    return JobSummary(timing, table)
+
+
+def report(summary: JobSummary) -> None:
+    """The summary table on the console, and where the wall time went in the log."""
+    print(summary.table)
+    timing = summary.timing
     first_step = (
         f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
     )
@@ -234,4 +324,3 @@ def run(
         timing["timing/mlflow_log_s"],
         first_step,
     )
-    return {**recorder.results, **recorder.job_metrics()}

@@ -230,7 +230,7 @@ def run(args: dict[str, Any]) -> Path:
         )
     source = Path(args["input"])
     check_input(source)
-    from runner.serve import load
+    from runner.serve import load  # here: it imports torch; a bad argument fails before that
 
     try:
         shipped = load(args["model"], tracking_uri=args["tracking_uri"])
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runner.quiet import quiet_libraries
+    from runner.quiet import quiet_libraries  # the command's entry only
 
     quiet_libraries()
     sys.exit(main())

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from runner.quiet import quiet_libraries
+    from runner.quiet import quiet_libraries  # the command's entry only
 
     quiet_libraries()
     main()

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.data.batches import Inputs
+from runner.batches import Inputs
+from runner.tracking.models import load_logged_model
 
 DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"  # conf/tracking/local.yaml
 
@@ -53,7 +54,7 @@ class ShippedModel:
                 tokenizer_object=Tokenizer.from_str(self.meta["tokenizer_json"]), pad_token="[PAD]"
             )
         if self.meta.get("tokenizer"):
-            from runner.data.text import load_tokenizer
+            from runner.data.text import load_tokenizer  # here: it imports transformers (seconds), for text models only
 
             return load_tokenizer(self.meta["tokenizer"])
         return None
@@ -99,8 +100,6 @@ def load(uri: str, tracking_uri: str | None = None) -> ShippedModel:
     (sqlite:///outputs/mlflow.db). Loading unpickles the module, so the classes it is made of
     (runner's, or your own) must be importable.
     """
-    from runner.tracking.models import load_logged_model
-
     found = load_logged_model(uri, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     return ShippedModel(
         found.model, found.model_uri, found.run_id, found.input_example, found.signature, found.meta, found.raw_inputs

@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 
 def check_devices(trainer_cfg: Mapping[str, Any]) -> None:
     """An accelerator that is not present, or more devices than there are, fail before training."""
-    import torch
-
     accelerator, devices = trainer_cfg.get("accelerator", "cpu"), trainer_cfg.get("devices", 1)
     if accelerator in ("gpu", "cuda"):
         check(torch.cuda.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no CUDA GPU is visible)")

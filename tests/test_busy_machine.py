@@ -16,7 +16,6 @@ import pytest
 from mlflow import MlflowClient
 from test_sweeps import ROOT, cli, client_for
 
-from runner.tracking.background import BackgroundTracker
 from runner.tracking.mlflow_tracker import MlflowTracker
 from runner.tracking.retry import MLFLOW_BUSY_WAIT_S, StoreLocked, retry_locked
 
@@ -90,7 +89,7 @@ def test_a_locked_store_is_retried_with_backoff_and_nothing_else_is():
 
 
 def test_mlflow_waits_for_a_lock_as_long_as_the_bounds_here_assume():
-    """BackgroundTracker's allowance and the bound of a call both count on MLflow's own wait per try."""
+    """The bound of a call counts on MLflow's own wait per try."""
     import inspect
 
     import mlflow.store.db.utils
@@ -111,22 +110,19 @@ def test_a_write_waits_for_a_lock_another_process_holds(store):
     assert MlflowClient(tracker.uri).get_run(run_id).data.metrics["test/acc"] == 0.75
 
 
-def test_a_job_waits_for_its_worker_while_the_store_is_locked_longer_than_tracking_timeout(store):
-    """The worker waits for the lock without using the CPU: that is not a hung store (it answers, at
-    the latest with an error of its own once the lock wait is over)."""
-    tracker = BackgroundTracker(f"sqlite:///{store}", "runner", str(store.parent / "artifacts"), timeout_s=1.0)
+def test_an_asynchronous_write_waits_for_a_lock_another_process_holds(store):
+    """tracking.async_logging: the write returns at once, MLflow's logging thread waits for the lock, and
+    the run's end (flush) waits for that write to land."""
+    tracker, run_id = open_run(store, async_logging=True)
+    holder = hold_lock(store, 3.0)
     try:
-        run_id = tracker.start_run("job")
-        holder = hold_lock(store, 4.0)
-        try:
-            tracker.log_metrics(run_id, {"test/acc": 0.5})
-            started = time.monotonic()
-            tracker.flush()
-            assert time.monotonic() - started > 2
-        finally:
-            holder.kill()
+        started = time.monotonic()
+        tracker.log_metrics(run_id, {"test/acc": 0.5})
+        assert time.monotonic() - started < 1
+        tracker.flush()
+        assert time.monotonic() - started > 2
     finally:
-        tracker.close()
+        holder.kill()
     assert MlflowClient(tracker.uri).get_run(run_id).data.metrics["test/acc"] == 0.5
 
 
@@ -216,8 +212,7 @@ def test_a_job_and_a_parallel_sweep_on_a_saturated_cpu_lose_nothing(tmp_path):
         "eval.latency_repeats=2",
         "eval.latency_min_time_s=0",
         "eval.latency_warmup_s=0",
-        "tracking.log_models=false",
-    )
+    )  # the default tracking: in the job's process, every model logged
     cores = len(os.sched_getaffinity(0))
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
     commands = []

@@ -19,9 +19,10 @@ from test_vision_data import write_cifar, write_folder, write_mnist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from runner.batches import Chunk, split_batch
 from runner.config import build
 from runner.data import DatasetDataModule, SklearnDataset, as_source, describe_data
-from runner.data.batches import Chunk, split_batch
+from runner.data.sources import with_data_values
 from runner.errors import ConfigError
 from runner.evaluate import size_metrics
 from runner.models.adapter import build_model, check_split, features, head, head_name
@@ -119,7 +120,7 @@ def test_head_in_a_model_yaml_names_the_classifier(tmp_path):
         (tmp_path / "conf" / "model" / f"{name}.yaml").write_text(f"_target_: test_byo.TwoHeads\nhead: {head_key}\n")
     search = f"hydra.searchpath=[file://{tmp_path}/conf]"
     [member] = plan_members(compose_config([search, "data=digits_image", "model=two_heads"], tmp_path))
-    assert member.net.head_name == "classifier" and check_split(member.net, torch.randn(3, 1, 8, 8)) == 16
+    assert head_name(member.net) == "classifier" and check_split(member.net, torch.randn(3, 1, 8, 8)) == 16
     with pytest.raises(ConfigError, match="model.head='clasifier'.*classifier"):
         plan_members(compose_config([search, "data=digits_image", "model=typo"], tmp_path))
 
@@ -292,7 +293,7 @@ def test_every_source_trains_compresses_and_fuses(source, files, tmp_path):
         if recipe == "prune_global":  # masks made permanent: as many bytes, 90% of the pruned weights zero
             assert results[f"compressed/{m}/nonzero_fraction"] < 0.5 and ratio == pytest.approx(1.0, abs=0.01)
         elif recipe == "distill":  # the student from conf/model replaced the member
-            student = build_model(cfg.compress.student)
+            student = build_model(with_data_values(cfg, as_source(build(cfg.data, "data"))).compress.student)
             assert results[f"compressed/{m}/params"] == sum(p.numel() for p in student.parameters())
         else:  # quantization or structured pruning makes the file smaller
             assert ratio > 1.2

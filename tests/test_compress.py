@@ -30,6 +30,7 @@ from runner.compress.prune import prunable, weight_sparsity
 from runner.errors import ConfigError
 from runner.evaluate import evaluate_model, size_metrics
 from runner.models import CNN1D, GRU, MLP, LogReg
+from runner.models.facts import declared_head_name, set_head_name
 
 # none: no steps (tests/test_config.py); text students need token ids (tests/test_contracts.py's text family)
 TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}
@@ -385,3 +386,12 @@ def test_student_module_is_copied_per_member(mnist1d_small, trained_mlps):
     out = step.apply(trained_mlps[0], context(mnist1d_small, trained_mlps))
     assert out is not student
     assert_same_state(before, student)
+
+
+def test_a_declared_head_name_travels_with_the_compressed_copy(mnist1d_small):
+    """The head a YAML names (`head:`) is recorded beside the model, not on it; a recipe works on a
+    copy, and the copy's head must still be the named layer (not the last Linear found)."""
+    net = MLP(40, 10)
+    set_head_name(net, "net.0")  # deliberately not the last Linear
+    out = recipe("prune_global").apply(net, CompressContext(mnist1d_small, TINY_TRAINER, OPTIM))
+    assert out is not net and declared_head_name(out) == "net.0"

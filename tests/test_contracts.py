@@ -25,6 +25,7 @@ from runner.data import as_source, describe_data
 from runner.errors import ConfigError
 from runner.fuse import OutputFusion
 from runner.models.adapter import build_model
+from runner.models.facts import set_init_id
 
 RECIPES = sorted(p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml"))
 STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
@@ -125,7 +126,7 @@ def members(cfg, n: int = 2, shared: bool = False) -> list[torch.nn.Module]:
         for net in nets[1:]:
             net.load_state_dict(nets[0].state_dict())
     for net in nets:
-        net.init_id = "shared" if shared else str(id(net))
+        set_init_id(net, "shared" if shared else str(id(net)))
     return nets
 
 

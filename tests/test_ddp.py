@@ -40,7 +40,7 @@ class CountSamples(pl.Callback):
         self.folder = folder
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        from runner.data.batches import Chunk, split_batch
+        from runner.batches import Chunk, split_batch
 
         n = sum(len(y) for _, y in batch) if isinstance(batch, Chunk) else len(split_batch(batch)[1])
         path = Path(self.folder) / f"rank{trainer.global_rank}.json"

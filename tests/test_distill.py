@@ -12,10 +12,10 @@ from torch import nn
 
 import runner.members
 import runner.pipeline
+from runner.batches import DataSpec
 from runner.compress import CompressContext, Distill, Recipe, build_recipe
 from runner.compress.distill import DistillModule
 from runner.compress.feature_taps import FeaturePair, FeatureProjection, FeatureShape, feature_loss, probe_features
-from runner.data.batches import DataSpec
 from runner.errors import ConfigError
 from runner.models import CNN1D, GRU, MLP, LeNet5, ResNetCIFAR
 from runner.models.adapter import build_model

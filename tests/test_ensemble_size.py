@@ -25,7 +25,7 @@ def test_pretrained5_gives_five_members_from_one_start(tmp_path):
     cfg.data.num_classes, cfg.data.num_features = 3, 13
     nets = plan_members(cfg, model_name="mlp")
     assert [m.seed for m in nets] == [5, 6, 7, 8, 9]
-    assert len({m.net.init_id for m in nets}) == 1  # shared_init: one start, what soups and TIES need
+    assert len({m.init_id for m in nets}) == 1  # shared_init: one start, what soups and TIES need
 
 
 @pytest.mark.parametrize(

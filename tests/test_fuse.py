@@ -29,11 +29,13 @@ from runner.fuse import (
     ProbabilityMean,
     SoftVoting,
     Stacking,
+    TaskArithmetic,
     UniformSoup,
     WeightedAverage,
     member_probs,
 )
 from runner.models import CNN1D, MLP
+from runner.models.facts import copy_facts, set_init_id
 from runner.train import train_classifier
 
 FUSE_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "fuse").glob("*.yaml") if p.stem != "none")  # none: no strategy
@@ -60,7 +62,7 @@ def shared_init_mlps(mnist1d_small) -> list[MLP]:
         net = train_classifier(
             copy.deepcopy(base).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 2}, {"name": "adam", "lr": 1e-3}
         )
-        net.init_id = "pretrained-s0"
+        set_init_id(net, "pretrained-s0")
         net.shared_start = copy.deepcopy(base.state_dict())  # what merging takes task vectors from
         nets.append(net)
     return nets
@@ -233,7 +235,8 @@ def test_feature_finetune_leaves_members_unchanged(trained_mlps, mnist1d_small):
 def test_incompatible_members_raise(name, other, what):
     strategy = build_strategy(name)
     first = MLP(40, 10)
-    first.init_id = other.init_id = "same"
+    set_init_id(first, "same")
+    set_init_id(other, "same")
     with pytest.raises(ConfigError, match=what):
         strategy.check_members([first, other], SPEC)
     with pytest.raises(ConfigError, match="num_classes"):  # without data, the declared classes differ
@@ -249,13 +252,13 @@ def test_single_member_is_refused():
 def test_soups_need_one_architecture_and_one_init(soup):
     a, b, c = MLP(40, 10), MLP(40, 10, hidden=32), CNN1D(40, 10)
     for net in (a, b, c):
-        net.init_id = "same"
+        set_init_id(net, "same")
     for pair in ([a, b], [a, c]):
         with pytest.raises(ConfigError, match="shared initial checkpoint") as info:
             soup().check_members(pair)
         assert "architecture" in str(info.value) and "ensemble.shared_init: true" in str(info.value)
     d = copy.deepcopy(a)
-    d.init_id = "other"
+    set_init_id(d, "other")
     with pytest.raises(ConfigError, match="init_id"):
         soup().check_members([a, d])
     e = MLP(40, 10)  # no init_id at all
@@ -264,10 +267,50 @@ def test_soups_need_one_architecture_and_one_init(soup):
     ProbabilityMean().check_members([a, b, c])  # output-level strategies accept mixed architectures
 
 
+def test_what_a_strategy_needs_is_declared_and_checked():
+    """`requires` on the class says what the members must have; check_members reads it (no type switch)."""
+    assert (
+        UniformSoup.requires == GreedySoup.requires == TaskArithmetic.requires == {"one_architecture", "shared_start"}
+    )
+    assert FeatureFusion.requires == {"feature_split"} and ProbabilityMean.requires == frozenset()
+    assert ProbabilityMean.fuses_outputs and Stacking.fuses_outputs and not UniformSoup.fuses_outputs
+
+    class OneStartMean(ProbabilityMean):
+        requires = frozenset({"shared_start"})
+        requirement = "members of one start"
+
+    a, b = MLP(40, 10), MLP(40, 10)
+    set_init_id(a, "x")
+    set_init_id(b, "y")
+    with pytest.raises(ConfigError, match="members of one start"):
+        OneStartMean().check_members([a, b])
+    set_init_id(b, "x")
+    OneStartMean().check_members([a, b])
+
+    class Typo(ProbabilityMean):
+        requires = frozenset({"shared_stat"})
+
+    with pytest.raises(ConfigError, match="shared_stat"):
+        Typo().check_members([a, b])
+
+
+def test_output_fusion_reuses_outputs_and_other_strategies_run(shared_init_mlps, mnist1d_small):
+    """fused_test_probs / val_outputs: what output-level fusion computes from member outputs; None
+    for a strategy whose fused model has to run."""
+    x, _ = split(mnist1d_small, "test")
+    probs = member_probs(shared_init_mlps, x)
+    mean = ProbabilityMean().fit(shared_init_mlps, mnist1d_small.val_dataloader())
+    assert torch.allclose(mean.fused_test_probs(probs), probs.mean(0))
+    val_probs, val_y = mean.val_outputs()
+    assert torch.equal(val_y, split(mnist1d_small, "val")[1]) and val_probs.shape == (len(val_y), 10)
+    soup = UniformSoup().fit(shared_init_mlps, mnist1d_small.val_dataloader())
+    assert soup.fused_test_probs(probs) is None and soup.val_outputs() is None
+
+
 def test_soup_of_identical_members_is_the_member(shared_init_mlps, mnist1d_small):
     x, _ = split(mnist1d_small, "test")
     member = shared_init_mlps[0]
-    copies = [copy.deepcopy(member) for _ in range(3)]
+    copies = [copy_facts(member, copy.deepcopy(member)) for _ in range(3)]  # facts: its init_id
     for soup in (UniformSoup(), GreedySoup()):
         soup.fit(copies, mnist1d_small.val_dataloader())
         with torch.no_grad():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,10 @@ from omegaconf import OmegaConf, open_dict
 import runner.cache
 import runner.members
 import runner.pipeline
-from runner.cache import MemberCache, source_digest
+from runner.cache import MemberCache, source_digest, training_files
 from runner.config import CacheConf, EvalConf, OptimConf, RunConf, TrackingConf, TrainerConf, build, validate
 from runner.data import as_source, describe_data
+from runner.data.sources import data_spec, with_data_values
 from runner.errors import ConfigError
 from runner.members import FINETUNE_DATA_KEYS, OPTIM_KEYS, plan_members, pretrain_shared_start, train_member
 from runner.models.adapter import build_model, check_forward
@@ -106,7 +108,8 @@ def member_keys(cfg) -> dict[str, str]:
     validate(cfg)
     datamodule = as_source(build(cfg.data, "data"))
     composed = OmegaConf.to_container(cfg.data, resolve=True)
-    spec = describe_data(cfg, datamodule)
+    spec = data_spec(datamodule)
+    cfg = with_data_values(cfg, datamodule)
     members = plan_members(cfg, composed)
     for member in members:
         check_forward(member.net, spec.example, spec.num_classes, member.key, spec.input_spec)
@@ -285,13 +288,13 @@ def test_the_code_changes_the_key(tmp, base, monkeypatch):
 
 
 def test_training_code_covers_training_only(tmp_path):
-    """The runner's digest for member keys follows its training code (models, data, training) and
-    ignores what acts after training (fusion, compression, evaluation)."""
+    """The runner's digest for member keys covers the files given (the training code) and ignores the
+    others (what acts after training: fusion, compression, evaluation)."""
     root = tmp_path / "runner"
     for rel in ("models/net.py", "data/source.py", "fuse/mean.py", "compress/prune.py", "train.py"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x = 1\n")
-    digest = lambda: source_digest(root, runner.cache.TRAINING_CODE)  # noqa: E731
+    digest = lambda: source_digest(root, ("models/net.py", "data/source.py", "train.py"))  # noqa: E731
     before = digest()
     for rel in ("fuse/mean.py", "compress/prune.py"):
         (root / rel).write_text("x = 2\n")
@@ -300,6 +303,41 @@ def test_training_code_covers_training_only(tmp_path):
         (root / rel).write_text((root / rel).read_text() + "y = 3\n")
         assert digest() != before, rel
         before = digest()
+
+
+def test_training_code_is_what_members_import():
+    """The training code is found by following the imports of runner.members and runner.train: the
+    modules they import, directly or not, and the packages holding them; not what acts after training."""
+    files = set(training_files())
+    assert {"members.py", "train.py", "cache.py", "device.py", "models/__init__.py", "data/__init__.py"} <= files
+    assert not {f for f in files if f.split("/")[0] in ("fuse", "compress", "evaluate", "tracking", "report")}
+    assert "pipeline.py" not in files
+
+
+def test_a_change_to_code_members_import_changes_the_key(tmp, tmp_path, monkeypatch):
+    """On a copy of the runner's source: an edit of a module runner.members imports (runner/device.py,
+    once missing from a hand-kept list) changes every member's key; an edit of one it does not import
+    (runner/report/) leaves the keys as they were."""
+    root = tmp_path / "runner"
+    shutil.copytree(runner.cache.RUNNER_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner.cache, "RUNNER_ROOT", root)
+    runner.cache._cached_digest.cache_clear()
+    try:
+        before = member_keys(compose_config(BASE, tmp))
+        report = next(p for p in sorted((root / "report").glob("*.py")) if p.name != "__init__.py")
+        report.write_text(report.read_text() + "\n# edited\n")
+        runner.cache._cached_digest.cache_clear()
+        assert member_keys(compose_config(BASE, tmp)) == before, (
+            f"an edit of {report.name} (after training) changed a key"
+        )
+        (root / "device.py").write_text((root / "device.py").read_text() + "\n# edited\n")
+        runner.cache._cached_digest.cache_clear()
+        after = member_keys(compose_config(BASE, tmp))
+        assert set(after.values()).isdisjoint(before.values()), (
+            "an edit of runner/device.py left a member's key as it was"
+        )
+    finally:
+        runner.cache._cached_digest.cache_clear()
 
 
 NEUTRAL_VALUES = {
@@ -311,7 +349,7 @@ NEUTRAL_VALUES = {
 }
 # kept as they are: the tracker's class; a background MLflow worker process (slow to start); ONNX export
 # of every model (slow); skip_finished (a job whose config already finished is not run: no keys to read)
-NEUTRAL_KEPT = {("tracking", "_target_"), ("tracking", "background"), ("eval", "export"), ("cache", "skip_finished")}
+NEUTRAL_KEPT = {("tracking", "_target_"), ("eval", "export"), ("cache", "skip_finished")}
 
 
 def neutral_overrides(tmp: Path) -> dict[str, list[str]]:

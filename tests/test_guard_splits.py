@@ -3,7 +3,7 @@ number and every reported test/* number comes from test, for every option of con
 conf/compress, checked on what a real (tiny) job actually read, not on what its code says.
 
 How: the runner's loaders carry their split (`loader.split`) and show every batch they yield to the
-watchers of runner.data.batches.watch_batches; this test installs one, wraps the stages of the job
+watchers of runner.batches.watch_batches; this test installs one, wraps the stages of the job
 (member training, fusion fit, objective, compression, evaluation) so each batch is filed under the
 stage that read it, and records the rows every gradient step of a LitClassifier (members,
 compression fine-tuning, distillation) trained on. Rows are identified by content, so the check does
@@ -31,15 +31,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import runner.fuse.stacking
 import runner.members
 import runner.pipeline
+from runner.batches import Chunk, split_batch, split_of, watch_batches
 from runner.compress.base import Recipe
 from runner.data import DatasetDataModule, SklearnDataset, as_source
-from runner.data.batches import Chunk, split_batch, split_of, watch_batches
 from runner.evaluate import predict_proba
-from runner.evaluate.recorder import Recorder
 from runner.fuse.base import Fusion, OutputFusion, member_probs
 from runner.fuse.soup import _Soup
 from runner.fuse.stacking import Stacking, stack_features
 from runner.models import LitClassifier
+from runner.recorder import Recorder
 
 SPLITS = ("train", "val", "test")
 STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")

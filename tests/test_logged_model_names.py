@@ -1,4 +1,4 @@
-"""The LoggedModels of the default path (tracking.background and log_models on): named by role and
+"""The LoggedModels of the default path (tracking.log_models on): named by role and
 member, carrying their child run's final test metrics and the job's source, a cached member logged
 once, and text models logged with a signature of both token tensors."""
 
@@ -12,7 +12,7 @@ import runner
 import runner.pipeline
 from runner.tracking.models import CACHE_ENTRY_TAG, MODEL_URI_TAG, using_tracking_uri
 
-DEFAULT_PATH = ["tracking.background=true", "tracking.log_models=true"]
+DEFAULT_PATH = ["tracking.log_models=true"]
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 
 

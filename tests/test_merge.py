@@ -24,6 +24,7 @@ from runner.fuse import DARE, TIES, TaskArithmetic, UniformSoup
 from runner.fuse.merge import SCALING_GRID, dare, disjoint_mean, elect_signs, trim
 from runner.members import Member, plan_members, shared_start, state_hash, train_member
 from runner.models import MLP
+from runner.models.facts import copy_facts, init_id, set_init_id
 from runner.train import train_classifier
 
 # --- tiny nets with hand-made task vectors -------------------------------------------------------
@@ -39,7 +40,7 @@ VAL = [(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([0, 1]))]
 def linear(state: dict, init_id: str = "start") -> nn.Linear:
     net = nn.Linear(len(state["weight"][0]), len(state["weight"]))
     net.load_state_dict(state)
-    net.init_id = init_id
+    set_init_id(net, init_id)
     return net
 
 
@@ -139,7 +140,7 @@ def test_batchnorm_statistics_are_averaged_and_integer_buffers_copied():
         m[1].running_mean.fill_(shift)
         m[1].running_var.fill_(1.0 + shift)
         m[1].num_batches_tracked.fill_(batches)
-        m.init_id = "start"
+        set_init_id(m, "start")
         return m
 
     start, a, b = net(0.0, 0), net(1.0, 5), net(3.0, 7)
@@ -155,18 +156,34 @@ def test_batchnorm_statistics_are_averaged_and_integer_buffers_copied():
 def test_members_must_share_architecture_init_and_a_start():
     a, b = members_of(START, TAU)
     wide = nn.Linear(3, 3)
-    wide.init_id = "start"
+    set_init_id(wide, "start")
     for strategy in (TaskArithmetic(), TIES(), DARE()):
         with pytest.raises(ConfigError, match="architecture"):
             strategy.check_members([a, wide])
-        b.init_id = "other"
+        set_init_id(b, "other")
         with pytest.raises(ConfigError) as info:
             strategy.check_members([a, b])
         assert info.value.key == "ensemble.shared_init" and "false" in str(info.value.value)
         assert "ensemble=finetune5" in str(info.value)
-        b.init_id = "start"
+        set_init_id(b, "start")
         with pytest.raises(ConfigError, match="set_start"):
             type(strategy)().fit([a, b], VAL)
+
+
+def test_prepare_keeps_the_members_shared_start():
+    """prepare(members), called before they train (the pipeline does), keeps the start to take task
+    vectors from; once a member trained, the start can no longer be read from them."""
+    start = linear(START)
+    set_init_id(start, state_hash(start))
+    a, b = (copy_facts(start, copy.deepcopy(start)) for _ in range(2))
+    merge = TaskArithmetic(scaling=1.0).prepare([a, b])
+    with torch.no_grad():
+        a.weight.add_(1.0)  # what training did
+    merge.fit([a, b], VAL)
+    assert torch.equal(merge.soup_.state_dict()["weight"], START["weight"] + 1.0)
+    with pytest.raises(ConfigError, match="before training"):
+        TaskArithmetic().prepare([a, b])
+    assert UniformSoup().prepare([a, b]).fused_test_probs(torch.ones(2, 1, 2)) is None  # nothing to keep
 
 
 def test_bad_parameters_fail_at_build():
@@ -195,7 +212,7 @@ def finetuned(mnist1d_small):
         net = train_classifier(
             copy.deepcopy(start).train(), mnist1d_small, {**FAST_TRAINER, "max_epochs": 1}, {"name": "adam", "lr": lr}
         )
-        net.init_id = "start"
+        set_init_id(net, "start")
         nets.append(net)
     return state, nets
 
@@ -302,7 +319,7 @@ def test_finetune_settings_reach_each_member_with_the_jobs_splits(tmp_path):
 def test_members_with_different_lr_get_different_cache_keys_and_weights(tmp_path, mnist1d_small, monkeypatch):
     pl.seed_everything(0, verbose=False)
     start = MLP(40, 10, hidden=16)
-    start.init_id = state_hash(start)
+    set_init_id(start, state_hash(start))
     trainer = {**FAST_TRAINER, "max_epochs": 1, "limit_train_batches": 3}
     cache, job_optim = MemberCache(str(tmp_path)), {"name": "adam", "lr": 0.01}
     seen = []
@@ -316,7 +333,7 @@ def test_members_with_different_lr_get_different_cache_keys_and_weights(tmp_path
 
     def member(**settings) -> Member:
         net = copy.deepcopy(start)
-        net.init_id = start.init_id
+        set_init_id(net, init_id(start))
         return Member("mlp-s0", 0, net, **settings)
 
     slow, fast, slow_again = member(optim={"lr": 0.001}), member(optim={"lr": 0.003}), member(optim={"lr": 0.001})

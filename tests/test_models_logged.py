@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 import runner
 import runner.pipeline
-from runner.data.batches import split_batch
+from runner.batches import split_batch
 from runner.tracking.models import MODEL_URI_TAG
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
@@ -18,9 +18,7 @@ TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> dict:
     """Run a tiny job that logs its models; check every child run's model against its logged
     predictions, reloaded once by models:/ URI and once by run id. Returns {run name: loaded}."""
-    cfg = compose_config(
-        [*overrides, "tracking.log_models=true", f"tracking.background={str(background).lower()}"], tmp_path
-    )
+    cfg = compose_config([*overrides, "tracking.log_models=true"], tmp_path)  # background: unused since #24
     runner.pipeline.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -138,7 +136,7 @@ def test_weight_soup(tmp_path):
 
 
 def test_off_logs_no_model(tmp_path):
-    runner.pipeline.run(compose_config(["model=mlp"], tmp_path))  # compose_config turns log_models off
+    runner.pipeline.run(compose_config(["model=mlp", "tracking.log_models=false"], tmp_path))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("runner").experiment_id
     assert client.search_logged_models([exp]) == []

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from sklearn.metrics import log_loss
 
 import runner.members
@@ -76,6 +77,17 @@ def test_ensemble_distillation_uses_the_fused_teacher(tmp_path):
     cfg = compose_config([*TWO_MLPS, "fuse=mean", "compress=distill_ensemble", "compress.steps.0.epochs=1"], tmp_path)
     results = runner.pipeline.run(cfg)
     assert results["compressed/mlp-s0/params"] < results["member/mlp-s0/params"]
+
+
+def test_the_callers_config_is_left_as_it_was(tmp_path):
+    """run() builds the models from a copy holding what the data holds (num_classes, input_shape...):
+    the config it was given is the same after the job, and the job logs the values all the same."""
+    cfg = compose_config([*TWO_MLPS, "fuse=mean"], tmp_path)
+    before = OmegaConf.to_container(cfg)
+    runner.pipeline.run(cfg)
+    assert OmegaConf.to_container(cfg) == before and "input_shape" not in cfg.data
+    member = child_runs(tmp_path)["member/mlp-s0"]
+    assert member.data.params["data.input_shape"] == "[40]"  # what the data holds, logged with the job
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from PIL import Image
 
 import runner
 import runner.pipeline
-from runner.data.batches import split_batch
+from runner.batches import split_batch
 from runner.predict import main
 
 REPO = Path(__file__).resolve().parents[1]

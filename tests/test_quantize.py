@@ -14,9 +14,17 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from runner.compress import CompressContext, DynamicQuantize, QATQuantize, Recipe, StaticQuantize, build_recipe
-from runner.compress.quantize import Int8Graph, is_quantized, static_pt2e, static_torch_ao
-from runner.data.batches import DataSpec, Inputs, num_samples, take
+from runner.batches import DataSpec, Inputs, num_samples, take
+from runner.compress import (
+    CompressContext,
+    DynamicQuantize,
+    QATQuantize,
+    Recipe,
+    StaticQuantize,
+    build_recipe,
+    is_quantized,
+)
+from runner.compress.quantize import Int8Graph, static_pt2e, static_torch_ao
 from runner.errors import ConfigError
 from runner.evaluate import count_macs, size_metrics, weight_bytes
 from runner.models import CNN1D, GRU, MLP, HuggingFace, LeNet5, LogReg, ResNetCIFAR

@@ -13,9 +13,9 @@ from conftest import SPEC, compose_config
 from torch import nn
 
 import runner.compress.structured as structured
+from runner.batches import DataSpec, take
 from runner.compress import CompressContext, DynamicQuantize, Recipe, StructuredPrune, build_recipe
 from runner.data import SklearnDataset
-from runner.data.batches import DataSpec, take
 from runner.errors import ConfigError
 from runner.evaluate import count_macs
 from runner.models import CNN1D, GRU, MLP, HuggingFace, LeNet5, LeNet300, ResNetCIFAR

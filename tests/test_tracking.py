@@ -1,10 +1,5 @@
-"""MLflow in a worker process (the default): same records as in-process, errors and ends not lost."""
-
-import os
-import signal
-import subprocess
-import sys
-import time
+"""MLflow in the job's process (the only path): what each kind of write records, with MLflow's
+asynchronous logging and without; failed writes fail their run; jobs of one process share a tracker."""
 
 import pytest
 import torch
@@ -17,8 +12,8 @@ import runner.members
 import runner.pipeline
 from runner.config import build
 from runner.evaluate.plots import confusion_matrix_figure
-from runner.tracking import BackgroundTracker, MlflowTracker, make_tracker
-from runner.tracking.background import TrackingWriteError, WorkerError
+from runner.tracking import MlflowTracker, make_tracker
+from runner.tracking.mlflow_tracker import TrackingError
 
 
 def settings(tmp_path, name="store"):
@@ -81,18 +76,16 @@ def snapshot(uri: str, run_id: str) -> dict:
     }
 
 
-def test_background_writes_what_in_process_writes(tmp_path):
-    in_process = MlflowTracker(*settings(tmp_path, "a"))
-    background = BackgroundTracker(*settings(tmp_path, "b"))
-    try:
-        expected = snapshot(in_process.uri, record(in_process))
-        got = snapshot(background.uri, record(background))
-        assert background.find_runs({"role": "job"}, "FINISHED")[0].metrics["objective/val_acc"] == 0.75
-        assert background.time_spent()[0] > 0  # the worker did the writing
-    finally:
-        background.close()
+def test_async_logging_writes_what_synchronous_logging_writes(tmp_path):
+    sync = MlflowTracker(*settings(tmp_path, "a"))
+    queued = MlflowTracker(*settings(tmp_path, "b"), async_logging=True)
+    expected = snapshot(sync.uri, record(sync))
+    got = snapshot(queued.uri, record(queued))
+    assert queued.find_runs({"role": "job"}, "FINISHED")[0].metrics["objective/val_acc"] == 0.75
     assert got == expected
     assert got["status"] == "FINISHED" and got["history"] == [(0, 2.0), (1, 1.0), (2, 0.0)]
+    assert got["params"] == {"model.lr": "0.01", "eval.metrics": "['acc', 'nll']"}
+    assert got["tags"] == {"role": "job", "extra": "yes"}
     assert got["artifacts"] == ["config.yaml", "confusion", "confusion/member.png"]
     assert got["children"] == [
         ("member/a", "FINISHED", {"test/acc": 0.5}, None, [], ["predictions/test.npz"]),
@@ -107,142 +100,58 @@ def test_background_writes_what_in_process_writes(tmp_path):
     ]
 
 
-def test_a_failed_queued_write_fails_the_run(tmp_path):
-    tracker = BackgroundTracker(*settings(tmp_path))
-    try:
-        with pytest.raises(TrackingWriteError, match="tracking.uri=.*a write to the MLflow store failed.*param") as e:
-            with tracker.run("job", {"a": 1}) as run_id:
-                tracker.log_params(run_id, {"a": 2})  # params are immutable: the worker's write fails
-        assert isinstance(e.value.__cause__, MlflowException)
-        assert MlflowClient(tracker.uri).get_run(run_id).info.status == "FAILED"
-    finally:
-        tracker.close()
-
-
-def test_a_child_run_ended_without_waiting_fails_if_one_of_its_writes_failed(tmp_path):
-    """wait=False (the members' runs): the job goes on at once; the worker turns the queued FINISHED
-    into FAILED when a write of that run failed, and the job's next call that waits (here the next
-    member's start) raises the failure, so the job ends FAILED too."""
-    tracker = BackgroundTracker(*settings(tmp_path))
-    try:
-        with pytest.raises(TrackingWriteError, match="param"):
-            with tracker.run("job") as run_id:
-                with tracker.run("member/good", {"a": 1}, parent_id=run_id, wait=False) as good:
-                    tracker.log_metrics(good, {"test/acc": 0.5})
-                with tracker.run("member/bad", {"a": 1}, parent_id=run_id, wait=False) as bad:
-                    tracker.log_params(bad, {"a": 2})  # refused by the store, in the worker
-                tracker.start_run("member/next", parent_id=run_id)
-        client = MlflowClient(tracker.uri)
-        assert [client.get_run(r).info.status for r in (good, bad, run_id)] == ["FINISHED", "FAILED", "FAILED"]
-    finally:
-        tracker.close()
+@pytest.mark.parametrize("async_logging", [False, True])
+def test_a_failed_write_fails_its_run_and_the_job(tmp_path, async_logging):
+    """A write the store refuses (params are immutable) fails the member's run and the job's run with an
+    error naming tracking.uri, whether it failed at once or in MLflow's logging thread (raised at the run's end)."""
+    tracker = MlflowTracker(*settings(tmp_path), async_logging=async_logging)
+    with pytest.raises(TrackingError, match="param") as e:
+        with tracker.run("job") as run_id:
+            with tracker.run("member/good", {"a": 1}, parent_id=run_id, wait=False) as good:
+                tracker.log_metrics(good, {"test/acc": 0.5})
+            with tracker.run("member/bad", {"a": 1}, parent_id=run_id, wait=False) as bad:
+                tracker.log_params(bad, {"a": 2})
+    assert str(e.value).startswith(f"tracking.uri={tracker.uri!r}: ")  # which store, at once or queued
+    assert isinstance(e.value.__cause__, MlflowException)
+    client = MlflowClient(tracker.uri)
+    assert [client.get_run(r).info.status for r in (good, bad, run_id)] == ["FINISHED", "FAILED", "FAILED"]
 
 
 @pytest.mark.parametrize("error,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
-def test_pipeline_marks_an_interrupted_or_failed_run_through_the_worker(error, status, tmp_path, monkeypatch):
+def test_pipeline_marks_an_interrupted_or_failed_run(error, status, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(runner.members, "train_classifier", explode)
-    cfg = compose_config(["tracking.background=true"], tmp_path)
+    cfg = compose_config([], tmp_path)
     tracker = build(cfg.tracking, "tracking")
-    assert isinstance(tracker, BackgroundTracker)
     with pytest.raises(type(error)):
         runner.pipeline.run(cfg, tracker=tracker)
     [run] = [r for r in tracker.find_runs({"role": "job"})]
     assert run.status == status
 
 
-def test_worker_errors_and_exit_are_reported(tmp_path):
-    tracker = BackgroundTracker(*settings(tmp_path))
-    with pytest.raises(AttributeError) as error:
-        tracker._wait("no_such_method")
-    assert "in the MLflow worker" in str(error.value.__cause__)  # with the worker's traceback
-    tracker._process.kill()
-    with pytest.raises(WorkerError, match="exited"):
-        tracker.find_runs({})
-    assert tracker.broken
-    tracker.close()
-
-
-UNGUARDED_SCRIPT = """
-import sys
-from runner.tracking import make_tracker
-tracker = make_tracker(sys.argv[1], "e")
-with tracker.run("from a script") as run_id:
-    tracker.log_metrics(run_id, {"m": 1.0})
-print(tracker.find_runs({}, "FINISHED")[0].metrics)
-"""
-
-
-def test_works_from_a_script_without_a_main_guard(tmp_path):
-    script = tmp_path / "script.py"  # multiprocessing's spawn would run it again in the worker
-    script.write_text(UNGUARDED_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), settings(tmp_path)[0]], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "{'m': 1.0}"
-
-
-@pytest.mark.parametrize("cores, at_once", [(2, False), (8, True)])
-def test_model_logging_imports_start_at_once_only_with_spare_cores(tmp_path, monkeypatch, cores, at_once):
-    """With 4+ cores the worker imports torch and mlflow.pytorch (Lightning) at once, beside the job;
-    with fewer, when the first model comes, so the job's imports and training steps keep the CPU."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    calls = []
-    submit = BackgroundTracker._submit
-    monkeypatch.setattr(
-        BackgroundTracker,
-        "_submit",
-        lambda self, method, *a, **k: (calls.append(method), submit(self, method, *a, **k))[1],
-    )
-    tracker = make_tracker(*settings(tmp_path), log_models=True)
-    try:
-        assert ("prepare_model_logging" in calls) is at_once
-        with tracker.run("job") as run_id:  # the worker goes on answering meanwhile
-            tracker.log_metrics(run_id, {"m": 1.0})
-        assert tracker.find_runs({}, "FINISHED")[0].metrics == {"m": 1.0}
-    finally:
-        tracker.close()
-
-
-def test_default_config_tracks_in_the_background_and_jobs_share_the_worker(tmp_path):
+def test_default_config_tracks_in_process_and_jobs_of_one_process_share_the_tracker(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        assert compose("config").tracking.background is True
+        tracking = compose("config").tracking
+    assert "background" not in tracking and tracking.log_models is True and tracking.async_logging is False
     first = make_tracker(*settings(tmp_path))
-    assert make_tracker(*settings(tmp_path)) is first  # e.g. the jobs of a basic-launcher multirun
-    other = make_tracker(*settings(tmp_path, "other"))
-    assert other is not first and first.closed  # the previous worker was stopped
-    assert isinstance(make_tracker(*settings(tmp_path), background=False), MlflowTracker)
-    other.close()
+    assert isinstance(first, MlflowTracker) and first.log_models and not first.async_logging
+    assert make_tracker(*settings(tmp_path), log_models=False) is first  # the jobs of a basic-launcher multirun
+    assert not first.log_models  # each job's own setting
+    assert make_tracker(*settings(tmp_path, "other")) is not first
+    assert make_tracker(*settings(tmp_path), async_logging=True) is not first
 
 
-WORKER_OF_A_KILLED_PARENT = """
-import sys, time
-from runner.tracking import BackgroundTracker
-tracker = BackgroundTracker(sys.argv[1], "e")
-tracker.find_runs({})
-print(tracker._process.pid, flush=True)
-time.sleep(600)
-"""
+def test_the_mlflow_import_counts_as_the_jobs_wait_for_mlflow():
+    """Building the tracker imports no mlflow (so the command line can check its config first); the first
+    call that opens the store does, and that time is in setup_s (logged as timing/mlflow_setup_s)."""
+    import subprocess
+    import sys
 
-
-def test_worker_does_not_outlive_a_killed_main_process(tmp_path):
-    main = subprocess.Popen(
-        [sys.executable, "-c", WORKER_OF_A_KILLED_PARENT, settings(tmp_path)[0]], stdout=subprocess.PIPE, text=True
+    code = (
+        "import sys; from runner.tracking import make_tracker; "
+        "t = make_tracker('sqlite:///x.db', 'e'); print('mlflow' in sys.modules, t.setup_s)"
     )
-    [worker] = [int(pid) for pid in main.stdout.readline().split()]
-    os.kill(main.pid, signal.SIGKILL)
-    main.wait(timeout=30)
-    deadline = time.time() + 30
-    while alive(worker):
-        assert time.time() < deadline, "the MLflow worker outlived its main process"
-        time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return "zombie" not in open(f"/proc/{pid}/status").read()
-    except FileNotFoundError:
-        return False
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "0.0"]

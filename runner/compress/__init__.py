@@ -3,7 +3,8 @@
 from runner.compress.base import CompressContext, Recipe, Step, build_recipe, compression_report, weight_bytes
 from runner.compress.distill import Distill
 from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune
-from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantize, is_quantized
+from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantize
+from runner.compress.requirements import is_quantized
 from runner.compress.structured import StructuredPrune
 
 __all__ = [

@@ -5,16 +5,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from runner.batches import DataSpec
+from runner.compress.requirements import check_requirements
 from runner.config import build
-from runner.data.batches import DataSpec
+from runner.device import INT8_CPU_ONLY
 from runner.errors import ConfigError, check
-from runner.evaluate import weight_bytes  # noqa: F401  (re-exported)
+from runner.measure import weight_bytes  # noqa: F401  (re-exported)
 from runner.models import LitClassifier
+from runner.models.facts import copy_facts
 from runner.progress import MemberProgress
 from runner.train import fit
 
@@ -31,8 +35,28 @@ class CompressContext:
     members: list[nn.Module] | None = None  # every trained member of the job (multi-teacher distillation)
 
 
+class QuantizedPreview(nn.Module):
+    """Stands for the int8 version of `inner` while recipes are checked (no calibration needed)."""
+
+    int8 = True  # is_quantized: the steps after it see an int8 model
+    cpu_only_reason = INT8_CPU_ONLY  # runner.device
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 class Step:
     """One compression step. `key` names it in errors (`compress.steps[i]`), set by the Recipe.
+
+    What a step needs from the model it gets and what it makes are declared on its class:
+    `requires` names runner.compress.requirements' checks (`check` enforces them, before any
+    training), `produces_int8` says its output is an int8 model (only the CPU runs it; `preview`
+    stands it in while a recipe is checked, so the steps after it see an int8 model),
+    `needs_ensemble` that it distills a fused ensemble.
 
     After `apply`, a step may leave figures about what it did in `self.stats_` (a flat dict of
     floats, keys namespaced by the step, e.g. `prune/macs_before`): the recipe gathers them and
@@ -40,17 +64,22 @@ class Step:
     """
 
     key: str = "compress.step"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    float_note: ClassVar[str] = ""  # the refusal of a quantized model ("prune before quantizing")
+    produces_int8: ClassVar[bool] = False
     needs_ensemble: bool = False
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
-        """Raise ConfigError if this step cannot handle `model` on this data; runs before any training."""
+        """Raise ConfigError if this step cannot handle `model` on this data; runs before any training.
+        Checks what the class `requires`; subclasses add what depends on their settings."""
+        check_requirements(self, model)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         raise NotImplementedError
 
     def preview(self, model: nn.Module) -> nn.Module:
         """What `apply` would turn `model` into, cheaply (no training): lets check() chain steps."""
-        return model
+        return QuantizedPreview(model) if self.produces_int8 else model
 
     def __repr__(self) -> str:
         args = ", ".join(
@@ -130,7 +159,7 @@ class Recipe:
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         """The compressed copy of `model`; what the steps report is left in `self.stats_`."""
-        model = copy.deepcopy(model).cpu().eval()
+        model = copy_facts(model, copy.deepcopy(model)).cpu().eval()  # its head's name travels with it
         self.stats_: dict[str, float] = {}
         for step in self.steps:
             step.stats_ = {}

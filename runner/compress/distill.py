@@ -33,6 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from runner.batches import DataSpec, Inputs, first_inputs, num_samples, take
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
 from runner.compress.feature_taps import (
     CAPTURES,
@@ -46,8 +47,7 @@ from runner.compress.feature_taps import (
     feature_loss,
     probe_features,
 )
-from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, take
+from runner.compress.requirements import is_quantized
 from runner.errors import check
 from runner.models import LitClassifier
 from runner.models.adapter import build_model, check_forward
@@ -401,6 +401,7 @@ class Distill(Step):
         return [FeatureProjection(a, b) for a, b in zip(s, t)]
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
+        super().check(model, spec)  # (it requires nothing of the model it replaces: only of its student)
         student = self.build_student()
         check_forward(student, spec.example, spec.num_classes, self.key + ".student", spec.input_spec)
         check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from runner.data.batches import Inputs
+from runner.batches import Inputs
 from runner.errors import ConfigError, check
 
 CAPTURES = ("output", "input")

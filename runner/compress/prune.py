@@ -11,21 +11,13 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import prune
 
+from runner.batches import DataSpec
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
-from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec
+from runner.compress.requirements import prunable
 from runner.errors import check
 
 SCOPES = ("global", "layer")
 SCHEDULES = ("cubic", "linear")
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-def prunable(model: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, str]]:
-    """The weight of every Linear / Conv layer (biases are too few to matter) with at least
-    `min_params` weights: a tiny layer (a 1-channel input conv) is cheap to keep dense and
-    pruning it cuts the whole network's input."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.numel() >= min_params]
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -52,9 +44,7 @@ def _unmask(targets: list[tuple[nn.Module, str]]) -> None:
             prune.remove(module, name)
 
 
-def _check_prunable(key: str, model: nn.Module, min_params: int = 0) -> None:
-    check(not is_quantized(model), key, type(model).__name__, "a float model (prune before quantizing)")
-    check(bool(prunable(model)), key, type(model).__name__, "a model with Linear or Conv layers")
+def _check_min_params_fit(key: str, model: nn.Module, min_params: int = 0) -> None:
     check(
         bool(prunable(model, min_params)),
         key + ".min_params",
@@ -80,6 +70,9 @@ class MagnitudePrune(Step):
     weights stay dense (`sparsity` is then the fraction among the pruned layers' weights).
     """
 
+    requires = frozenset({"float", "prunable_layers"})
+    float_note = "prune before quantizing"
+
     def __init__(
         self,
         sparsity: float,
@@ -96,7 +89,8 @@ class MagnitudePrune(Step):
         self.min_params = min_params
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
-        _check_prunable(self.key, model, self.min_params)
+        super().check(model, spec)
+        _check_min_params_fit(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         targets = prunable(model, self.min_params)
@@ -110,6 +104,9 @@ class GradualPrune(Step):
     """Raise sparsity over `rounds` of prune -> fine-tune (Zhu & Gupta 2017's cubic schedule:
     s_t = s_final * (1 - (1 - t/rounds)^3), front-loaded while there is much redundancy), then
     `final_epochs` more at the final sparsity. `min_params` as in MagnitudePrune."""
+
+    requires = frozenset({"float", "prunable_layers"})
+    float_note = "prune before quantizing"
 
     def __init__(
         self,
@@ -145,7 +142,8 @@ class GradualPrune(Step):
         return [self.sparsity * f for f in fractions]
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
-        _check_prunable(self.key, model, self.min_params)
+        super().check(model, spec)
+        _check_min_params_fit(self.key, model, self.min_params)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         targets = prunable(model, self.min_params)
@@ -164,12 +162,12 @@ class FineTune(Step):
     so a FineTune after a prune step does not undo the pruning.
     """
 
+    requires = frozenset({"float"})
+    float_note = "fine-tune before quantizing"
+
     def __init__(self, epochs: int, lr: float | None = None, keep_sparsity: bool = True) -> None:
         check_epochs("compress.steps[]", epochs, lr, "epochs")
         self.epochs, self.lr, self.keep_sparsity = epochs, lr, keep_sparsity
-
-    def check(self, model: nn.Module, spec: DataSpec) -> None:
-        check(not is_quantized(model), self.key, type(model).__name__, "a float model (fine-tune before quantizing)")
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         targets = [(m, n) for m, n in prunable(model) if bool((getattr(m, n) == 0).any())] if self.keep_sparsity else []

@@ -32,37 +32,19 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (quantized_decomposed ops: an Int8Graph unpickles with them)
 from torch import nn
 
+from runner.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
-from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
+from runner.compress.requirements import CONV_TYPES, DYNAMIC_TYPES, check_requirements, fx_error
+from runner.device import INT8_CPU_ONLY
 from runner.errors import check
+from runner.measure import count_macs
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("x86", "fbgemm", "qnnpack", "onednn")
 DYNAMIC_ENGINES = ("auto", "torch_ao")
 STATIC_ENGINES = ("auto", "torch_ao", "pt2e")
-DYNAMIC_TYPES = (nn.Linear, nn.GRU, nn.LSTM)
-RNN_TYPES = (nn.RNNBase,)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_QUANTIZED_PREFIXES = (
-    "torch.ao.nn.quantized",
-    "torch.ao.nn.intrinsic.quantized",
-    "torch.ao.nn.qat",
-    "torch.ao.nn.intrinsic.qat",
-    "torch.ao.quantization.fake_quantize",
-)
 AGREEMENT_SAMPLES = 256  # validation inputs behind quant/fp32_agreement
-
-
-class QuantizedPreview(nn.Module):
-    """Stands for the int8 version of `inner` while recipes are checked (no calibration needed)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
 
 
 class Int8Graph(nn.Module):
@@ -73,6 +55,9 @@ class Int8Graph(nn.Module):
     deepcopy and pickling see. The lowered graph that runs (oneDNN-packed weights, which cannot be
     copied or saved) is built from it on the first forward after a copy or a load.
     """
+
+    int8 = True  # runner.compress.requirements.is_quantized
+    cpu_only_reason = INT8_CPU_ONLY  # runner.device: oneDNN's int8 kernels
 
     def __init__(self, reference: torch.fx.GraphModule, example: Inputs | None = None) -> None:
         super().__init__()
@@ -94,13 +79,10 @@ class Int8Graph(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_lowered": None}
 
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether any engine has quantized `model` (or will: a QuantizedPreview while checking)."""
-    return any(
-        isinstance(m, (QuantizedPreview, Int8Graph)) or type(m).__module__.startswith(_QUANTIZED_PREFIXES)
-        for m in model.modules()
-    ) or any(type(p).__module__.startswith("torchao") for p in model.parameters())
+    def for_export(self) -> nn.Module:
+        """What runner.export traces in its place: the quantize/dequantize reference graph, which ONNX
+        writes as QuantizeLinear/DequantizeLinear (the lowered graph's oneDNN ops have no ONNX form)."""
+        return copy.deepcopy(self.reference).cpu().eval()
 
 
 def import_torchao() -> Any:
@@ -149,8 +131,6 @@ def _dynamic_batch(x: Inputs) -> Any:
 def _record_stats(step: Step, float_model: nn.Module, quantized: nn.Module, ctx: CompressContext) -> None:
     """MACs per sample of the float model (int8 kernels are not counted by FlopCounterMode) and
     the fraction of validation inputs whose argmax the int8 model keeps."""
-    from runner.evaluate import count_macs
-
     x = first_inputs(ctx.datamodule.val_dataloader(), AGREEMENT_SAMPLES)
     same = quantized(x).argmax(1) == float_model.eval()(x).argmax(1)
     # quantization (calibration, QAT epochs, conversion) runs in fp32 whatever trainer.precision is
@@ -325,31 +305,14 @@ class DynamicQuantize(Step):
     token embeddings.
     """
 
+    requires = frozenset({"float", "mostly_dense", "dense_layers"})
+    float_note = "quantize once"
+    produces_int8 = True
+
     def __init__(self, dtype: str = "qint8", engine: str = "auto") -> None:
         check(dtype in ("qint8", "float16"), "compress.steps[].dtype", dtype, ["qint8", "float16"])
         check(engine in DYNAMIC_ENGINES, "compress.steps[].engine", engine, list(DYNAMIC_ENGINES))
         self.dtype, self.engine = dtype, engine
-
-    def check(self, model: nn.Module, spec: DataSpec) -> None:
-        check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
-        conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, CONV_TYPES))
-        dense = sum(p.numel() for m in model.modules() if isinstance(m, DYNAMIC_TYPES) for p in m.parameters(False))
-        check(
-            conv <= dense,
-            self.key,
-            f"{type(model).__name__} ({conv} of {conv + dense} weights in Conv layers)",
-            "models whose weights sit mostly in Linear/GRU/LSTM layers (dynamic quantization leaves convs "
-            "in float; use runner.compress.StaticQuantize or QATQuantize for conv models)",
-        )
-        check(
-            any(isinstance(m, DYNAMIC_TYPES) for m in model.modules()),
-            self.key,
-            type(model).__name__,
-            "models with Linear, GRU or LSTM layers",
-        )
-
-    def preview(self, model: nn.Module) -> nn.Module:
-        return QuantizedPreview(model)
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         model = model.cpu().eval()
@@ -359,6 +322,11 @@ class DynamicQuantize(Step):
 
 
 class _StaticBase(Step):
+    requires = frozenset({"float", "not_recurrent"})
+    float_note = "quantize once"
+    produces_int8 = True
+    fx_instead = ""  # what to do instead, in the refusal of a model torch.fx cannot trace
+
     def __init__(self, backend: str, calibration_batches: int) -> None:
         check(backend in BACKENDS, "compress.steps[].backend", backend, list(BACKENDS))
         check(
@@ -369,48 +337,12 @@ class _StaticBase(Step):
         )
         self.backend, self.calibration_batches = backend, calibration_batches
 
-    def check(self, model: nn.Module, spec: DataSpec) -> None:
-        check(not is_quantized(model), self.key, type(model).__name__, "a float model (quantize once)")
-        check(
-            not any(isinstance(m, RNN_TYPES) for m in model.modules()),
-            self.key,
-            type(model).__name__,
-            "models without GRU/LSTM layers (recurrent layers have no static int8 kernels; "
-            "use runner.compress.DynamicQuantize)",
-        )
-
-    def _check_fx(self, model: nn.Module, instead: str) -> None:
-        check(
-            self.backend in torch.backends.quantized.supported_engines,
-            self.key + ".backend",
-            self.backend,
-            torch.backends.quantized.supported_engines,
-        )
-        error = _fx_error(model)
-        check(
-            error is None,
-            self.key,
-            type(model).__name__,
-            f"a model torch.fx can trace for torch.ao FX quantization ({error}); {instead}",
-        )
-
-    def preview(self, model: nn.Module) -> nn.Module:
-        return QuantizedPreview(model)
-
     @torch.no_grad()
     def _calibrate(self, prepared: nn.Module, ctx: CompressContext) -> None:
         for i, batch in enumerate(ctx.datamodule.train_dataloader()):
             if i >= self.calibration_batches:
                 break
             prepared(to_device(split_batch(batch)[0], "cpu"))  # int8 calibration runs on the CPU
-
-
-def _fx_error(model: nn.Module) -> str | None:
-    try:
-        torch.fx.symbolic_trace(model)
-    except Exception as e:  # data-dependent control flow; Hugging Face models
-        return f"{type(e).__name__}: {str(e)[:150]}"
-    return None
 
 
 class StaticQuantize(_StaticBase):
@@ -445,6 +377,8 @@ class StaticQuantize(_StaticBase):
     every batch size a job evaluates, so no step compiles.
     """
 
+    fx_instead = "use runner.compress.DynamicQuantize for Linear-heavy models (transformers), or engine pt2e"
+
     def __init__(self, backend: str = "x86", calibration_batches: int = 10, engine: str = "auto") -> None:
         super().__init__(backend, calibration_batches)
         check(engine in STATIC_ENGINES, "compress.steps[].engine", engine, list(STATIC_ENGINES))
@@ -455,14 +389,12 @@ class StaticQuantize(_StaticBase):
         if self.engine != "auto":
             return self.engine
         conv = any(isinstance(m, CONV_TYPES) for m in model.modules())
-        return "pt2e" if conv and _fx_error(model) is None else "torch_ao"
+        return "pt2e" if conv and fx_error(model) is None else "torch_ao"
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
         super().check(model, spec)
-        if self.engine_for(model) == "torch_ao":
-            self._check_fx(
-                model, "use runner.compress.DynamicQuantize for Linear-heavy models (transformers), or engine pt2e"
-            )
+        if self.engine_for(model) == "torch_ao":  # fx_traceable, for this engine only
+            check_requirements(self, model, {"fx_traceable"})
             return
         _check_torchao(self.key + ".engine", self.engine)
         try:
@@ -498,16 +430,15 @@ class QATQuantize(_StaticBase):
     (straight-through gradients) for `finetune_epochs`, then the same int8 conversion as
     StaticQuantize's torch_ao engine. Observers are frozen for the last epoch so scales stop moving."""
 
+    requires = _StaticBase.requires | {"fx_traceable"}
+    fx_instead = "for transformers use runner.compress.DynamicQuantize"
+
     def __init__(
         self, finetune_epochs: int = 3, lr: float | None = None, backend: str = "x86", calibration_batches: int = 10
     ) -> None:
         super().__init__(backend, calibration_batches)
         check_epochs("compress.steps[]", finetune_epochs, lr)
         self.finetune_epochs, self.lr = finetune_epochs, lr
-
-    def check(self, model: nn.Module, spec: DataSpec) -> None:
-        super().check(model, spec)
-        self._check_fx(model, "for transformers use runner.compress.DynamicQuantize")
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         from torch.ao.quantization import disable_observer, get_default_qat_qconfig_mapping
@@ -538,6 +469,8 @@ class ScriptBox(nn.Module):
     """An FX graph as TorchScript that pickles as TorchScript bytes. torch.ao FX int8 convs
     (ConvReLU1d, ...) pickle inside a GraphModule but do not unpickle (torch 2.13 re-traces the graph
     before their state is restored); the scripted graph computes the same thing and reloads."""
+
+    cpu_only_reason = INT8_CPU_ONLY  # runner.device: it boxes torch.ao's int8 graphs
 
     def __init__(self, scripted: Any) -> None:
         super().__init__()
@@ -584,3 +517,13 @@ def boxed_graphs(model: Any) -> Any:
         if isinstance(m, torch.fx.GraphModule) and broken(m)
     }
     return copy.deepcopy(model, memo=dict(boxes))
+
+
+def shippable(model: nn.Module) -> nn.Module:
+    """`model` as it can be pickled and loaded back (what the pipeline's recorder logs): the model
+    itself, or a copy whose torch.ao FX int8 graphs that would not unpickle are ScriptBoxes."""
+    if not any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
+        return model
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return model if reloads(buffer.getvalue()) else boxed_graphs(model)

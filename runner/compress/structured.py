@@ -24,12 +24,11 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from runner.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
 from runner.compress.base import CompressContext, Step, check_epochs, finetune
-from runner.compress.quantize import is_quantized
-from runner.data.batches import DataSpec, Inputs, first_inputs, num_samples, split_batch, take, to_device
 from runner.device import device_of
 from runner.errors import ConfigError, check
-from runner.evaluate import count_macs
+from runner.measure import count_macs
 from runner.models.adapter import head_module
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,9 @@ class StructuredPrune(Step):
     attention keeps its softmax scaling (that of the original head size), so its scores are the
     original's with the removed dims zeroed; the model's `config` still describes the unpruned widths.
     """
+
+    requires = frozenset({"float"})
+    float_note = "prune before quantizing"
 
     def __init__(
         self,
@@ -143,7 +145,7 @@ class StructuredPrune(Step):
         """Prune a copy of `model` on the data's example inputs, as apply will (no fine-tuning):
         a model Torch-Pruning cannot trace, with nothing prunable or whose pruned copy no longer
         gives (batch, num_classes) logits fails here, before any training."""
-        check(not is_quantized(model), self.key, type(model).__name__, "a float model (prune before quantizing)")
+        super().check(model, spec)
         if self.importance == "bn_scale":
             check(
                 any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),

@@ -1,8 +1,8 @@
 """Data sources: every one a LightningDataModule with train/val/test loaders, `num_classes` and
 `input_spec` (see runner/data/base.py for the contract)."""
 
+from runner.batches import Chunk, DataSpec, split_batch
 from runner.data.base import ArrayDataModule, ArrayDataset, TensorBatches
-from runner.data.batches import Chunk, DataSpec, split_batch
 from runner.data.elpv import ELPV
 from runner.data.mnist1d import MNIST1D
 from runner.data.mnist5k import MNIST5k

@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from runner.data.batches import Chunk, Inputs, describe, notify, take, to_device, watched, watching
+from runner.batches import Chunk, Inputs, describe, notify, take, to_device, watched, watching
 from runner.errors import check
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class TensorBatches:
     DistributedSampler(drop_last=True) does). Evaluation loaders are not split.
 
     `split` says which split the tensors are (train / val / test), and their batches are shown to split
-    provenance's watchers (runner.data.batches); None: batches of something else, e.g. a fusion head's
+    provenance's watchers (runner.batches); None: batches of something else, e.g. a fusion head's
     minibatches of features of the val rows its fit already read, which are not shown.
     """
 
@@ -174,7 +174,7 @@ class Shuffled(Sampler):
 
 
 class SplitCollate:
-    """torch's default_collate, then the batch shown to split provenance's watchers (runner.data.batches);
+    """torch's default_collate, then the batch shown to split provenance's watchers (runner.batches);
     a class, not a closure, so workers started by spawn can pickle it."""
 
     def __init__(self, split: str | None) -> None:
@@ -192,7 +192,7 @@ def seeded_loader(
 ) -> DataLoader:
     """A DataLoader whose shuffle order follows torch's global RNG (the member's seed), drawn from a
     generator of its own: the worker seeds come from another, so they do not shift the order.
-    `split` becomes `loader.split` (split provenance, runner.data.batches)."""
+    `split` becomes `loader.split` (split provenance, runner.batches)."""
     seed = int(torch.randint(0, 2**62, ())) if shuffle else 0
     sampler = Shuffled(len(dataset), seed) if shuffle else None
     loader = DataLoader(

@@ -8,17 +8,19 @@ pinned memory.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, open_dict
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 
+from runner.batches import DataSpec, describe, first_inputs, split_batch, tag_split
 from runner.data.base import ArrayDataModule, SplitLoaders, check_num_classes, check_split_settings, seeded_loader
-from runner.data.batches import DataSpec, describe, first_inputs, split_batch, tag_split
 from runner.errors import ConfigError, check
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,7 @@ class LightningSource(pl.LightningDataModule):
         self.input_spec = describe(first_inputs(self.inner.val_dataloader(), 1))
         self._ready = True
 
-    # the user's loaders, tagged with their split (split provenance, runner.data.batches; their batches
+    # the user's loaders, tagged with their split (split provenance, runner.batches; their batches
     # are not shown to watchers: they are the user's objects)
     def train_dataloader(self) -> Any:
         return tag_split(self.inner.train_dataloader(), "train")
@@ -173,14 +175,30 @@ def data_values(dm: Any) -> dict[str, Any]:
     return values
 
 
-def describe_data(cfg: Any, dm: Any, examples: int = 8) -> DataSpec:
-    """Set up the data source, write what it found into `cfg.data` (num_classes, input_shape,
-    num_features, a source's own values) so model configs can interpolate them, and return the
-    spec every check before training runs against (a few real validation inputs included)."""
-    from omegaconf import open_dict
-
+def data_spec(dm: Any, examples: int = 8) -> DataSpec:
+    """Set up the data source and return the spec every check before training runs against (a few
+    real validation inputs included)."""
     dm.setup()
+    return DataSpec(int(dm.num_classes), first_inputs(dm.val_dataloader(), examples), dm.input_spec)
+
+
+def with_data_values(cfg: DictConfig, dm: Any) -> DictConfig:
+    """A copy of `cfg` whose `data` node also holds what the data source found (`data_values`:
+    num_classes, input_shape, num_features, a source's own values), so the models' configs resolve
+    `${data.num_classes}` and the like; `cfg` itself is left as it is."""
+    dm.setup()
+    derived = copy.deepcopy(cfg)
+    with open_dict(derived):
+        for key, value in data_values(dm).items():
+            derived.data[key] = value
+    return derived
+
+
+def describe_data(cfg: Any, dm: Any, examples: int = 8) -> DataSpec:
+    """`data_spec`, with what the data holds written into `cfg.data` itself: for a caller that builds
+    models from the very config it holds (the pipeline builds from `with_data_values`'s copy)."""
+    spec = data_spec(dm, examples)
     with open_dict(cfg):
         for key, value in data_values(dm).items():
             cfg.data[key] = value
-    return DataSpec(int(dm.num_classes), first_inputs(dm.val_dataloader(), examples), dm.input_spec)
+    return spec

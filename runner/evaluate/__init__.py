@@ -1,4 +1,4 @@
-"""Test-set metrics (torchmetrics), model size and CPU latency (runner/evaluate/latency.py).
+"""Test-set metrics (torchmetrics), with the model's size, MACs and latency (runner/measure.py).
 
 One forward pass per split and model: `predict_proba` returns the probabilities once and every
 metric is computed from them.
@@ -6,11 +6,7 @@ metric is computed from them.
 
 from __future__ import annotations
 
-import io
-import re
-import zlib
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +19,16 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from runner.data.batches import Inputs, num_samples, split_batch, take, to_device
+from runner.batches import Inputs, split_batch, take, to_device
 from runner.device import device_of
-from runner.evaluate.latency import LatencyStats, latency_ms, latency_stats  # noqa: F401  (public API)
+from runner.measure import (  # noqa: F401  (public API: what evaluate_model reports)
+    LatencyStats,
+    count_macs,
+    latency_ms,
+    latency_stats,
+    size_metrics,
+    weight_bytes,
+)
 
 
 def _nll(probs: torch.Tensor, target: torch.Tensor, num_classes: int, bins: int) -> torch.Tensor:
@@ -76,87 +79,6 @@ def classification_metrics(
 
 def confusion_matrix(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return multiclass_confusion_matrix(probs, target, num_classes)
-
-
-def _tensors(value: object) -> Iterable[torch.Tensor]:
-    """Tensors inside a state_dict value: quantized layers keep theirs in tuples / packed objects."""
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, torch.ScriptObject) and value._has_method("__getstate__"):
-        yield from _tensors(value.__getstate__())
-
-
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, (tuple, list)):  # packed quantized params: (weight, bias)
-        return sum(_tensor_bytes(v) for v in value)
-    if not isinstance(value, torch.Tensor):
-        return 0
-    if value.is_quantized:
-        qparams = 16  # one float64 scale + one int64 zero point
-        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            qparams *= value.q_per_channel_scales().numel()
-        return value.numel() * value.element_size() + qparams
-    return value.numel() * value.element_size()
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the state_dict's tensor data (weights, biases, quantization scales).
-
-    `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
-    and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
-    Zeros still count: unstructured sparsity needs a sparse format to save bytes.
-    """
-    return sum(_tensor_bytes(v) for v in model.state_dict().values())
-
-
-def size_metrics(model: nn.Module) -> dict[str, float]:
-    """Parameter count, non-zero parameters and the size of the serialized state_dict in bytes,
-    plain (`size_bytes`) and DEFLATE-compressed (`zip_bytes`: LZ77 + Huffman coding, the entropy
-    coding stage of Deep Compression; it is what unstructured zeros save on disk).
-
-    Buffers (BatchNorm statistics) are not parameters and are not counted. Quantized (int8) models
-    keep their weights outside `parameters()`, as quantized tensors in packed params: they are
-    counted from the state_dict, without the scale / zero-point scalars.
-    """
-    state = model.state_dict()
-    buffers = {name for name, _ in model.named_buffers()}
-    stored = [
-        t
-        for k, v in state.items()
-        if k not in buffers and not re.search(r"(scale|zero_point)(_\d+)?$", k)
-        for t in _tensors(v)
-        if t.is_quantized or t.is_floating_point()
-    ]
-    params = stored if any(t.is_quantized for t in stored) else list(model.parameters())
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return {
-        "zip_bytes": float(len(zlib.compress(buffer.getbuffer(), 6))),
-        "params": float(sum(t.numel() for t in params)),
-        "nonzero_params": float(
-            sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach())) for t in params)
-        ),
-        "size_bytes": float(buffer.getbuffer().nbytes),
-        "weight_bytes": float(weight_bytes(model)),
-    }
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, x: Inputs) -> float | None:
-    """Multiply-accumulates of one forward pass per sample of `x`, from torch's FlopCounterMode
-    (matmuls, convolutions, attention); None when it counts nothing (int8 kernels are not aten
-    ops: a quantization step reports the MACs of the float model it quantized instead)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
-    flops = counter.get_total_flops()
-    return flops / 2 / num_samples(x) if flops else None
 
 
 def evaluate_model(

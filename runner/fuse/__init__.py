@@ -2,8 +2,10 @@
 
 Output-level strategies (OutputFusion subclasses) also offer `combine(member_probs)` and
 `fit_outputs(member_probs, y)` on precomputed member probabilities of shape (M, N, C).
-Weight-space merges (Merge subclasses: TaskArithmetic, TIES, DARE) also need `set_start(state_dict)`,
-the members' shared start, before `fit`. Each class has YAMLs in conf/fuse/.
+Weight-space merges (Merge subclasses: TaskArithmetic, TIES, DARE) also need the members' shared
+start before `fit`: `prepare(members)` before they train, or `set_start(state_dict)`. Each class
+declares what it needs of the members in `requires` (checked by `check_members`). Each class has
+YAMLs in conf/fuse/.
 """
 
 from runner.fuse.averaging import HardVoting, ProbabilityMean, SoftVoting, WeightedAverage

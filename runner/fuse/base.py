@@ -3,26 +3,40 @@
 Output-level strategies combine member probabilities through one `combine(member_probs)` call
 (shape (M, N, C) -> (N, C)), so a caller holding already computed member probabilities (the
 pipeline keeps every member's test probabilities) fuses them without running members again.
+
+Strategies differ through what they declare and the methods they override, never through the
+caller asking for their type: `requires` names what the members must have (checked by
+`check_members`), `prepare(members)` hands over the members before they train (weight-space merges
+keep their shared start), `fused_test_probs` and `val_outputs` give what output-level fusion computes
+without running the fused model again, and `fuses_outputs` says whether any model, a compressed
+one included, can be fused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
 
-from runner.data.batches import DataSpec, Inputs, num_samples, take, to_device
-from runner.data.batches import collect as collect_batches
+from runner.batches import DataSpec, Inputs, num_samples, take, to_device
+from runner.batches import collect as collect_batches
 from runner.device import device_of
 from runner.errors import ConfigError, check
-from runner.models.adapter import check_forward
+from runner.models.adapter import check_forward, check_split
+from runner.models.facts import init_id
 
 
-def describe(members: Sequence[nn.Module], attr: str) -> dict[str, Any]:
-    return {f"{i}:{type(m).__name__}": getattr(m, attr, None) for i, m in enumerate(members)}
+def describe(members: Sequence[nn.Module], value: str | Callable[[nn.Module], Any]) -> dict[str, Any]:
+    """`value` of each member (an attribute name, or a function of the member), keyed `<i>:<class>`."""
+    read = value if callable(value) else (lambda m: getattr(m, value, None))
+    return {f"{i}:{type(m).__name__}": read(m) for i, m in enumerate(members)}
+
+
+def architecture(net: nn.Module) -> tuple:
+    return type(net).__name__, tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
 def collect(batches: Iterable) -> tuple[Inputs, Tensor]:
@@ -73,7 +87,16 @@ class Fusion:
     `__init__` stores and validates parameters only; `fit(members, val)` returns self and keeps
     its fitted state in attributes ending in `_`; predicting before `fit` raises
     sklearn's NotFittedError.
+
+    `requires`: what the members must have beyond one label set, checked by `check_members` in
+    this order: "one_architecture" (state dicts of the same names and shapes), "shared_start" (one
+    initial checkpoint: equal init ids, runner.models.facts), "feature_split" (features -> head on
+    the data's real inputs, runner.models.adapter). `requirement` is what a refusal says is needed.
     """
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+    requirement: ClassVar[str] = ""
+    fuses_outputs: ClassVar[bool] = False  # combines member outputs: any models fuse, compressed ones too
 
     def check_members(self, members: Sequence[nn.Module], spec: DataSpec | None = None) -> None:
         """Raise ConfigError if the members cannot be fused; safe to call on untrained nets. With the
@@ -90,6 +113,49 @@ class Fusion:
                 values,
                 "members with the same number of classes: fusion combines predictions for one input over one label set",
             )
+        unknown = self.requires - set(REQUIREMENTS)
+        check(not unknown, f"{type(self).__name__}.requires", sorted(unknown), list(REQUIREMENTS))
+        for name, requirement in REQUIREMENTS.items():
+            if name in self.requires:
+                requirement(self, members, spec)
+
+    def _check_architecture(self, members: Sequence[nn.Module], spec: DataSpec | None) -> None:
+        if len({architecture(m) for m in members}) > 1:
+            raise ConfigError(
+                "ensemble.members (architecture)",
+                {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(members)},
+                self.requirement,
+            )
+
+    def _check_shared_start(self, members: Sequence[nn.Module], spec: DataSpec | None) -> None:
+        ids = describe(members, init_id)
+        if None in ids.values():
+            raise ConfigError("ensemble.shared_init (member init_id)", ids, self.requirement)
+        if len(set(ids.values())) > 1:
+            self._refuse_starts(ids)
+
+    def _refuse_starts(self, ids: Mapping[str, str]) -> None:
+        """Members of one architecture, each with its own initial weights (`ids`)."""
+        raise ConfigError("ensemble.shared_init (member init_id)", dict(ids), self.requirement)
+
+    def _check_feature_split(self, members: Sequence[nn.Module], spec: DataSpec | None) -> None:
+        for i, m in enumerate(members if spec is not None else []):  # features -> head on the real inputs
+            check_split(m, spec.example, f"ensemble.members[{i}] ({type(m).__name__})")
+
+    def prepare(self, members: Sequence[nn.Module]) -> Fusion:
+        """Hand over the members before they train (after any shared pre-training): weight-space
+        merges keep their shared start; other strategies need nothing then."""
+        return self
+
+    def fused_test_probs(self, member_probs: Tensor) -> Tensor | None:
+        """The fused probabilities (N, C) from the members' (M, N, C), for strategies that combine
+        member outputs; None: the fused model has to run."""
+        return None
+
+    def val_outputs(self) -> tuple[Tensor, Tensor] | None:
+        """(fused validation probabilities, validation labels) kept from `fit`; None: the fused
+        model has to run on val."""
+        return None
 
     def fit(self, members: Sequence[nn.Module], val: Iterable[tuple[Tensor, Tensor]]) -> Fusion:
         """Fit on the validation batches `val` (never train or test)."""
@@ -124,8 +190,24 @@ class Fusion:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._params().items())})"
 
 
+REQUIREMENTS: dict[str, Callable[[Fusion, Sequence[nn.Module], DataSpec | None], None]] = {
+    "one_architecture": Fusion._check_architecture,
+    "shared_start": Fusion._check_shared_start,
+    "feature_split": Fusion._check_feature_split,
+}
+
+
 class OutputFusion(Fusion):
     """Strategies that combine member probabilities: subclasses implement `_fit_outputs` and `_combine`."""
+
+    fuses_outputs = True
+
+    def fused_test_probs(self, member_probs: Tensor) -> Tensor:
+        return self.combine(member_probs)
+
+    def val_outputs(self) -> tuple[Tensor, Tensor]:
+        check_is_fitted(self, "val_probs_")
+        return self.combine(self.val_probs_), self.val_y_
 
     def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
         self.val_probs_, self.val_y_ = member_probs(members, x), y.cpu()  # kept so no one computes them again

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runner.batches import Inputs, num_samples, take
 from runner.data import TensorBatches
-from runner.data.batches import DataSpec, Inputs, num_samples, take
 from runner.errors import check
 from runner.fuse.base import Fusion, LogSoftmaxNet, check_is_fitted
-from runner.models.adapter import check_split, features, head_module
+from runner.models.adapter import features, head_module
+from runner.models.facts import copy_facts
 
 HEADS = ("linear", "mlp")
 
@@ -44,6 +45,8 @@ class FeatureFusion(Fusion):
     `finetune_lr` (linear probe then fine-tune); members are copied first, never changed.
     """
 
+    requires = frozenset({"feature_split"})  # every member splits into features -> head on the real inputs
+
     def __init__(
         self,
         head: str = "linear",
@@ -73,12 +76,6 @@ class FeatureFusion(Fusion):
         self.finetune_members, self.finetune_epochs, self.finetune_lr = finetune_members, finetune_epochs, finetune_lr
         self.seed = seed
 
-    def check_members(self, members, spec: DataSpec | None = None) -> None:
-        super().check_members(members, spec)
-        if spec is not None:  # every member splits into features -> head on the real inputs
-            for i, m in enumerate(members):
-                check_split(m, spec.example, f"ensemble.members[{i}] ({type(m).__name__})")
-
     def _build_head(self, members: list[nn.Module], width: int) -> nn.Module:
         heads = [head_module(m) for m in members]
         classes = heads[0].out_features
@@ -107,7 +104,7 @@ class FeatureFusion(Fusion):
 
     def _fit(self, members: list[nn.Module], x: Inputs, y: Tensor) -> None:
         if self.finetune_members:
-            members = [copy.deepcopy(m) for m in members]
+            members = [copy_facts(m, copy.deepcopy(m)) for m in members]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = FeatureNet([m.eval() for m in members], nn.Identity())

@@ -6,8 +6,8 @@ theta_0 + scaling * combine(tau_1, ..., tau_M), where combine is the sum (task a
 TIES merge (trim, elect sign, disjoint mean) or either of them after DARE's random drop. The
 result is one network of the members' architecture, so the soups' checks and prediction code apply.
 
-The start comes from outside the members: the pipeline hands it over with `set_start(state_dict)`
-before the members train (runner.members.shared_start). `scaling: null` picks the value with the
+The start comes from outside the members: `prepare(members)` copies it from the members before they
+train (the pipeline calls it), or `set_start(state_dict)` takes it as given. `scaling: null` picks the value with the
 best validation accuracy from SCALING_GRID (ties: the lower validation NLL, then the smaller value).
 
 Only floating-point parameters are merged. Floating-point buffers (BatchNorm running mean and
@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from runner.data.batches import DataSpec
 from runner.errors import ConfigError, check
-from runner.fuse.base import Fusion, check_is_fitted, describe, member_probs
-from runner.fuse.soup import _Soup, accuracy, architecture
+from runner.fuse.base import check_is_fitted, member_probs
+from runner.fuse.soup import _Soup, accuracy
+from runner.models.facts import copy_facts, shared_start
 
 SCALING_GRID = tuple(round(0.1 * k, 1) for k in range(1, 11))  # 0.1, 0.2, ..., 1.0
 MERGE_REQUIREMENT = (
@@ -128,33 +128,28 @@ def _check_scaling(scaling: float | None) -> None:
 class Merge(_Soup):
     """Base class of task-vector merges; subclasses implement `merge_vectors(vectors)`.
 
-    Call `set_start(state_dict)` with the members' shared start before `fit`. Fitted: `soup_` (the
+    Call `prepare(members)` before they train, or `set_start(state_dict)` with their shared start,
+    before `fit`. Fitted: `soup_` (the
     merged network, named as the soups name theirs), `scaling_`, `val_acc_`, `grid_val_acc_`
     (scaling -> val accuracy of each candidate), `member_val_acc_`, `n_members_`.
     """
 
     scaling: float | None
+    requirement = MERGE_REQUIREMENT
+
+    def prepare(self, members: Sequence[nn.Module]) -> Merge:
+        """Keep the members' shared start (read before they train: runner.models.facts.shared_start)."""
+        return self.set_start(shared_start(members))
 
     def set_start(self, state: Mapping[str, Tensor]) -> Merge:
         """The weights theta_0 every member was fine-tuned from (a state dict; copied)."""
         self._start = {k: v.detach().clone() for k, v in state.items()}
         return self
 
-    def check_members(self, members: Sequence[nn.Module], spec: DataSpec | None = None) -> None:
-        Fusion.check_members(self, members, spec)  # then the soups' checks, with what merging needs in the message
-        if len({architecture(m) for m in members}) > 1:
-            raise ConfigError(
-                "ensemble.members (architecture)",
-                {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(members)},
-                MERGE_REQUIREMENT,
-            )
-        ids = describe(members, "init_id")
-        if None in ids.values():
-            raise ConfigError("ensemble.shared_init (member init_id)", ids, MERGE_REQUIREMENT)
-        if len(set(ids.values())) > 1:  # members of one architecture with their own initial weights
-            raise ConfigError(
-                "ensemble.shared_init", f"false (the members' init_id differ: {ids})", f"true ({MERGE_REQUIREMENT})"
-            )
+    def _refuse_starts(self, ids: Mapping[str, str]) -> None:
+        raise ConfigError(
+            "ensemble.shared_init", f"false (the members' init_id differ: {dict(ids)})", f"true ({MERGE_REQUIREMENT})"
+        )
 
     def merge_vectors(self, vectors: Vectors) -> dict[str, Tensor]:
         """The combined task vector (before `scaling`) from one task vector per member."""
@@ -178,7 +173,7 @@ class Merge(_Soup):
                 **{k: (_wide(start[k]).to(d.device) + lam * d).to(states[0][k].dtype) for k, d in direction.items()},
             }
 
-        net = copy.deepcopy(members[0]).eval()
+        net = copy_facts(members[0], copy.deepcopy(members[0])).eval()
         scores = {}
         for lam in [self.scaling] if self.scaling is not None else SCALING_GRID:
             net.load_state_dict(merged(lam))
@@ -204,8 +199,8 @@ class Merge(_Soup):
                 "fuse (shared start)",
                 None,
                 "the members' shared start theta_0: call "
-                "strategy.set_start(state_dict) before fit (the pipeline does, from "
-                "runner.members.shared_start)",
+                "strategy.prepare(members) before they train, or strategy.set_start(state_dict), before fit "
+                "(the pipeline calls prepare)",
             )
         shapes = {k: tuple(v.shape) for k, v in member.state_dict().items()}
         given = {k: tuple(v.shape) for k, v in start.items()}

@@ -2,8 +2,8 @@
 
 Averaging weights only works for networks fine-tuned from one shared starting checkpoint (they
 stay in one loss basin); independently initialised nets average to a broken model (measured
-here: 9% on MNIST-1D). The pipeline marks each member with `init_id`, a hash of its initial
-weights, and soups refuse members whose architectures or init_ids differ.
+here: 9% on MNIST-1D). The runner records each member's `init_id`, a hash of its initial weights
+(runner.models.facts), and soups refuse members whose architectures or init_ids differ.
 """
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from runner.data.batches import DataSpec
-from runner.errors import ConfigError
-from runner.fuse.base import Fusion, LogSoftmaxNet, check_is_fitted, describe
+from runner.fuse.base import Fusion, LogSoftmaxNet, check_is_fitted
+from runner.models.facts import copy_facts
 
 SOUP_REQUIREMENT = (
     "weight averaging (model soups) needs members of one architecture fine-tuned from one shared "
     "initial checkpoint (equal `init_id`); use ensemble=soup5 (a shared, pre-trained start) or `ensemble.shared_init: true` "
     "(every seed then starts from the same weights), or an output-level strategy such as fuse=mean"
 )
-
-
-def architecture(net: nn.Module) -> tuple:
-    return type(net).__name__, tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
 
 
 def average_state(nets: list[nn.Module]) -> dict[str, Tensor]:
@@ -42,20 +37,11 @@ def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 class _Soup(Fusion):
-    def check_members(self, members, spec: DataSpec | None = None) -> None:
-        super().check_members(members, spec)
-        if len({architecture(m) for m in members}) > 1:
-            raise ConfigError(
-                "ensemble.members (architecture)",
-                {f"{i}:{type(m).__name__}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(members)},
-                SOUP_REQUIREMENT,
-            )
-        ids = describe(members, "init_id")
-        if None in ids.values() or len(set(ids.values())) > 1:
-            raise ConfigError("ensemble.shared_init (member init_id)", ids, SOUP_REQUIREMENT)
+    requires = frozenset({"one_architecture", "shared_start"})
+    requirement = SOUP_REQUIREMENT
 
     def _soup(self, members: list[nn.Module], ingredients: list[int]) -> nn.Module:
-        soup = copy.deepcopy(members[ingredients[0]])
+        soup = copy_facts(members[ingredients[0]], copy.deepcopy(members[ingredients[0]]))
         soup.load_state_dict(average_state([members[i] for i in ingredients]))
         return soup.eval()
 

@@ -4,9 +4,9 @@ Feature-level fusion and feature distillation need what a classifier computes ju
 final layer. Found, in this order:
 - our nets (runner.models.Net): `forward_features` / `forward_head`;
 - timm models: `forward_head(forward_features(x), pre_logits=True)` and `get_classifier()`;
-- any other nn.Module: the input of its final classifier layer, named by `model.head_name` (set
-  from `head:` in the model's YAML, e.g. `head: classifier`; Hugging Face wrappers set it) or
-  else the last nn.Linear the model registers. The features are caught by a forward pre-hook
+- any other nn.Module: the input of its final classifier layer, named by `head:` in the model's
+  YAML (e.g. `head: classifier`, recorded in runner.models.facts, never set on the model), by the
+  model's own `head_name` (Hugging Face wrappers have one), or else the last nn.Linear it registers. The features are caught by a forward pre-hook
   while the whole model runs, so nothing about the model has to change.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from runner.data.batches import Inputs
+from runner.batches import Inputs
 from runner.errors import ConfigError, check
+from runner.models.facts import declared_head_name, set_head_name
 
 
 def _is_timm(model: nn.Module) -> bool:
@@ -33,7 +34,7 @@ def _own_split(model: nn.Module) -> bool:
 
 def head_name(model: nn.Module) -> str | None:
     """The qualified name of the final classifier layer (None if the model has no nn.Linear)."""
-    name = getattr(model, "head_name", None)
+    name = declared_head_name(model)
     if name:
         return name
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -163,7 +164,7 @@ def build_model(node: Any, key: str = "model") -> nn.Module:
         "a callable returning an nn.Module whose forward returns logits",
     )
     if name:
-        net.head_name = name
+        set_head_name(net, name)
         head_module(net)  # a wrong name fails here, naming model.head
     if checkpoint is not None:
         load_checkpoint(net, checkpoint, f"{key}.checkpoint")

@@ -13,8 +13,8 @@ from pytorch_lightning.profilers import PassThroughProfiler
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch import nn
 
+from runner.batches import Chunk, Inputs, split_batch
 from runner.config import OPTIMIZERS, check_finetune, check_optimizer
-from runner.data.batches import Chunk, Inputs, split_batch
 from runner.errors import TrainingDiverged
 from runner.models.adapter import head_module
 
@@ -32,7 +32,7 @@ class LitClassifier(pl.LightningModule):
 
     For small models Lightning's per-step bookkeeping costs more than the math, so:
     - optimization is manual and one Lightning step may take several optimizer steps: a training
-      batch is either one batch (see runner.data.batches) or a Chunk of (x, y) batches (see
+      batch is either one batch (see runner.batches) or a Chunk of (x, y) batches (see
       TensorBatches' `chunk`);
     - on one device in full precision or bf16-mixed, with no hook overridden that Lightning's step wrappers
       would call (see `raw_steps`), a step is the plain PyTorch one plus Lightning's step count;

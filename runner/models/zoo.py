@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from runner.errors import ConfigError, check
+from runner.models.facts import set_head_name
 
 
 def _import(library: str, name: str) -> ModuleType:
@@ -46,19 +47,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def timm_model(name: str, num_classes: int, pretrained: bool = False, in_chans: int = 3, **kwargs: Any) -> nn.Module:
     """timm.create_model(name, ...) with a `num_classes`-way classifier (timm re-initialises it
-    when loading pretrained weights). `head_name` names its last Linear layer."""
+    when loading pretrained weights). Its last Linear layer is recorded as its head (runner.models.facts)."""
     timm = _import("timm", name)
     check(timm.is_model(name), "model.name", name, "a timm model name (timm.list_models())")
     check(isinstance(num_classes, int) and num_classes >= 2, "model.num_classes", num_classes, "an integer >= 2")
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    model.head_name = last_linear_name(model, out_features=num_classes)
+    set_head_name(model, last_linear_name(model, out_features=num_classes))
     return model
 
 
 def torchvision_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """torchvision.models.get_model(name). Without weights the model is built with `num_classes`
     outputs; with weights (e.g. "DEFAULT", "IMAGENET1K_V1") it is built with them and its last
-    Linear layer is replaced by a fresh one with `num_classes` outputs. `head_name` names it."""
+    Linear layer is replaced by a fresh one with `num_classes` outputs. That layer is recorded as its
+    head (runner.models.facts)."""
     torchvision = _import("torchvision", name)
     available = torchvision.models.list_models()
     check(name.lower() in available, "model.name", name, f"a torchvision model: {available}")
@@ -72,5 +74,5 @@ def torchvision_model(name: str, num_classes: int, weights: str | None = None) -
         check(head is not None, "model.name", name, "a torchvision model with a Linear classifier")
         old = model.get_submodule(head)
         replace_module(model, head, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
-    model.num_classes, model.head_name = num_classes, head
+    set_head_name(model, head)
     return model

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../../conf/report", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from runner.report import ReportError, make_report
+    from runner.report import ReportError, make_report  # after Hydra: --help imports no pandas or matplotlib
 
     try:
         make_report(cfg)
@@ -29,7 +29,7 @@ def default_name(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from runner.quiet import quiet_libraries
+    from runner.quiet import quiet_libraries  # the command's entry only
 
     quiet_libraries()
     sys.argv[1:] = default_name(sys.argv[1:])

@@ -2,7 +2,7 @@
 
 What is compared comes from the runs themselves: the job runs' command-line overrides (the `overrides`
 tag) whose value differs between jobs become the rows, seeds the runs a mean ± std is taken over;
-the columns are the job-level headline metrics the jobs logged (runner.evaluate.recorder's
+the columns are the job-level headline metrics the jobs logged (runner.recorder's
 `members/...`, `fused/...`, `compressed/...`), accuracies in percent and gains in points, labelled
 in words. Plots follow from what is there: the fusion gain when a fused model was evaluated, accuracy
 against size (with the uncompressed members as the baseline) when members were compressed.

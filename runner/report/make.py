@@ -51,7 +51,7 @@ def check_style_options(cfg: DictConfig) -> None:
 
 def sweep_experiments(uri: str, sweep: str) -> list[str]:
     """The experiments that hold the parent run of sweep `sweep` (the tag sweep_id), or its jobs."""
-    from runner.tracking.query import RunQueryError, list_experiments, search_runs
+    from runner.tracking.query import RunQueryError, list_experiments, search_runs  # here: imports mlflow
 
     try:
         names = list_experiments(uri)
@@ -297,7 +297,7 @@ def _plot(name: str, cfg: DictConfig, df, groups: list[str], label, style: Style
 
 
 def _log_run(cfg: DictConfig, written: dict[str, Path], n_runs: int) -> None:
-    from runner.tracking import MlflowTracker, flatten, source_tags
+    from runner.tracking import MlflowTracker, flatten, source_tags  # here: imports mlflow
 
     tracker = MlflowTracker(cfg.tracking_uri, cfg.mlflow_experiment, cfg.artifact_location)
     # MLflow param names allow only alphanumerics and _-. :/ (a label like "ResNet-20 (dense)" is a key here)

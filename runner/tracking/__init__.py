@@ -1,7 +1,7 @@
 """Experiment tracking with MLflow. The only package that imports mlflow, and only when needed.
 
-Names resolve lazily: `make_tracker` (the `tracking` config group's target) starts MLflow in a
-worker process, so the command line imports no mlflow; the report tool never needs Lightning.
+Names resolve lazily: `make_tracker` (the `tracking` config group's target) imports no mlflow (the
+first MLflow call does, counted as the job's wait for MLflow); the report tool never needs Lightning.
 """
 
 import importlib
@@ -11,8 +11,7 @@ _WHERE = {
     "Tracker": "base",
     "flatten": "base",
     "source_tags": "base",
-    "BackgroundTracker": "background",
-    "make_tracker": "background",
+    "make_tracker": "mlflow_tracker",
     "MlflowTracker": "mlflow_tracker",
     "EpochMetricsLogger": "callback",
     "PackedModel": "models",

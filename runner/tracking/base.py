@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FoundRun:
-    """A run returned by `find_runs`: plain data, so it crosses process boundaries without mlflow."""
+    """A run returned by `find_runs`: plain data, without mlflow's classes."""
 
     run_id: str
     status: str
@@ -29,7 +29,7 @@ class FoundRun:
 
 
 class Tracker:
-    """The run context shared by MlflowTracker (in this process) and BackgroundTracker (in a worker).
+    """The run context of MlflowTracker (and of any tracker a test or a user plugs in).
 
     Subclasses provide start_run, end_run, log_metric_steps and flush (wait for queued writes and
     raise the first error; a no-op when writes are synchronous).
@@ -50,30 +50,20 @@ class Tracker:
     ) -> Iterator[str]:
         """A run that always ends with a status: FINISHED, KILLED (interrupt, SIGTERM) or FAILED.
 
-        FINISHED only once every write of the run has landed (a failed write fails the run). With
-        `wait=False` (a child run inside a job's run) the end is queued behind the run's writes
-        instead of waited for: the store marks it FINISHED once they land, FAILED if one of them
-        failed, and the job's own end waits for all of it (and raises that failure).
+        FINISHED only once every write of the run has landed (a failed write fails the run). `wait`
+        is accepted for callers written for a queued end (a child run inside a job's run); every run
+        ends here, at the end of its block.
         """
         run_id = self.start_run(name, params, tags, parent_id)
         try:
             yield run_id
-            if wait:
-                self.flush()
+            self.flush()
         except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl+C and SIGTERM into SystemExit
             self._end_quietly(run_id, "KILLED")
             raise
         except BaseException:
             self._end_quietly(run_id, "FAILED")
             raise
-        if wait:
-            self.end_run(run_id, "FINISHED")
-        else:
-            self.end_run_later(run_id)
-
-    def end_run_later(self, run_id: str) -> None:
-        """End a run FINISHED after its queued writes (FAILED if one failed); here: now."""
-        self.flush()
         self.end_run(run_id, "FINISHED")
 
     def _end_quietly(self, run_id: str, status: str) -> None:

@@ -67,17 +67,12 @@ def pack_model(
 ) -> PackedModel:
     """The model (moved nowhere, copied by pickling), its first `rows` inputs as numpy, and `meta`
     (what predictions need beside the module: class names, a tokenizer); `name` and `tags` are the
-    LoggedModel's."""
+    LoggedModel's. A model that would not unpickle is the caller's to make one that does (the
+    pipeline's recorder passes runner.compress.quantize.shippable's copy of an int8 graph)."""
     import torch
 
     buffer = io.BytesIO()
     torch.save(model, buffer)
-    if any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
-        from runner.compress.quantize import boxed_graphs, reloads
-
-        if not reloads(buffer.getvalue()):
-            buffer = io.BytesIO()
-            torch.save(boxed_graphs(model), buffer)
     if isinstance(inputs, dict):
         example = {k: v[:rows].detach().cpu().numpy() for k, v in inputs.items()}
     else:

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from runner.tracking.worker import bound_http_retries
+from runner.tracking.retry import bound_http_retries
 
 PAGE_SIZE = 1000
 

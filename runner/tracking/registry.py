@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import ConfigError, check
+from runner.tracking.models import MODEL_URI_TAG, using_tracking_uri
 
-ROLES = ("member", "fused", "compressed", "fused_compressed")  # runner/evaluate/recorder.py's child roles
+ROLES = ("member", "fused", "compressed", "fused_compressed")  # runner/recorder.py's child roles
 MODES = ("max", "min")
 
 
@@ -87,8 +88,6 @@ def _runs_with_models(client: Any, experiment_id: str) -> list[Any]:
     """Every active run of the experiment tagged with a logged model's URI (all pages)."""
     from mlflow.entities import ViewType
 
-    from runner.tracking.models import MODEL_URI_TAG
-
     runs, token = [], None
     while True:
         page = client.search_runs(
@@ -139,8 +138,6 @@ def _where(runs: list[Any], where: dict[str, str]) -> list[Any]:
 
 def _best(runs: list[Any], metric: str, mode: str) -> Candidate:
     """The best candidate by `metric`; runs without it (or with NaN) cannot win; ties: the earliest."""
-    from runner.tracking.models import MODEL_URI_TAG
-
     have = [
         Candidate(
             r.info.run_id, r.data.tags[MODEL_URI_TAG], r.data.metrics[metric], r.info.start_time, dict(r.data.tags)
@@ -161,8 +158,6 @@ def _register(client: Any, best: Candidate, name: str, metric: str, mode: str) -
 
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-    from runner.tracking.models import using_tracking_uri
 
     try:
         client.create_registered_model(name)

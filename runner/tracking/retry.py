@@ -9,7 +9,7 @@ migrations and one fails ("table ... already exists", "duplicate column name").
 Here: opening a store is serialised between processes (a file lock, waited for while its holder
 works), and a call that finds the database locked is retried with backoff until `wait_s` has passed
 since its first try (the try then under way may take MLflow's 20 s more); then one error naming
-tracking.uri. Light: no mlflow import (BackgroundTracker reads the bounds in the job's process).
+tracking.uri. Light: no mlflow import.
 """
 
 from __future__ import annotations
@@ -97,6 +97,17 @@ class RetryingClient:
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._client, name)
         return retry_locked(value, self._uri, self._wait_s) if callable(value) else value
+
+
+HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+_USER_SET = {name for name in HTTP_BOUNDS if name in os.environ}  # the user's own settings win
+
+
+def bound_http_retries(timeout_s: float = 10.0) -> None:
+    """MLflow retries an unreachable server for minutes and waits 120 s for an answer by default: a few
+    seconds of retries here and `timeout_s` per request (tracking.timeout_s), unless the user set them."""
+    values = ("2", "1", f"{max(1, round(timeout_s))}")
+    os.environ.update({name: value for name, value in zip(HTTP_BOUNDS, values) if name not in _USER_SET})
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -65,7 +65,7 @@ def progress_line(done: int, total: int | None, elapsed_s: float, job: int | Non
     mean time per ended job times the jobs left; none before the first ends) count the `done` jobs;
     `job` is this job's number from 1 (Hydra's job.num + 1: unique when a launcher runs several at
     once), `done + 1` when not given."""
-    from runner.progress import duration
+    from runner.progress import duration  # here: runner.progress imports Lightning; reading a sweep does not
 
     job = job or done + 1
     if not total:

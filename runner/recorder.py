@@ -1,4 +1,8 @@
-"""Evaluate each model once on the test split, log it as a nested MLflow run, keep the summary rows."""
+"""Evaluate each model once on the test split, log it as a nested MLflow run, keep the summary rows.
+
+A pipeline stage: it joins evaluation (runner.evaluate), export (runner.export) and tracking
+(runner.tracking), which know nothing of each other.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from runner.data.batches import first_inputs, to_device
+from runner.batches import first_inputs, to_device
+from runner.compress.quantize import shippable
 from runner.device import CPU, on_device, placement
 from runner.evaluate import evaluate_model
 from runner.evaluate.plots import confusion_matrix_figure
-from runner.tracking.models import CACHE_ENTRY_TAG, logged_model_name  # (no mlflow: imported where a model is logged)
+from runner.export import check_export, export_model
+from runner.measure import latency_stats
+from runner.models.facts import cache_entry
+from runner.tracking.models import (
+    CACHE_ENTRY_TAG,
+    logged_model_name,
+    pack_model,
+)  # (no mlflow: imported where a model is logged)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +102,7 @@ class Recorder:
             )
         # a member's cached weights (runner.members.cache_entry), on its run and its logged model: a later
         # job's cache hit of the same member finds that model rather than logging it again
-        entry = getattr(model, "cache_entry", None) if role == "member" else None
+        entry = cache_entry(model) if role == "member" else None
         # where it ran (its latency is that device's), and why not on the job's device
         tags = {
             **(tags or {}),
@@ -170,9 +182,6 @@ class Recorder:
         add its `export/*` metrics to `metrics`; the tags say the format and why not ONNX, the file
         becomes the child run's artifact export/model.onnx (or .pt2). ONNX Runtime runs on the CPU:
         a model evaluated on a GPU is timed on the CPU again for its speedup (`export/torch_cpu_latency_ms`)."""
-        from runner.evaluate.latency import latency_stats
-        from runner.export import check_export, export_model
-
         exported = export_model(model, self.latency_x)
         threads = self.cfg.latency_threads or torch.get_num_threads()
         timing = dict(
@@ -217,15 +226,14 @@ class Recorder:
 
     def _pack(self, model: nn.Module, prefix: str, role: str, name: str, entry: str | None = None) -> Any:
         """The model as bytes for the tracker (tracking.log_models), named and tagged (the job's source, a
-        member's cache `entry`) as its LoggedModel; None, with a warning, if it does not pickle."""
-        from runner.tracking.models import pack_model
-
+        member's cache `entry`) as its LoggedModel; None, with a warning, if it does not pickle (int8 FX
+        graphs that would not unpickle go as TorchScript: runner.compress.quantize.shippable)."""
         try:
             raw = getattr(self.datamodule, "raw_inputs", None)
             tags = {k: v for k, v in self.tags.items() if k.startswith(SOURCE)}
             tags.update({CACHE_ENTRY_TAG: entry} if entry else {})
             return pack_model(
-                model,
+                shippable(model),
                 self.latency_x,
                 meta=self.model_meta(model),
                 raw_inputs=raw() if raw else None,
