@@ -31,23 +31,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # group -> (the files mutmut changes, the test files that cover them)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "cache": (["runner/cache.py"], ["tests/test_guard_cache_key.py", "tests/test_trust.py"]),
-    "members": (["runner/members.py"], ["tests/test_guard_cache_key.py", "tests/test_ensemble_size.py"]),
+    "cache": (["runner/cache.py"], ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_trust.py"]),
+    "members": (["runner/members.py"], ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_ensemble_size.py"]),
     "fuse": (
         ["runner/fuse/*"],
-        ["tests/test_fuse.py", "tests/test_merge.py", "tests/test_guard_splits.py"],
+        ["tests/unit/test_fuse.py", "tests/unit/test_merge.py", "tests/contract/test_guard_splits.py"],
     ),
     "compress": (
         ["runner/compress/*"],
         [
-            "tests/test_compress.py",
-            "tests/test_quantize.py",
-            "tests/test_distill.py",
-            "tests/test_structured_prune.py",
-            "tests/test_guard_selection.py",
+            "tests/unit/test_compress.py",
+            "tests/unit/test_quantize.py",
+            "tests/unit/test_distill.py",
+            "tests/unit/test_structured_prune.py",
+            "tests/unit/test_guard_selection.py",
         ],
     ),
-    "pipeline": (["runner/pipeline.py"], ["tests/test_pipeline.py", "tests/test_guard_splits.py"]),
+    "pipeline": (["runner/pipeline.py"], ["tests/e2e/test_pipeline.py", "tests/contract/test_guard_splits.py"]),
 }
 # what the copies need besides runner/ and tests/ (mutmut copies those and pyproject.toml itself)
 ALSO_COPY = ["conf", "examples", "benchmarks", "results", "README.md", "Makefile", "docs", "mkdocs.yml"]

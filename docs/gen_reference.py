@@ -1,7 +1,7 @@
 """The config reference, generated at build time from conf/: one page per config group, one section per
 option, made of the leading comment block of its YAML file (the file itself folded beneath).
 
-mkdocs-gen-files runs this file (mkdocs.yml); `pages()` is plain Python, so tests/test_readme.py
+mkdocs-gen-files runs this file (mkdocs.yml); `pages()` is plain Python, so tests/contract/test_readme.py
 checks what it writes without building the site.
 """
 

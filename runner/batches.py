@@ -112,7 +112,7 @@ class DataSpec:
 # data source returns carries its split as `loader.split` ("train" / "val" / "test"), and the split
 # loaders the runner makes (TensorBatches, the DataLoaders of runner.data.base.seeded_loader) show each
 # batch they yield to the watchers installed with `watch_batches`: how tests check which split each
-# stage of a job read (tests/test_guard_splits.py). Loaders of no split (a TensorBatches with
+# stage of a job read (tests/contract/test_guard_splits.py). Loaders of no split (a TensorBatches with
 # split=None, e.g. a fusion head's minibatches of features of val rows already read) are not watched.
 # No watcher outside tests: one list check per pass over a loader (TensorBatches) or per batch
 # (DataLoaders), nothing else. DataLoader worker processes have watchers of their own (none): watch

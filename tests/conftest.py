@@ -31,8 +31,16 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
+TIERS = ("unit", "contract", "e2e")  # tests/<tier>/: `pytest -m unit` (or the folder) runs one tier
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need a CUDA GPU: skipped, saying so, where none is visible."""
+    """Every test is marked with its tier (its folder). Tests marked `gpu` need a CUDA GPU: skipped,
+    saying so, where none is visible."""
+    for item in items:
+        tier = item.path.parent.name
+        assert tier in TIERS, f"{item.path}: a test file belongs in tests/{{{','.join(TIERS)}}}/"
+        item.add_marker(getattr(pytest.mark, tier))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
@@ -46,7 +54,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), tmp_path: Path |
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
         mnist1d = compose("config", overrides=list(overrides)).data.get("_target_") == "runner.data.MNIST1D"
         # MLflow as users run it: the default tracking settings, models logged (issue #24). Measured cost:
-        # tests/test_pipeline.py 141 s and 135 s vs 125 s and 101 s with log_models off (2 cores, load 4.5-5.5)
+        # tests/e2e/test_pipeline.py 141 s and 135 s vs 125 s and 101 s with log_models off (2 cores, load 4.5-5.5)
         tiny = ["trainer=fast", "eval.latency_repeats=2", "eval.latency_min_time_s=0", "eval.latency_warmup_s=0"]
         tiny += ["data.num_samples=600"] if mnist1d else []
         if tmp_path is not None:

@@ -243,7 +243,7 @@ def _lower_x86(reference: torch.fx.GraphModule, example: Inputs) -> torch.fx.Gra
     freezing passes replace quantize/dequantize + conv/linear (+ relu / add) patterns by oneDNN
     int8 ops with prepacked weights. torchao's version specialises the graph to the example's batch
     size, and leaves `view` nodes that fail on the channels-last outputs of oneDNN convs (a flatten
-    after a pool); they become `reshape`. Private torch APIs: a test (tests/test_quantize.py) runs
+    after a pool); they become `reshape`. Private torch APIs: a test (tests/unit/test_quantize.py) runs
     this on LeNet-5 and ResNet-20 so a torch change shows there.
     """
     from torch._export.utils import _is_cia_op

@@ -123,6 +123,14 @@ REQUIREMENTS: dict[str, Callable[[Any, nn.Module], None]] = {
     "not_recurrent": _not_recurrent,  # no GRU / LSTM
     "fx_traceable": _fx_traceable,  # a graph torch.fx traces; the step's `fx_instead` says what else to do
 }
+MEANING = {  # what each requirement asks of the model (the docs' compatibility table shows these)
+    "float": "not quantized yet (a float model)",
+    "prunable_layers": "has Linear or Conv layers",
+    "mostly_dense": "no more weights in Conv layers than in Linear / GRU / LSTM layers",
+    "dense_layers": "has a Linear, GRU or LSTM layer",
+    "not_recurrent": "no GRU or LSTM layer",
+    "fx_traceable": "torch.fx traces its forward (not Hugging Face models; only for the torch_ao engine)",
+}
 
 
 def check_requirements(step: Any, model: nn.Module, names: frozenset[str] | set[str] | None = None) -> None:

@@ -195,6 +195,11 @@ REQUIREMENTS: dict[str, Callable[[Fusion, Sequence[nn.Module], DataSpec | None],
     "shared_start": Fusion._check_shared_start,
     "feature_split": Fusion._check_feature_split,
 }
+MEANING = {  # what each requirement asks of the members (the docs' compatibility table shows these)
+    "one_architecture": "the members are one architecture (equal parameter names and shapes)",
+    "shared_start": "the members start from one set of weights (ensemble.shared_init, soup5, finetune5)",
+    "feature_split": "each member splits into features -> a final Linear head (a head the adapter finds)",
+}
 
 
 class OutputFusion(Fusion):

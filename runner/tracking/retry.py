@@ -100,14 +100,17 @@ class RetryingClient:
 
 
 HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-_USER_SET = {name for name in HTTP_BOUNDS if name in os.environ}  # the user's own settings win
+_SET_BY_US = "RUNNER_SET_HTTP_BOUNDS"  # the values the runner set: a child process (a test, a launcher's
+# job) inherits them with the environment, and they are not the user's
+_USER_SET = {name for name in HTTP_BOUNDS if name in os.environ} - set(os.environ.get(_SET_BY_US, "").split(","))
 
 
 def bound_http_retries(timeout_s: float = 10.0) -> None:
     """MLflow retries an unreachable server for minutes and waits 120 s for an answer by default: a few
     seconds of retries here and `timeout_s` per request (tracking.timeout_s), unless the user set them."""
-    values = ("2", "1", f"{max(1, round(timeout_s))}")
-    os.environ.update({name: value for name, value in zip(HTTP_BOUNDS, values) if name not in _USER_SET})
+    values = dict(zip(HTTP_BOUNDS, ("2", "1", f"{max(1, round(timeout_s))}")))
+    ours = {name: value for name, value in values.items() if name not in _USER_SET}
+    os.environ.update({**ours, _SET_BY_US: ",".join(ours)})
 
 
 def cpu_seconds(pid: int) -> float | None:

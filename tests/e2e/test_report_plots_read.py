@@ -9,11 +9,11 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import ROOT
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -23,7 +23,6 @@ from runner.report import make_report, plots
 from runner.report.auto import HEADLINE
 from runner.report.html import PLOT_TITLES, html_page
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SWEEP = "s-read"
 SEEDS = (0, 1)

@@ -1,29 +1,19 @@
 """Sweeps: member cache, skipping finished jobs, interruption, parallel launchers, concurrent logging."""
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import compose_config
-from mlflow import MlflowClient
+from helpers import ROOT
+from helpers.mlflow_cli import cli, client_for, running_mlflow_server
 
 import runner.members
 import runner.pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def client_for(uri: str) -> tuple[MlflowClient, str]:
-    client = MlflowClient(uri)
-    return client, client.get_experiment_by_name("runner").experiment_id
 
 
 def job_runs(uri: str, status: str | None = None):
@@ -77,23 +67,6 @@ def test_finished_jobs_are_skipped_failed_ones_rerun(tmp_path, monkeypatch, caps
     assert sorted(r.info.status for r in job_runs(uri)) == ["FAILED", "FINISHED", "FINISHED"]
 
 
-def cli(tmp_path: Path, *args: str, uri: str | None = None, background: bool = False):
-    store = [
-        f"tracking.uri={uri or f'sqlite:///{tmp_path}/mlflow.db'}",
-        f"tracking.artifact_location={tmp_path}/art",
-        f"data.cache_dir={tmp_path}/data",
-        f"cache.dir={tmp_path}/cache",
-        f"hydra.run.dir={tmp_path}/run",
-        f"hydra.sweep.dir={tmp_path}/sweep",
-    ]
-    command = [sys.executable, "-m", "runner", *args, *store]
-    if background:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def wait_for(path_glob: Path, pattern: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not list(path_glob.glob(pattern)):
@@ -119,56 +92,6 @@ def test_killed_job_is_marked_and_resumes_from_checkpoint(sig, status, tmp_path)
     assert statuses[killed.info.run_id] == ("KILLED" if sig == signal.SIGTERM else "FAILED")
     assert sorted(statuses.values()).count("FINISHED") == 1
     assert not list((tmp_path / "cache").glob("checkpoints/*/last.ckpt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_mlflow_server(db: Path, *args: str, env: dict | None = None, start_s: float = 90) -> Iterator[str]:
-    """`mlflow server` on a free loopback port over the SQLite file `db` (more server `args`), its address
-    once /health answers; stopped (SIGTERM, then SIGKILL after 30 s) at the end."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{db}",
-            "--workers",
-            "1",
-            *args,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + start_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 from conftest import compose_config
+from helpers import ROOT
 from mlflow import MlflowClient
 
 import runner.members
 import runner.pipeline
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

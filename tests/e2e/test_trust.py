@@ -10,12 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from conftest import compose_config
+from helpers import ROOT
 from sklearn.metrics import log_loss
 
 from runner.cache import MemberCache, code_digest, source_digest
@@ -25,7 +25,6 @@ from runner.evaluate import evaluate_model
 from runner.fuse import HardVoting
 from runner.pipeline import run
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = textwrap.dedent("""
     from torch import nn
 

@@ -15,7 +15,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_config
-from test_vision_data import write_cifar, write_folder, write_mnist
+from helpers import ROOT
+from helpers.files import write_cifar, write_folder, write_mnist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -29,7 +30,6 @@ from runner.models.adapter import build_model, check_split, features, head, head
 from runner.pipeline import run
 from runner.train import train_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "byo"
 sys.path.insert(0, str(EXAMPLE))  # the example's my_model / my_data, as a user's cwd would provide
 from my_data import DigitsDataModule  # noqa: E402

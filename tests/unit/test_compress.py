@@ -32,7 +32,7 @@ from runner.evaluate import evaluate_model, size_metrics
 from runner.models import CNN1D, GRU, MLP, LogReg
 from runner.models.facts import declared_head_name, set_head_name
 
-# none: no steps (tests/test_config.py); text students need token ids (tests/test_contracts.py's text family)
+# none: no steps (tests/unit/test_config.py); text students need token ids (tests/contract/test_contracts.py's text family)
 TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}
 RECIPES = sorted(
     p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml") if p.stem != "none" and p.stem not in TEXT_STUDENTS

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, logged_predictions
+from helpers import ROOT
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -20,7 +21,7 @@ import runner.pipeline
 from runner.batches import split_batch
 from runner.predict import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 
 def log_one_model(tmp_path: Path, overrides: list[str]) -> tuple[object, torch.Tensor, str]:

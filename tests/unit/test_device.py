@@ -1,17 +1,16 @@
 """Where models and data live (runner/device.py) and the channels_last layout, checked on the CPU.
-The same paths on a real GPU are in tests/test_gpu.py (marked `gpu`)."""
+The same paths on a real GPU are in tests/unit/test_gpu.py (marked `gpu`)."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from conftest import compose_config
+from helpers import ROOT
+from helpers.models import train_lenet
+from helpers.quantize import inputs, quantize_step, seeded
 from mlflow import MlflowClient
-from test_quantize import inputs, quantize_step, seeded
-from torch import nn
 
 import runner.pipeline
 from runner.compress import DynamicQuantize, StaticQuantize
@@ -19,7 +18,7 @@ from runner.compress.quantize import ScriptBox
 from runner.data import SklearnDataset
 from runner.device import cpu_only, data_on_device, job_device, placement
 from runner.models import MLP, LeNet5, LitClassifier
-from runner.train import channels_last, fit
+from runner.train import channels_last
 
 CUDA = torch.device("cuda", 0)
 
@@ -83,38 +82,6 @@ def test_in_memory_splits_move_to_the_device_on_one_device_only():
     assert not data_on_device(images, meta, {"devices": 1})
 
 
-class Layouts(pl.Callback):
-    """The layout of the first conv's weight and of the batch at every training step."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[bool, bool]] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        weight = module.net[2].weight  # 4 in, 4 out channels: one layout or the other, not both
-        rgb = module._layout(torch.zeros(2, 3, 4, 4))  # what a step does to an image batch
-        self.seen.append(
-            (
-                weight.is_contiguous(memory_format=torch.channels_last),
-                rgb.is_contiguous(memory_format=torch.channels_last),
-            )
-        )
-
-
-def train_lenet(**trainer):
-    dm = SklearnDataset("digits", batch_size=64, input_shape=[1, 8, 8], scaling="channel")
-    pl.seed_everything(0, verbose=False)
-    layouts = Layouts()
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
-    module = LitClassifier(net, "adam", lr=1e-2)
-    fit(
-        module,
-        dm,
-        {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "steps_per_call": 1, **trainer},
-        callbacks=[layouts],
-    )
-    return module.net, layouts.seen
-
-
 def test_channels_last_trains_in_nhwc_and_hands_back_the_default_layout():
     nhwc, seen = train_lenet(channels_last=True)
     assert seen and all(w and x for w, x in seen)
@@ -156,7 +123,7 @@ def test_every_evaluated_model_says_where_it_ran(tmp_path):
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run():
     """benchmarks/gpu.py --device cpu: both loops train ResNet-20 and print samples/s and their ratio."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    script = ROOT / "benchmarks" / "gpu.py"
     out = subprocess.run(
         [
             sys.executable,
@@ -190,7 +157,7 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_smoke_run():
 @pytest.mark.parametrize("compress, module", [("prune_gradual", "LitClassifier"), ("distill", "DistillModule")])
 def test_mixed_precision_reaches_fine_tuning_and_distillation(tmp_path, monkeypatch, compress, module):
     """trainer.precision=bf16-mixed: the member's steps and the recipe's (pruning's fine-tuning,
-    distillation) all run under bf16 autocast (here on the CPU; tests/test_gpu.py on a GPU)."""
+    distillation) all run under bf16 autocast (here on the CPU; tests/unit/test_gpu.py on a GPU)."""
     from runner.compress.distill import DistillModule
 
     steps = []

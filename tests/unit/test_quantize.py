@@ -7,16 +7,16 @@ import copy
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_config
+from helpers import ROOT
+from helpers.quantize import inputs, quantize_step, seeded
 from torch import nn
 
-from runner.batches import DataSpec, Inputs, num_samples, take
+from runner.batches import DataSpec, num_samples, take
 from runner.compress import (
-    CompressContext,
     DynamicQuantize,
     QATQuantize,
     Recipe,
@@ -29,7 +29,6 @@ from runner.errors import ConfigError
 from runner.evaluate import count_macs, size_metrics, weight_bytes
 from runner.models import CNN1D, GRU, MLP, HuggingFace, LeNet5, LogReg, ResNetCIFAR
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = {
     "model_type": "vit",
     "image_size": 8,
@@ -51,49 +50,14 @@ TINY_BERT = {
 }
 
 
-class Batches:
-    """The two loaders a quantization step reads: calibration (train) and its example (val)."""
-
-    def __init__(self, x: Inputs, batch: int = 16) -> None:
-        n = num_samples(x)
-        self.batches = [
-            (take(x, slice(i, i + batch)), torch.zeros(min(batch, n - i), dtype=torch.long)) for i in range(0, n, batch)
-        ]
-
-    def train_dataloader(self) -> list:
-        return self.batches
-
-    val_dataloader = train_dataloader
-
-
-def context(x: Inputs) -> CompressContext:
-    return CompressContext(Batches(x), {}, {})
-
-
-def inputs(shape: tuple[int, ...], n: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
-
-
 def tokens(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
     ids = torch.randint(1, 50, (n, 12), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def seeded(make):
-    torch.manual_seed(0)
-    return make().eval()
-
-
 def fake_quant(x: torch.Tensor, scale: float, zero_point: int, low: int = 0, high: int = 255) -> torch.Tensor:
     """What an int8 kernel sees of `x`: rounded to the grid, clamped to the integer range."""
     return (torch.clamp(torch.round(x / scale) + zero_point, low, high) - zero_point) * scale
-
-
-def quantize_step(step, model: nn.Module, x: Inputs) -> nn.Module:
-    """A step applied as a recipe applies it (the model is not changed, stats are collected)."""
-    recipe = Recipe([step])
-    recipe.check(model, DataSpec(10, take(x, slice(0, 8)), {}))
-    return recipe.apply(model, context(x))
 
 
 # ---- numerics: each engine computes what its int8 weights and scales say -----------------------

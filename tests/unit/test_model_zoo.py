@@ -5,17 +5,17 @@ import copy
 import importlib.abc
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from omegaconf import OmegaConf
 
 from runner.errors import ConfigError
 from runner.models import BagOfEmbeddings, HuggingFace, LeNet5, LeNet300, ResNetCIFAR, timm_model, torchvision_model
 from runner.models.adapter import build_model as build_net
 
-CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF_MODEL = ROOT / "conf" / "model"
 VIT = {
     "model_type": "vit",
     "image_size": 28,

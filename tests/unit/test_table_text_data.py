@@ -13,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_config
+from helpers import ROOT
 from hydra.utils import instantiate
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -332,7 +333,7 @@ def test_wordpiece_vocabulary_is_the_same_in_another_process(tmp_path):
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     ).stdout
     assert json.loads(out) == [train_wordpiece(corpus, n).get_vocab() for n in (120, 8000)]
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from torchmetrics.functional.classification import multiclass_calibration_error
 
@@ -20,7 +21,6 @@ from runner.report.plots import pareto_front, reliability_curve
 from runner.report.table import Style, pool_runs
 from runner.tracking import MlflowTracker, download_artifact, search_runs
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf" / "report")
 LOGREG, CNN = "runner.models.LogReg", "runner.models.CNN1D"
 # model -> per-seed (acc, nll, ece): means 0.32 / 0.92, std 0.02 each

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text()
 INCLUDE = re.compile(r'^--8<-- "([^"]+)"$', re.M)
@@ -38,8 +38,8 @@ def first_table(markdown: str) -> str:
     return "\n".join(lines[start:end])
 
 
-def gen_reference():
-    spec = importlib.util.spec_from_file_location("gen_reference", DOCS / "gen_reference.py")
+def gen_reference(name: str = "gen_reference"):
+    spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -216,7 +216,26 @@ def test_header_drops_the_package_directive_and_stops_at_the_first_key():
 def test_nav_lists_every_page_and_every_generated_reference_page():
     nav = set(nav_pages())
     written = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
-    generated = set(gen_reference().pages())
+    generated = set(gen_reference().pages()) | {gen_reference("gen_compat").OUT}
     assert written | generated == nav, (
         f"not in the nav: {(written | generated) - nav}; missing: {nav - written - generated}"
     )
+
+
+def test_the_compatibility_page_lists_every_recipe_and_strategy_with_what_its_classes_declare():
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    page = gen_reference("gen_compat").page()
+    rows = {line.split("|")[1].strip(" `"): line for line in page.splitlines() if line.startswith("| `")}
+    for group in ("compress", "fuse"):
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            if path.stem == "none":
+                continue
+            node = OmegaConf.load(path)
+            classes = (
+                [get_class(s["_target_"]) for s in node.steps] if group == "compress" else [get_class(node._target_)]
+            )
+            needs = set().union(*(c.requires for c in classes))
+            assert path.stem in rows, path
+            assert all(f"`{r}`" in rows[path.stem] for r in needs), (path.stem, needs, rows[path.stem])

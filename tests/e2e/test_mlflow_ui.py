@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
+from helpers import ROOT
+from helpers.mlflow_cli import running_mlflow_server
 from mlflow import MlflowClient
-from test_sweeps import running_mlflow_server
 
 import runner.pipeline
 from runner.report.auto import HEADLINE
 from runner.tracking.mlflow_tracker import EXPERIMENT_TAGS, HEADLINE_METRICS, MlflowTracker, print_ui_urls, ui_url
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 OVERRIDES = ["model=mlp", "data=wine", "ensemble=seeds5", "ensemble.seeds=[0,1]", "fuse=mean"]
 
@@ -53,7 +53,7 @@ def test_make_ui_prints_each_experiments_training_view_url(tmp_path, capsys):
         ["first", f"http://127.0.0.1:5000/#/experiments/{ids[0]}/{view}"],
         ["second", f"http://127.0.0.1:5000/#/experiments/{ids[1]}/{view}"],
     ]
-    assert "print_ui_urls" in (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "print_ui_urls" in (ROOT / "Makefile").read_text()
 
 
 def test_readme_gives_the_training_view_url():

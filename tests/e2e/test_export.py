@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, logged_predictions
+from helpers.logged import logged_test_inputs
 from mlflow import MlflowClient
-from test_models_logged import test_inputs
 from torch import nn
 
 import runner.pipeline
@@ -182,7 +182,7 @@ def test_a_job_exports_every_model_and_logs_onnx_runtime_beside_pytorch(tmp_path
         "compressed/mlp-s1": "none",
         "fused_compressed": "none",
     }
-    x = test_inputs(cfg)
+    x = logged_test_inputs(cfg)
     for name, run in children.items():
         metrics, tags = run.data.metrics, run.data.tags
         if formats[name] == "none":

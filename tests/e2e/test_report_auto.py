@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose_config
+from helpers import ROOT
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -19,7 +20,6 @@ import runner.pipeline
 from runner.report import make_report, plots
 from runner.report.html import PLOT_TITLES
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP = "s-auto"
 GRID = [("mlp", 0), ("mlp", 1), ("cnn1d", 0), ("cnn1d", 1)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

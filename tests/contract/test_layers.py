@@ -12,6 +12,7 @@ from pathlib import Path
 import grimp
 import pytest
 import torch
+from helpers import ROOT
 from torch import nn
 
 import runner.compress
@@ -19,8 +20,6 @@ from runner.compress.base import Step
 from runner.compress.requirements import REQUIREMENTS, check_requirements
 from runner.device import cpu_only, placement
 from runner.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cycles(graph: grimp.ImportGraph) -> list[list[str]]:

@@ -1,6 +1,10 @@
 """MLflow in the job's process (the only path): what each kind of write records, with MLflow's
 asynchronous logging and without; failed writes fail their run; jobs of one process share a tracker."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import CONF_DIR, compose_config
@@ -155,3 +159,16 @@ def test_the_mlflow_import_counts_as_the_jobs_wait_for_mlflow():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split() == ["False", "0.0"]
+
+
+@pytest.mark.parametrize("inherited", [True, False])
+def test_http_bounds_a_user_set_are_kept_and_those_the_runner_set_are_not(inherited):
+    """tracking.timeout_s sets MLflow's HTTP timeout unless the user set it. A value inherited from a
+    runner process (a test run, a launcher) is the runner's, not the user's: a child's own timeout wins."""
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    env.pop("RUNNER_SET_HTTP_BOUNDS", None)
+    if inherited:
+        env["RUNNER_SET_HTTP_BOUNDS"] = "MLFLOW_HTTP_REQUEST_MAX_RETRIES,MLFLOW_HTTP_REQUEST_TIMEOUT"
+    code = "import os; from runner.tracking.retry import bound_http_retries as b; b(5); print(os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("5" if inherited else "30")

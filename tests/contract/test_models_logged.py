@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, logged_predictions
+from helpers.logged import logged_test_inputs
 from mlflow import MlflowClient
 
 import runner
 import runner.pipeline
-from runner.batches import split_batch
 from runner.tracking.models import MODEL_URI_TAG
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
@@ -24,7 +24,7 @@ def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> d
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("runner").experiment_id
     children = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
-    x = test_inputs(cfg)
+    x = logged_test_inputs(cfg)
     fuse = str(cfg.fuse._target_).rpartition(".")[2].lower() if cfg.fuse else ""  # no choice/fuse: the class
     loaded = {}
     for name, run in children.items():
@@ -46,19 +46,6 @@ def run_and_check(tmp_path, overrides: list[str], background: bool = False) -> d
     model_id = children[next(iter(children))].data.tags[MODEL_URI_TAG].removeprefix("models:/")
     assert {m.key for m in client.get_logged_model(model_id).metrics} >= {"test/acc", "test/nll"}
     return loaded
-
-
-def test_inputs(cfg) -> torch.Tensor:
-    """The test split's inputs, in loader order, as the job saw them."""
-    from runner.config import build
-    from runner.data import as_source, describe_data
-
-    dm = as_source(build(cfg.data, "data"))
-    describe_data(cfg, dm)
-    return torch.cat([split_batch(b)[0] for b in dm.test_dataloader()])
-
-
-test_inputs.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow

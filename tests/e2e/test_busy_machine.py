@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
+from helpers.mlflow_cli import cli, client_for
 from mlflow import MlflowClient
-from test_sweeps import ROOT, cli, client_for
 
 from runner.tracking.mlflow_tracker import MlflowTracker
 from runner.tracking.retry import MLFLOW_BUSY_WAIT_S, StoreLocked, retry_locked

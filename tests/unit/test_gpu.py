@@ -5,8 +5,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose_config
+from helpers.models import train_lenet
 from mlflow import MlflowClient
-from test_device import train_lenet
 
 import runner.device
 import runner.pipeline
