@@ -52,7 +52,7 @@ def page() -> str:
         "",
         "## Compression recipes",
         "",
-        "| recipe | steps | the model must be |",
+        "| recipe | steps | requires of the model |",
         "|---|---|---|",
     ]
     for name, steps in recipes().items():
@@ -64,7 +64,7 @@ def page() -> str:
         "",
         "## Fusion strategies",
         "",
-        "| strategy | class | fuses | the members must have |",
+        "| strategy | class | fuses | requires of the members |",
         "|---|---|---|---|",
     ]
     for name, cls in strategies().items():
