@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # group -> (the files mutmut changes, the test files that cover them)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "cache": (["runner/cache.py"], ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_trust.py"]),
+    "cache": (
+        ["runner/cache.py"],
+        ["tests/unit/test_cache.py", "tests/contract/test_guard_cache_key.py", "tests/e2e/test_trust.py"],
+    ),
     "members": (["runner/members.py"], ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_ensemble_size.py"]),
     "fuse": (
         ["runner/fuse/*"],
