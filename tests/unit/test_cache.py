@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from runner.cache import MemberCache, file_sha256
+from runner.errors import ConfigError
+from runner.models import MLP
+from runner.train import train_classifier
 
 
 def net(seed: int = 0) -> nn.Module:
@@ -76,3 +80,39 @@ def test_a_readable_checkpoint_is_resumed_from_and_dropping_one_keeps_the_others
     other.mkdir()
     cache.drop_checkpoint("k")
     assert not folder.exists() and other.exists()
+
+
+def test_an_unwritable_cache_folder_is_refused_naming_it(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(ConfigError) as e:
+        MemberCache(str(blocked / "cache")).check_writable()
+    assert e.value.key == "cache.dir" and e.value.value == str(blocked / "cache")
+    assert "a folder this process can write, or null to disable the cache (" in str(e.value)
+
+
+def test_an_unreadable_checkpoint_is_named_in_the_warning_and_dropping_a_missing_one_is_fine(tmp_path, caplog):
+    cache = MemberCache(str(tmp_path))
+    last = tmp_path / "checkpoints" / "k" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"not a checkpoint")
+    assert cache.checkpoint("k")[1] is None
+    [record] = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert str(last) in record.getMessage() and "UnpicklingError" in record.getMessage()
+    cache.drop_checkpoint("never-trained")  # nothing to drop: no error
+
+
+def test_the_checkpoint_is_written_every_epoch_and_overwritten_on_a_resume(tmp_path, mnist1d_small):
+    cache = MemberCache(str(tmp_path))
+    trainer = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    trainer |= {"limit_train_batches": 2, "limit_val_batches": 1}
+    optim = {"name": "adam", "lr": 1e-2}
+    callback, _ = cache.checkpoint("k")
+    train_classifier(MLP(40, 10), mnist1d_small, trainer, optim, callbacks=[callback])
+    folder = tmp_path / "checkpoints" / "k"
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]  # after epoch 1 of 1
+    callback, resume_from = cache.checkpoint("k")
+    assert resume_from == str(folder / "last.ckpt")
+    train_classifier(MLP(40, 10), mnist1d_small, {**trainer, "max_epochs": 2}, optim, callbacks=[callback])
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]  # the same file, no last-v1.ckpt
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1  # epochs 0 and 1 done
