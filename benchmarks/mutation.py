@@ -6,7 +6,9 @@ argument) and runs the tests that execute the changed function; a mutant the tes
 "survives". Each group below is mutated in its own copy of the repository under
 outputs/mutation/<group>/ and runs only the test files listed for it (not the whole suite, so it fits
 2 cores). A rerun picks up where it stopped: mutmut keeps every mutant's verdict in the copy's
-mutants/ folder and checks again only the functions whose source changed.
+mutants/ folder. mutmut re-checks a mutant when its function's source changes, but not when the tests
+do, so a change to any file of the copy (the tests included) starts the group afresh: a verdict made
+by other tests is never reused.
 
     pip install -e '.[mutation]'
     .venv/bin/python benchmarks/mutation.py [--group cache members] [--jobs 2] [--write results/mutation.md]
@@ -78,17 +80,24 @@ def mutmut_config(group: str) -> str:
 
 
 def prepare(group: str, work: Path) -> None:
-    """The repository's tracked and unignored files copied into `work` (its mutants/ folder kept)."""
+    """The repository's tracked and unignored files copied into `work`; its mutants/ folder (mutmut's
+    verdicts) is kept only if no file changed since they were made."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split("\n")
+    changed = False
     for rel in filter(None, files):
         src, dst = ROOT / rel, work / rel
-        if src.is_file() and rel.split("/")[0] != "outputs":
+        if src.is_file() and rel.split("/")[0] != "outputs" and rel != "pyproject.toml":  # written below
             dst.parent.mkdir(parents=True, exist_ok=True)
             if not dst.exists() or dst.read_bytes() != src.read_bytes():
                 shutil.copy2(src, dst)
-    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + mutmut_config(group))
+                changed = True
+    config = (ROOT / "pyproject.toml").read_text() + mutmut_config(group)
+    before = work / "pyproject.toml"
+    if changed or not before.exists() or before.read_text() != config:
+        shutil.rmtree(work / "mutants", ignore_errors=True)
+    (work / "pyproject.toml").write_text(config)
 
 
 def results(work: Path) -> dict[str, str]:
