@@ -238,6 +238,8 @@ class RunConf:
     ensemble: Any = None  # members: {name: model config} x seeds; null -> the `model` group, one seed
     compress: Any = None  # a recipe from conf/compress/, or null for none
     fuse: Any = None  # a strategy from conf/fuse/, or null for none
+    tasks: Any = None  # a pool of tasks (runner/pool.py): name -> {data: <data config>, checkpoint: null}
+    merge: Any = None  # a pool's merging method from conf/merge/ (runner/fuse/multitask.py), or null for none
     trainer: TrainerConf = field(default_factory=TrainerConf)
     optim: OptimConf = field(default_factory=OptimConf)
     eval: EvalConf = field(default_factory=EvalConf)

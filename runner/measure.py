@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import re
 import statistics
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -192,3 +193,54 @@ def latency_stats(
 def latency_ms(model: nn.Module, x: Inputs, repeats: int = 30, warmup: int = 3) -> float:
     """The median of latency_stats(), in milliseconds."""
     return latency_stats(model, x, repeats, warmup).median_ms
+
+
+def _rss_kb(field: str = "VmRSS") -> int | None:
+    """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: the peak), None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """The peak resident memory (RSS) of this process while the block runs, in MB above what it held
+    when the block started: `with PeakMemory() as peak: ...; peak.mb`.
+
+    Linux keeps the peak (VmHWM); writing 5 to /proc/self/clear_refs resets it to the current RSS, so
+    the peak read at the end is this block's. Where that is not allowed, a thread samples VmRSS every
+    5 ms (a peak shorter than that can be missed). NaN where /proc is not there.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        self.mb = float("nan")
+        self._before = _rss_kb()
+        self._samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._reset = True
+        except OSError:
+            self._reset = False
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            if (rss := _rss_kb()) is not None:
+                self._samples.append(rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        peak = _rss_kb("VmHWM") if self._reset else max(self._samples + [_rss_kb() or 0])
+        if self._before is not None and peak:
+            self.mb = max(peak - self._before, 0) / 1024

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,37 +25,21 @@ from runner.data import DataSpec, as_source
 from runner.data.sources import data_spec, with_data_values
 from runner.device import data_on_device, job_device, on_device
 from runner.evaluate import predict_proba
-from runner.evaluate.summary import format_table
 from runner.fuse import Fusion, gain_over_best
+from runner.job import finished, job_timing, log_job, report, start_job
 from runner.members import Member, plan_members, pretrain_shared_start, train_member
-from runner.models import lit
 from runner.models.adapter import check_forward
+from runner.pool import is_pool, run_pool
 from runner.recorder import Recorder
-from runner.timing import process_start_time
 from runner.tracking import (
     EpochMetricsLogger,
-    RunQueryError,
     Tracker,
-    download_artifact,
     flatten,
     source_tags,
 )
 from runner.train import check_devices
 
 log = logging.getLogger(__name__)
-_jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
-
-
-SUMMARY = "summary.txt"
-
-
-def stored_summary(uri: str, run_id: str) -> str:
-    """The summary table a finished job logged (jobs before it was logged: a line saying so)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return download_artifact(uri, run_id, SUMMARY, tmp).read_text().rstrip("\n")
-        except RunQueryError:
-            return f"(run {run_id} has no {SUMMARY}: its metrics are in MLflow)"
 
 
 @dataclass
@@ -108,12 +91,6 @@ class CompressionResult:
     test_probs: list[torch.Tensor] = field(default_factory=list)
 
 
-@dataclass
-class JobSummary:
-    timing: dict[str, float]  # timing/* metrics, logged with the job's
-    table: str  # the summary table, printed and logged as summary.txt
-
-
 def run(
     cfg: DictConfig,
     overrides: list[str] | tuple[str, ...] = (),
@@ -129,13 +106,13 @@ def run(
     `tracker` defaults to the one `cfg.tracking` builds (the command line builds it earlier);
     `choices` (`choice/<group>`: the option picked) are logged as params beside the config.
     """
-    global _jobs_in_process
-    _jobs_in_process += 1
-    started = process_start_time() if _jobs_in_process == 1 else time.time()  # later jobs of a multirun
+    if is_pool(cfg):  # a pool of tasks merged into one model: runner/pool.py
+        return run_pool(cfg, overrides, parent_id, tags, tracker, choices)
+    started = start_job()
     job = plan(cfg, (choices or {}).get("choice/model"))  # every bad value fails here, before any training
     tracker = tracker or build(job.cfg.tracking, "tracking")
     busy_before, setup_before = tracker.busy_s, tracker.setup_s  # a tracker may serve several jobs
-    if (done := finished(job, tracker)) is not None:
+    if (done := finished(job.cfg.cache.skip_finished, job.job_tags, tracker)) is not None:
         return done
     resolved = OmegaConf.to_container(job.cfg, resolve=True)
     params = {**flatten(resolved), **(choices or {})}
@@ -151,7 +128,7 @@ def run(
         fused = fuse(job, members, recorder)
         compress(job, members, fused, recorder)
         timing = job_timing(tracker, started, busy_before, setup_before)
-        summary = log_job(recorder, fused, timing)
+        summary = log_job(recorder, job_metrics(recorder, fused), timing)
     report(summary)
     return {**recorder.results, **recorder.job_metrics()}
 
@@ -187,18 +164,6 @@ def plan(cfg: DictConfig, model_name: str | None = None) -> Plan:
     return Plan(
         job_cfg, datamodule, spec, members, strategy, recipe, cache, code, {"role": "job", "job_hash": job_hash}
     )
-
-
-def finished(job: Plan, tracker: Tracker) -> dict[str, float] | None:
-    """A job whose exact config already finished is not run again: what its run logged (its summary
-    printed), else None. Runs of this config left RUNNING (killed by SIGKILL) are marked FAILED."""
-    if job.cfg.cache.skip_finished and (done := tracker.find_runs(job.job_tags, "FINISHED")):
-        log.info("skipping: this config already finished as MLflow run %s; its summary:", done[0].run_id)
-        print(stored_summary(tracker.uri, done[0].run_id))
-        return dict(done[0].metrics)
-    for stale in tracker.find_runs(job.job_tags, "RUNNING"):  # a job killed by SIGKILL never said goodbye
-        tracker.end_run(stale.run_id, "FAILED")
-    return None
 
 
 def train_members(job: Plan, recorder: Recorder) -> MemberResults:
@@ -287,40 +252,6 @@ def compress(job: Plan, members: MemberResults, fused: FusionResult, recorder: R
     return out
 
 
-def job_timing(tracker: Tracker, started: float, busy_before: float, setup_before: float) -> dict[str, float]:
-    """timing/*: the job's wall time and what it waited for MLflow (and, for the first job of a
-    process, the time from the command to the first training step)."""
-    setup_s = tracker.setup_s - setup_before  # what this process waited for MLflow, in seconds
-    timing = {
-        "timing/total_s": time.time() - started,
-        "timing/mlflow_setup_s": setup_s,
-        "timing/mlflow_log_s": tracker.busy_s - busy_before - setup_s,
-    }
-    if lit.first_step_at and _jobs_in_process == 1:  # command -> first training step
-        timing["timing/startup_s"] = lit.first_step_at - started
-    return timing
-
-
-def log_job(recorder: Recorder, fused: FusionResult, timing: dict[str, float]) -> JobSummary:
-    """The job run's metrics (members' mean/std/best, fused, objective, timing) and its summary table."""
-    tracker, run_id = recorder.tracker, recorder.run_id
-    tracker.log_metrics(run_id, {**recorder.job_metrics(), **fused.objective, **timing})
-    table = format_table(recorder.table)
-    tracker.log_text(run_id, table + "\n", SUMMARY)  # what the console showed; printed again on a skip
-    return JobSummary(timing, table)
-
-
-def report(summary: JobSummary) -> None:
-    """The summary table on the console, and where the wall time went in the log."""
-    print(summary.table)
-    timing = summary.timing
-    first_step = (
-        f"; first training step after {timing['timing/startup_s']:.1f} s" if "timing/startup_s" in timing else ""
-    )
-    log.info(
-        "wall time %.1f s; waited for MLflow: %.2f s opening the store, %.2f s logging%s",
-        timing["timing/total_s"],
-        timing["timing/mlflow_setup_s"],
-        timing["timing/mlflow_log_s"],
-        first_step,
-    )
+def job_metrics(recorder: Recorder, fused: FusionResult) -> dict[str, float]:
+    """The job run's metrics: members' mean/std/best, fused, and the objective."""
+    return {**recorder.job_metrics(), **fused.objective}

@@ -14,6 +14,7 @@ the same batches in the same order (tested).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -305,6 +306,10 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
         )
         self.splits: dict[str, tuple[Inputs, torch.Tensor]] = {}
         self.input_spec: dict[str, Any] = {}
+        # split -> one key per row of the raw data, before any preprocessing, in the splits' row order:
+        # filled by setup() when record_row_keys is set (runner.pool compares tasks' rows with them)
+        self.record_row_keys = False
+        self.row_keys: dict[str, list[bytes]] = {}
 
     @property
     def tensor_batches(self) -> bool:
@@ -352,6 +357,8 @@ class ArrayDataModule(SplitLoaders, pl.LightningDataModule):
             raw["train"], raw["val"] = (_rows(x, train), np.asarray(y)[train]), (_rows(x, val), np.asarray(y)[val])
         if self.input_shape is not None:
             raw = {split: (self._reshape(x), y) for split, (x, y) in raw.items()}
+        if self.record_row_keys:
+            self.row_keys = {split: row_keys(x) for split, (x, _) in raw.items()}
         for split, (x, y) in self.preprocess(raw).items():
             self.splits[split] = (_tensors(x), torch.as_tensor(np.asarray(y), dtype=torch.long))
         x_train = self.splits["train"][0]
@@ -407,6 +414,19 @@ def _rows(x: Any, index: np.ndarray) -> Any:
     if isinstance(x, list):
         return [x[i] for i in index]
     return np.asarray(x)[index]
+
+
+def row_keys(x: Any) -> list[bytes]:
+    """A 12-byte key per row of raw data (an array, a dict of arrays, a DataFrame, a list of texts):
+    equal rows, equal keys, whatever preprocessing is fitted on them later."""
+    if isinstance(x, dict):
+        return [b"".join(parts) for parts in zip(*(row_keys(v) for v in x.values()))]
+    if hasattr(x, "iloc"):
+        x = x.to_numpy()
+    if isinstance(x, list) or (isinstance(x, np.ndarray) and x.dtype == object):
+        return [hashlib.blake2b(repr(v).encode(), digest_size=12).digest() for v in x]
+    rows = np.ascontiguousarray(np.asarray(x)).reshape(len(x), -1)
+    return [hashlib.blake2b(r.tobytes(), digest_size=12).digest() for r in rows]
 
 
 def _tensors(x: Any) -> Inputs:

@@ -116,3 +116,32 @@ def test_the_checkpoint_is_written_every_epoch_and_overwritten_on_a_resume(tmp_p
     train_classifier(MLP(40, 10), mnist1d_small, {**trainer, "max_epochs": 2}, optim, callbacks=[callback])
     assert [p.name for p in folder.iterdir()] == ["last.ckpt"]  # the same file, no last-v1.ckpt
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1  # epochs 0 and 1 done
+
+
+def test_digest_is_the_sha256_of_the_sorted_json_less_the_ignored_keys_at_every_depth():
+    import hashlib
+
+    from runner.cache import digest
+
+    spec = {"b": 1, "a": [1, {"cache_dir": "x", "z": (2, 3)}], "eval_batch_size": 9, "p": Path("q")}
+    expected = json.dumps({"a": [1, {"z": [2, 3]}], "b": 1, "p": "q"}, sort_keys=True)
+    assert digest(spec) == hashlib.sha256(expected.encode()).hexdigest()[:20]
+    assert digest({"x": 1, "y": 2}) == digest({"y": 2, "x": 1})  # key order never changes a key
+    assert digest({"x": [1, 2]}) != digest({"x": [2, 1]})  # list order does
+
+
+def test_source_digest_covers_each_files_path_and_bytes_in_path_order(tmp_path):
+    import hashlib
+
+    from runner.cache import source_digest
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "b.py").write_bytes(b"print(2)\n")
+    (tmp_path / "pkg" / "a.py").write_bytes(b"x = 1\n")
+    (tmp_path / "notes.txt").write_bytes(b"not code")
+    h = hashlib.sha256()
+    for rel, data in (("b.py", b"print(2)\n"), ("pkg/a.py", b"x = 1\n")):
+        h.update(rel.encode() + b"\0" + data)
+    assert source_digest(tmp_path) == h.hexdigest()[:16]
+    only = hashlib.sha256(b"b.py\0print(2)\n").hexdigest()[:16]
+    assert source_digest(tmp_path, ("b.py",)) == only

@@ -16,6 +16,7 @@ from runner.errors import ConfigError
 from runner.members import plan_members
 from runner.models.adapter import check_forward
 from runner.pipeline import run
+from runner.pool import plan_pool
 
 CONF = Path(CONF_DIR)
 
@@ -166,6 +167,9 @@ def test_compress_configs(name, tmp_path):
 def test_experiment_configs(name, tmp_path):
     cfg = compose_config([f"experiment={name}"], tmp_path)
     validate(cfg)
+    if cfg.tasks:  # a pool of tasks (runner/pool.py): every task planned, no training
+        assert [t.name for t in plan_pool(cfg).tasks] == list(cfg.tasks)
+        return
     describe_data(cfg, as_source(build(cfg.data, "data")))
     ens = cfg.ensemble or {}
     seeds = ens.get("seeds") or range(ens.get("size") or 1)
