@@ -19,6 +19,7 @@ DESCRIBED = {
     "ensemble": "Ensemble members: model configs x seeds (`ensemble=<option>`; null: one member).",
     "compress": "Compression recipes: an ordered list of steps applied to every member (`compress=<option>`).",
     "fuse": "Fusion strategies, fitted on the validation split only (`fuse=<option>`).",
+    "merge": "Merging a pool of task fine-tunes into one multi-task model (`merge=<option>`, with `tasks`).",
     "trainer": "Lightning Trainer settings (`trainer=<option>`).",
     "tracking": "Where MLflow logs (`tracking=<option>`).",
     "experiment": "Whole experiments and sweeps (`experiment=<option>`, usually with `-m`).",

@@ -11,8 +11,9 @@ the task they are built for). Logged per task: `member/<task>/test/*` (the task'
 `fused/<task>/test/*` (the merged model with the task's head), `fused/<task>/normalized_acc` (merged /
 own fine-tune); their means over the tasks under `members/mean/` and `fused/mean/`; the merge's cost
 (`fused/merge_s`, `fused/merge_peak_mb`); `objective/val_acc`, the merged model's mean val accuracy
-(val only). With `compress`, each task's fine-tune and each task's merged model are compressed and
-evaluated (`compressed/<task>`, `fused_compressed/<task>`: merge, then compress).
+(val only). With `compress`, each task's fine-tune is compressed (`compressed/<task>`), each task's
+merged model too (`compressed_fused/<task>`: merge, then compress), and the compressed fine-tunes are
+merged (`fused_compressed/<task>`: compress, then merge; see compress_tasks).
 
 No task trains on another task's held-out rows: tasks read from one corpus (two labellings of the
 debates, say) share inputs, and a merged model evaluated on task A would otherwise hold weights
@@ -53,7 +54,13 @@ from runner.job import finished, job_timing, log_job, report, start_job
 from runner.measure import PeakMemory
 from runner.members import Member, train_member
 from runner.models import facts
-from runner.models.adapter import build_model, check_forward, load_checkpoint
+from runner.models.adapter import (
+    build_model,
+    check_forward,
+    load_checkpoint,
+    read_state_dict,
+    state_dict_problems,
+)
 from runner.recorder import Recorder
 from runner.tracking import EpochMetricsLogger, Tracker, flatten, source_tags
 from runner.train import check_devices
@@ -72,6 +79,8 @@ class Task:
     checkpoint: str | None = None  # a fine-tuned model loaded instead of training the member
     dropped: int = 0  # training rows dropped because they are another task's val or test inputs
     initial: dict[str, Tensor] = field(default_factory=dict)  # the member's weights before it trained
+    probe_head: bool = False  # a backbone-only checkpoint: the head is fitted on its frozen features
+    recipe: Recipe | None = None  # the compression recipe built for this task's data
     metrics: dict[str, float] = field(default_factory=dict)  # the member's test metrics
 
 
@@ -167,9 +176,10 @@ def plan_pool(cfg: DictConfig) -> PoolPlan:
     )
     start = shared_start(tasks)
     drop_shared_rows(tasks)
-    recipe = build_recipe(cfg.compress)
-    for task in tasks:
-        recipe.check(task.member.net, task.spec, ensemble=False, members=1)
+    for task in tasks:  # per task: a student's config reads the task's data (`${data.num_classes}`)
+        task.recipe = build_recipe(task.cfg.compress)
+        task.recipe.check(task.member.net, task.spec, ensemble=False, members=1)
+    recipe = tasks[0].recipe
     check_devices(cfg.trainer)
     cache = MemberCache(cfg.cache.dir)
     cache.check_writable()
@@ -189,10 +199,10 @@ def plan_pool(cfg: DictConfig) -> PoolPlan:
 
 
 def as_container(cfg: DictConfig) -> dict[str, Any]:
-    """The pool's config as plain values, `model` as written: what it reads from the data
-    (`${data.num_classes}`) differs by task, so it is left unresolved."""
+    """The pool's config as plain values, `model` and `compress` as written: what they read from the
+    data (`${data.num_classes}`, a student's too) differs by task, so it is left unresolved."""
     return {
-        k: OmegaConf.to_container(v, resolve=k != "model") if OmegaConf.is_config(v) else v
+        k: OmegaConf.to_container(v, resolve=k not in ("model", "compress")) if OmegaConf.is_config(v) else v
         for k, v in ((k, cfg[k]) for k in cfg)
     }
 
@@ -242,11 +252,35 @@ def shared_start(tasks: list[Task]) -> dict[str, Tensor]:
             )
         task.member.net.load_state_dict({**state, **{k: theta0[k] for k in keys}})
     for task in tasks:
-        facts.set_init_id(task.member.net, facts.state_hash(task.member.net))
         task.initial = {k: v.detach().clone() for k, v in task.member.net.state_dict().items()}
         if task.checkpoint:
-            load_checkpoint(task.member.net, task.checkpoint, f"tasks.{task.name}.checkpoint")
+            load_task_checkpoint(task)
+        facts.set_init_id(task.member.net, facts.state_hash(task.member.net))
     return theta0
+
+
+def load_task_checkpoint(task: Task) -> None:
+    """`tasks.<name>.checkpoint`: the task's fine-tuned model, used as it is; or its fine-tuned backbone
+    alone (no head entries: a checkpoint of the encoder only), whose new head is then fitted on its
+    frozen features (a linear probe, with the job's optim and trainer)."""
+    key, net = f"tasks.{task.name}.checkpoint", task.member.net
+    state = read_state_dict(task.checkpoint, key)
+    own = net.state_dict()
+    head = set(own) - set(backbone_keys(net))
+    if head & set(state):
+        load_checkpoint(net, task.checkpoint, key, state)
+        return
+    problems = state_dict_problems(own, state, may_miss=head)
+    check(
+        not problems,
+        key,
+        task.checkpoint,
+        f"weights for {type(net).__name__} (the whole model, or its backbone without {sorted(head)}); "
+        + "; ".join(problems),
+    )
+    net.load_state_dict({**own, **state})
+    task.probe_head = True
+    task.member.optim = {"finetune": "linear_probe"}  # over the job's optim; in the member's cache key
 
 
 def split_keys(datamodule: Any, split: str) -> list[bytes]:
@@ -301,7 +335,7 @@ def train_tasks(job: PoolPlan, recorders: dict[str, Recorder]) -> None:
         tracker = recorder.tracker
         with tracker.run(*recorder.child("member", member.name), parent_id=recorder.run_id, wait=False) as run:
             start = time.perf_counter()
-            if task.checkpoint:
+            if task.checkpoint and not task.probe_head:
                 hit, times = None, {}
                 tags = {"source": "checkpoint"}
             else:
@@ -315,7 +349,10 @@ def train_tasks(job: PoolPlan, recorders: dict[str, Recorder]) -> None:
                     EpochMetricsLogger(tracker, run),
                 )
                 times = {"train_s": member.train_s, **({"cache_load_s": time.perf_counter() - start} if hit else {})}
-                tags = {"cache": "hit" if hit else "miss"}
+                tags = {
+                    "cache": "hit" if hit else "miss",
+                    **({"source": "checkpoint backbone"} if task.probe_head else {}),
+                }
             member.metrics, member.probs = recorder.evaluate(
                 "member", member.name, member.net, tags=tags, derive=lambda _, t=times: dict(t), run_id=run
             )
@@ -389,29 +426,88 @@ def initial_net(task: Task) -> Any:
 
 
 def compress_tasks(job: PoolPlan, recorders: dict[str, Recorder], merged: Merged) -> None:
-    """With a recipe: each task's member compressed, and each task's merged model (merge, then compress);
-    their test metrics and the change against the uncompressed model go into `merged.metrics`."""
+    """With a recipe, three orders, each against its uncompressed counterpart:
+    `compressed/<task>`: each task's member compressed;
+    `compressed_fused/<task>`: merge, then compress (each task's merged model);
+    `fused_compressed/<task>`: compress, then merge (the compressed members' weights, int8 ones
+    dequantized, merged as floats; as the single-task pipeline's fused_compressed fuses compressed members).
+    Their test metrics and changes go into `merged.metrics`, with means over the tasks."""
     if not job.recipe:
         return
     cfg, out = job.cfg, merged.metrics
-    for role in ("compressed", "fused_compressed"):
-        if role == "fused_compressed" and job.method is None:
+    small: dict[str, Any] = {}
+    for role in ("compressed", "compressed_fused"):
+        if role == "compressed_fused" and job.method is None:
             continue
         rows = []
         for task in job.tasks:
             net, base = (
                 (merged.nets[task.name], merged.fused[task.name])
-                if role == "fused_compressed"
+                if role == "compressed_fused"
                 else (task.member.net, task.metrics)
             )
             context = CompressContext(task.datamodule, cfg.trainer, cfg.optim, teacher=net)
-            small = job.recipe.apply(net, context)
+            model = task.recipe.apply(net, context)
+            if role == "compressed":
+                small[task.name] = model
             metrics, _ = recorders[task.name].evaluate(
-                role, task.name, small, derive=lambda m, b=base: {**compression_report(b, m), **job.recipe.stats_}
+                role, task.name, model, derive=lambda m, b=base, r=task.recipe: {**compression_report(b, m), **r.stats_}
             )
             rows.append(metrics)
             out.update({f"{role}/{task.name}/{k}": v for k, v in metrics.items() if "/" in k or k.endswith("_ratio")})
         out.update(_means(f"{role}/mean", rows))
+    if job.method is None or job.method.trains:
+        return
+    if not job.recipe.keeps_weights:  # a student is a new network, not a fine-tune of the start
+        log.info("compress, then merge: not done, %s replaces the members by new networks", job.recipe)
+        out["fused_compressed/skipped"] = 1.0
+        return
+    floats = {t.name: float_weights(small[t.name], t.member.net) for t in job.tasks}
+    missing = {name: why for name, why in floats.items() if isinstance(why, str)}
+    if missing:  # e.g. structured pruning changed the shapes, or a static int8 graph holds no per-layer weights
+        log.warning("compress, then merge: not done, the compressed members' weights do not map: %s", missing)
+        out["fused_compressed/skipped"] = 1.0
+        return
+    models = []
+    for task in job.tasks:
+        net = facts.copy_facts(task.member.net, copy.deepcopy(task.member.net))
+        net.load_state_dict(floats[task.name])
+        x, y = collect(task.datamodule.val_dataloader())
+        models.append(TaskModel(task.name, net, x, y))
+    method = build(cfg.merge, "merge").fit(job.start, models)
+    rows = []
+    for task, model in zip(job.tasks, models):
+        metrics, _ = recorders[task.name].evaluate(
+            "fused_compressed",
+            task.name,
+            method.task_net(model),
+            derive=lambda m, b=merged.fused[task.name]: compression_report(b, m),
+        )
+        rows.append(metrics)
+        out.update({f"fused_compressed/{task.name}/{k}": v for k, v in metrics.items() if "/" in k})
+    out.update(_means("fused_compressed/mean", rows))
+
+
+def float_weights(model: Any, like: Any) -> dict[str, Tensor] | str:
+    """`model`'s (a compressed copy of `like`) weights as floats under `like`'s state-dict names: torch.ao
+    int8 modules' weight() and bias() dequantized, quantized tensors dequantized, pruned ones as they are.
+    A reason (str) where some of `like`'s entries have no counterpart of the same shape."""
+    found: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if callable(weight) and not isinstance(weight, torch.nn.Module):  # torch.ao quantized Linear
+            found[f"{name}.weight"] = weight().dequantize()
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            if bias is not None:
+                found[f"{name}.bias"] = bias
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor) and key not in found:
+            found[key] = value.dequantize() if value.is_quantized else value
+    wanted = like.state_dict()
+    wrong = [k for k, v in wanted.items() if k not in found or found[k].shape != v.shape]
+    if wrong:
+        return f"{len(wrong)} of {len(wanted)} entries, e.g. {wrong[:3]}"
+    return {k: found[k].to(v.dtype) for k, v in wanted.items()}
 
 
 def _means(prefix: str, rows: list[dict[str, float]]) -> dict[str, float]:

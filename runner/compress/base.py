@@ -67,6 +67,9 @@ class Step:
     requires: ClassVar[frozenset[str]] = frozenset()
     float_note: ClassVar[str] = ""  # the refusal of a quantized model ("prune before quantizing")
     produces_int8: ClassVar[bool] = False
+    # the output holds the input's own weights (pruned, quantized, fine-tuned: the same start), so the
+    # compressed fine-tunes of one pretrained model can still be merged; False for a new network (a student)
+    keeps_weights: ClassVar[bool] = True
     needs_ensemble: bool = False
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
@@ -132,6 +135,11 @@ class Recipe:
 
     def __bool__(self) -> bool:
         return bool(self.steps)
+
+    @property
+    def keeps_weights(self) -> bool:
+        """Whether every step keeps the model's own weights (Step.keeps_weights)."""
+        return all(step.keeps_weights for step in self.steps)
 
     def __len__(self) -> int:
         return len(self.steps)

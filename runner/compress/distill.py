@@ -344,6 +344,8 @@ class Distill(Step):
     `stats_` holds the weighted feature MSE on validation inputs before and after training.
     """
 
+    keeps_weights = False  # the student is a new network
+
     def __init__(
         self,
         student: DictConfig | Mapping | nn.Module,

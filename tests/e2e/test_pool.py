@@ -55,6 +55,13 @@ def raw_splits(cfg):
     return {s: dm.splits[s][0].numpy() for s in ("train", "val", "test")}
 
 
+def logged_inputs(cfg, task):
+    """Task `task`'s test inputs in loader order, as its job saw them (scaled by its own training split)."""
+    dm = as_source(build(cfg.tasks[task].data, "data"))
+    dm.setup()
+    return dm.splits["test"][0]
+
+
 def test_task_arithmetic_pool_end_to_end(tmp_path):
     cfg = pool(tmp_path, "merge=task_arithmetic", "merge.scaling=0.5")
     start = plan_pool(cfg).start
@@ -176,3 +183,79 @@ def test_multitask_training_trains_one_backbone_with_a_head_per_task(tmp_path):
     for t in "abc":
         probs, targets = logged_predictions(tmp_path, runs[f"fused/{t}"])
         assert results[f"fused/{t}/test/acc"] == pytest.approx((probs.argmax(1) == targets).mean())
+
+
+def test_merge_and_int8_in_both_orders(tmp_path):
+    cfg = pool(tmp_path, "merge=task_arithmetic", "merge.scaling=0.5", "compress=quant_dynamic")
+    start = plan_pool(cfg).start
+    results = run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("runner").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    assert set(runs) == {
+        f"{role}/{t}"
+        for role in ("member", "fused", "compressed", "compressed_fused", "fused_compressed")
+        for t in "abc"
+    }
+    load = lambda name: runner.load(runs[name].info.run_id, tracking_uri=uri).model  # noqa: E731
+    # compress, then merge: the int8 members' dequantized weights merged as task arithmetic does
+    int8 = {t: load(f"compressed/{t}") for t in "abc"}
+    deq = {
+        t: {
+            f"{n}.weight": m.weight().dequantize()
+            for n, m in int8[t].named_modules()
+            if callable(getattr(m, "weight", None))
+        }
+        for t in "abc"
+    }
+    for t in "abc":
+        merged = load(f"fused_compressed/{t}").state_dict()
+        for k in deq[t]:
+            if k.startswith("body."):
+                expected = start[k] + 0.5 * sum(deq[s][k] - start[k] for s in "abc")
+                torch.testing.assert_close(merged[k], expected, rtol=1e-5, atol=1e-6)
+        # merge, then compress: the merged model through torch's own dynamic int8 quantization
+        fused = load(f"fused/{t}")
+        reference = torch.ao.quantization.quantize_dynamic(fused, {torch.nn.Linear}, dtype=torch.qint8)
+        probs, targets = logged_predictions(tmp_path, runs[f"compressed_fused/{t}"])
+        x = torch.as_tensor(logged_inputs(cfg, t))
+        np.testing.assert_allclose(torch.softmax(reference(x).double(), 1).numpy(), probs, rtol=1e-5, atol=1e-6)
+        assert results[f"compressed_fused/{t}/delta/acc"] == pytest.approx(
+            results[f"compressed_fused/{t}/test/acc"] - results[f"fused/{t}/test/acc"]
+        )
+
+
+def test_a_backbone_only_checkpoint_gets_its_head_fitted_on_frozen_features(tmp_path):
+    job = plan_pool(pool(tmp_path))
+    net = job.tasks[1].member.net
+    with torch.no_grad():
+        for p in net.body.parameters():
+            p.add_(0.05)
+    backbone = {k: v for k, v in net.state_dict().items() if k.startswith("body.")}
+    torch.save(backbone, tmp_path / "b_backbone.pt")
+    run(pool(tmp_path, f"+tasks.b.checkpoint={tmp_path / 'b_backbone.pt'}"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("runner").experiment_id
+    member = next(r for r in client.search_runs([exp]) if r.info.run_name == "member/b")
+    assert member.data.tags["source"] == "checkpoint backbone"
+    loaded = runner.load(member.info.run_id, tracking_uri=uri).model.state_dict()
+    for k, v in backbone.items():  # the backbone is the checkpoint's, frozen; the head trained
+        torch.testing.assert_close(loaded[k], v)
+    assert not torch.equal(loaded["head.weight"], job.tasks[1].initial["head.weight"])
+
+
+def test_distilling_each_tasks_merged_model_into_a_student_of_its_classes(tmp_path):
+    cfg = pool(tmp_path, "merge=average", "compress=distill", "compress.steps.0.epochs=1", "compress.steps.0.mixup=0")
+    results = run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("runner").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    for t, classes in (("a", 2), ("b", 2), ("c", 3)):
+        for role in ("compressed", "compressed_fused"):
+            student = runner.load(runs[f"{role}/{t}"].info.run_id, tracking_uri=uri).model
+            assert student.head.out_features == classes and student.body[0].out_features == 64  # mlp_small
+    # students are another architecture: their weights cannot be merged, and the job says so
+    assert results["fused_compressed/skipped"] == 1.0 and not any(k.startswith("fused_compressed/a") for k in results)
