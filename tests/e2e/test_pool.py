@@ -55,6 +55,17 @@ def raw_splits(cfg):
     return {s: dm.splits[s][0].numpy() for s in ("train", "val", "test")}
 
 
+def all_runs(tmp_path) -> list:
+    """Every run of the job's MLflow experiment (tmp_path's store)."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+
+
+def child_runs(tmp_path) -> dict:
+    """The job's child runs by name (member/a, fused/a, ...)."""
+    return {r.info.run_name: r for r in all_runs(tmp_path) if r.data.tags.get("role") != "job"}
+
+
 def logged_inputs(cfg, task):
     """Task `task`'s test inputs in loader order, as its job saw them (scaled by its own training split)."""
     dm = as_source(build(cfg.tasks[task].data, "data"))
@@ -67,9 +78,7 @@ def test_task_arithmetic_pool_end_to_end(tmp_path):
     start = plan_pool(cfg).start
     results = run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("runner").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    runs = child_runs(tmp_path)
     assert set(runs) == {f"{role}/{t}" for role in ("member", "fused") for t in "abc"}
     members = {t: runner.load(runs[f"member/{t}"].info.run_id, tracking_uri=uri).model for t in "abc"}
     keys = backbone_keys(members["a"])
@@ -90,7 +99,7 @@ def test_task_arithmetic_pool_end_to_end(tmp_path):
         assert results[f"fused/{t}/normalized_acc"] == pytest.approx(
             results[f"fused/{t}/test/acc"] / results[f"member/{t}/test/acc"]
         )
-    job = next(r for r in client.search_runs([exp]) if r.data.tags.get("role") == "job")
+    job = next(r for r in all_runs(tmp_path) if r.data.tags.get("role") == "job")
     logged = job.data.metrics
     assert logged["fused/mean/test/acc"] == pytest.approx(np.mean([results[f"fused/{t}/test/acc"] for t in "abc"]))
     assert logged["members/mean/test/acc"] == pytest.approx(np.mean([results[f"member/{t}/test/acc"] for t in "abc"]))
@@ -121,9 +130,8 @@ def test_rerun_with_another_method_reuses_the_fine_tunes(tmp_path):
     second = run(pool(tmp_path, "merge=ties", "merge.scaling=0.5"))
     for t in "abc":
         assert second[f"member/{t}/test/acc"] == first[f"member/{t}/test/acc"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("runner").experiment_id
-    hits = [r.data.tags.get("cache") for r in client.search_runs([exp]) if r.info.run_name.startswith("member/")]
+    runs = all_runs(tmp_path)
+    hits = [r.data.tags.get("cache") for r in runs if r.info.run_name.startswith("member/")]
     assert sorted(hits) == ["hit"] * 3 + ["miss"] * 3
 
 
@@ -136,9 +144,8 @@ def test_a_task_can_start_from_its_fine_tuned_checkpoint(tmp_path):
             p.add_(0.01)
     torch.save(net.state_dict(), tmp_path / "b.pt")
     results = run(pool(tmp_path, f"+tasks.b.checkpoint={tmp_path / 'b.pt'}"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name("runner").experiment_id
-    member = next(r for r in client.search_runs([exp]) if r.info.run_name == "member/b")
+    runs = all_runs(tmp_path)
+    member = next(r for r in runs if r.info.run_name == "member/b")
     assert member.data.tags["source"] == "checkpoint"
     loaded = runner.load(member.info.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").model
     for k, v in net.state_dict().items():
@@ -169,9 +176,7 @@ def test_bad_pools_are_refused_before_training(tmp_path, extra, key):
 def test_multitask_training_trains_one_backbone_with_a_head_per_task(tmp_path):
     results = run(pool(tmp_path, "merge=multitask"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("runner").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") == "fused"}
+    runs = child_runs(tmp_path)
     nets = {t: runner.load(runs[f"fused/{t}"].info.run_id, tracking_uri=uri).model for t in "abc"}
     keys = backbone_keys(nets["a"])
     start = plan_pool(pool(tmp_path)).start
@@ -190,9 +195,7 @@ def test_merge_and_int8_in_both_orders(tmp_path):
     start = plan_pool(cfg).start
     results = run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("runner").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    runs = child_runs(tmp_path)
     assert set(runs) == {
         f"{role}/{t}"
         for role in ("member", "fused", "compressed", "compressed_fused", "fused_compressed")
@@ -236,9 +239,8 @@ def test_a_backbone_only_checkpoint_gets_its_head_fitted_on_frozen_features(tmp_
     torch.save(backbone, tmp_path / "b_backbone.pt")
     run(pool(tmp_path, f"+tasks.b.checkpoint={tmp_path / 'b_backbone.pt'}"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("runner").experiment_id
-    member = next(r for r in client.search_runs([exp]) if r.info.run_name == "member/b")
+    runs = all_runs(tmp_path)
+    member = next(r for r in runs if r.info.run_name == "member/b")
     assert member.data.tags["source"] == "checkpoint backbone"
     loaded = runner.load(member.info.run_id, tracking_uri=uri).model.state_dict()
     for k, v in backbone.items():  # the backbone is the checkpoint's, frozen; the head trained
@@ -250,9 +252,7 @@ def test_distilling_each_tasks_merged_model_into_a_student_of_its_classes(tmp_pa
     cfg = pool(tmp_path, "merge=average", "compress=distill", "compress.steps.0.epochs=1", "compress.steps.0.mixup=0")
     results = run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("runner").experiment_id
-    runs = {r.info.run_name: r for r in client.search_runs([exp]) if r.data.tags.get("role") != "job"}
+    runs = child_runs(tmp_path)
     for t, classes in (("a", 2), ("b", 2), ("c", 3)):
         for role in ("compressed", "compressed_fused"):
             student = runner.load(runs[f"{role}/{t}"].info.run_id, tracking_uri=uri).model
