@@ -107,7 +107,7 @@ class TrainerConf:
         check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator, list(ACCELERATORS))
 
 
-FINETUNE_MODES = ("full", "linear_probe", "lp_ft")  # optim.finetune (runner/models/lit.py)
+FINETUNE_MODES = ("full", "linear_probe", "lp_ft", "lp_frozen_head")  # optim.finetune (runner/models/lit.py)
 
 
 def check_finetune(finetune: str, backbone_lr_factor: float, probe_epochs: int) -> None:
@@ -134,7 +134,9 @@ class OptimConf:
     weight_decay: float = 0.0
     momentum: float = 0.0
     # full: every weight trains; linear_probe: the backbone is frozen (eval mode), only the head trains;
-    # lp_ft: a linear probe for probe_epochs, then every weight (Kumar et al. 2022, LP-FT)
+    # lp_ft: a linear probe for probe_epochs, then every weight (Kumar et al. 2022, LP-FT);
+    # lp_frozen_head: a linear probe, then the backbone alone with the probe's head frozen (fine-tunes whose
+    # heads stay fixed, as FusionBench's CLIP fine-tunes keep their zero-shot heads: what merging needs)
     finetune: str = "full"
     backbone_lr_factor: float = 1.0  # the backbone's lr = lr x this (the head keeps lr)
     probe_epochs: int = 1
@@ -284,13 +286,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer", "optim", "eval", "tracking", "cache"):
         if key in cfg:
             OmegaConf.to_object(cfg[key])
-    if OmegaConf.select(cfg, "optim.finetune") == "lp_ft":
+    if OmegaConf.select(cfg, "optim.finetune") in ("lp_ft", "lp_frozen_head"):
         probe, epochs = cfg.optim.probe_epochs, OmegaConf.select(cfg, "trainer.max_epochs")
         check(
             epochs is None or probe < epochs,
             "optim.probe_epochs",
             probe,
-            f"fewer than trainer.max_epochs ({epochs}): lp_ft probes, then trains every weight",
+            f"fewer than trainer.max_epochs ({epochs}): {cfg.optim.finetune} probes first, then trains the backbone",
         )
 
 

@@ -189,16 +189,21 @@ class LitClassifier(pl.LightningModule):
         return [p for p in params if id(p) not in head], [p for p in params if id(p) in head]
 
     def frozen(self, epoch: int) -> bool:
-        """Whether the backbone is frozen in `epoch` (optim.finetune: linear_probe, or lp_ft's probe)."""
-        return self.finetune == "linear_probe" or (self.finetune == "lp_ft" and epoch < self.probe_epochs)
+        """Whether the backbone is frozen in `epoch` (optim.finetune: linear_probe, or the probe of lp_ft
+        and lp_frozen_head)."""
+        probing = self.finetune in ("lp_ft", "lp_frozen_head") and epoch < self.probe_epochs
+        return self.finetune == "linear_probe" or probing
 
     def on_train_epoch_start(self) -> None:
         if self.finetune == "full":
             return
         frozen = self.frozen(self.current_epoch)
-        backbone, _ = self._split_params()
+        backbone, head = self._split_params()
         for p in backbone:
             p.requires_grad_(not frozen)
+        if self.finetune == "lp_frozen_head":  # after the probe the head stays as the probe left it
+            for p in head:
+                p.requires_grad_(frozen)
         if frozen:  # a probe reads fixed features: no dropout, BatchNorm statistics unchanged
             self.net.eval()
             head_module(self.net).train()

@@ -82,6 +82,22 @@ def test_lp_ft_probes_for_probe_epochs_then_trains_everything(wine):
     assert not torch.equal(before["head.weight"], epochs.states[0]["head.weight"])
 
 
+def test_lp_frozen_head_probes_then_trains_the_backbone_under_the_probes_head(wine):
+    pl.seed_everything(0, verbose=False)
+    net = WithNorm()
+    before = snapshot(net)
+    epochs = EpochSnapshots()
+    train(wine, net, [epochs], trainer={"max_epochs": 3}, finetune="lp_frozen_head", probe_epochs=1)
+    body = [k for k in before if k.startswith("body.")]
+    assert all(torch.equal(before[k], epochs.states[0][k]) for k in body)  # the probe: backbone fixed
+    assert not torch.equal(before["head.weight"], epochs.states[0]["head.weight"])  # ... head trained
+    for state in epochs.states[1:]:  # then the head stays as the probe left it, the backbone trains
+        assert torch.equal(state["head.weight"], epochs.states[0]["head.weight"])
+        assert torch.equal(state["head.bias"], epochs.states[0]["head.bias"])
+    assert not torch.equal(epochs.states[0]["body.0.weight"], epochs.states[2]["body.0.weight"])
+    assert all(p.requires_grad for p in net.parameters())
+
+
 def test_full_fine_tuning_trains_the_backbone_too(wine):
     pl.seed_everything(0, verbose=False)
     net = WithNorm()
