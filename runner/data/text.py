@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from runner.data.base import Split
 from runner.data.table import FileData, require_columns
 from runner.errors import ConfigError, check
-from runner.packages import resolve_weights
+from runner.packages import require_modules, resolve_gguf
 
 log = logging.getLogger(__name__)
 
@@ -75,34 +75,38 @@ def train_wordpiece(
     )
 
 
-def load_tokenizer(name: str) -> Any:
-    """transformers' AutoTokenizer for `name` (a Hub name, a local directory, or "pkg:<module>/<folder>":
-    a folder inside an installed package); one without a padding token pads with its end-of-sequence
-    token (GPT-2 style)."""
+def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
+    """transformers' AutoTokenizer for `name` (a Hub name, a local directory, "pkg:<module>/<folder>":
+    a folder inside an installed package, or a GGUF file, which carries its tokenizer: a path ending in
+    .gguf or "<folder or hub name>::<file>.gguf", see runner.packages.resolve_gguf); one without a
+    padding token pads with its end-of-sequence token (GPT-2 style). `key` names the option in errors."""
     from transformers import AutoTokenizer
 
-    name = resolve_weights(name, "data.tokenizer")
-    if name.startswith(("/", "./", "../", "~")):  # a directory; else transformers reads it as a Hub name
+    name, gguf_file = resolve_gguf(name, key)
+    if gguf_file is not None:
+        require_modules(["gguf"], key, f"{name}/{gguf_file}", "llm")
+    elif name.startswith(("/", "./", "../", "~")):  # a directory; else transformers reads it as a Hub name
         name = str(Path(name).expanduser())
         check(
             Path(name).is_dir(),
-            "data.tokenizer",
+            key,
             name,
             "an existing directory (saved by save_pretrained) or a Hub name",
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as e:  # noqa: BLE001 - offline, unknown name, missing files, a missing backend...
         raise ConfigError(
-            "data.tokenizer",
-            name,
-            f"a tokenizer AutoTokenizer.from_pretrained can load, or null to "
-            f"train one on the training texts ({type(e).__name__}: {e})",
+            key,
+            name if gguf_file is None else f"{name}/{gguf_file}",
+            "a tokenizer AutoTokenizer.from_pretrained can load"
+            + (", or null to train one on the training texts" if key.startswith("data.") else "")
+            + f" ({type(e).__name__}: {e})",
         ) from e
     if tokenizer.pad_token is None:
         check(
             tokenizer.eos_token is not None,
-            "data.tokenizer",
+            key,
             name,
             "a tokenizer with a padding or an end-of-sequence token",
         )

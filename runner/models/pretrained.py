@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,21 @@ from runner.models.nets import seeded_head
 from runner.packages import resolve_weights
 
 POOLINGS = ("mean", "cls", "max")
+
+
+def check_complete(info: Mapping[str, Any], key: str, value: Any) -> None:
+    """transformers fills the weights a checkpoint lacks with random ones and only warns (`info`:
+    from_pretrained's output_loading_info); here a missing or mismatched weight is a ConfigError."""
+    problems = {what: sorted(map(str, info.get(what) or [])) for what in ("missing_keys", "mismatched_keys")}
+    check(
+        not any(problems.values()),
+        key,
+        value,
+        "a checkpoint with every weight of its architecture: "
+        + "; ".join(
+            f"{what.replace('_', ' ')} ({len(names)}): {names[:8]}" for what, names in problems.items() if names
+        ),
+    )
 
 
 def checkpoint_pooling(folder: Path) -> tuple[str, bool]:
@@ -119,17 +135,7 @@ class SentenceEncoder(nn.Module):
             ) from None
         finally:
             transformers.logging.set_verbosity(verbosity)
-        # transformers fills weights the file lacks with random ones and only warns: here that is an error
-        problems = {what: sorted(map(str, info.get(what) or [])) for what in ("missing_keys", "mismatched_keys")}
-        check(
-            not any(problems.values()),
-            "model.weights",
-            weights,
-            "a checkpoint with every weight of its architecture: "
-            + "; ".join(
-                f"{what.replace('_', ' ')} ({len(names)}): {names[:8]}" for what, names in problems.items() if names
-            ),
-        )
+        check_complete(info, "model.weights", weights)
         return model
 
     def forward_features(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:

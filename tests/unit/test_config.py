@@ -73,10 +73,14 @@ MODEL_DATA = {
     "bert_tiny": ["text"],
     "text_bow": ["text"],
     "minilm": ["rotten_tomatoes"],
+    "smollm2": ["rotten_tomatoes"],
     **{f"efficientnet_lite{i}": ["elpv"] for i in range(3)},
 }
 # pretrained models on real data: a small subset (the weights load once per model, seconds)
 SMALL = {"rotten_tomatoes": ["data.max_rows=200"], "elpv": ["data.max_images=40", "model.input_size=64"]}
+# SmolLM2 from random weights (its config and tokenizer are the GGUF's): dequantizing the real ones takes
+# ~15 s more; tests/unit/test_smollm2.py builds the pretrained model through the pipeline
+MODEL_EXTRA = {"smollm2": ["model.pretrained=false"]}
 
 
 @pytest.mark.parametrize(
@@ -85,7 +89,7 @@ SMALL = {"rotten_tomatoes": ["data.max_rows=200"], "elpv": ["data.max_images=40"
 def test_model_configs(name, data, tmp_path, text_file):
     """Every model option builds from the values its data provides and runs once on real inputs."""
     extra = [f"data.path={text_file}"] if data == "text" else SMALL.get(data, [])
-    cfg = compose_config([f"model={name}", f"data={data}", *extra], tmp_path)
+    cfg = compose_config([f"model={name}", f"data={data}", *extra, *MODEL_EXTRA.get(name, [])], tmp_path)
     spec = describe_data(cfg, as_source(build(cfg.data, "data")))
     if name in ("timm", "torchvision") and importlib.util.find_spec(name) is None:
         with pytest.raises(ConfigError, match="model.name.*not installed"):
