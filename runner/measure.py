@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from runner.batches import Inputs, num_samples
 
@@ -43,6 +44,9 @@ def _tensor_bytes(value: Any) -> int:
         return sum(_tensor_bytes(v) for v in value)
     if not isinstance(value, torch.Tensor):
         return 0
+    if is_traceable_wrapper_subclass(value):  # torchao's quantized weights: int8 / packed int4 values, scales
+        names, _ = value.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(value, name)) for name in names)
     if value.is_quantized:
         qparams = 16  # one float64 scale + one int64 zero point
         if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
@@ -52,13 +56,26 @@ def _tensor_bytes(value: Any) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the state_dict's tensor data (weights, biases, quantization scales).
+    """Bytes of the state_dict's tensor data (weights, biases, quantization scales; a torchao weight
+    counts the tensors it holds: int8 or packed int4 values, scales, zero points).
 
     `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
     and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
     Zeros still count: unstructured sparsity needs a sparse format to save bytes.
     """
     return sum(_tensor_bytes(v) for v in model.state_dict().values())
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    """Non-zero entries of a weight, quantized ones as their dequantized values; a torchao weight in
+    a packed layout with no dequantize (Int4OpaqueTensor) counts every entry (its asymmetric grid
+    has no exact zero)."""
+    if t.is_quantized or is_traceable_wrapper_subclass(t):
+        try:
+            t = t.dequantize()
+        except NotImplementedError:
+            return t.numel()
+    return int(torch.count_nonzero(t.detach()))
 
 
 def size_metrics(model: nn.Module) -> dict[str, float]:
@@ -85,9 +102,7 @@ def size_metrics(model: nn.Module) -> dict[str, float]:
     return {
         "zip_bytes": float(len(zlib.compress(buffer.getbuffer(), 6))),
         "params": float(sum(t.numel() for t in params)),
-        "nonzero_params": float(
-            sum(int(torch.count_nonzero(t.dequantize() if t.is_quantized else t.detach())) for t in params)
-        ),
+        "nonzero_params": float(sum(_nonzero(t) for t in params)),
         "size_bytes": float(buffer.getbuffer().nbytes),
         "weight_bytes": float(weight_bytes(model)),
     }

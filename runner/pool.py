@@ -41,6 +41,7 @@ from torch import Tensor
 from runner.batches import take
 from runner.cache import MemberCache, code_digest, digest
 from runner.compress import CompressContext, Recipe, build_recipe, compression_report
+from runner.compress.weight_only import dequantized
 from runner.config import build, validate
 from runner.data import DataSpec, as_source
 from runner.data.base import row_keys
@@ -490,7 +491,8 @@ def compress_tasks(job: PoolPlan, recorders: dict[str, Recorder], merged: Merged
 
 def float_weights(model: Any, like: Any) -> dict[str, Tensor] | str:
     """`model`'s (a compressed copy of `like`) weights as floats under `like`'s state-dict names: torch.ao
-    int8 modules' weight() and bias() dequantized, quantized tensors dequantized, pruned ones as they are.
+    int8 modules' weight() and bias() dequantized, torchao's weight-only int8 and int4 ones too
+    (runner.compress.weight_only.dequantized), pruned ones as they are.
     A reason (str) where some of `like`'s entries have no counterpart of the same shape."""
     found: dict[str, Tensor] = {}
     for name, module in model.named_modules():
@@ -501,8 +503,8 @@ def float_weights(model: Any, like: Any) -> dict[str, Tensor] | str:
             if bias is not None:
                 found[f"{name}.bias"] = bias
     for key, value in model.state_dict().items():
-        if isinstance(value, Tensor) and key not in found:
-            found[key] = value.dequantize() if value.is_quantized else value
+        if isinstance(value, Tensor) and key not in found:  # torchao's int8/int4 weights: what the layer multiplies by
+            found[key] = value.dequantize() if value.is_quantized else dequantized(value)
     wanted = like.state_dict()
     wrong = [k for k, v in wanted.items() if k not in found or found[k].shape != v.shape]
     if wrong:

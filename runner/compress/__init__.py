@@ -6,6 +6,8 @@ from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune
 from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantize
 from runner.compress.requirements import is_quantized
 from runner.compress.structured import StructuredPrune
+from runner.compress.wanda import Wanda
+from runner.compress.weight_only import WeightOnlyQuantize
 
 __all__ = [
     "CompressContext",
@@ -17,10 +19,12 @@ __all__ = [
     "MagnitudePrune",
     "GradualPrune",
     "StructuredPrune",
+    "Wanda",
     "FineTune",
     "DynamicQuantize",
     "StaticQuantize",
     "QATQuantize",
+    "WeightOnlyQuantize",
     "is_quantized",
     "Distill",
 ]

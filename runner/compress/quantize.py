@@ -298,8 +298,8 @@ class DynamicQuantize(Step):
         bert_tiny   2.59   3.11   0.83x   7.54   0.34x    2.38   1.09x     1.84   1.41x  2299 -> 2106
 
     torchao is slower than fp32 eager everywhere without torch.compile and, compiled, never beats
-    the better of torch_ao eager and fp32 + compile (its tensor-subclass weights also break
-    runner.evaluate's size metrics), so it is not an engine here. Argmax agreement with fp32 on
+    the better of torch_ao eager and fp32 + compile, so it is not an engine here (torchao's
+    weight-only int8 / int4 are WeightOnlyQuantize, runner.compress.weight_only). Argmax agreement with fp32 on
     960 test inputs: 0.990 (vit_tiny) to 0.999. On models this small (hidden 64-300) dynamic int8
     is a size step (3.9x on Linear weights), not a speed step; bert_tiny's size is its float
     token embeddings.

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from runner.device import INT8_MODULES
-from runner.errors import check
+from runner.errors import ConfigError, check
+from runner.models.adapter import head_module
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DYNAMIC_TYPES = (nn.Linear, nn.GRU, nn.LSTM)  # what dynamic int8 quantizes
@@ -47,6 +48,19 @@ def prunable(model: nn.Module, min_params: int = 0) -> list[tuple[nn.Module, str
     return [(m, "weight") for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.numel() >= min_params]
 
 
+def body_linears(model: nn.Module, min_params: int = 0) -> list[nn.Linear]:
+    """Every nn.Linear of `model` with at least `min_params` weights but its final classifier layer
+    (runner.models.adapter.head_module: our nets' `head`, a declared `head:`, else the last Linear),
+    in registration order. What Wanda prunes and weight-only quantization quantizes: both keep the
+    head as it is (Wanda and SparseGPT prune every Linear but the LM head; GPTQ / AWQ keep it in
+    16 bits), a classifier's head being a few thousand weights that every prediction goes through."""
+    try:
+        head = head_module(model)
+    except ConfigError:  # no Linear at all
+        head = None
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head and m.weight.numel() >= min_params]
+
+
 def fx_error(model: nn.Module) -> str | None:
     """Why torch.fx cannot trace `model` (None when it can)."""
     try:
@@ -65,6 +79,15 @@ def _float(step: Any, model: nn.Module) -> None:
 
 def _prunable_layers(step: Any, model: nn.Module) -> None:
     check(bool(prunable(model)), step.key, type(model).__name__, "a model with Linear or Conv layers")
+
+
+def _linear_layers(step: Any, model: nn.Module) -> None:
+    check(
+        bool(body_linears(model)),
+        step.key,
+        type(model).__name__,
+        "a model with an nn.Linear layer besides its classifier head (which this step keeps as it is)",
+    )
 
 
 def _mostly_dense(step: Any, model: nn.Module) -> None:
@@ -118,6 +141,7 @@ def _fx_traceable(step: Any, model: nn.Module) -> None:
 REQUIREMENTS: dict[str, Callable[[Any, nn.Module], None]] = {
     "float": _float,  # not quantized yet; the step's `float_note` says why
     "prunable_layers": _prunable_layers,  # Linear or Conv layers
+    "linear_layers": _linear_layers,  # a Linear besides the classifier head
     "mostly_dense": _mostly_dense,  # no more weights in Conv layers than in Linear / GRU / LSTM ones
     "dense_layers": _dense_layers,  # some Linear, GRU or LSTM layer
     "not_recurrent": _not_recurrent,  # no GRU / LSTM
@@ -126,6 +150,7 @@ REQUIREMENTS: dict[str, Callable[[Any, nn.Module], None]] = {
 MEANING = {  # what each requirement asks of the model (the docs' compatibility table shows these)
     "float": "not quantized yet (a float model)",
     "prunable_layers": "has Linear or Conv layers",
+    "linear_layers": "has an nn.Linear besides its classifier head (the head is kept as it is)",
     "mostly_dense": "no more weights in Conv layers than in Linear / GRU / LSTM layers",
     "dense_layers": "has a Linear, GRU or LSTM layer",
     "not_recurrent": "no GRU or LSTM layer",

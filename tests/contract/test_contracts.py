@@ -84,9 +84,22 @@ BY_SETTINGS = {
         "prune_channels_2x",
     },
 }
-# The refusals the classes' declarations explain: dynamic int8 on a conv-heavy ResNet (mostly_dense),
-# QAT's FX graph on Hugging Face models (fx_traceable).
-BY_DECLARATION = {"cnn": set(), "resnet": {"deep_compression", "quant_dynamic"}, "vit": {"qat"}, "text": {"qat"}}
+# The refusals the classes' declarations explain: dynamic and weight-only int8 on a conv-heavy ResNet
+# (mostly_dense), Wanda on it (linear_layers: no Linear but its head), QAT's FX graph on Hugging Face
+# models (fx_traceable).
+BY_DECLARATION = {
+    "cnn": set(),
+    "resnet": {
+        "deep_compression",
+        "quant_dynamic",
+        "quant_int8_weight",
+        "quant_int4_weight",
+        "prune_wanda",
+        "prune_wanda_2_4",
+    },
+    "vit": {"qat"},
+    "text": {"qat"},
+}
 REFUSED = {family: BY_SETTINGS[family] | BY_DECLARATION[family] for family in FAMILIES}
 
 

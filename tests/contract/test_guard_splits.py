@@ -54,6 +54,8 @@ ONE_MLP = ["model=mlp"]
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 # weight-space fusion (soups, merges) needs members fine-tuned from one shared start
 SHARED_START = ["model=mlp", "ensemble=soup5", "ensemble.seeds=[0,1]", "ensemble.pretrain_epochs=1"]
+# recipes whose format needs other layer widths than the MLP's 100: int4 groups of 32 inputs
+RECIPE_MODEL = {"quant_int4_weight": ["model.hidden=64"]}
 # keys of compression steps and fusion strategies that only make a tiny job slower
 EPOCH_KEYS = ("finetune_epochs", "epochs", "epochs_per_round", "final_epochs")
 COUNT_KEYS = ("rounds", "iterative_steps")
@@ -185,7 +187,7 @@ def compress_overrides(name: str) -> tuple[list[str], bool]:
     members = TWO_MLPS + ["fuse=mean"] if "ensemble" in teachers else TWO_MLPS if "members" in teachers else ONE_MLP
     extra = [o for i, s in enumerate(steps) for o in shrink(s, f"compress.steps.{i}")]
     trains = any((s.get(k) or 0) > 0 for s in steps for k in EPOCH_KEYS)
-    return [*members, f"compress={name}", *extra], trains
+    return [*members, *RECIPE_MODEL.get(name, []), f"compress={name}", *extra], trains
 
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:

@@ -259,3 +259,22 @@ def test_distilling_each_tasks_merged_model_into_a_student_of_its_classes(tmp_pa
             assert student.head.out_features == classes and student.body[0].out_features == 64  # mlp_small
     # students are another architecture: their weights cannot be merged, and the job says so
     assert results["fused_compressed/skipped"] == 1.0 and not any(k.startswith("fused_compressed/a") for k in results)
+
+
+def test_weight_only_int8_members_merged_from_the_weights_they_multiply_by(tmp_path):
+    cfg = pool(tmp_path, "merge=task_arithmetic", "merge.scaling=0.5", "compress=quant_int8_weight", "model.hidden=64")
+    start = plan_pool(cfg).start
+    run(cfg)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = child_runs(tmp_path)
+    load = lambda name: runner.load(runs[name].info.run_id, tracking_uri=uri).model  # noqa: E731
+    # each int8 layer's weight, read back through its own matmul on the identity (not torchao's dequantize)
+    eye = torch.eye(64)
+    int8 = {t: load(f"compressed/{t}") for t in "abc"}
+    weights = {t: {"body.2.weight": torch.nn.functional.linear(eye, int8[t].body[2].weight).T} for t in "abc"}
+    for t in "abc":
+        merged = load(f"fused_compressed/{t}").state_dict()
+        k = "body.2.weight"
+        expected = start[k] + 0.5 * sum(weights[s][k] - start[k] for s in "abc")
+        torch.testing.assert_close(merged[k], expected, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(merged[k], load(f"fused/{t}").state_dict()[k])  # not the float members' merge

@@ -6,13 +6,19 @@ computation done here (numpy or plain torch), not against the step's own helpers
   the zeros it was given;
 - structured pruning removes the channels its importance ranks lowest (planted with tiny weights),
   per layer (scope=uniform) or across layers (scope=global), and keeps the others' weights as they were;
+- Wanda zeroes, in each output row, exactly the weights with the smallest |w| * ||x|| (x: the layer's
+  inputs on the calibration batches, after the layers before it are pruned), floor(sparsity * inputs)
+  of them, or all but the 2 highest of every 4 consecutive inputs (2:4), and never the head;
 - int8 quantization uses the scales torch.ao's observers are documented to compute (symmetric int8:
   max|w| / 127.5 per tensor for dynamic quantization, per output channel for static / QAT / PT2E),
-  and rounds each weight to the nearest step;
+  and rounds each weight to the nearest step; weight-only int8 (torchao) the same per output channel
+  or group; weight-only int4 (torchao, CPU) (max - min) / 15 per group of inputs with min as its zero
+  (in bfloat16, as that layer computes);
 - distillation trains with alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
 
-A swapped scope, a step that removes the largest weights or the wrong channels, an observer
-changed to an asymmetric one, a temperature or alpha passed the wrong way round fails here.
+A swapped scope, a step that removes the largest weights or the wrong channels, a Wanda score that
+forgets the input norm or compares across rows, an observer changed to an asymmetric one, a
+temperature or alpha passed the wrong way round fails here.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from runner.compress import (
     StaticQuantize,
     Step,
     StructuredPrune,
+    Wanda,
+    WeightOnlyQuantize,
 )
 from runner.compress.distill import DistillModule, distillation_loss
 from runner.models import CNN1D, MLP
@@ -54,6 +62,8 @@ CHECKED = {
     StaticQuantize,
     QATQuantize,
     Distill,
+    Wanda,
+    WeightOnlyQuantize,
 }
 
 
@@ -74,11 +84,11 @@ def context(features: int = 6, n: int = 16) -> CompressContext:
     return CompressContext(Data(torch.randn(n, features, generator=torch.Generator().manual_seed(1))), {}, {})
 
 
-def planted_mlp(seed: int = 0) -> MLP:
-    """An MLP (6 -> 8 -> 8 -> 3) whose layers have distinct |w| on different scales, so a ranking
+def planted_mlp(seed: int = 0, features: int = 6) -> MLP:
+    """An MLP (features -> 8 -> 8 -> 3) whose layers have distinct |w| on different scales, so a ranking
     within layers and one across layers pick different weights."""
     g = torch.Generator().manual_seed(seed)
-    net = MLP(6, 3, hidden=8, depth=2).eval()
+    net = MLP(features, 3, hidden=8, depth=2).eval()
     with torch.no_grad():
         for layer, scale in zip((net.body[0], net.body[2], net.head), (0.3, 1.0, 3.0)):
             n = layer.weight.numel()
@@ -208,6 +218,65 @@ def test_finetune_masks_exactly_the_zeros_it_was_given(keep_sparsity, monkeypatc
             assert torch.equal(m.weight == 0, z), "zeros moved"
         else:
             assert mask is None and not (m.weight == 0).any()
+
+
+# --- Wanda ---------------------------------------------------------------------------------------
+
+# the calibration inputs' feature scales: their L2 norms differ by up to 200x, so |w| alone ranks otherwise
+FEATURE_SCALES = [0.05, 4.0, 0.3, 2.0, 1.0, 0.02, 3.0, 0.5]
+
+
+def calibration_rows(n: int = 24, seed: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, len(FEATURE_SCALES), generator=g) * torch.tensor(FEATURE_SCALES)
+
+
+def hand_wanda_keep(w: np.ndarray, x: np.ndarray | None, sparsity: float, nm: tuple[int, int] | None) -> np.ndarray:
+    """True where a weight survives: scores |w_ij| * ||x_j||_2 (x None: |w| alone); in each row the
+    floor(sparsity * inputs) lowest go, or (N:M) the M - N lowest of every M consecutive inputs."""
+    norms = np.ones(w.shape[1]) if x is None else np.sqrt((x.astype(np.float64) ** 2).sum(0))
+    score = np.abs(w.astype(np.float64)) * norms[None, :]
+    keep = np.ones(w.shape, dtype=bool)
+    for r, row in enumerate(score):
+        if nm is None:
+            keep[r, np.argsort(row, kind="stable")[: int(np.floor(sparsity * w.shape[1] + 1e-9))]] = False
+        else:
+            n, m = nm
+            for start in range(0, w.shape[1], m):
+                keep[r, start + np.argsort(row[start : start + m], kind="stable")[: m - n]] = False
+    return keep
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_wanda_removes_the_smallest_w_times_input_norm_in_each_row(pattern, sequential):
+    """Layer 0 is scored on the calibration rows; layer 1 on ReLU(layer 0) of them, with layer 0 already
+    pruned (sequential, the paper's procedure) or dense; the head is never pruned."""
+    net = planted_mlp(seed=3, features=8)  # kept and pruned scores differ by > 0.3% in every row: no near ties
+    nm = None if pattern == "unstructured" else (2, 4)
+    x = calibration_rows()
+    w0, b0 = net.body[0].weight.detach().double().numpy(), net.body[0].bias.detach().double().numpy()
+    w1 = net.body[2].weight.detach().numpy().copy()
+    head = copy.deepcopy(net.head)
+    xs = x.double().numpy()
+    keep0 = hand_wanda_keep(w0, xs, 0.5, nm)
+    inputs1 = {s: np.maximum(xs @ (w0 * keep0 if s else w0).T + b0, 0) for s in (True, False)}
+    keep1 = hand_wanda_keep(w1, inputs1[sequential], 0.5, nm)
+    before = [w0.astype(np.float32), w1]
+    out = Wanda(sparsity=0.5, pattern=pattern, sequential=sequential).apply(net, CompressContext(Data(x), {}, {}))
+    for w, keep, b in zip((out.body[0].weight, out.body[2].weight), (keep0, keep1), before):
+        w = w.detach().numpy()
+        assert np.array_equal(w != 0, keep), "the zeros are not the lowest |w| * ||x|| of each row"
+        assert np.array_equal(w[keep], b[keep]), "a surviving weight changed"
+        if nm is None:
+            assert ((w == 0).sum(1) == 4).all(), "not half of every row"
+        else:
+            assert ((w != 0).reshape(8, 2, 4).sum(-1) == 2).all(), "not 2 of every 4 consecutive inputs"
+    assert torch.equal(out.head.weight, head.weight) and torch.equal(out.head.bias, head.bias)
+    # what the check above tells apart on these weights: |w| alone, and the other procedure's inputs
+    assert not np.array_equal(keep0, hand_wanda_keep(w0, None, 0.5, nm)), "magnitude pruning would pick the same"
+    assert not np.array_equal(keep1, hand_wanda_keep(w1, inputs1[not sequential], 0.5, nm))
+    assert Wanda.__init__.__defaults__[0] == 0.5 and out is net
 
 
 # --- structured pruning --------------------------------------------------------------------------
@@ -365,6 +434,58 @@ def test_static_int8_pt2e_scales_are_per_output_channel():
         assert (buffers[f"_zero_point_{i}"] == 0).all()
         assert np.allclose(buffers[f"_scale_{i}"].numpy(), scale, rtol=1e-6), f"layer {i}"
         assert same_steps(q.numpy(), values), f"layer {i}"
+
+
+def test_weight_only_int8_scales_are_max_abs_over_127_5_per_output_channel_or_group():
+    """torchao's Int8Tensor: symmetric (zero point 0), max|w| / 127.5 over each output channel (group_size
+    null) or each group of inputs; the dequantized weight is values * scale; the head stays float."""
+    net = planted_mlp()
+    for group_size in (None, 2):
+        out = WeightOnlyQuantize(bits=8, group_size=group_size).apply(copy.deepcopy(net), context())
+        for name in ("body.0", "body.2"):
+            w, q = net.get_submodule(name).weight, out.get_submodule(name).weight
+            groups = w.detach().reshape(-1, group_size or w.shape[1])  # one row per scale
+            scale, values = symmetric(groups, per_channel=True)
+            assert type(q).__name__ == "Int8Tensor" and q.qdata.dtype == torch.int8
+            assert (q.zero_point == 0).all()
+            assert np.allclose(q.scale.numpy().ravel(), scale, rtol=1e-6), f"{name} (group {group_size})"
+            assert same_steps(q.qdata.numpy(), values), f"{name}: weights not rounded to the nearest step"
+            expected = q.qdata.double().reshape(groups.shape) * torch.from_numpy(scale).double()[:, None]
+            assert torch.allclose(q.dequantize().double(), expected.reshape(w.shape), rtol=1e-6, atol=0)
+        assert type(out.head.weight) is nn.Parameter and torch.equal(out.head.weight, net.head.weight)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_weight_only_int4_group_scales_are_range_over_15_with_the_minimum_as_zero(group_size):
+    """torchao's CPU int4 (tinygemm's scheme), on the bfloat16 weight, in bfloat16 arithmetic: per group
+    of inputs, scale = (max - min) / 15, stored zero = min + 8 * scale, q = round((w - (zero - 8 * scale))
+    / scale) in 0..15; the weight the kernel multiplies by (read through the layer on identity inputs) is
+    (q - 8) * scale + zero. A layer whose input width the group does not divide stays float."""
+    g = torch.Generator().manual_seed(5)
+    net = MLP(64, 3, hidden=32, depth=2).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    out = WeightOnlyQuantize(bits=4, group_size=group_size).apply(copy.deepcopy(net), context(features=64))
+    for name, width in (("body.0", 64), ("body.2", 32)):
+        layer = out.get_submodule(name)
+        if width % group_size:
+            assert torch.equal(layer.weight, net.get_submodule(name).weight), f"{name} is not left float"
+            continue
+        w = net.get_submodule(name).weight.detach().to(torch.bfloat16)
+        groups = w.reshape(w.shape[0], width // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-6)
+        zero = low + scale * 8
+        packed = layer.weight.scale_and_zero  # (groups, rows, [scale, zero])
+        assert torch.equal(packed[..., 0].T, scale) and torch.equal(packed[..., 1].T, zero), name
+        q = torch.clamp(torch.round((groups - (zero - scale * 8)[..., None]) / scale[..., None]), 0, 15)
+        assert (q == 0).any() and (q == 15).any() and len(q.unique()) == 16  # the whole grid is used
+        with torch.no_grad():
+            used = nn.functional.linear(torch.eye(width, dtype=torch.bfloat16), layer.weight).T.reshape(groups.shape)
+        expected = ((q.float() - 8) * scale.float()[..., None] + zero.float()[..., None]).to(torch.bfloat16)
+        assert torch.equal(used, expected), f"{name}: the kernel's weights are not the rounded ones"
+    assert type(out.head.weight) is nn.Parameter
 
 
 @pytest.mark.parametrize("epochs", [0, 1])
