@@ -94,7 +94,9 @@ def pool_runs(
         ]
         pooled = pooled.drop_duplicates(subset=same)
         varying = [
-            c for c in pooled.columns if c.startswith("params.") and c != column and pooled[c].astype(str).nunique() > 1
+            c
+            for c in pooled.columns
+            if c.startswith("params.") and c != column and c not in kept and pooled[c].astype(str).nunique() > 1
         ]
         pooled[varying] = POOLED  # the other jobs' settings (fuse.*), by the pool's own definition
         df = pd.concat([df[~hit], pooled], ignore_index=True)

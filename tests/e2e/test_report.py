@@ -419,3 +419,23 @@ def test_pooled_rows_show_identical_member_runs_once(store):
     )
     assert set(both_roles.row_values) == {("fused", "all"), ("member", "all")}
     assert both_roles.cells[("fused", "all")][((), "test/acc")].n == 3
+
+
+def test_pool_by_keeps_a_row_key_that_varies_among_the_pooled_runs(store):
+    df = select_runs(store, ["fake"], roles=["member", "fused"])
+    probes = df[df["tags.role"] == "member"].copy()  # members of another training mode, other numbers
+    probes["params.optim.finetune"] = "linear_probe"
+    probes["metrics.test/acc"] = probes["metrics.test/acc"] - 0.1
+    df["params.optim.finetune"] = "full"
+    both = pd.concat([df, probes], ignore_index=True)
+    rows = ["optim.finetune", "role", "fuse._target_"]
+    table = aggregate(
+        pool_runs(both, rows, ["test/acc"], {"role": "member"}, keep=["optim.finetune"]),
+        rows,
+        [],
+        ["test/acc"],
+        aggregate_over=["seed", "model._target_"],
+    )
+    full, probe = table.cells[("full", "member", "all")], table.cells[("linear_probe", "member", "all")]
+    assert full[((), "test/acc")].n == 6 and full[((), "test/acc")].mean == pytest.approx(0.62)
+    assert probe[((), "test/acc")].n == 6 and probe[((), "test/acc")].mean == pytest.approx(0.52)
