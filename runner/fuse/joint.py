@@ -63,7 +63,9 @@ class JointModule(pl.LightningModule):
         **_: Any,
     ) -> None:
         super().__init__()
-        self.nets = nn.ModuleDict(dict(nets))
+        # a list, not a ModuleDict: a task may be named like a Module attribute ("type", "train")
+        self.names = list(nets)
+        self.nets = nn.ModuleList(nets.values())
         self.optimizer_name, self.lr, self.weight_decay = name, lr, weight_decay
         self.momentum, self.backbone_lr_factor = momentum, backbone_lr_factor
 
@@ -71,11 +73,11 @@ class JointModule(pl.LightningModule):
         losses = []
         for task, item in batch.items():
             x, y = split_batch(item)
-            losses.append(F.cross_entropy(self.nets[task](x), y))
+            losses.append(F.cross_entropy(self.nets[self.names.index(task)](x), y))
         return torch.stack(losses).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        heads = {id(p) for net in self.nets.values() for p in head_module(net).parameters()}
+        heads = {id(p) for net in self.nets for p in head_module(net).parameters()}
         params = list(self.nets.parameters())  # each shared parameter once
         groups = [
             {"params": [p for p in params if id(p) not in heads], "lr": self.lr * self.backbone_lr_factor},

@@ -647,3 +647,32 @@ def test_conf_merge_has_one_yaml_per_method():
             "multitask",  # runner.fuse.joint: trains instead of merging (tests/e2e/test_pool.py)
         ]
     )
+
+
+def test_joint_training_ties_the_backbones_whatever_the_tasks_are_called():
+    """Tasks named like nn.Module attributes ("type", "train") train jointly: one backbone, two heads."""
+    from runner.fuse.joint import train_jointly
+
+    torch.manual_seed(0)
+    nets = {
+        "type": Net(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Linear(6, 2)),
+        "train": Net(nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Linear(6, 3)),
+    }
+    nets["train"].load_state_dict(
+        {**nets["train"].state_dict(), **{k: v for k, v in nets["type"].state_dict().items() if k.startswith("body.")}}
+    )
+    start = {k: v.clone() for k, v in nets["type"].state_dict().items()}
+    x = torch.randn(32, 4)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    two, three = (x[:, 0] > 0).long(), (x[:, 1] > 0).long() + (x[:, 2] > 0).long()
+    loaders = {"type": DataLoader(TensorDataset(x, two), 16), "train": DataLoader(TensorDataset(x, three), 8)}
+    train_jointly(
+        nets, loaders, {"max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False}, {"name": "sgd", "lr": 0.1}
+    )
+    one, two = nets["type"].state_dict(), nets["train"].state_dict()
+    for k in one:
+        if k.startswith("body."):
+            assert nets["type"].get_parameter(k) is nets["train"].get_parameter(k)  # tied: one tensor
+            assert not torch.equal(one[k], start[k])
+    assert one["head.weight"].shape[0] == 2 and two["head.weight"].shape[0] == 3
