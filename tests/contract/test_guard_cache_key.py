@@ -42,8 +42,11 @@ from runner.models.adapter import build_model, check_forward
 
 BASE = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
 # What a member is: these top-level keys feed member training; the others cannot change a member.
-MEMBER_INPUTS = {"seed", "data", "model", "ensemble", "trainer", "optim"}
-NOT_MEMBER_INPUTS = {"eval", "tracking", "cache", "fuse", "compress"}
+# In a pool of tasks (runner/pool.py) a task's data is its member's `data`, and `merge` acts after training:
+# tests/e2e/test_pool.py checks that another merge method reuses the fine-tunes and that rows dropped from a
+# task's training split reach its member's key.
+MEMBER_INPUTS = {"seed", "data", "model", "ensemble", "trainer", "optim", "tasks"}
+NOT_MEMBER_INPUTS = {"eval", "tracking", "cache", "fuse", "compress", "merge"}
 # `threads` (torch's CPU threads) is neither: a run's numbers may differ in the last bits with it,
 # but it is a machine setting, kept out of the key on purpose.
 UNCLASSIFIED = {"threads"}

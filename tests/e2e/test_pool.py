@@ -15,6 +15,7 @@ from runner.config import build
 from runner.data import as_source
 from runner.errors import ConfigError
 from runner.fuse.multitask import backbone_keys
+from runner.members import member_key
 from runner.pipeline import run
 from runner.pool import plan_pool
 
@@ -123,6 +124,10 @@ def test_training_rows_that_are_another_tasks_held_out_rows_are_dropped(tmp_path
         assert by_name[t].dropped == int((~kept).sum())
     assert by_name["b"].dropped == 0 and by_name["a"].dropped > 10 and by_name["c"].dropped > 10
     assert by_name["a"].member.data["dropped_shared_rows"].startswith(f"{by_name['a'].dropped}:")
+    a = by_name["a"]  # which rows were dropped is part of the member's cache key
+    key = member_key(a.member, a.datamodule, job.cfg.trainer, job.cfg.optim, a.cfg.data)
+    a.member.data = {}
+    assert member_key(a.member, a.datamodule, job.cfg.trainer, job.cfg.optim, a.cfg.data) != key
 
 
 def test_rerun_with_another_method_reuses_the_fine_tunes(tmp_path):
