@@ -5,17 +5,22 @@ job, log its metrics and summary table, print it. Used by runner.pipeline (one t
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from runner.evaluate.summary import format_table
 from runner.models import lit
 from runner.recorder import Recorder
 from runner.timing import process_start_time
-from runner.tracking import RunQueryError, Tracker, download_artifact
+from runner.tracking import RunQueryError, Tracker, download_artifact, flatten, source_tags
 
 log = logging.getLogger(__name__)
 _jobs_in_process = 0  # a multirun with the basic launcher runs several jobs in one process
@@ -55,6 +60,29 @@ def finished(skip_finished: bool, job_tags: dict[str, str], tracker: Tracker) ->
     for stale in tracker.find_runs(job_tags, "RUNNING"):  # a job killed by SIGKILL never said goodbye
         tracker.end_run(stale.run_id, "FAILED")
     return None
+
+
+@contextmanager
+def job_run(
+    tracker: Tracker,
+    resolved: Mapping[str, Any],
+    code: Mapping[str, str],
+    job_tags: Mapping[str, str],
+    overrides: Sequence[str] = (),
+    parent_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    choices: Mapping[str, str] | None = None,
+) -> Iterator[tuple[str, dict[str, Any], dict[str, str]]]:
+    """The job's MLflow run, named by its overrides: params are the `resolved` config and the options
+    picked (`choices`), tags its source, `job_tags` and the sweep's `tags`; the config and the `code` the
+    job hash covers are logged first. Yields (run_id, params, run tags)."""
+    params = {**flatten(dict(resolved)), **(choices or {})}
+    run_tags = {**source_tags(overrides), **job_tags, **(tags or {})}
+    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
+    with tracker.run(name, params, run_tags, parent_id) as run_id:
+        tracker.log_text(run_id, OmegaConf.to_yaml(dict(resolved)), "config.yaml")
+        tracker.log_text(run_id, json.dumps(dict(code), indent=1), "code.json")  # what the job hash covered
+        yield run_id, params, run_tags
 
 
 def job_timing(tracker: Tracker, started: float, busy_before: float, setup_before: float) -> dict[str, float]:

@@ -8,7 +8,6 @@ results; none asks a strategy or recipe for its type.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from runner.data.sources import data_spec, with_data_values
 from runner.device import data_on_device, job_device, on_device
 from runner.evaluate import predict_proba
 from runner.fuse import Fusion, gain_over_best
-from runner.job import finished, job_timing, log_job, report, start_job
+from runner.job import finished, job_run, job_timing, log_job, report, start_job
 from runner.members import Member, plan_members, pretrain_shared_start, train_member
 from runner.models.adapter import check_forward
 from runner.pool import is_pool, run_pool
@@ -34,8 +33,6 @@ from runner.recorder import Recorder
 from runner.tracking import (
     EpochMetricsLogger,
     Tracker,
-    flatten,
-    source_tags,
 )
 from runner.train import check_devices
 
@@ -115,12 +112,11 @@ def run(
     if (done := finished(job.cfg.cache.skip_finished, job.job_tags, tracker)) is not None:
         return done
     resolved = OmegaConf.to_container(job.cfg, resolve=True)
-    params = {**flatten(resolved), **(choices or {})}
-    run_tags = {**source_tags(overrides), **job.job_tags, **(tags or {})}
-    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
-    with tracker.run(name, params, run_tags, parent_id) as run_id:
-        tracker.log_text(run_id, OmegaConf.to_yaml(resolved), "config.yaml")
-        tracker.log_text(run_id, json.dumps(job.code, indent=1), "code.json")  # what the job hash covered
+    with job_run(tracker, resolved, job.code, job.job_tags, overrides, parent_id, tags, choices) as (
+        run_id,
+        params,
+        run_tags,
+    ):
         device = job_device(job.cfg.trainer)  # evaluation, fusion and the objective run there too
         data_on_device(job.datamodule, device, job.cfg.trainer)
         recorder = Recorder(tracker, run_id, job.datamodule, job.cfg.eval, params, run_tags, device)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -51,7 +50,7 @@ from runner.errors import ConfigError, check
 from runner.evaluate import predict_proba
 from runner.fuse.base import collect
 from runner.fuse.multitask import PoolMerge, TaskModel, backbone_keys
-from runner.job import finished, job_timing, log_job, report, start_job
+from runner.job import finished, job_run, job_timing, log_job, report, start_job
 from runner.measure import PeakMemory
 from runner.members import Member, train_member
 from runner.models import facts
@@ -63,7 +62,7 @@ from runner.models.adapter import (
     state_dict_problems,
 )
 from runner.recorder import Recorder
-from runner.tracking import EpochMetricsLogger, Tracker, flatten, source_tags
+from runner.tracking import EpochMetricsLogger, Tracker
 from runner.train import check_devices
 
 log = logging.getLogger(__name__)
@@ -116,13 +115,12 @@ def run_pool(
     busy_before, setup_before = tracker.busy_s, tracker.setup_s
     if (done := finished(job.cfg.cache.skip_finished, job.job_tags, tracker)) is not None:
         return done
-    resolved = as_container(job.cfg)
-    params = {**flatten(resolved), **{k: v for k, v in (choices or {}).items() if k != "choice/data"}}
-    run_tags = {**source_tags(overrides), **job.job_tags, **(tags or {})}
-    name = " ".join(o for o in overrides if not o.startswith(("tracking.", "cache.", "hydra"))) or "default"
-    with tracker.run(name, params, run_tags, parent_id) as run_id:
-        tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-        tracker.log_text(run_id, json.dumps(job.code, indent=1), "code.json")
+    picked = {k: v for k, v in (choices or {}).items() if k != "choice/data"}  # each task has its own data
+    with job_run(tracker, as_container(job.cfg), job.code, job.job_tags, overrides, parent_id, tags, picked) as (
+        run_id,
+        params,
+        run_tags,
+    ):
         device = job_device(job.cfg.trainer)
         recorders = {}
         for task in job.tasks:
