@@ -1,4 +1,4 @@
-"""Model merging in weight space: task arithmetic, TIES and DARE.
+"""Model merging in weight space: task arithmetic, TIES and DARE; SLERP of two members.
 
 Members fine-tuned from one shared start theta_0 differ from it by task vectors
 tau_i = theta_i - theta_0. A merge adds one combination of them back to the start:
@@ -15,6 +15,9 @@ variance) are averaged over the members, as soups do: they are statistics of act
 trained weights, so a task vector of them means nothing, and theta_0 + scaling * sum(delta) can
 make a running variance negative (scaling * M > 1), while a mean of variances is a valid variance.
 Integer buffers (num_batches_tracked) are copied from the first member.
+
+SLERP (`SLERP`, at the end) takes no task vectors: it interpolates between two members' weights along
+the great circle, tensor by tensor, as mergekit's `slerp` merge does.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from runner.batches import DataSpec
 from runner.errors import ConfigError, check
 from runner.fuse.base import check_is_fitted, member_probs
 from runner.fuse.soup import _Soup, accuracy
@@ -279,3 +284,130 @@ class DARE(Merge):
         if self.combine == "ties":
             return disjoint_mean(dropped, elect_signs(dropped))
         return {k: sum(tau[k] for tau in dropped) for k in dropped[0]}
+
+
+# --- SLERP ----------------------------------------------------------------------------------------
+
+DOT_THRESHOLD = 0.9995  # mergekit's: |cos| above it counts as colinear, and the tensors are interpolated linearly
+SLERP_REQUIREMENT = (
+    "SLERP interpolates between two networks fine-tuned from one shared start (mergekit applies it to two "
+    "fine-tunes of one base model; independently initialised networks do not lie in one basin), so the "
+    "members must be one architecture with one initial checkpoint (equal `init_id`); use ensemble=soup5 or "
+    "ensemble=finetune5 with 'ensemble.seeds=[0,1]', or `ensemble.shared_init: true`, or an output-level "
+    "strategy such as fuse=mean"
+)
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> Tensor:
+    """Spherical linear interpolation of two tensors, as mergekit's `slerp`: the cosine of the angle
+    between the flattened tensors picks s0 = sin((1 - t) theta) / sin(theta) and s1 = sin(t theta) /
+    sin(theta), and the result is s0 * v0 + s1 * v1 of the tensors as they are (not normalised); where
+    |cos| > `dot_threshold` (colinear), (1 - t) * v0 + t * v1. A tensor of norm <= `eps` is left
+    unnormalised, as mergekit does. Computed in float64 (float32 on MPS), returned in v0's dtype."""
+    return _slerp(t, v0, v1, dot_threshold, eps)[0]
+
+
+def _slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float, eps: float) -> tuple[Tensor, bool]:
+    """(slerp(t, v0, v1), whether it fell back to linear interpolation)."""
+    dtype = torch.float32 if v0.device.type == "mps" else torch.float64
+    a, b = v0.detach().to(dtype), v1.detach().to(device=v0.device, dtype=dtype)
+    norm_a, norm_b = float(a.norm()), float(b.norm())
+    dot = float(((a / norm_a if norm_a > eps else a) * (b / norm_b if norm_b > eps else b)).sum())
+    if abs(dot) > dot_threshold:
+        return ((1 - t) * a + t * b).to(v0.dtype), True
+    theta_0 = math.acos(dot)
+    sin_theta_0 = math.sin(theta_0)
+    theta_t = theta_0 * t
+    s0, s1 = math.sin(theta_0 - theta_t) / sin_theta_0, math.sin(theta_t) / sin_theta_0
+    return (s0 * a + s1 * b).to(v0.dtype), False
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+class SLERP(_Soup):
+    """SLERP: spherical linear interpolation (Shoemake 1985, "Animating rotation with quaternion
+    curves") of two members' weights, as model merging uses it (mergekit, Goddard et al. 2024,
+    "Arcee's MergeKit: a toolkit for merging large language models"; its `slerp` merge method).
+
+    Each floating-point tensor of member 0 (v0) and member 1 (v1) becomes `slerp(t, v0, v1)`: t = 0
+    gives member 0, t = 1 member 1, and between them the path keeps to the arc between the two tensors'
+    directions instead of the chord (whose midpoint is shorter than either), falling back to linear
+    interpolation where they are colinear (|cos| > DOT_THRESHOLD). Floating buffers (BatchNorm
+    statistics) are interpolated as mergekit interpolates every tensor (the coefficients are >= 0, so a
+    running variance stays positive); integer buffers (num_batches_tracked) come from member 0.
+
+    Exactly two members, of one architecture and one shared start (`requires`), as mergekit's slerp
+    takes two fine-tunes of one base model. `t`: a fraction in [0, 1], or a mapping {substring: t}
+    with a `default`, where a tensor takes the t of the first substring its state-dict name contains
+    (mergekit's `filter`, e.g. {self_attn: 0.3, mlp: 0.7, default: 0.5}), else the default. Fitted:
+    `soup_` (the interpolated network, named as the soups name theirs), `lerp_` (the names of the
+    tensors interpolated linearly), `val_acc_`, `member_val_acc_`, `n_members_`.
+    """
+
+    requirement = SLERP_REQUIREMENT
+    MEMBERS = 2  # mergekit's slerp: "expects exactly two models"
+
+    def __init__(self, t: float | Mapping[str, float] = 0.5) -> None:
+        if isinstance(t, Mapping):
+            t = {k: v for k, v in t.items()}  # a plain dict (Hydra passes a DictConfig), in its order
+            check("default" in t, "fuse.t", t, "a mapping {substring: t} with a `default` t for the other tensors")
+            for key, value in t.items():
+                check(isinstance(key, str) and key != "", "fuse.t", key, "substrings of tensor names as keys")
+                check(_is_fraction(value), f"fuse.t.{key}", value, "a fraction in [0, 1] (0: member 0, 1: member 1)")
+        else:
+            check(
+                _is_fraction(t),
+                "fuse.t",
+                t,
+                "a fraction in [0, 1] (0: member 0, 1: member 1), or a mapping {substring: t} with a `default`",
+            )
+        self.t = t
+
+    def t_for(self, name: str) -> float:
+        """The t of the tensor `name`: the first filter it contains, else the default (a number: it)."""
+        if not isinstance(self.t, Mapping):
+            return float(self.t)
+        return float(next((v for k, v in self.t.items() if k != "default" and k in name), self.t["default"]))
+
+    def check_members(self, members: Sequence[nn.Module], spec: DataSpec | None = None) -> None:
+        check(
+            len(members) == self.MEMBERS,
+            "ensemble",
+            f"{len(members)} member(s)",
+            "exactly 2 members: fuse=slerp interpolates between two models (e.g. ensemble=soup5 "
+            "'ensemble.seeds=[0,1]'); for more, fuse=soup_uniform or a merge such as fuse=ties",
+        )
+        super().check_members(members, spec)
+        if isinstance(self.t, Mapping):
+            names = [k for k, v in members[0].state_dict().items() if v.is_floating_point()]
+            for key in self.t:
+                check(
+                    key == "default" or any(key in n for n in names),
+                    f"fuse.t.{key}",
+                    self.t[key],
+                    f"a substring of a floating tensor's name, e.g. of {names[:6]}",
+                )
+
+    def _fit(self, members: list[nn.Module], x: Tensor, y: Tensor) -> None:
+        first, second = (m.state_dict() for m in members)
+        state, self.lerp_ = {}, []
+        for k, v in first.items():
+            if not v.is_floating_point():
+                state[k] = v.clone()
+                continue
+            state[k], lerped = _slerp(self.t_for(k), v, second[k], DOT_THRESHOLD, 1e-8)
+            if lerped:
+                self.lerp_.append(k)
+        net = copy_facts(members[0], copy.deepcopy(members[0]))
+        net.load_state_dict(state)
+        self.soup_ = net.eval()
+        self.member_val_acc_ = [accuracy(m, x, y) for m in members]
+        self.val_acc_ = accuracy(self.soup_, x, y)
+        self.n_members_ = len(members)
+
+    def stats(self) -> dict[str, float]:
+        check_is_fitted(self, "soup_")
+        out = {"fuse/lerp_tensors": float(len(self.lerp_))}
+        return {"fuse/t": float(self.t), **out} if not isinstance(self.t, Mapping) else out
