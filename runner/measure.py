@@ -61,9 +61,19 @@ def weight_bytes(model: nn.Module) -> int:
 
     `size_bytes` is the serialized state_dict, whose fixed cost per tensor (~0.5-1 KB of pickle
     and zip records) dominates a model of a few thousand parameters and hides what int8 saves.
-    Zeros still count: unstructured sparsity needs a sparse format to save bytes.
+    Zeros still count: unstructured sparsity needs a sparse format to save bytes. A tensor the
+    state_dict lists twice (tied weights: a language model's output layer is its input embedding)
+    counts once.
     """
-    return sum(_tensor_bytes(v) for v in model.state_dict().values())
+    total, seen = 0, set()
+    for value in model.state_dict().values():
+        if torch.is_tensor(value) and not is_traceable_wrapper_subclass(value) and not value.is_quantized:
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.dtype)
+            if value.numel() and key in seen:
+                continue
+            seen.add(key)
+        total += _tensor_bytes(value)
+    return total
 
 
 def _nonzero(t: torch.Tensor) -> int:

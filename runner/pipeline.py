@@ -26,6 +26,7 @@ from runner.device import data_on_device, job_device, on_device
 from runner.evaluate import predict_proba
 from runner.fuse import Fusion, gain_over_best
 from runner.job import finished, job_run, job_timing, log_job, report, start_job
+from runner.lm import is_lm, run_lm
 from runner.members import Member, plan_members, pretrain_shared_start, train_member
 from runner.models.adapter import check_forward
 from runner.pool import is_pool, run_pool
@@ -105,6 +106,8 @@ def run(
     """
     if is_pool(cfg):  # a pool of tasks merged into one model: runner/pool.py
         return run_pool(cfg, overrides, parent_id, tags, tracker, choices)
+    if is_lm(cfg):  # a causal language model evaluated and compressed: runner/lm.py
+        return run_lm(cfg, overrides, parent_id, tags, tracker, choices)
     started = start_job()
     job = plan(cfg, (choices or {}).get("choice/model"))  # every bad value fails here, before any training
     tracker = tracker or build(job.cfg.tracking, "tracking")

@@ -2,6 +2,7 @@
 
 from runner.compress.base import CompressContext, Recipe, Step, build_recipe, compression_report, weight_bytes
 from runner.compress.distill import Distill
+from runner.compress.distill_lm import DistillLM
 from runner.compress.prune import FineTune, GradualPrune, MagnitudePrune
 from runner.compress.quantize import DynamicQuantize, QATQuantize, StaticQuantize
 from runner.compress.requirements import is_quantized
@@ -27,4 +28,5 @@ __all__ = [
     "WeightOnlyQuantize",
     "is_quantized",
     "Distill",
+    "DistillLM",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from runner.device import INT8_MODULES
 from runner.errors import ConfigError, check
 from runner.models.adapter import head_module
+from runner.models.llm import CausalLM
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DYNAMIC_TYPES = (nn.Linear, nn.GRU, nn.LSTM)  # what dynamic int8 quantizes
@@ -138,6 +139,15 @@ def _fx_traceable(step: Any, model: nn.Module) -> None:
     )
 
 
+def _causal_lm(step: Any, model: nn.Module) -> None:
+    check(
+        isinstance(model, CausalLM),
+        step.key,
+        type(model).__name__,
+        "a causal language model (runner.models.CausalLM, e.g. model=smollm2_lm: next-token logits)",
+    )
+
+
 REQUIREMENTS: dict[str, Callable[[Any, nn.Module], None]] = {
     "float": _float,  # not quantized yet; the step's `float_note` says why
     "prunable_layers": _prunable_layers,  # Linear or Conv layers
@@ -146,6 +156,7 @@ REQUIREMENTS: dict[str, Callable[[Any, nn.Module], None]] = {
     "dense_layers": _dense_layers,  # some Linear, GRU or LSTM layer
     "not_recurrent": _not_recurrent,  # no GRU / LSTM
     "fx_traceable": _fx_traceable,  # a graph torch.fx traces; the step's `fx_instead` says what else to do
+    "causal_lm": _causal_lm,  # a runner.models.CausalLM (next-token logits), not a classifier
 }
 MEANING = {  # what each requirement asks of the model (the docs' compatibility table shows these)
     "float": "not quantized yet (a float model)",
@@ -155,6 +166,7 @@ MEANING = {  # what each requirement asks of the model (the docs' compatibility 
     "dense_layers": "has a Linear, GRU or LSTM layer",
     "not_recurrent": "no GRU or LSTM layer",
     "fx_traceable": "torch.fx traces its forward (not Hugging Face models; only for the torch_ao engine)",
+    "causal_lm": "a causal language model (runner.models.CausalLM: next-token logits), not a classifier",
 }
 
 

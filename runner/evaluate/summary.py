@@ -19,8 +19,15 @@ COLUMNS = {
     "gain/acc": "gain_acc",
     "gain/nll": "gain_nll",
     "export/agreement": "export_agree",
-    "export/latency_ms": "export_ms",
-}  # eval.export
+    "export/latency_ms": "export_ms",  # eval.export
+    # causal LMs (runner.lm)
+    "perplexity": "ppl",
+    "delta/perplexity": "d_ppl",
+    "next_token_acc": "next_tok_acc",
+    "tokens_per_s": "tok_s",
+    "weight_mb": "weight_MB",
+    "eval_peak_mb": "peak_MB",
+}
 
 
 def _fmt(column: str, value: float) -> str:

@@ -223,6 +223,19 @@ class CausalLM(nn.Module):
         self.weights, self.vocab_size = weights, int(self.lm.config.vocab_size)
         self.preprocessing = {"tokenizer": tokenizer or weights, "max_length": max_length}
 
+    @classmethod
+    def wrap(cls, lm: nn.Module, weights: str, preprocessing: Mapping[str, Any] | None = None) -> CausalLM:
+        """A CausalLM around `lm`, a transformers causal LM built elsewhere (a distilled student:
+        runner.compress.DistillLM), nothing loaded. `weights` names where its family and tokenizer come
+        from (the teacher's), not its weights; `preprocessing` as the constructor's (default: that
+        tokenizer, no length)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.lm = lm
+        self.weights, self.vocab_size = weights, int(lm.config.vocab_size)
+        self.preprocessing = dict(preprocessing) if preprocessing else {"tokenizer": weights, "max_length": None}
+        return self
+
     def forward(self, input_ids: Tensor | Mapping[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
         x = input_ids if isinstance(input_ids, Mapping) else {"input_ids": input_ids, "attention_mask": attention_mask}
         ids, mask = token_inputs({k: v for k, v in x.items() if v is not None})

@@ -86,9 +86,11 @@ BY_SETTINGS = {
 }
 # The refusals the classes' declarations explain: dynamic and weight-only int8 on a conv-heavy ResNet
 # (mostly_dense), Wanda on it (linear_layers: no Linear but its head), QAT's FX graph on Hugging Face
-# models (fx_traceable).
+# models (fx_traceable), and the distillation of a causal LM on every classifier (causal_lm; it is
+# tested on a tiny Llama in tests/unit/test_distill_lm.py).
+LM_ONLY = {"distill_lm"}
 BY_DECLARATION = {
-    "cnn": set(),
+    "cnn": {*LM_ONLY},
     "resnet": {
         "deep_compression",
         "quant_dynamic",
@@ -96,9 +98,10 @@ BY_DECLARATION = {
         "quant_int4_weight",
         "prune_wanda",
         "prune_wanda_2_4",
+        *LM_ONLY,
     },
-    "vit": {"qat"},
-    "text": {"qat"},
+    "vit": {"qat", *LM_ONLY},
+    "text": {"qat", *LM_ONLY},
 }
 REFUSED = {family: BY_SETTINGS[family] | BY_DECLARATION[family] for family in FAMILIES}
 

@@ -44,11 +44,12 @@ from runner.recorder import Recorder
 SPLITS = ("train", "val", "test")
 STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.stem != "none")
 # none has no steps; the text-student distillations are the `distill` step (checked here) with students that
-# need token ids, which these row checks (tensors) do not read
+# need token ids, which these row checks (tensors) do not read; distill_lm takes causal LMs only (runner/lm.py's
+# job, which reads the training split alone: tests/unit/test_distill_lm.py)
 RECIPES = sorted(
     p.stem
     for p in Path(CONF_DIR, "compress").glob("*.yaml")
-    if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny")
+    if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny", "distill_lm")
 )
 ONE_MLP = ["model=mlp"]
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]

@@ -33,10 +33,14 @@ from runner.evaluate import evaluate_model, size_metrics
 from runner.models import CNN1D, GRU, MLP, LogReg
 from runner.models.facts import declared_head_name, set_head_name
 
-# none: no steps (tests/unit/test_config.py); text students need token ids (tests/contract/test_contracts.py's text family)
+# none: no steps (tests/unit/test_config.py); text students need token ids (tests/contract/test_contracts.py's text family);
+# distill_lm takes causal LMs only (tests/unit/test_distill_lm.py)
 TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}
+LM_ONLY = {"distill_lm"}
 RECIPES = sorted(
-    p.stem for p in Path(CONF_DIR, "compress").glob("*.yaml") if p.stem != "none" and p.stem not in TEXT_STUDENTS
+    p.stem
+    for p in Path(CONF_DIR, "compress").glob("*.yaml")
+    if p.stem != "none" and p.stem not in TEXT_STUDENTS | LM_ONLY
 )
 TINY_TRAINER = {
     "max_epochs": 1,
@@ -409,3 +413,13 @@ def test_a_declared_head_name_travels_with_the_compressed_copy(mnist1d_small):
     set_head_name(net, "net.0")  # deliberately not the last Linear
     out = recipe("prune_global").apply(net, CompressContext(mnist1d_small, TINY_TRAINER, OPTIM))
     assert out is not net and declared_head_name(out) == "net.0"
+
+
+def test_weight_bytes_count_a_tied_weight_once():
+    """A language model's output layer that is its input embedding is one tensor, listed twice."""
+    embed, out = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    out.weight = embed.weight
+    tied = torch.nn.Sequential(embed, out)
+    assert len(tied.state_dict()) == 2 and weight_bytes(tied) == 4 * 40
+    untied = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    assert weight_bytes(untied) == 4 * 80

@@ -13,6 +13,7 @@ from omegaconf.errors import ValidationError
 from runner.config import build, validate
 from runner.data import as_source, describe_data, split_batch
 from runner.errors import ConfigError
+from runner.lm import is_lm, plan_lm
 from runner.members import plan_members
 from runner.models.adapter import check_forward
 from runner.pipeline import run
@@ -74,13 +75,14 @@ MODEL_DATA = {
     "text_bow": ["text"],
     "minilm": ["rotten_tomatoes"],
     "smollm2": ["rotten_tomatoes"],
+    "smollm2_lm": ["rotten_tomatoes"],
     **{f"efficientnet_lite{i}": ["elpv"] for i in range(3)},
 }
 # pretrained models on real data: a small subset (the weights load once per model, seconds)
 SMALL = {"rotten_tomatoes": ["data.max_rows=200"], "elpv": ["data.max_images=40", "model.input_size=64"]}
 # SmolLM2 from random weights (its config and tokenizer are the GGUF's): dequantizing the real ones takes
 # ~15 s more; tests/unit/test_smollm2.py builds the pretrained model through the pipeline
-MODEL_EXTRA = {"smollm2": ["model.pretrained=false"]}
+MODEL_EXTRA = {"smollm2": ["model.pretrained=false"], "smollm2_lm": ["model.pretrained=false"]}
 
 
 @pytest.mark.parametrize(
@@ -94,6 +96,12 @@ def test_model_configs(name, data, tmp_path, text_file):
     if name in ("timm", "torchvision") and importlib.util.find_spec(name) is None:
         with pytest.raises(ConfigError, match="model.name.*not installed"):
             plan_members(cfg)
+        return
+    if is_lm(cfg):  # the language model itself (runner/lm.py): next-token logits over its vocabulary
+        job = plan_lm(cfg)
+        with torch.no_grad():
+            logits = job.model.eval()(spec.example)
+        assert logits.shape == (*spec.example["input_ids"].shape, job.model.vocab_size)
         return
     [member] = plan_members(cfg)
     check_forward(member.net, spec.example, spec.num_classes)
@@ -167,10 +175,17 @@ def test_compress_configs(name, tmp_path):
     )
 
 
+# SmolLM2's architecture and tokenizer from its GGUF, random weights (dequantizing the real ones: ~15 s more)
+EXPERIMENT_EXTRA = {"smollm2_lm": ["model.pretrained=false", "data.max_rows=200"]}
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_configs(name, tmp_path):
-    cfg = compose_config([f"experiment={name}"], tmp_path)
+    cfg = compose_config([f"experiment={name}", *EXPERIMENT_EXTRA.get(name, [])], tmp_path)
     validate(cfg)
+    if is_lm(cfg):  # a causal LM job (runner/lm.py): data, model and recipe planned
+        assert plan_lm(cfg).model.vocab_size == 49152
+        return
     if cfg.tasks:  # a pool of tasks (runner/pool.py): every task planned, no training
         assert [t.name for t in plan_pool(cfg).tasks] == list(cfg.tasks)
         return
