@@ -18,6 +18,10 @@ together. Each group costs one pass over the calibration batches, cut short wher
 starts, so a model of L blocks costs about L/2 forward passes of the batches (the paper runs each
 block on cached inputs instead, which needs the blocks' call arguments). `sequential: false`: one
 pass, every layer scored on the dense model's inputs.
+
+`score: magnitude` is the paper's magnitude baseline in the same comparison group (its Table 8's
+"weight magnitude, per output"): |W_ij| alone, on the very layers and rows Wanda prunes, no calibration
+input read; what differs from `score: wanda` is then only the ||X_j|| factor.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from runner.compress.requirements import body_linears
 from runner.device import job_device, on_device
 from runner.errors import check
 
+SCORES = ("wanda", "magnitude")
 MASK_KEY = "attention_mask"  # the dict input whose zeros mark padding tokens (not counted)
 
 
@@ -194,6 +199,7 @@ class Wanda(Step):
     with fewer weights stay dense. sequential: score each block's layers on the inputs the already
     pruned blocks before it give (the paper's procedure; false: one pass over the dense model).
     finetune_epochs / lr: fine-tuning with the masks kept (as MagnitudePrune; the paper: none).
+    score: wanda (|W| * ||X||) or magnitude (|W| alone, the same layers and rows: the baseline).
 
     Inputs with an `attention_mask` (token ids): only real tokens' rows count, where the mask fits a
     layer's input (B, T, in); padding rows are computed by the model but no real token reads them, so
@@ -218,7 +224,9 @@ class Wanda(Step):
         sequential: bool = True,
         finetune_epochs: int = 0,
         lr: float | None = None,
+        score: str = "wanda",
     ) -> None:
+        check(score in SCORES, "compress.steps[].score", score, list(SCORES))
         check(
             isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0,
             "compress.steps[].sparsity",
@@ -244,7 +252,7 @@ class Wanda(Step):
         check_epochs("compress.steps[]", finetune_epochs, lr)
         self.sparsity, self.pattern, self.calibration_batches = float(sparsity), pattern, calibration_batches
         self.min_params, self.sequential, self.finetune_epochs, self.lr = min_params, sequential, finetune_epochs, lr
-        self._nm = nm
+        self._nm, self.score = nm, score
 
     def targets(self, model: nn.Module) -> list[nn.Linear]:
         """The layers this step prunes: every Linear but the head, with >= min_params weights and, for
@@ -283,6 +291,13 @@ class Wanda(Step):
     def prune_in_place(self, model: nn.Module, batches: list[Inputs], device: Any = "cpu") -> dict[nn.Module, Tensor]:
         """Zero the weights Wanda removes (module docstring); the masks kept, by layer."""
         model.eval()
+        if self.score == "magnitude":  # |W| alone: no calibration pass
+            masks = {}
+            for layer in self.targets(model):
+                masks[layer] = wanda_keep(layer.weight, torch.ones(layer.in_features), self.sparsity, self._nm)
+                layer.weight.mul_(masks[layer].to(layer.weight.dtype))
+            self.stats_ = {"wanda/passes": 0.0, "wanda/calibration_rows": 0.0}
+            return masks
         pending, masks, rows, passes = self.targets(model), {}, [], 0
         blocks = blocks_of(model, pending) if self.sequential else None
         while pending:
@@ -304,7 +319,7 @@ class Wanda(Step):
         return masks
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
-        batches = self.calibration_inputs(ctx)
+        batches = self.calibration_inputs(ctx) if self.score == "wanda" else []
         with on_device(model, job_device(ctx.trainer)) as where:
             masks = self.prune_in_place(model, batches, where)
         masks = {layer: keep.cpu() for layer, keep in masks.items()}

@@ -14,7 +14,8 @@ computation done here (numpy or plain torch), not against the step's own helpers
   and rounds each weight to the nearest step; weight-only int8 (torchao) the same per output channel
   or group; weight-only int4 (torchao, CPU) (max - min) / 15 per group of inputs with min as its zero
   (in bfloat16, as that layer computes);
-- distillation trains with alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
+- distillation trains with alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE; a causal
+  LM's (DistillLM) the same per position where a real token predicts a real token.
 
 A swapped scope, a step that removes the largest weights or the wrong channels, a Wanda score that
 forgets the input norm or compares across rows, an observer changed to an asymmetric one, a
@@ -38,6 +39,7 @@ import runner.compress.quantize
 from runner.compress import (
     CompressContext,
     Distill,
+    DistillLM,
     DynamicQuantize,
     FineTune,
     GradualPrune,
@@ -50,6 +52,7 @@ from runner.compress import (
     WeightOnlyQuantize,
 )
 from runner.compress.distill import DistillModule, distillation_loss
+from runner.compress.distill_lm import lm_distillation_loss
 from runner.models import CNN1D, MLP
 
 # Every step class runner.compress exports has a selection check in this file.
@@ -62,6 +65,7 @@ CHECKED = {
     StaticQuantize,
     QATQuantize,
     Distill,
+    DistillLM,
     Wanda,
     WeightOnlyQuantize,
 }
@@ -606,3 +610,33 @@ def test_the_loss_distill_trains_with_is_the_formula(monkeypatch):
             f"teacher={teacher}: the loss it trains with is not the formula"
         )
         assert captured["module_cls"] is DistillModule or issubclass(captured["module_cls"], DistillModule)
+
+
+def test_lm_distillation_loss_is_the_formula_per_predicting_position():
+    """DistillLM: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE of the next token, averaged
+    over the positions where a real token predicts a real token (numpy here); teacher and student, T and
+    alpha swapped give other values."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g) * 2
+    ids = torch.randint(0, 6, (2, 4), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    temperature, alpha = 3.0, 0.7
+
+    def log_softmax(v):
+        v = v - v.max()
+        return v - np.log(np.exp(v).sum())
+
+    kl, ce = [], []
+    for b, t in [(0, 0), (0, 1), (0, 2), (1, 0)]:  # predicting positions: both tokens real
+        lt = log_softmax(teacher[b, t].double().numpy() / temperature)
+        ls = log_softmax(student[b, t].double().numpy() / temperature)
+        kl.append((np.exp(lt) * (lt - ls)).sum())
+        ce.append(-log_softmax(student[b, t].double().numpy())[int(ids[b, t + 1])])
+    expected = alpha * temperature**2 * np.mean(kl) + (1 - alpha) * np.mean(ce)
+    got = float(lm_distillation_loss(student, teacher, ids, mask, temperature, alpha))
+    assert got == pytest.approx(expected, abs=1e-5)
+    for swapped in (
+        lm_distillation_loss(teacher, student, ids, mask, temperature, alpha),
+        lm_distillation_loss(student, teacher, ids, mask, alpha, temperature),
+    ):
+        assert abs(float(swapped) - expected) > 1e-3

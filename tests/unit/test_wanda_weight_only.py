@@ -94,6 +94,37 @@ def test_wanda_calibrates_on_the_first_training_batches_only():
     assert set(seen) == {"body.0", "body.2"} and data.train_reads == 1
 
 
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.5)])
+def test_magnitude_score_prunes_the_same_layers_by_weight_alone_reading_no_data(pattern, sparsity):
+    """score=magnitude: in every Linear but the head, the smallest |W| of each row (or of each group of 4)
+    go, by hand; the heads stay; no split is read (a planted 1000x input would change Wanda's choice)."""
+    model = seeded_mlp()
+    before = copy.deepcopy(model)
+    data = Splits([])  # reading train would count; val and test raise
+    out = Wanda(sparsity=sparsity, pattern=pattern, score="magnitude").apply(model, CompressContext(data, {}, {}))
+    assert data.train_reads == 0
+    for (name, new), old in zip(out.named_modules(), before.modules()):
+        if not isinstance(new, nn.Linear):
+            continue
+        w = old.weight.detach().abs()
+        if name == "head":
+            assert torch.equal(new.weight, old.weight)
+            continue
+        groups = w.reshape(w.shape[0], -1, 4 if pattern == "2:4" else w.shape[1])
+        k = groups.shape[-1] // 2
+        # the k smallest |w| of each group go (no ties in random weights)
+        cut = groups.sort(dim=-1).values[..., k - 1 : k]
+        expected = (groups > cut).reshape(w.shape)
+        assert torch.equal(new.weight != 0, expected), name
+        assert torch.equal(new.weight[expected], old.weight[expected])
+
+
+def test_bad_score_names_its_key():
+    with pytest.raises(ConfigError) as err:
+        Wanda(score="taylor")
+    assert err.value.key == "compress.steps[].score" and "magnitude" in str(err.value)
+
+
 class TokenNet(nn.Module):
     """A token model: a Linear on every token's features (B, T, 8), mean-pooled over the real tokens
     (attention_mask), and a head."""
