@@ -176,7 +176,10 @@ def test_compress_configs(name, tmp_path):
 
 
 # SmolLM2's architecture and tokenizer from its GGUF, random weights (dequantizing the real ones: ~15 s more)
-EXPERIMENT_EXTRA = {"smollm2_lm": ["model.pretrained=false", "data.max_rows=200"]}
+EXPERIMENT_EXTRA = {
+    "smollm2_lm": ["model.pretrained=false", "data.max_rows=200"],
+    "smollm2_merge": ["model.pretrained=false", "data.max_rows=200"],
+}
 
 
 @pytest.mark.parametrize("name", options("experiment"))
