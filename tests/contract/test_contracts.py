@@ -85,7 +85,7 @@ BY_SETTINGS = {
     },
 }
 # The refusals the classes' declarations explain: dynamic and weight-only int8 on a conv-heavy ResNet
-# (mostly_dense), Wanda on it (linear_layers: no Linear but its head), QAT's FX graph on Hugging Face
+# (mostly_dense), Wanda and its magnitude baseline on it (linear_layers: no Linear but its head), QAT's FX graph on Hugging Face
 # models (fx_traceable), and the distillation of a causal LM on every classifier (causal_lm; it is
 # tested on a tiny Llama in tests/unit/test_distill_lm.py).
 LM_ONLY = {"distill_lm"}
@@ -98,6 +98,8 @@ BY_DECLARATION = {
         "quant_int4_weight",
         "prune_wanda",
         "prune_wanda_2_4",
+        "prune_magnitude_rows",
+        "prune_magnitude_2_4",
         *LM_ONLY,
     },
     "vit": {"qat", *LM_ONLY},

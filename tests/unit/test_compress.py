@@ -178,6 +178,8 @@ def test_every_recipe_checks_the_gru_clearly():
     # quantization have no Linear but the head to work on
     assert refused == {
         "prune_wanda",
+        "prune_magnitude_rows",
+        "prune_magnitude_2_4",
         "prune_wanda_2_4",
         "quant_int8_weight",
         "quant_int4_weight",
