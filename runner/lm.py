@@ -180,6 +180,7 @@ def measure_lm(model: nn.Module, batches: list[dict[str, Tensor]], eval_cfg: Map
         max_repeats=eval_cfg.get("latency_max_repeats", 10_000),
         threads=eval_cfg.get("latency_threads"),
     )
+    size = weight_bytes(model)
     return {
         **metrics,
         "eval_s": seconds,
@@ -187,8 +188,8 @@ def measure_lm(model: nn.Module, batches: list[dict[str, Tensor]], eval_cfg: Map
         "eval_peak_mb": peak.mb,
         **latency.metrics(),
         "latency_batch_texts": float(len(batches[0]["input_ids"])),
-        "weight_bytes": float(weight_bytes(model)),
-        "weight_mb": weight_bytes(model) / 1e6,
+        "weight_bytes": float(size),
+        "weight_mb": size / 1e6,
         "params": float(sum(p.numel() for p in model.parameters())),
     }
 
