@@ -112,6 +112,33 @@ def logged_predictions(tmp_path: Path, run) -> tuple:
         return f["probs"], f["targets"]
 
 
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """A folder holding a tiny random Llama and a WordPiece tokenizer trained on review texts: what
+    model.weights of the SmolLM2 options take in tests (a causal LM, or a classifier on its decoder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runner.data.packaged_text import RottenTomatoes
+    from runner.data.text import train_wordpiece
+
+    texts = RottenTomatoes().frame()["text"].tolist()[:2000]
+    tokenizer = train_wordpiece(texts, vocab_size=300)
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def repository_outputs_untouched():
     """The suite writes under pytest's tmp_path only, never into the repository's outputs/ (nor an MLflow

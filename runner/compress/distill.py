@@ -51,6 +51,7 @@ from runner.compress.requirements import is_quantized
 from runner.errors import check
 from runner.models import LitClassifier
 from runner.models.adapter import build_model, check_forward
+from runner.models.retokenize import retokenized
 
 TEACHERS = ("member", "ensemble", "members")
 PROBE_SAMPLES = 64  # validation inputs the feature MSE is reported on (before and after training)
@@ -385,10 +386,14 @@ class Distill(Step):
         self.needs_ensemble = teacher == "ensemble"
         self._shared: tuple[nn.Module, TeacherMemo] | None = None  # the ensemble and its memo
 
-    def build_student(self) -> nn.Module:
+    def build_student(self, source: nn.Module | None = None) -> nn.Module:
+        """The student, taking the inputs of `source` (the model entering the step): a student with a
+        tokenizer of its own reads the data's token ids as texts (runner.models.retokenize)."""
         if isinstance(self.student, nn.Module):
-            return copy.deepcopy(self.student)
-        return build_model(self.student, self.key + ".student")
+            student = copy.deepcopy(self.student)
+        else:
+            student = build_model(self.student, self.key + ".student")
+        return student if source is None else retokenized(student, source)
 
     def _feature_keys(self, side: str) -> list[str]:
         return [f"{self.key}.features[{j}].{side}" for j in range(len(self.features))]
@@ -404,7 +409,7 @@ class Distill(Step):
 
     def check(self, model: nn.Module, spec: DataSpec) -> None:
         super().check(model, spec)  # (it requires nothing of the model it replaces: only of its student)
-        student = self.build_student()
+        student = self.build_student(model)
         check_forward(student, spec.example, spec.num_classes, self.key + ".student", spec.input_spec)
         check(not is_quantized(student), self.key + ".student", type(student).__name__, "a float model")
         check(
@@ -428,7 +433,7 @@ class Distill(Step):
             )
 
     def preview(self, model: nn.Module) -> nn.Module:
-        return self.build_student()
+        return self.build_student(model)
 
     def teachers(self, model: nn.Module, ctx: CompressContext) -> list[nn.Module]:
         """The teacher networks of this step for `model` (the model entering it)."""
@@ -460,7 +465,7 @@ class Distill(Step):
 
     def apply(self, model: nn.Module, ctx: CompressContext) -> nn.Module:
         teachers = self.teachers(model, ctx)
-        student = self.build_student()
+        student = self.build_student(model)
         hooks: list[RemovableHandle] = []
         modes = _modes(teachers)  # training puts teachers in eval mode
         kwargs: dict[str, Any] = {}

@@ -63,7 +63,7 @@ FAMILIES = {  # family: overrides of the real configs, shrunk
 # convs in float, so conv-heavy nets (ResNet) are refused, LeNet-5 (mostly Linear weights) is not;
 # static int8 needs convs or fx-traceable nets (not Hugging Face); the default distillation student is
 # an MLP on num_features (text has token ids); distill_features' default pair names `head`.
-TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}  # students on token ids: ${data.vocab_size}
+TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny", "distill_minilm"}  # students on token ids
 # The refusals no class declaration explains, each from a step's settings: a student config that does
 # not fit the data (TEXT_STUDENTS on images; the default MLP student, num_features, on token ids), the
 # channel multiples of 8 of prune_structured_macs and prune_channels_2x, distill_features' default

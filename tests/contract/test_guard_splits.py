@@ -49,7 +49,7 @@ STRATEGIES = sorted(p.stem for p in Path(CONF_DIR, "fuse").glob("*.yaml") if p.s
 RECIPES = sorted(
     p.stem
     for p in Path(CONF_DIR, "compress").glob("*.yaml")
-    if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny", "distill_lm")
+    if p.stem not in ("none", "distill_text_bow", "distill_bert_tiny", "distill_minilm", "distill_lm")
 )
 ONE_MLP = ["model=mlp"]
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]

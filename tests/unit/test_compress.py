@@ -35,7 +35,7 @@ from runner.models.facts import declared_head_name, set_head_name
 
 # none: no steps (tests/unit/test_config.py); text students need token ids (tests/contract/test_contracts.py's text family);
 # distill_lm takes causal LMs only (tests/unit/test_distill_lm.py)
-TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny"}
+TEXT_STUDENTS = {"distill_text_bow", "distill_bert_tiny", "distill_minilm"}
 LM_ONLY = {"distill_lm"}
 RECIPES = sorted(
     p.stem

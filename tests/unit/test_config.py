@@ -164,7 +164,7 @@ def test_fuse_configs(name, tmp_path):
 def test_compress_configs(name, tmp_path):
     from runner.compress import build_recipe
 
-    text = name in ("distill_text_bow", "distill_bert_tiny")  # students on token ids
+    text = name in ("distill_text_bow", "distill_bert_tiny", "distill_minilm")  # students on token ids
     cfg = compose_config(
         [f"compress={name}", *(["data=rotten_tomatoes", "data.max_rows=200"] if text else [])], tmp_path
     )
@@ -179,6 +179,7 @@ def test_compress_configs(name, tmp_path):
 EXPERIMENT_EXTRA = {
     "smollm2_lm": ["model.pretrained=false", "data.max_rows=200"],
     "smollm2_merge": ["model.pretrained=false", "data.max_rows=200"],
+    "smollm2_distill": ["model.pretrained=false", "data.max_rows=200"],
 }
 
 
