@@ -46,8 +46,29 @@ def test_a_damaged_entry_is_a_miss_and_is_removed(tmp_path, caplog):
     into = net(1)
     before = {k: v.clone() for k, v in into.state_dict().items()}
     assert cache.load("k", into) is None
-    assert not (tmp_path / "members" / "k").exists() and "checksum mismatch" in caplog.text
+    assert not (tmp_path / "members" / "k").exists()
+    [record] = [r for r in caplog.records if r.name == "runner.cache"]
+    assert record.getMessage() == "member cache entry k is corrupt (checksum mismatch); retraining"
     assert all(torch.equal(before[k], v) for k, v in into.state_dict().items())
+
+
+class Planted:
+    """Unpickles as a tensor by calling torch.zeros: code run at load time, which an entry may not hold."""
+
+    def __reduce__(self):
+        return torch.zeros, (3, 4)
+
+
+def test_an_entry_whose_pickle_runs_code_is_refused_even_with_a_matching_checksum(tmp_path):
+    cache = MemberCache(str(tmp_path))
+    cache.save("k", net(0), {})
+    entry = tmp_path / "members" / "k"
+    state = {k: v for k, v in net(0).state_dict().items()}
+    state["0.weight"] = Planted()  # a valid state dict once unpickled: only weights_only refuses it
+    torch.save(state, entry / "model.pt")
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({**meta, "sha256": file_sha256(entry / "model.pt")}))
+    assert cache.load("k", net(1)) is None and not entry.exists()
 
 
 def test_a_second_writer_of_one_key_keeps_the_first_entry(tmp_path):
