@@ -32,9 +32,15 @@ def _tokenizer(spec: str) -> Any:
     return tokenizer
 
 
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """What a model says its inputs need (`model.preprocessing`: a pretrained tokenizer and length, an image
+    size and normalisation); {} for a model that takes the data's inputs as they come."""
+    return dict(getattr(model, "preprocessing", None) or {})
+
+
 def tokenizer_of(model: nn.Module) -> str | None:
     """The tokenizer a model's inputs must come from (its `preprocessing`), or None if it takes any ids."""
-    spec = (getattr(model, "preprocessing", None) or {}).get("tokenizer")
+    spec = preprocessing(model).get("tokenizer")
     return str(spec) if spec else None
 
 
@@ -69,6 +75,6 @@ def retokenized(model: nn.Module, source: nn.Module) -> nn.Module:
     mine, theirs = tokenizer_of(model), tokenizer_of(source)
     if mine is None or theirs is None or mine == theirs:
         return model
-    max_length = (getattr(model, "preprocessing", None) or {}).get("max_length")
-    theirs_length = (getattr(source, "preprocessing", None) or {}).get("max_length")
-    return Retokenized(model, theirs, mine, max_length, theirs_length)
+    return Retokenized(
+        model, theirs, mine, preprocessing(model).get("max_length"), preprocessing(source).get("max_length")
+    )
