@@ -27,6 +27,7 @@ from runner.evaluate import predict_proba
 from runner.fuse import Fusion, gain_over_best
 from runner.job import finished, job_run, job_timing, log_job, report, start_job
 from runner.lm import is_lm, run_lm
+from runner.measure import PeakMemory
 from runner.members import Member, plan_members, pretrain_shared_start, train_member
 from runner.models.adapter import check_forward
 from runner.pool import is_pool, run_pool
@@ -194,17 +195,21 @@ def train_members(job: Plan, recorder: Recorder) -> MemberResults:
 
 def fuse(job: Plan, members: MemberResults, recorder: Recorder) -> FusionResult:
     """The strategy fitted on val only and evaluated on test (output-level strategies reuse the
-    members' test outputs); the objective: val accuracy of the fused model, else of the best member."""
+    members' test outputs); what the fit cost (`fused/fit_s`, `fused/fit_peak_mb`: the resident memory
+    it added); the objective: val accuracy of the fused model, else of the best member."""
     strategy, fused = job.strategy, None
     if strategy:
-        with on_device(members.nets, recorder.device):
+        with on_device(members.nets, recorder.device), PeakMemory() as peak:
+            started = time.perf_counter()
             strategy.fit(members.nets, job.datamodule.val_dataloader())
+            fit = {"fit_s": time.perf_counter() - started}
+        fit["fit_peak_mb"] = peak.mb
         fused = strategy.as_module()
         recorder.evaluate(
             "fused",
             "",
             fused,
-            derive=lambda m: {**gain_over_best(m, members.metrics), **strategy.stats()},
+            derive=lambda m: {**gain_over_best(m, members.metrics), **strategy.stats(), **fit},
             probs=strategy.fused_test_probs(members.test_probs()),
         )
     # never a test number; output-level fusion reuses the val outputs it was fitted on

@@ -1,12 +1,16 @@
 """The whole pipeline in-process on tiny settings: ensembles, fusion, compression, nested MLflow runs."""
 
+import time
+
 import numpy as np
 import pytest
+import torch
 from conftest import compose_config, logged_predictions
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from sklearn.metrics import log_loss
 
+import runner.fuse.base
 import runner.members
 import runner.pipeline
 from runner.errors import ConfigError
@@ -145,3 +149,23 @@ def test_fusion_across_architectures(fuse, tmp_path):
         # forward, so its own head (64 x 10) still runs
         skipped = (500 + 100) * 10
         assert results["fused/macs"] == sum(results[f"member/{n}/macs"] for n in names) + head - 10 - skipped
+
+
+def test_the_fusion_fit_cost_is_logged(tmp_path, monkeypatch):
+    """fused/fit_s and fused/fit_peak_mb time and measure the strategy's fit on val and nothing else:
+    a fit that holds 96 MB for 0.3 s is logged as such, in the job run and the fused run."""
+    fit = runner.fuse.base.Fusion.fit
+
+    def hungry_fit(self, members, val):
+        block = torch.ones(96 * 2**20 // 4)
+        time.sleep(0.3)
+        del block
+        return fit(self, members, val)
+
+    monkeypatch.setattr(runner.fuse.base.Fusion, "fit", hungry_fit)
+    results = runner.pipeline.run(compose_config([*TWO_MLPS, "fuse=mean"], tmp_path))
+    assert results["fused/fit_peak_mb"] == pytest.approx(96, abs=8)
+    assert 0.3 <= results["fused/fit_s"] < 3
+    logged = child_runs(tmp_path)["fused"].data.metrics
+    assert logged["fit_peak_mb"] == pytest.approx(results["fused/fit_peak_mb"])
+    assert logged["fit_s"] == pytest.approx(results["fused/fit_s"])

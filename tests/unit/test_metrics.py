@@ -1,11 +1,15 @@
 """Our torchmetrics-based metrics against scikit-learn on the same predictions."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from sklearn import metrics as skm
 
+import runner.measure
 from runner.evaluate import classification_metrics, confusion_matrix, latency_ms, size_metrics
+from runner.measure import PeakMemory
 from runner.models import MLP
 
 
@@ -228,3 +232,34 @@ def test_latency_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         validate(compose_config([override]))
     assert info.value.key == key
+
+
+MB = 2**20
+
+
+def _touch(mb: int) -> torch.Tensor:
+    return torch.ones(mb * MB // 4)  # written, so resident
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["peak reset", "sampled"])
+def test_peak_memory_is_what_the_block_added(reset, monkeypatch):
+    """The block's own peak: not what the process held before it (32 MB), not an earlier, higher peak
+    (256 MB), but the 128 MB the block held, on Linux's reset peak and on the sampling fallback."""
+    if not reset:  # /proc/self/clear_refs not writable: a thread samples the resident size
+        real_open = open
+
+        def no_clear_refs(path, *args, **kwargs):
+            if str(path).endswith("clear_refs"):
+                raise PermissionError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(runner.measure, "open", no_clear_refs, raising=False)
+    held = _touch(32)
+    earlier = _touch(256)
+    del earlier
+    with PeakMemory() as peak:
+        block = _touch(128)
+        time.sleep(0.05)  # longer than the sampling interval
+        del block
+    assert peak.mb == pytest.approx(128, abs=8)
+    assert held.numel() == 32 * MB // 4
