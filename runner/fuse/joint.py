@@ -24,6 +24,7 @@ from torch import nn
 from runner.batches import split_batch
 from runner.config import OPTIMIZERS
 from runner.fuse.multitask import PoolMerge, TaskModel, backbone_keys
+from runner.heap import kept_heap
 from runner.models.adapter import head_module
 from runner.models.facts import copy_facts
 from runner.train import build_trainer
@@ -102,7 +103,8 @@ def train_jointly(
         net.train()
     settings = {k: v for k, v in dict(trainer_cfg).items() if k not in ("limit_val_batches",)}
     trainer = build_trainer(settings, limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=CombinedLoader(dict(train_loaders), mode="max_size_cycle"))
+    with kept_heap():
+        trainer.fit(module, train_dataloaders=CombinedLoader(dict(train_loaders), mode="max_size_cycle"))
     for net in nets.values():
         net.eval()
 
