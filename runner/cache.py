@@ -111,7 +111,9 @@ def source_digest(root: Path, files: tuple[str, ...] | None = None) -> str:
 def code_digest(objects: Iterable[Any], training: bool = False) -> dict[str, str]:
     """What code the results of `objects` depend on: the runner's source, the source file of every
     class behind them that is not an installed library (a user's own modules: their models,
-    datamodules, transforms), and the version of each installed library they come from.
+    datamodules, transforms), and the version of each installed library they come from (its file's
+    digest where the library has no `__version__`). Classes of modules without a file (a notebook's
+    cells, built-ins) are left out.
 
     Module objects are walked (every submodule's class counts). Part of the member cache key and
     of the finished-job check, so a result made by other code is never reused. `training=True`
@@ -133,8 +135,8 @@ def code_digest(objects: Iterable[Any], training: bool = False) -> dict[str, str
             version = _module_version(module)
             if version:
                 covered[cls.__module__.split(".")[0]] = version
-        else:
-            covered[cls.__module__] = file_sha256(Path(path))[:16]
+                continue
+        covered[cls.__module__] = file_sha256(Path(path))[:16]  # a user's module, or a library without a version
     return dict(sorted(covered.items()))
 
 

@@ -4,9 +4,12 @@ job tests could not reach (benchmarks/mutation.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 import runner.cache
-from runner.cache import MemberCache, file_sha256
+from runner.cache import MemberCache, code_digest, file_sha256
 from runner.errors import ConfigError
 from runner.models import MLP
 from runner.train import train_classifier
@@ -188,3 +191,44 @@ def test_source_digest_covers_each_files_path_and_bytes_in_path_order(tmp_path):
     assert source_digest(tmp_path) == h.hexdigest()[:16]
     only = hashlib.sha256(b"b.py\0print(2)\n").hexdigest()[:16]
     assert source_digest(tmp_path, ("b.py",)) == only
+
+
+USER_MODEL = "from torch import nn\n\nclass Tiny(nn.Linear):\n    pass\n"
+
+
+def _module_from(folder: Path, name: str, source: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(source)
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_digest_walks_submodules_and_names_only_code_outside_the_runner(tmp_path, monkeypatch):
+    """A user's layer inside a torch container counts (the container's class alone would miss it); the
+    runner's own classes are covered by the runner's digest, not one by one."""
+    user = _module_from(tmp_path / "mine", "user_layer", USER_MODEL)
+    monkeypatch.setitem(sys.modules, "user_layer", user)
+    digest = code_digest([nn.Sequential(user.Tiny(2, 2)), MLP(4, 2)])
+    assert digest == {
+        "runner": code_digest([])["runner"],
+        "torch": torch.__version__,
+        "user_layer": file_sha256(tmp_path / "mine" / "user_layer.py")[:16],
+    }
+
+
+def test_code_digest_covers_a_library_without_a_version_by_its_file_and_skips_fileless_modules(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    lib = _module_from(site, "versionless_lib", USER_MODEL)
+    monkeypatch.setitem(sys.modules, "versionless_lib", lib)
+    cell = types.ModuleType("notebook_cell")  # a notebook's or REPL's classes: no file to read
+    monkeypatch.setitem(sys.modules, "notebook_cell", cell)
+    cell.Tiny = type("Tiny", (nn.Linear,), {"__module__": "notebook_cell"})
+    digest = code_digest([lib.Tiny(2, 2), cell.Tiny(2, 2)])
+    assert digest == {
+        "runner": code_digest([])["runner"],
+        "torch": torch.__version__,
+        "versionless_lib": file_sha256(site / "versionless_lib.py")[:16],
+    }
