@@ -220,14 +220,19 @@ def test_code_digest_walks_submodules_and_names_only_code_outside_the_runner(tmp
 
 
 def test_code_digest_covers_a_library_without_a_version_by_its_file_and_skips_fileless_modules(tmp_path, monkeypatch):
+    """A library is installed under site-packages (or dist-packages, Debian's system Python's) and is
+    named by its version, by its file's digest without one; a notebook's classes have no file."""
     site = tmp_path / "site-packages"
     lib = _module_from(site, "versionless_lib", USER_MODEL)
     monkeypatch.setitem(sys.modules, "versionless_lib", lib)
+    debian = _module_from(tmp_path / "dist-packages", "debian_lib", USER_MODEL + '__version__ = "1.2"\n')
+    monkeypatch.setitem(sys.modules, "debian_lib", debian)
     cell = types.ModuleType("notebook_cell")  # a notebook's or REPL's classes: no file to read
     monkeypatch.setitem(sys.modules, "notebook_cell", cell)
     cell.Tiny = type("Tiny", (nn.Linear,), {"__module__": "notebook_cell"})
-    digest = code_digest([lib.Tiny(2, 2), cell.Tiny(2, 2)])
+    digest = code_digest([lib.Tiny(2, 2), cell.Tiny(2, 2), debian.Tiny(2, 2)])
     assert digest == {
+        "debian_lib": "1.2",
         "runner": code_digest([])["runner"],
         "torch": torch.__version__,
         "versionless_lib": file_sha256(site / "versionless_lib.py")[:16],
