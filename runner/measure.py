@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from runner.batches import Inputs, num_samples
+from runner.heap import release_freed_memory
 
 
 def _tensors(value: object) -> Iterable[torch.Tensor]:
@@ -234,7 +235,9 @@ def _rss_kb(field: str = "VmRSS") -> int | None:
 
 class PeakMemory:
     """The peak resident memory (RSS) of this process while the block runs, in MB above what it held
-    when the block started: `with PeakMemory() as peak: ...; peak.mb`.
+    when the block started: `with PeakMemory() as peak: ...; peak.mb`. What the process had freed
+    but kept (glibc keeps a freed heap top up to a threshold) is given back first, so the block's
+    allocations count whatever ran before it.
 
     Linux keeps the peak (VmHWM); writing 5 to /proc/self/clear_refs resets it to the current RSS, so
     the peak read at the end is this block's. Where that is not allowed, a thread samples VmRSS every
@@ -243,6 +246,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self.mb = float("nan")
+        release_freed_memory()  # memory the process freed but kept would be reused unseen: give it back first
         self._before = _rss_kb()
         self._samples: list[int] = []
         self._stop = threading.Event()

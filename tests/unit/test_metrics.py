@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 
 import runner.measure
 from runner.evaluate import classification_metrics, confusion_matrix, latency_ms, size_metrics
+from runner.heap import kept_heap, kept_heap_enabled
 from runner.measure import PeakMemory
 from runner.models import MLP
 
@@ -263,3 +264,17 @@ def test_peak_memory_is_what_the_block_added(reset, monkeypatch):
         del block
     assert peak.mb == pytest.approx(128, abs=8)
     assert held.numel() == 32 * MB // 4
+
+
+@pytest.mark.skipif(not kept_heap_enabled(), reason="glibc's malloc settings (Linux) only")
+def test_peak_memory_counts_the_block_even_where_the_process_kept_freed_memory():
+    """Memory freed earlier and kept by the process (here: during training, runner/heap.py) would be
+    reused by the block without raising the resident size; it is given back first, so the block's
+    128 MB still count."""
+    with kept_heap():
+        earlier = [_touch(8) for _ in range(40)]  # 320 MB from the heap, freed and kept
+        del earlier
+        with PeakMemory() as peak:
+            block = [_touch(8) for _ in range(16)]
+            del block
+    assert peak.mb == pytest.approx(128, abs=8)
