@@ -241,6 +241,11 @@ def test_every_finetune_entry_changes_its_members_key_only(entry, tmp, base):
     first, second = list(base)
     assert keys[first] == base[first], f"finetune[1].{group}.{key} changed member 0's key"
     assert keys[second] != base[second], f"finetune[1].{group}.{key}={value!r} left member 1's key as it was"
+    node = cfg[group] if group == "optim" else cfg.data
+    if key in node:  # the entry's value counts, not its presence: the job's own value is the same member
+        with open_dict(cfg):
+            cfg.ensemble.finetune = [None, {group: {key: OmegaConf.to_container(node, resolve=True)[key]}}]
+        assert member_keys(cfg) == base, f"finetune[1].{group}.{key} set to the job's own value changed a key"
 
 
 def test_the_seed_alone_changes_the_key(tmp):
