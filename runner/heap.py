@@ -10,8 +10,9 @@ something alive at the top of the heap so that it is never given back.
 
 `kept_heap()` makes that deliberate: while it is open, every block comes from the heap (M_MMAP_MAX 0:
 none straight from the system, MiniLM's 47 MB embedding gradient included) and freed memory stays with
-the process for the next step (M_TRIM_THRESHOLD 2 GB). When it closes, the thresholds go to what glibc's dynamic adjustment settles on after
-its first large free (32 MB; give back above 64 MB) and the kept memory is returned (malloc_trim), so
+the process for the next step (M_TRIM_THRESHOLD 2 GB). When it closes, the thresholds go to what
+glibc's dynamic adjustment settles on after its first large free (32 MB; give back above 64 MB) and
+the kept memory is returned (malloc_trim), so
 what is measured next (evaluation memory, latency) starts from live memory only. Setting a threshold
 turns glibc's dynamic adjustment off for the process; that is why the thresholds are not put back to
 its start values (128 kB, which would send every block above 128 kB to the system again).
@@ -64,7 +65,7 @@ def release_freed_memory() -> None:
 
 def _set(libc: ctypes.CDLL, trim: int, mmap_max: int) -> bool:
     settings = ((M_TRIM_THRESHOLD, trim), (M_MMAP_THRESHOLD, MMAP_CEILING), (M_MMAP_MAX, mmap_max))
-    return all([bool(libc.mallopt(param, value)) for param, value in settings])
+    return all([bool(libc.mallopt(param, value)) for param, value in settings])  # a list: every one is set
 
 
 @contextmanager
@@ -80,4 +81,4 @@ def kept_heap() -> Iterator[None]:
         yield
     finally:
         _set(libc, AFTER_TRIM, MMAP_MAX)
-        libc.malloc_trim(0)
+        release_freed_memory()

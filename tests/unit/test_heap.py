@@ -7,6 +7,7 @@ import resource
 from contextlib import contextmanager
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import FAST_TRAINER
 
@@ -65,7 +66,7 @@ def test_training_runs_inside_a_kept_heap(monkeypatch, wine):
             yield
         seen.append("closed")
 
-    class Check(runner.train.pl.Callback):
+    class Check(pl.Callback):
         def on_train_batch_start(self, *args):
             seen.append("step")
 
