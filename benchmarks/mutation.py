@@ -12,6 +12,10 @@ by other tests is never reused.
 
     pip install -e '.[mutation]'
     .venv/bin/python benchmarks/mutation.py [--group cache members] [--jobs 2] [--write results/mutation.md]
+    .venv/bin/python benchmarks/mutation.py --group fuse --sample 25 --seed 0   # 25 mutants per module
+
+A full group takes hours on 2 cores; --sample checks a seeded random sample of each module's mutants
+and reports the kill rate with its 95% (Wilson) interval, an estimate of the full run's.
 
 Kill rate = killed / (killed + survived + not covered); a timeout counts as killed (the mutant made
 the tests hang or crawl, which they noticed). The survivors are listed by function so each can be
@@ -21,6 +25,8 @@ killed by a new test or explained as equivalent.
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import re
 import shutil
 import subprocess
@@ -37,10 +43,19 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["runner/cache.py"],
         ["tests/unit/test_cache.py", "tests/contract/test_guard_cache_key.py", "tests/e2e/test_trust.py"],
     ),
-    "members": (["runner/members.py"], ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_ensemble_size.py"]),
+    "members": (
+        ["runner/members.py"],
+        ["tests/contract/test_guard_cache_key.py", "tests/e2e/test_ensemble_size.py", "tests/e2e/test_trust.py"],
+    ),
     "fuse": (
         ["runner/fuse/*"],
-        ["tests/unit/test_fuse.py", "tests/unit/test_merge.py", "tests/contract/test_guard_splits.py"],
+        [
+            "tests/unit/test_fuse.py",
+            "tests/unit/test_merge.py",
+            "tests/unit/test_slerp.py",
+            "tests/unit/test_multitask_merge.py",
+            "tests/contract/test_guard_splits.py",
+        ],
     ),
     "compress": (
         ["runner/compress/*"],
@@ -50,6 +65,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/unit/test_distill.py",
             "tests/unit/test_structured_prune.py",
             "tests/unit/test_guard_selection.py",
+            "tests/unit/test_wanda_weight_only.py",
+            "tests/unit/test_distill_lm.py",
         ],
     ),
     "pipeline": (["runner/pipeline.py"], ["tests/e2e/test_pipeline.py", "tests/contract/test_guard_splits.py"]),
@@ -107,47 +124,87 @@ def results(work: Path) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^\s*(\S+): (.+?)\s*$", out, re.M))
 
 
-def run_group(group: str, jobs: int) -> tuple[Counter, list[str], float]:
-    work = ROOT / "outputs" / "mutation" / group
-    prepare(group, work)
-    start = time.time()
-    subprocess.run(
-        [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
-        cwd=work,
-        stdout=subprocess.DEVNULL,
-        check=False,
-    )
-    verdicts = results(work)
-    counts = Counter(verdicts.values())
-    survivors = sorted(name for name, status in verdicts.items() if status in ("survived", "no tests"))
-    return counts, survivors, time.time() - start
-
-
 def kill_rate(counts: Counter) -> float:
     checked = sum(counts[s] for s in ("killed", "timeout", "survived", "no tests"))
     return sum(counts[s] for s in DETECTED) / checked if checked else float("nan")
+
+
+def module_of(mutant: str) -> str:
+    """`runner.fuse.stacking.x_fit__mutmut_3` -> `runner.fuse.stacking` (a function's or a method's
+    mangled name holds no dot)."""
+    return mutant.rsplit(".", 1)[0]
+
+
+def sample(names: list[str], per_module: int, seed: int) -> list[str]:
+    """Up to `per_module` mutants of each module, drawn without replacement by a seeded generator from
+    the sorted names, so the same code and seed always pick the same mutants."""
+    rng, by_module = random.Random(seed), {}
+    for name in sorted(names):
+        by_module.setdefault(module_of(name), []).append(name)
+    return [n for mod in sorted(by_module) for n in rng.sample(by_module[mod], min(per_module, len(by_module[mod])))]
+
+
+def wilson(detected: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a kill rate estimated from a sample of n mutants."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, d = detected / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return centre - half, centre + half
+
+
+def run_group(
+    group: str, jobs: int, per_module: int | None, seed: int, run: bool = True
+) -> tuple[dict[str, str], float]:
+    """The verdict of every mutant checked (all of the group's, or a seeded sample per module); with
+    run=False, the verdicts the group's copy holds from its last run, as they stand."""
+    work = ROOT / "outputs" / "mutation" / group
+    start = time.time()
+    if not run:
+        verdicts = results(work)
+        return ({n: verdicts[n] for n in sample(list(verdicts), per_module, seed)} if per_module else verdicts), 0.0
+    prepare(group, work)
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+    picked: list[str] = []
+    if per_module is not None:
+        if not results(work):  # generate the mutants and the test-coverage stats, then stop: no name matches
+            subprocess.run(mutmut + ["__generate_only__"], cwd=work, capture_output=True, check=False)
+        picked = sample(list(results(work)), per_module, seed)
+        # a named mutant is rerun even if it has a verdict, so name only the unchecked ones
+        todo = [n for n, status in results(work).items() if n in set(picked) and status == "not checked"]
+        if todo:
+            subprocess.run(mutmut + todo, cwd=work, stdout=subprocess.DEVNULL, check=False)
+    else:
+        subprocess.run(mutmut, cwd=work, stdout=subprocess.DEVNULL, check=False)
+    verdicts = results(work)
+    if picked:
+        verdicts = {n: verdicts[n] for n in picked}
+    return verdicts, time.time() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", nargs="*", choices=sorted(GROUPS), default=list(GROUPS))
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once")
+    parser.add_argument("--sample", type=int, help="check only this many mutants per module, drawn by --seed")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", help="also write the table and the survivors to this Markdown file")
+    parser.add_argument("--report", action="store_true", help="only report the verdicts of the last run")
     args = parser.parse_args()
-    rows, lines = [], []
+    header = "| module | mutants checked | killed | timeout | survived | not covered | kill rate | 95% interval |"
+    table, lines = [header, "|" + "---|" * 8], []
     for group in args.group:
-        counts, survivors, seconds = run_group(group, args.jobs)
-        rows.append((group, counts, seconds))
-        print(f"{group}: {kill_rate(counts):.1%} killed {dict(counts)} in {seconds:.0f} s", flush=True)
-        lines += [f"- `{name}`" for name in survivors]
-    header = "| group | mutants | killed | timeout | survived | not covered | kill rate | seconds |"
-    table = [header, "|" + "---|" * 8]
-    for group, c, seconds in rows:
-        total = sum(c.values())
-        table.append(
-            f"| {group} | {total} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['no tests']} "
-            f"| {kill_rate(c):.1%} | {seconds:.0f} |"
-        )
+        verdicts, seconds = run_group(group, args.jobs, args.sample, args.seed, run=not args.report)
+        print(f"{group}: {kill_rate(Counter(verdicts.values())):.1%} of {len(verdicts)} in {seconds:.0f} s", flush=True)
+        for module in sorted({module_of(n) for n in verdicts}):
+            c = Counter(s for n, s in verdicts.items() if module_of(n) == module)
+            n = sum(c[s] for s in ("killed", "timeout", "survived", "no tests"))
+            low, high = wilson(c["killed"] + c["timeout"], n)
+            table.append(
+                f"| {module} | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} | "
+                f"{c['no tests']} | {kill_rate(c):.1%} | {low:.0%} to {high:.0%} |"
+            )
+        lines += [f"- `{n}`: {s}" for n, s in sorted(verdicts.items()) if s in ("survived", "no tests")]
     print("\n".join(table))
     if args.write:
         Path(args.write).write_text("\n".join(table + ["", "Survivors:", ""] + lines) + "\n")

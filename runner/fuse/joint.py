@@ -101,8 +101,7 @@ def train_jointly(
     module = JointModule(nets, **dict(optim_cfg))
     for net in nets.values():
         net.train()
-    settings = {k: v for k, v in dict(trainer_cfg).items() if k not in ("limit_val_batches",)}
-    trainer = build_trainer(settings, limit_val_batches=0)
+    trainer = build_trainer(trainer_cfg)  # no validation loader: no validation, whatever limit_val_batches says
     with kept_heap():
         trainer.fit(module, train_dataloaders=CombinedLoader(dict(train_loaders), mode="max_size_cycle"))
     for net in nets.values():

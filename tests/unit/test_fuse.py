@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import cache
 from pathlib import Path
 
@@ -348,3 +349,212 @@ def test_combine_checks_member_count_and_classes():
         fitted.combine(probs[:2])
     with pytest.raises(ConfigError, match="fuse.weights"):
         SoftVoting([1.0, 2.0]).fit_outputs(probs, torch.tensor([0, 1, 2, 3, 0]))
+
+
+def test_optimized_weights_are_the_minimiser_of_the_val_nll_over_the_simplex():
+    """Against scipy's SLSQP on the simplex itself (no softmax parametrisation): the same weights and NLL."""
+    from scipy.optimize import minimize
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=gen)
+    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((3, 60))  # (members, rows, classes)
+    probs[0, torch.arange(60), y] += 1.0  # member 0 the best, member 1 a useful second opinion
+    probs[1, torch.arange(30), y[:30]] += 0.6
+    probs /= probs.sum(2, keepdim=True)
+    p_true = probs[:, torch.arange(60), y].double().T.numpy()
+    ref = minimize(
+        lambda w: -np.log(p_true @ w).mean(),
+        np.full(3, 1 / 3),
+        method="SLSQP",
+        bounds=[(0, 1)] * 3,
+        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    fitted = WeightedAverage("optimize").fit_outputs(probs, y)
+    assert np.allclose(fitted.weights_.numpy(), ref.x, atol=2e-3), (fitted.weights_, ref.x)
+    assert fitted.val_nll_ == pytest.approx(ref.fun, abs=5e-5)  # softmax weights only approach a 0 weight
+
+
+def test_hard_voting_smoothing_zero_gives_the_raw_vote_shares_and_a_negative_one_is_refused():
+    probs = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]], [[0.6, 0.4]]])  # votes 0, 1, 0
+    fused = HardVoting(smoothing=0).fit_outputs(probs, torch.tensor([0]))
+    assert torch.allclose(fused.combine(probs), torch.tensor([[2 / 3, 1 / 3]]))
+    with pytest.raises(ConfigError) as e:
+        HardVoting(smoothing=-0.5)
+    assert (e.value.key, e.value.value) == ("fuse.smoothing", -0.5)
+
+
+def test_every_strategy_s_python_defaults_are_the_ones_a_yaml_of_it_builds():
+    """`FeatureFusion()` in a notebook fuses as `fuse=feature` on the command line: for every class,
+    one of its YAMLs (the others are variants, e.g. feature_finetune) builds exactly its defaults."""
+    by_class: dict[type, list[str]] = {}
+    for name in FUSE_CONFIGS:
+        by_class.setdefault(type(build_strategy(name)), []).append(name)
+
+    def settings(strategy) -> dict:
+        return {k: repr(v) for k, v in vars(strategy).items()}  # an estimator by its repr (its non-defaults)
+
+    for cls, names in by_class.items():
+        assert settings(cls()) in [settings(build_strategy(n)) for n in names], (cls.__name__, names)
+
+
+@pytest.mark.parametrize(
+    ("make", "key", "value"),
+    [
+        (lambda: CaruanaSelection(metric="auc"), "fuse.metric", "auc"),
+        (lambda: CaruanaSelection(rounds=0), "fuse.rounds", 0),
+        (lambda: FeatureFusion(batch_size=0), "fuse.batch_size", 0),
+        (lambda: __import__("runner.fuse", fromlist=["DARE"]).DARE(seed=-1), "fuse.seed", -1),
+        (lambda: __import__("runner.fuse", fromlist=["SLERP"]).SLERP(t=1.5), "fuse.t", 1.5),
+    ],
+)
+def test_a_bad_parameter_names_its_key_and_value(make, key, value):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert (e.value.key, e.value.value) == (key, value)
+
+
+def test_caruana_picks_by_its_metric_and_its_trajectory_scores_the_bag_it_keeps():
+    # y = 0 twice; A: right on both, unsure (NLL 0.598); B: sure on one, wrong on the other (NLL 0.463)
+    a, b = [[0.55, 0.45], [0.55, 0.45]], [[0.99, 0.01], [0.4, 0.6]]
+    probs, y = torch.tensor([a, b]), torch.tensor([0, 0])
+    by_nll = CaruanaSelection("nll", rounds=1).fit_outputs(probs, y)
+    by_acc = CaruanaSelection("acc", rounds=1).fit_outputs(probs, y)
+    assert by_nll.counts_.tolist() == [0.0, 1.0] and by_acc.counts_.tolist() == [1.0, 0.0]
+    assert by_nll.trajectory_ == pytest.approx([val_nll(probs[1], y)]) and by_acc.trajectory_ == [1.0]
+    # three members, each sure and right on its own row only: the bag of all three is the best
+    probs = torch.full((3, 3, 2), 0.3)
+    probs[:, :, 1] = 0.7
+    probs[torch.arange(3), torch.arange(3)] = torch.tensor([0.99, 0.01])
+    fitted = CaruanaSelection("nll", rounds=3).fit_outputs(probs, torch.zeros(3, dtype=torch.long))
+    assert fitted.counts_.tolist() == [1.0, 1.0, 1.0]
+    assert fitted.trajectory_[-1] == pytest.approx(-math.log(0.53))
+    # more rounds on random members: each round's score is the score of the bag the counts describe
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.distributions.Dirichlet(torch.ones(4)).sample((5, 40))
+    y = torch.randint(0, 4, (40,), generator=gen)
+    for rounds in (1, 2, 3, 6):
+        fitted = CaruanaSelection("nll", rounds=rounds).fit_outputs(probs, y)
+        assert fitted.counts_.sum() <= rounds and fitted.counts_.sum() == int(fitted.counts_.sum())
+        assert val_nll(fitted.combine(probs), y) == pytest.approx(min(fitted.trajectory_), abs=1e-6)
+    fitted = CaruanaSelection("acc", rounds=6).fit_outputs(probs, y)
+    acc = float((fitted.combine(probs).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(max(fitted.trajectory_))
+
+
+def test_greedy_soup_keeps_an_ingredient_that_ties_and_never_hands_out_a_member_as_its_soup(
+    shared_init_mlps, mnist1d_small
+):
+    """Wortsman et al.'s recipe adds an ingredient when val accuracy does not drop (>=): a copy of the
+    best member ties and is kept. With one ingredient the soup is a new net, not the member itself."""
+    best = shared_init_mlps[0]
+    twins = [best, copy_facts(best, copy.deepcopy(best))]
+    soup = GreedySoup().fit(twins, mnist1d_small.val_dataloader())
+    assert soup.ingredients_ == [0, 1] and soup.stats()["fuse/ingredients"] == 2.0
+    worse = copy_facts(best, copy.deepcopy(best))
+    with torch.no_grad():
+        for p in worse.parameters():
+            p.mul_(-1.0)  # a member whose every logit is negated: adding it lowers val accuracy
+    alone = GreedySoup().fit([best, worse], mnist1d_small.val_dataloader())
+    assert alone.ingredients_ == [0] and alone.stats() == {"fuse/ingredients": 1.0}
+    assert alone.soup_ is not best
+    assert all(torch.equal(a, b) for a, b in zip(alone.soup_.state_dict().values(), best.state_dict().values()))
+
+
+def test_a_soup_averages_float_tensors_and_takes_integer_buffers_from_the_first_member():
+    from runner.fuse.soup import average_state
+
+    nets = [torch.nn.BatchNorm1d(3) for _ in range(2)]
+    for i, net in enumerate(nets):
+        net.running_mean.fill_(float(i))
+        net.num_batches_tracked.fill_(5 + i)
+    state = average_state(nets)
+    assert torch.equal(state["running_mean"], torch.full((3,), 0.5))
+    assert state["num_batches_tracked"].dtype == torch.long and int(state["num_batches_tracked"]) == 5
+
+
+def test_the_feature_head_trains_on_every_row_s_features_once_in_batches_shuffled_by_the_seed(
+    trained_mlps, monkeypatch
+):
+    """4,100 rows: more than one 4,096-row chunk of features."""
+    import runner.fuse.features as features
+
+    seen = {}
+    real = features.TensorBatches
+
+    def spy(x, y, batch_size, **kwargs):
+        seen.update(x=x, y=y, batch_size=batch_size, **kwargs)
+        return real(x, y, batch_size, **kwargs)
+
+    monkeypatch.setattr(features, "TensorBatches", spy)
+    x = torch.randn(4100, 40, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (4100,), generator=torch.Generator().manual_seed(1))
+    strategy = FeatureFusion(epochs=1, batch_size=1000, seed=7)
+    strategy._fit(trained_mlps[:2], x, y)
+    with torch.no_grad():
+        expected = torch.cat([trained_mlps[0].forward_features(x), trained_mlps[1].forward_features(x)], 1)
+    assert torch.allclose(seen["x"], expected, atol=1e-6) and torch.equal(seen["y"], y)
+    assert (seen["batch_size"], seen["shuffle"], seen["seed"]) == (1000, True, 7)
+
+
+def test_gain_over_best_compares_with_the_best_member_in_each_metric_s_direction():
+    from runner.fuse.base import gain_over_best
+
+    fused = {"test/acc": 0.9, "test/f1": 0.8, "test/nll": 0.3, "test/ece": 0.05}
+    members = [
+        {"test/acc": 0.85, "test/f1": 0.82, "test/nll": 0.35, "test/ece": 0.04},
+        {"test/acc": 0.8, "test/f1": 0.7, "test/nll": 0.4, "test/ece": 0.1},
+    ]
+    assert gain_over_best(fused, members) == pytest.approx(
+        {"gain/acc": 0.05, "gain/f1": -0.02, "gain/nll": 0.05, "gain/ece": -0.01}
+    )
+
+
+def test_optimized_weights_ignore_power_and_stop_at_maxiter():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=gen)
+    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((3, 60))
+    probs[0, torch.arange(60), y] += 1.0
+    probs /= probs.sum(2, keepdim=True)
+    full = WeightedAverage("optimize").fit_outputs(probs, y)
+    assert torch.equal(WeightedAverage("optimize", power=3.0).fit_outputs(probs, y).weights_, full.weights_)
+    one_step = WeightedAverage("optimize", maxiter=1).fit_outputs(probs, y)
+    assert one_step.val_nll_ > full.val_nll_ + 1e-3  # one L-BFGS iteration is not the optimum here
+
+
+class _Unmet(ProbabilityMean):
+    requires = frozenset({"telepathy"})
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda: WeightedAverage(power=0), ("fuse.power", 0, "a float > 0")),
+        (
+            lambda: Stacking(cv=1),
+            ("fuse.cv", 1, "null (one meta-learner on all of val) or an integer >= 2"),
+        ),
+        (
+            lambda: ProbabilityMean().check_members([MLP(40, 10)]),
+            ("ensemble", "1 member(s)", "2 or more members to fuse"),
+        ),
+        (
+            lambda: ProbabilityMean().fit_outputs(torch.ones(2, 3, 4) / 4, torch.zeros(5, dtype=torch.long)),
+            ("fuse.fit_outputs", (2, 3, 4), "member probabilities of shape (M, 5, C)"),
+        ),
+        (
+            lambda: TaskArithmetic().set_start({"w": torch.zeros(1)})._checked_start(MLP(40, 10)),
+            ("fuse (shared start)", "1 tensors", "the members' state dict (6 tensors of the same names and shapes)"),
+        ),
+    ],
+)
+def test_a_refusal_names_the_key_the_value_and_what_is_allowed(make, error):
+    with pytest.raises(ConfigError) as e:
+        make()
+    assert (e.value.key, e.value.value, e.value.allowed) == error
+
+
+def test_a_strategy_needing_an_unknown_property_names_its_class():
+    with pytest.raises(ConfigError) as e:
+        _Unmet().check_members([MLP(40, 10), MLP(40, 10)])
+    assert (e.value.key, e.value.value) == ("_Unmet.requires", ["telepathy"])

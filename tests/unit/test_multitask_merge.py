@@ -312,7 +312,8 @@ def test_regmean_on_one_linear_is_the_least_squares_merge(alpha):
     torch.manual_seed(0)
     start_net = Net(nn.Linear(4, 3), nn.Linear(3, 2))
     deltas = [{"body.weight": torch.randn(3, 4), "body.bias": torch.randn(3)} for _ in range(3)]
-    inputs = [torch.randn(10, 4) + i for i in range(3)]
+    # small inputs: every summed Gram diagonal entry below 1 (a feature is active when its entry is > 0)
+    inputs = [0.3 * (torch.randn(10, 4) + i) for i in range(3)]
     start, tasks = make_tasks(start_net, deltas, [2, 3, 4], inputs)
     method = RegMean(alpha=alpha).fit(start, tasks)
     weights = [t.net.body.weight.detach() for t in tasks]
@@ -568,14 +569,24 @@ def test_a_backbone_unlike_the_start_is_refused_naming_the_task_and_key():
     }
 
 
+def test_a_backbone_unlike_the_start_in_many_keys_is_refused_listing_its_first_eight():
+    start, tasks = random_tasks(classes=(2, 3))
+    tasks[1].net.body = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])  # 10 keys, none like the start's
+    with pytest.raises(ConfigError) as e:
+        Average().fit(start, tasks)
+    listed = e.value.value["t1"]
+    assert len(listed) == 8 and listed[0] == "body.0.bias: (2,) (start: (6,))"
+
+
 def test_one_task_or_repeated_names_are_refused():
     start, tasks = random_tasks()
     with pytest.raises(ConfigError, match="2 or more") as e:
         Average().fit(start, tasks[:1])
     assert e.value.key == "tasks"
     tasks[1].name = "t0"
-    with pytest.raises(ConfigError, match="distinct task names"):
+    with pytest.raises(ConfigError, match="distinct task names") as e:
         Average().fit(start, tasks)
+    assert e.value.key == "tasks"
 
 
 def test_stats_and_task_net_before_fit_say_so():
@@ -676,3 +687,64 @@ def test_joint_training_ties_the_backbones_whatever_the_tasks_are_called():
             assert nets["type"].get_parameter(k) is nets["train"].get_parameter(k)  # tied: one tensor
             assert not torch.equal(one[k], start[k])
     assert one["head.weight"].shape[0] == 2 and two["head.weight"].shape[0] == 3
+
+
+def test_model_stock_ratio_averages_the_cosines_of_all_pairs():
+    """Three task vectors, pairwise cosines 1/sqrt(2), 0 and 1/sqrt(2): cos = sqrt(2)/3, t = 3 cos / (1 + 2 cos)."""
+    from runner.fuse.multitask import model_stock_ratio
+
+    vectors = [torch.tensor([1.0, 0.0]), torch.tensor([2.0, 2.0]), torch.tensor([0.0, 0.5])]
+    cos = math.sqrt(2) / 3
+    assert model_stock_ratio(vectors) == pytest.approx(3 * cos / (1 + 2 * cos), rel=1e-12)
+
+
+def test_entropy_is_the_mean_of_each_row_s_shannon_entropy():
+    from scipy.stats import entropy as scipy_entropy
+
+    from runner.fuse.multitask import entropy
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [4.0, -4.0, 0.0]])
+    expected = scipy_entropy(torch.softmax(logits, -1).numpy(), axis=-1).mean()
+    assert float(entropy(logits)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_net_that_is_its_own_head_is_refused_naming_model_head():
+    with pytest.raises(ConfigError) as e:
+        backbone_keys(nn.Linear(3, 2))
+    assert e.value.key == "model.head"
+
+
+@pytest.mark.parametrize("path", MERGE_CONFIGS, ids=lambda p: p.stem)
+def test_a_merge_built_in_python_with_defaults_is_the_one_its_yaml_builds(path):
+    """`TSVM()` in a notebook and `merge=tsvm` on the command line merge alike."""
+    built = instantiate(OmegaConf.create({"seed": 0, "merge": OmegaConf.load(path)}).merge)
+    defaults = type(built)(**({"mode": built.mode} if isinstance(built, AdaMerging) else {}))
+    assert vars(defaults) == vars(built)
+
+
+def test_joint_training_ties_a_backbone_declared_after_its_head():
+    from runner.fuse.joint import tie_backbones
+
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head, self.body = nn.Linear(3, 2), nn.Linear(4, 3)
+            set_head_name(self, "head")
+
+    nets = {"a": HeadFirst(), "b": HeadFirst()}
+    tie_backbones(nets)
+    assert nets["b"].body.weight is nets["a"].body.weight and nets["b"].body.bias is nets["a"].body.bias
+    assert nets["b"].head.weight is not nets["a"].head.weight
+
+
+def test_joint_training_gives_the_backbone_its_lr_factor_and_the_heads_the_lr():
+    from runner.fuse.joint import JointModule, tie_backbones
+
+    nets = {t: Net(nn.Linear(4, 3), nn.Linear(3, 2)) for t in ("a", "b")}
+    tie_backbones(nets)
+    optimizer = JointModule(nets, name="adamw", lr=0.01, backbone_lr_factor=0.1).configure_optimizers()
+    backbone, heads = optimizer.param_groups
+    assert backbone["lr"] == pytest.approx(0.001) and heads["lr"] == 0.01
+    assert {id(p) for p in backbone["params"]} == {id(nets["a"].body.weight), id(nets["a"].body.bias)}
+    assert len(heads["params"]) == 4
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]  # the default: none
