@@ -87,6 +87,16 @@ class HardVoting(OutputFusion):
         return (weighted_mean(votes, self.weights_) + pseudo / c) / (1 + pseudo)
 
 
+def mixture_nll(theta: np.ndarray, p_true: np.ndarray) -> tuple[float, np.ndarray]:
+    """The val NLL of the mixture with weights softmax(theta) and its gradient in theta; p_true (N, M):
+    each member's probability of each row's true class."""
+    w = np.exp(theta - theta.max())
+    w /= w.sum()
+    mix = np.maximum(p_true @ w, 1e-12)
+    grad_w = -(p_true / mix[:, None]).mean(0)
+    return float(-np.log(mix).mean()), w * (grad_w - w @ grad_w)  # chain rule through softmax
+
+
 class WeightedAverage(OutputFusion):
     """A weighted average of member probabilities with weights learnt on validation.
 
@@ -116,15 +126,13 @@ class WeightedAverage(OutputFusion):
         self.weights_ = (w / w.sum()).float()
 
     def _optimize(self, p_true: np.ndarray) -> np.ndarray:
-        def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            w = np.exp(theta - theta.max())
-            w /= w.sum()
-            mix = np.maximum(p_true @ w, 1e-12)
-            grad_w = -(p_true / mix[:, None]).mean(0)
-            return float(-np.log(mix).mean()), w * (grad_w - w @ grad_w)  # chain rule through softmax
-
         result = minimize(
-            loss, np.zeros(p_true.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": self.maxiter}
+            mixture_nll,
+            np.zeros(p_true.shape[1]),
+            args=(p_true,),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": self.maxiter},
         )
         w = np.exp(result.x - result.x.max())
         return w / w.sum()

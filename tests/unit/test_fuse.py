@@ -558,3 +558,17 @@ def test_a_strategy_needing_an_unknown_property_names_its_class():
     with pytest.raises(ConfigError) as e:
         _Unmet().check_members([MLP(40, 10), MLP(40, 10)])
     assert (e.value.key, e.value.value) == ("_Unmet.requires", ["telepathy"])
+
+
+def test_the_mixture_nll_s_gradient_is_its_finite_difference():
+    from scipy.optimize import check_grad
+
+    from runner.fuse.averaging import mixture_nll
+
+    p_true = np.random.default_rng(0).uniform(0.05, 1.0, (30, 4))
+    for theta in (np.zeros(4), np.array([0.3, -1.0, 2.0, 0.5])):
+        value = mixture_nll(theta, p_true)[0]
+        w = np.exp(theta) / np.exp(theta).sum()
+        assert value == pytest.approx(-np.log(p_true @ w).mean(), rel=1e-12)
+        error = check_grad(lambda t: mixture_nll(t, p_true)[0], lambda t: mixture_nll(t, p_true)[1], theta)
+        assert error < 1e-6
