@@ -280,7 +280,7 @@ def test_wanda_removes_the_smallest_w_times_input_norm_in_each_row(pattern, sequ
     # what the check above tells apart on these weights: |w| alone, and the other procedure's inputs
     assert not np.array_equal(keep0, hand_wanda_keep(w0, None, 0.5, nm)), "magnitude pruning would pick the same"
     assert not np.array_equal(keep1, hand_wanda_keep(w1, inputs1[not sequential], 0.5, nm))
-    assert Wanda.__init__.__defaults__[0] == 0.5 and out is net
+    assert Wanda().sparsity == 0.5 and out is net
 
 
 # --- structured pruning --------------------------------------------------------------------------
