@@ -92,6 +92,10 @@ def mutmut_config(group: str) -> str:
         'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "not gpu"]\n'
         "mutate_only_covered_lines = true\n"
         'process_isolation = "forkserver"\n'  # torch is not fork-safe after it started its threads
+        # mutmut's CPU-time limit is 30 x (a mutant's tests' own time + this); a child that imports torch,
+        # Lightning and transformers before its first test spends ~30 CPU s more than the tests' own time,
+        # which timed out mutants of quick tests that changed nothing (e.g. a progress bar's label)
+        "timeout_constant = 10\n"
         f"also_copy = {quoted(ALSO_COPY)}\n"
     )
 
