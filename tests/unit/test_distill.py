@@ -437,3 +437,10 @@ def test_multi_teacher_distillation_through_the_pipeline(tmp_path):
     assert sorted(r.data.metrics["test/acc"] for r in runs) == sorted(
         results[f"compressed/{n}/test/acc"] for n in ("mlp-s0", "mlp-s1")
     )
+
+
+def test_an_ensemble_teacher_without_an_ensemble_names_the_step_s_teacher_key():
+    step = recipe("distill", "compress.steps.0.teacher=ensemble").steps[0]
+    with pytest.raises(ConfigError) as e:
+        step.teachers(MLP(40, 10), CompressContext(None, {}, {}))
+    assert (e.value.key, e.value.value) == ("compress.steps[0].teacher", "ensemble")
