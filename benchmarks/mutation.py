@@ -25,7 +25,6 @@ killed by a new test or explained as equivalent.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import re
 import shutil
@@ -34,6 +33,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from scipy.stats import binomtest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,9 +129,13 @@ def results(work: Path) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^\s*(\S+): (.+?)\s*$", out, re.M))
 
 
+def checked(counts: Counter) -> int:
+    return sum(counts[s] for s in ("killed", "timeout", "survived", "no tests"))
+
+
 def kill_rate(counts: Counter) -> float:
-    checked = sum(counts[s] for s in ("killed", "timeout", "survived", "no tests"))
-    return sum(counts[s] for s in DETECTED) / checked if checked else float("nan")
+    n = checked(counts)
+    return sum(counts[s] for s in DETECTED) / n if n else float("nan")
 
 
 def module_of(mutant: str) -> str:
@@ -148,13 +153,12 @@ def sample(names: list[str], per_module: int, seed: int) -> list[str]:
     return [n for mod in sorted(by_module) for n in rng.sample(by_module[mod], min(per_module, len(by_module[mod])))]
 
 
-def wilson(detected: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a kill rate estimated from a sample of n mutants."""
+def wilson(detected: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a kill rate estimated from a sample of n mutants (scipy's)."""
     if n == 0:
         return float("nan"), float("nan")
-    p, d = detected / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return centre - half, centre + half
+    ci = binomtest(detected, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return ci.low, ci.high
 
 
 def run_group(
@@ -171,11 +175,13 @@ def run_group(
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
     picked: list[str] = []
     if per_module is not None:
-        if not results(work):  # generate the mutants and the test-coverage stats, then stop: no name matches
+        verdicts = results(work)
+        if not verdicts:  # generate the mutants and the test-coverage stats, then stop: no name matches
             subprocess.run(mutmut + ["__generate_only__"], cwd=work, capture_output=True, check=False)
-        picked = sample(list(results(work)), per_module, seed)
+            verdicts = results(work)
+        picked = sample(list(verdicts), per_module, seed)
         # a named mutant is rerun even if it has a verdict, so name only the unchecked ones
-        todo = [n for n, status in results(work).items() if n in set(picked) and status == "not checked"]
+        todo = [n for n in picked if verdicts[n] == "not checked"]
         if todo:
             subprocess.run(mutmut + todo, cwd=work, stdout=subprocess.DEVNULL, check=False)
     else:
@@ -202,8 +208,7 @@ def main() -> None:
         print(f"{group}: {kill_rate(Counter(verdicts.values())):.1%} of {len(verdicts)} in {seconds:.0f} s", flush=True)
         for module in sorted({module_of(n) for n in verdicts}):
             c = Counter(s for n, s in verdicts.items() if module_of(n) == module)
-            n = sum(c[s] for s in ("killed", "timeout", "survived", "no tests"))
-            low, high = wilson(c["killed"] + c["timeout"], n)
+            low, high = wilson(sum(c[s] for s in DETECTED), checked(c))
             table.append(
                 f"| {module} | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} | "
                 f"{c['no tests']} | {kill_rate(c):.1%} | {low:.0%} to {high:.0%} |"

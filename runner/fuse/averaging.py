@@ -87,11 +87,15 @@ class HardVoting(OutputFusion):
         return (weighted_mean(votes, self.weights_) + pseudo / c) / (1 + pseudo)
 
 
+def _softmax(theta: np.ndarray) -> np.ndarray:
+    w = np.exp(theta - theta.max())
+    return w / w.sum()
+
+
 def mixture_nll(theta: np.ndarray, p_true: np.ndarray) -> tuple[float, np.ndarray]:
     """The val NLL of the mixture with weights softmax(theta) and its gradient in theta; p_true (N, M):
     each member's probability of each row's true class."""
-    w = np.exp(theta - theta.max())
-    w /= w.sum()
+    w = _softmax(theta)
     mix = np.maximum(p_true @ w, 1e-12)
     grad_w = -(p_true / mix[:, None]).mean(0)
     return float(-np.log(mix).mean()), w * (grad_w - w @ grad_w)  # chain rule through softmax
@@ -134,8 +138,7 @@ class WeightedAverage(OutputFusion):
             method="L-BFGS-B",
             options={"maxiter": self.maxiter},
         )
-        w = np.exp(result.x - result.x.max())
-        return w / w.sum()
+        return _softmax(result.x)
 
     def _combine(self, member_probs: Tensor) -> Tensor:
         return weighted_mean(member_probs, self.weights_)

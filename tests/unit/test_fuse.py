@@ -21,6 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from runner.config import build
 from runner.errors import ConfigError
 from runner.fuse import (
+    DARE,
+    SLERP,
     CaruanaSelection,
     FeatureFusion,
     FeatureNet,
@@ -351,16 +353,21 @@ def test_combine_checks_member_count_and_classes():
         SoftVoting([1.0, 2.0]).fit_outputs(probs, torch.tensor([0, 1, 2, 3, 0]))
 
 
+def three_members_val_outputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs (members, rows, classes), y): member 0 the best, member 1 a useful second opinion."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=gen)
+    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((3, 60))
+    probs[0, torch.arange(60), y] += 1.0
+    probs[1, torch.arange(30), y[:30]] += 0.6
+    return probs / probs.sum(2, keepdim=True), y
+
+
 def test_optimized_weights_are_the_minimiser_of_the_val_nll_over_the_simplex():
     """Against scipy's SLSQP on the simplex itself (no softmax parametrisation): the same weights and NLL."""
     from scipy.optimize import minimize
 
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (60,), generator=gen)
-    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((3, 60))  # (members, rows, classes)
-    probs[0, torch.arange(60), y] += 1.0  # member 0 the best, member 1 a useful second opinion
-    probs[1, torch.arange(30), y[:30]] += 0.6
-    probs /= probs.sum(2, keepdim=True)
+    probs, y = three_members_val_outputs()
     p_true = probs[:, torch.arange(60), y].double().T.numpy()
     ref = minimize(
         lambda w: -np.log(p_true @ w).mean(),
@@ -375,13 +382,10 @@ def test_optimized_weights_are_the_minimiser_of_the_val_nll_over_the_simplex():
     assert fitted.val_nll_ == pytest.approx(ref.fun, abs=5e-5)  # softmax weights only approach a 0 weight
 
 
-def test_hard_voting_smoothing_zero_gives_the_raw_vote_shares_and_a_negative_one_is_refused():
+def test_hard_voting_smoothing_zero_gives_the_raw_vote_shares():
     probs = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]], [[0.6, 0.4]]])  # votes 0, 1, 0
     fused = HardVoting(smoothing=0).fit_outputs(probs, torch.tensor([0]))
     assert torch.allclose(fused.combine(probs), torch.tensor([[2 / 3, 1 / 3]]))
-    with pytest.raises(ConfigError) as e:
-        HardVoting(smoothing=-0.5)
-    assert (e.value.key, e.value.value) == ("fuse.smoothing", -0.5)
 
 
 def test_every_strategy_s_python_defaults_are_the_ones_a_yaml_of_it_builds():
@@ -396,22 +400,6 @@ def test_every_strategy_s_python_defaults_are_the_ones_a_yaml_of_it_builds():
 
     for cls, names in by_class.items():
         assert settings(cls()) in [settings(build_strategy(n)) for n in names], (cls.__name__, names)
-
-
-@pytest.mark.parametrize(
-    ("make", "key", "value"),
-    [
-        (lambda: CaruanaSelection(metric="auc"), "fuse.metric", "auc"),
-        (lambda: CaruanaSelection(rounds=0), "fuse.rounds", 0),
-        (lambda: FeatureFusion(batch_size=0), "fuse.batch_size", 0),
-        (lambda: __import__("runner.fuse", fromlist=["DARE"]).DARE(seed=-1), "fuse.seed", -1),
-        (lambda: __import__("runner.fuse", fromlist=["SLERP"]).SLERP(t=1.5), "fuse.t", 1.5),
-    ],
-)
-def test_a_bad_parameter_names_its_key_and_value(make, key, value):
-    with pytest.raises(ConfigError) as e:
-        make()
-    assert (e.value.key, e.value.value) == (key, value)
 
 
 def test_caruana_picks_by_its_metric_and_its_trajectory_scores_the_bag_it_keeps():
@@ -511,11 +499,7 @@ def test_gain_over_best_compares_with_the_best_member_in_each_metric_s_direction
 
 
 def test_optimized_weights_ignore_power_and_stop_at_maxiter():
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (60,), generator=gen)
-    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((3, 60))
-    probs[0, torch.arange(60), y] += 1.0
-    probs /= probs.sum(2, keepdim=True)
+    probs, y = three_members_val_outputs()
     full = WeightedAverage("optimize").fit_outputs(probs, y)
     assert torch.equal(WeightedAverage("optimize", power=3.0).fit_outputs(probs, y).weights_, full.weights_)
     one_step = WeightedAverage("optimize", maxiter=1).fit_outputs(probs, y)
@@ -528,7 +512,13 @@ class _Unmet(ProbabilityMean):
 
 @pytest.mark.parametrize(
     ("make", "error"),
-    [
+    [  # (key, value) or (key, value, allowed)
+        (lambda: CaruanaSelection(metric="auc"), ("fuse.metric", "auc")),
+        (lambda: CaruanaSelection(rounds=0), ("fuse.rounds", 0)),
+        (lambda: FeatureFusion(batch_size=0), ("fuse.batch_size", 0)),
+        (lambda: DARE(seed=-1), ("fuse.seed", -1)),
+        (lambda: SLERP(t=1.5), ("fuse.t", 1.5)),
+        (lambda: HardVoting(smoothing=-0.5), ("fuse.smoothing", -0.5)),
         (lambda: WeightedAverage(power=0), ("fuse.power", 0, "a float > 0")),
         (
             lambda: Stacking(cv=1),
@@ -551,7 +541,7 @@ class _Unmet(ProbabilityMean):
 def test_a_refusal_names_the_key_the_value_and_what_is_allowed(make, error):
     with pytest.raises(ConfigError) as e:
         make()
-    assert (e.value.key, e.value.value, e.value.allowed) == error
+    assert (e.value.key, e.value.value, e.value.allowed)[: len(error)] == error
 
 
 def test_a_strategy_needing_an_unknown_property_names_its_class():
