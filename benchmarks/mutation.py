@@ -25,6 +25,7 @@ killed by a new test or explained as equivalent.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import shutil
@@ -99,6 +100,11 @@ SLOW: dict[str, list[str]] = {
 }
 # what the copies need besides runner/ and tests/ (mutmut copies those and pyproject.toml itself)
 ALSO_COPY = ["conf", "examples", "benchmarks", "results", "README.md", "Makefile", "docs", "mkdocs.yml"]
+# mutmut forks each mutant's pytest from a server that imported the tests; where that server had started
+# an OpenMP thread pool (torch's, 2 threads on 2 cores), a forked child could block forever on the pool's
+# lock and end as a "timeout" once its wall-time limit ran out. One thread per process starts no pool
+# (and --jobs mutants run side by side anyway).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DETECTED = {"killed", "timeout"}
 STATUSES = ("killed", "timeout", "survived", "no tests", "suspicious", "skipped", "caught by type check")
 
@@ -205,15 +211,15 @@ def run_group(
     if per_module is not None:
         verdicts = results(work)
         if not verdicts:  # generate the mutants and the test-coverage stats, then stop: no name matches
-            subprocess.run(mutmut + ["__generate_only__"], cwd=work, capture_output=True, check=False)
+            subprocess.run(mutmut + ["__generate_only__"], cwd=work, env=ONE_THREAD, capture_output=True, check=False)
             verdicts = results(work)
         picked = sample(list(verdicts), per_module, seed)
         # a named mutant is rerun even if it has a verdict, so name only the unchecked ones
         todo = [n for n in picked if verdicts[n] == "not checked"]
         if todo:
-            subprocess.run(mutmut + todo, cwd=work, stdout=subprocess.DEVNULL, check=False)
+            subprocess.run(mutmut + todo, cwd=work, env=ONE_THREAD, stdout=subprocess.DEVNULL, check=False)
     else:
-        subprocess.run(mutmut, cwd=work, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(mutmut, cwd=work, env=ONE_THREAD, stdout=subprocess.DEVNULL, check=False)
     verdicts = results(work)
     if picked:
         verdicts = {n: verdicts[n] for n in picked}

@@ -303,18 +303,19 @@ def test_mixup_distillation_matches_a_teacher_equal_to_the_student():
 
 
 def test_compression_report():
-    base = {"test/acc": 0.9, "test/f1": 0.8, "size_bytes": 400.0, "latency_ms": 2.0, "params": 10.0}
+    base = {"test/acc": 0.9, "test/f1": 0.8, "size_bytes": 400.0, "zip_bytes": 300.0, "latency_ms": 2.0, "params": 10.0}
     comp = {
         "test/acc": 0.85,
         "test/f1": 0.8,
         "size_bytes": 100.0,
+        "zip_bytes": 60.0,
         "latency_ms": 0.5,
         "params": 10.0,
         "nonzero_params": 2.0,
     }
     report = compression_report(base, comp)
     assert report["delta/acc"] == pytest.approx(-0.05) and report["delta/f1"] == 0.0
-    assert report["compression_ratio"] == 4.0 and report["speedup"] == 4.0
+    assert report["compression_ratio"] == 4.0 and report["zip_ratio"] == 5.0 and report["speedup"] == 4.0
     assert report["nonzero_fraction"] == 0.2
     assert "speedup_low" not in report  # no quartiles (metrics logged before they existed): no spread
     base.update(latency_q25_ms=1.5, latency_q75_ms=3.0)
@@ -336,6 +337,8 @@ def test_empty_recipe_copies(trained_cnn, mnist1d_small):
 @pytest.mark.parametrize(
     "overrides, key",
     [
+        (["compress=prune_gradual", "compress.steps.0.sparsity=1.0"], "compress.steps[0].sparsity"),
+        (["compress=distill", "compress.steps.0.temperature=0"], "compress.steps[0].temperature"),
         (["compress=prune_global", "compress.steps.0.sparsity=1.0"], "compress.steps[0].sparsity"),
         (["compress=prune_global", "compress.steps.0.sparsity=-0.1"], "compress.steps[0].sparsity"),
         (["compress=prune_layerwise", "compress.steps.0.scope=row"], "compress.steps[0].scope"),
@@ -356,6 +359,44 @@ def test_bad_values_fail_when_the_recipe_is_built(overrides, key):
 
 
 @pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("compress=prune_gradual compress.steps.0.rounds=0", "an integer >= 1"),
+        ("compress=prune_gradual compress.steps.0.sparsity=1.0", "a float in [0, 1)"),
+        ("compress=distill compress.steps.0.temperature=0", "a float > 0"),
+    ],
+)
+def test_refusals_say_what_is_allowed(override, allowed):
+    with pytest.raises(ConfigError) as e:
+        build_recipe(compose_config(override.split()).compress)
+    assert e.value.allowed == allowed
+
+
+def test_weight_only_quantization_without_torchao_names_its_step(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError) as e:
+        recipe("quant_int8_weight").check(MLP(40, 10), SPEC)
+    assert e.value.key == "compress.steps[0]" and "torchao" in e.value.allowed
+
+
+def test_dynamic_quantization_takes_models_with_as_many_dense_weights_as_conv_ones():
+    """Mostly dense means conv weights <= dense parameters: a tie passes, one conv weight more does not."""
+    from runner.compress.requirements import _mostly_dense
+
+    step = recipe("quant_dynamic").steps[0]
+    tie = nn.Sequential(nn.Conv1d(1, 4, 3, bias=False), nn.Flatten(), nn.Linear(3, 3))  # 12 and 9 + 3
+    _mostly_dense(step, tie)
+    with pytest.raises(ConfigError) as e:
+        _mostly_dense(step, nn.Sequential(nn.Conv1d(1, 13, 1, bias=False), nn.Flatten(), nn.Linear(3, 3)))
+    assert e.value.key == "compress.steps[0]" and "(13 of 25 weights in Conv layers)" in e.value.value
+
+
+@pytest.mark.parametrize(
     "name, model, key",
     [
         ("quant_static", GRU(40, 10), "compress.steps[0]"),
@@ -370,6 +411,7 @@ def test_models_a_step_cannot_handle_fail_in_check(name, model, key):
     with pytest.raises(ConfigError) as e:
         recipe(name).check(model, SPEC)
     assert e.value.key == key
+    assert str(e.value.value).startswith(type(model).__name__)  # the model named, not the step
 
 
 def test_student_with_other_classes_fails_in_check():

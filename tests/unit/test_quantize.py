@@ -192,6 +192,12 @@ def test_cnns_quantize_statically(name, engine):
             assert "onednn.qconv_pointwise.default" in ops and "onednn.qlinear_pointwise.default" in ops
             if name == "resnet20":  # conv + residual add + relu fused into one int8 kernel
                 assert "onednn.qconv2d_pointwise.binary" in ops
+                # each call of a block's shared ReLU annotated as its own partition (_one_partition_per_call):
+                # the lowered graph quantizes 3 tensors and dequantizes 2 (recorded; a ReLU call left
+                # without its module gives 2 and 1, and other logits)
+                kinds = [str(n.target) for n in out._lowered.graph.nodes]
+                assert kinds.count("quantized_decomposed.quantize_per_tensor.default") == 3
+                assert kinds.count("quantized_decomposed.dequantize_per_tensor.default") == 2
             assert torch.allclose(logits, out.reference(x), atol=1e-4)
             if name == "resnet20":
                 return
@@ -247,6 +253,18 @@ def test_quantized_models_are_detected_and_not_quantized_twice():
 # ---- refusals --------------------------------------------------------------------------------
 
 
+class FixedBatch(nn.Module):
+    """A conv net that reshapes with its batch size written in: torch.export captures it for that batch
+    only, so engine pt2e, which captures with a dynamic batch, must refuse it before training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 2, 3), nn.Linear(2 * 38, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x.unsqueeze(1)).reshape(4, -1))
+
+
 @pytest.mark.parametrize(
     "step, make, x, says",
     [
@@ -256,6 +274,7 @@ def test_quantized_models_are_detected_and_not_quantized_twice():
         (StaticQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
         (StaticQuantize(engine="torch_ao"), lambda: HuggingFace("text", 10, TINY_BERT), tokens(4), "DynamicQuantize"),
         (QATQuantize(), lambda: HuggingFace("image", 10, TINY_VIT), inputs((1, 8, 8), 4), "DynamicQuantize"),
+        (StaticQuantize(engine="pt2e"), FixedBatch, inputs((40,), 4), "with a dynamic batch"),
     ],
 )
 def test_models_an_engine_cannot_handle_are_refused_in_check(step, make, x, says):
@@ -346,3 +365,40 @@ def test_qat_runs_in_fp32_under_mixed_precision_and_says_so(tmp_path):
     )
     assert results["compressed/mlp-s0/quant/precision_bits"] == 32
     assert results["compressed/mlp-s0/quant/fp32_agreement"] > 0.9  # a working int8 model of the member
+
+
+def test_qat_trains_with_observers_then_without_for_the_last_epoch(monkeypatch):
+    """finetune_epochs=3: two epochs that still calibrate the ranges, then one with the ranges frozen."""
+    import runner.compress.quantize as quantize
+
+    seen = []
+
+    def recorded(model, ctx, epochs, lr):
+        on = {int(m.observer_enabled) for m in model.modules() if hasattr(m, "observer_enabled")}
+        seen.append((epochs, on, ctx.trainer["precision"]))
+        return model
+
+    monkeypatch.setattr(quantize, "finetune", recorded)
+    quantize_step(QATQuantize(finetune_epochs=3), seeded(lambda: MLP(40, 10)), inputs((40,)))
+    assert seen == [(2, {1}, "32-true"), (1, {0}, "32-true")]
+    seen.clear()
+    quantize_step(QATQuantize(finetune_epochs=1), seeded(lambda: MLP(40, 10)), inputs((40,)))
+    assert seen == [(1, {0}, "32-true")]
+
+
+class Branchy(nn.Module):
+    """Dense layers only (engine auto picks torch_ao's FX) with a branch on the data: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_a_model_fx_cannot_trace_is_refused_by_name_for_fx_quantization():
+    with pytest.raises(ConfigError) as e:
+        Recipe([StaticQuantize()]).check(Branchy(), DataSpec(10, inputs((40,), 4), {}))
+    assert (e.value.key, e.value.value) == ("compress.steps[0]", "Branchy")
+    assert "a model torch.fx can trace" in e.value.allowed

@@ -422,3 +422,36 @@ def test_pipeline_logs_the_pruned_size(tmp_path):
         # LeNet-5 at half width: 20, 50, 500 -> 10, 25, 250
         assert results[f"{compressed}/params"] == 109_295 < results[f"{member}/params"] == 431_080
         assert results[f"{compressed}/macs"] < results[f"{member}/macs"]
+
+
+def test_the_classifier_is_the_adapter_s_head_else_the_last_linear_with_as_many_outputs_as_classes():
+    from runner.compress.structured import _classifier
+
+    plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.Softmax(-1))  # no declared head
+    assert _classifier(plain, 3) is plain[2]
+    assert _classifier(plain, 5) is plain[2]  # no Linear gives 5 outputs: the head it found
+    wider = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    assert _classifier(wider, 5) is wider[0]  # the last layer gives 3: not the classifier of 5 classes
+    mlp = MLP(40, 10)
+    assert _classifier(mlp, 10) is mlp.head
+
+
+class GroupedQueryAttention(nn.Module):
+    """LLaMA-style names with fewer key/value heads than query heads (4 query heads of 4 dims, 2 kv heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 4
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.o_proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.q_proj(x) + torch.cat([self.k_proj(x), self.v_proj(x)], -1))
+
+
+def test_head_counts_follow_the_query_heads_size_under_grouped_query_attention():
+    net = nn.Sequential(GroupedQueryAttention(), nn.Linear(16, 3))
+    attention = structured._attention_modules(net)
+    pruner = StructuredPrune(amount=0.25)._pruner(net, torch.randn(2, 16), [net[1]], attention)
+    gqa = net[0]
+    assert [pruner.num_heads[m] for m in (gqa.q_proj, gqa.k_proj, gqa.v_proj)] == [4, 2, 2]
