@@ -52,6 +52,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/contract/test_guard_splits.py",
             "tests/unit/test_config.py",
             "tests/unit/test_finetune.py",
+            "tests/unit/test_members.py",
             "tests/e2e/test_ensemble_size.py",
             "tests/e2e/test_trust.py",
         ],
