@@ -207,20 +207,24 @@ def run_group(
         verdicts = results(work)
         return ({n: verdicts[n] for n in sample(list(verdicts), per_module, seed)} if per_module else verdicts), 0.0
     prepare(group, work)
-    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+
+    def mutmut(*names: str, **kwargs) -> None:
+        command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
+        subprocess.run(command, cwd=work, env=ONE_THREAD, check=False, **kwargs)
+
     picked: list[str] = []
     if per_module is not None:
         verdicts = results(work)
         if not verdicts:  # generate the mutants and the test-coverage stats, then stop: no name matches
-            subprocess.run(mutmut + ["__generate_only__"], cwd=work, env=ONE_THREAD, capture_output=True, check=False)
+            mutmut("__generate_only__", capture_output=True)
             verdicts = results(work)
         picked = sample(list(verdicts), per_module, seed)
         # a named mutant is rerun even if it has a verdict, so name only the unchecked ones
         todo = [n for n in picked if verdicts[n] == "not checked"]
         if todo:
-            subprocess.run(mutmut + todo, cwd=work, env=ONE_THREAD, stdout=subprocess.DEVNULL, check=False)
+            mutmut(*todo, stdout=subprocess.DEVNULL)
     else:
-        subprocess.run(mutmut, cwd=work, env=ONE_THREAD, stdout=subprocess.DEVNULL, check=False)
+        mutmut(stdout=subprocess.DEVNULL)
     verdicts = results(work)
     if picked:
         verdicts = {n: verdicts[n] for n in picked}
