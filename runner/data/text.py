@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from runner.data.base import Split
 from runner.data.table import FileData, require_columns
 from runner.errors import ConfigError, check
-from runner.packages import require_modules, resolve_gguf
+from runner.packages import read_gguf_once, require_modules, resolve_gguf
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,12 @@ def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
             "an existing directory (saved by save_pretrained) or a Hub name",
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
+        if gguf_file is None:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        else:  # a GGUF's vocabulary takes seconds to parse: once per process and file
+            tokenizer = read_gguf_once(
+                "tokenizer", name, gguf_file, lambda: AutoTokenizer.from_pretrained(name, gguf_file=gguf_file)
+            )
     except Exception as e:  # noqa: BLE001 - offline, unknown name, missing files, a missing backend...
         raise ConfigError(
             key,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from runner.errors import ConfigError, check
 from runner.models.nets import seeded_head
 from runner.models.pretrained import check_complete
-from runner.packages import require_modules, resolve_gguf
+from runner.packages import read_gguf_once, require_modules, resolve_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GGUF_NEEDS = ("gguf", "accelerate")  # transformers reads GGUF files with gguf, loads them with accelerate
@@ -77,7 +77,12 @@ def load_causal_lm_model(
                 where, dtype=DTYPES[dtype], output_loading_info=True, **kwargs
             )
         else:
-            config = transformers.AutoConfig.from_pretrained(where, **kwargs)
+            if file is None:
+                config = transformers.AutoConfig.from_pretrained(where)
+            else:  # parsing a GGUF's metadata takes seconds: once per process and file
+                config = read_gguf_once(
+                    "config", where, file, lambda: transformers.AutoConfig.from_pretrained(where, gguf_file=file)
+                )
             model, info = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]), {}
     except Exception as e:  # noqa: BLE001 - no config, truncated weights, an unknown hub name, not a causal LM...
         raise ConfigError(

