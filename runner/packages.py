@@ -115,7 +115,7 @@ def read_gguf_once(what: str, where: str, file: str, load: Callable[[], T]) -> T
     deep copy, so a caller that sets padding_side or a config value changes only its own. transformers
     parses a GGUF's metadata in Python each time it reads a tokenizer or a config from it: 5-6 s for
     SmolLM2-135M's 49,152-token vocabulary, paid by the data, the model's preprocessing and every member.
-    A hub name (no local file) is read each time, as transformers caches its download anyway."""
+    A hub name (no local file whose size and time could tell its versions apart) is read each time."""
     path = Path(where).expanduser() / file
     if not path.is_file():
         return load()
